@@ -1,0 +1,49 @@
+"""Command line: ``obslib evaluate``, ``obslib prune``, ``obslib train-default-model``.
+
+Bad input is reported as one line on stderr with exit code 2; nothing is written in that case.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .io import UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints usage otherwise)
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="obslib", description="OBS-Diff pruning study tools")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    from . import evaluate as _evaluate
+
+    _evaluate.add_cli(sub)
+    try:
+        from . import api as _api
+
+        _api.add_cli(sub)
+    except ImportError:  # pragma: no cover - during bootstrap only
+        pass
+    t = sub.add_parser("train-default-model", help="train the embedded shapes-sd3 model (resumable)")
+    t.set_defaults(func=lambda a: __import__("obslib.shapes.train", fromlist=["main"]).main(a.rest))
+    t.add_argument("rest", nargs=argparse.REMAINDER)
+    return p
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        args.func(args)
+    except UsageError as e:
+        print(f"obslib: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""I/O: atomic pipeline directories (safetensors + JSON only), JSON reports, and loading.
+
+A pruned pipeline is written with diffusers' own ``save_pretrained`` into a temporary sibling directory
+that is renamed into place only when complete, so a failed run never leaves a half-written output.
+Structurally pruned transformers change shapes; they carry ``obslib_manifest.json`` listing the new
+per-layer shapes and head counts, which ``load_pruned`` uses to rebuild the modules before loading.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+MANIFEST = "obslib_manifest.json"
+
+
+class UsageError(Exception):
+    """Bad user input: reported as one line with exit code 2."""
+
+
+def atomic_dir(out: str):
+    """Context manager yielding a temporary directory that replaces ``out`` on success."""
+
+    class _Atomic:
+        def __enter__(self):
+            parent = os.path.dirname(os.path.abspath(out)) or "."
+            os.makedirs(parent, exist_ok=True)
+            self.tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out) + "-", dir=parent)
+            return self.tmp
+
+        def __exit__(self, exc_type, exc, tb):
+            if exc_type is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                return False
+            if os.path.exists(out):
+                old = self.tmp + ".old"
+                os.replace(out, old)
+                os.replace(self.tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(self.tmp, out)
+            return False
+
+    return _Atomic()
+
+
+def write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def save_pipeline(pipe, out: str, manifest: dict | None = None, extra_json: dict[str, object] | None = None) -> None:
+    """Save a pipeline with safetensors; optional structured-pruning manifest and extra JSON files."""
+    with atomic_dir(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if manifest is not None:
+            write_json(os.path.join(tmp, MANIFEST), manifest)
+        for name, obj in (extra_json or {}).items():
+            write_json(os.path.join(tmp, name), obj)
+
+
+def check_pipeline_dir(path: str) -> None:
+    if not os.path.isdir(path):
+        raise UsageError(f"model directory {path!r} does not exist")
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise UsageError(f"{path!r} is not a diffusers pipeline directory (no model_index.json)")
+
+
+def load_pipeline(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """Load any pipeline directory offline; structured-pruned ones are rebuilt from their manifest."""
+    check_pipeline_dir(path)
+    if os.path.exists(os.path.join(path, MANIFEST)):
+        return load_pruned(path, device=device, dtype=dtype)
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+    return _ready(pipe, device)
+
+
+def _ready(pipe, device):
+    pipe.to(device)
+    for name, comp in pipe.components.items():
+        if isinstance(comp, torch.nn.Module):
+            comp.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_pruned(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """Load a structurally pruned pipeline written by ``obslib prune --pattern structured``."""
+    check_pipeline_dir(path)
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import load_file
+
+    from .structured import apply_manifest
+
+    with open(os.path.join(path, MANIFEST)) as f:
+        manifest = json.load(f)
+    denoiser = manifest["component"]
+    cls = _component_class(path, denoiser)
+    cfg = cls.load_config(os.path.join(path, denoiser))
+    model = cls.from_config(cfg)
+    apply_manifest(model, manifest)
+    files = sorted(fn for fn in os.listdir(os.path.join(path, denoiser)) if fn.endswith(".safetensors"))
+    state = {}
+    for fn in files:
+        state.update(load_file(os.path.join(path, denoiser, fn)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: pruned weights do not match the manifest (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.to(dtype)
+    pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **{denoiser: model})
+    return _ready(pipe, device)
+
+
+def _component_class(path: str, name: str):
+    import diffusers
+
+    with open(os.path.join(path, "model_index.json")) as f:
+        library, clsname = json.load(f)[name]
+    return getattr(diffusers, clsname)

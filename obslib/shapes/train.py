@@ -1,0 +1,225 @@
+"""Train the embedded default model on CPU: the VAE first, then transformer + both text encoders.
+
+Resumable: a checkpoint (safetensors weights/optimiser state + a JSON cursor) is written every
+``ckpt_every`` steps; rerunning the same command continues from the last one. The loss log goes to a
+CSV. The transformer learns through the pipeline's own ``encode_prompt`` so that the saved pipeline
+generates exactly what it learned.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .model import DEFAULT_SAMPLING, build_pipeline
+from .world import render_batch, splits
+
+CFG_DROPOUT = 0.1
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+class _Batches:
+    """Endless seeded stream of (captions, images) from the training split."""
+
+    def __init__(self, seed: int, batch: int, p_single: float = 0.4):
+        scenes = splits()["train"]
+        self.by_count = {1: [s for s in scenes if len(s.objects) == 1], 2: [s for s in scenes if len(s.objects) == 2]}
+        self.batch, self.p_single, self.seed = batch, p_single, seed
+
+    def get(self, step: int):
+        rng = random.Random(self.seed * 1_000_003 + step)
+        scenes = [self.by_count[1 if rng.random() < self.p_single else 2] for _ in range(self.batch)]
+        scenes = [pool[rng.randrange(len(pool))] for pool in scenes]
+        seeds = [rng.randrange(2**31) for _ in scenes]
+        return [s.caption() for s in scenes], _to_tensor(render_batch(scenes, seeds))
+
+
+def _save_ckpt(path: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    os.makedirs(path, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(path, "state.safetensors.tmp"))
+    os.replace(os.path.join(path, "state.safetensors.tmp"), os.path.join(path, "state.safetensors"))
+    with open(os.path.join(path, "meta.json.tmp"), "w") as f:
+        json.dump(meta, f)
+    os.replace(os.path.join(path, "meta.json.tmp"), os.path.join(path, "meta.json"))
+
+
+def _load_ckpt(path: str):
+    if not os.path.exists(os.path.join(path, "meta.json")):
+        return None, None
+    with open(os.path.join(path, "meta.json")) as f:
+        return load_file(os.path.join(path, "state.safetensors")), json.load(f)
+
+
+def _optim_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"{prefix}.{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def _optim_restore(opt: torch.optim.Optimizer, tensors: dict, groups: dict, prefix: str) -> None:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith(prefix + "."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
+
+
+def _log(path: str, row: dict) -> None:
+    new = not os.path.exists(path)
+    with open(path, "a") as f:
+        if new:
+            f.write(",".join(row) + "\n")
+        f.write(",".join(str(v) for v in row.values()) + "\n")
+
+
+def train_vae(pipe, steps: int, batch: int, ckpt: str, log: str, seed: int = 0, ckpt_every: int = 200, lr=1e-3):
+    vae = pipe.vae
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    state, meta = _load_ckpt(ckpt)
+    start = 0
+    if meta is not None:
+        vae.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("vae.")})
+        _optim_restore(opt, state, meta["optim"], "opt")
+        start = meta["step"]
+    data = _Batches(seed, batch)
+    vae.train()
+    for step in tqdm(range(start, steps), initial=start, total=steps, desc="vae"):
+        _, x = data.get(step)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        mse = F.mse_loss(rec, x)
+        kl = post.kl().mean() / post.mean[0].numel()
+        loss = mse + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            _log(log, {"stage": "vae", "step": step, "loss": f"{mse.item():.5f}", "kl": f"{kl.item():.4f}"})
+        if (step + 1) % ckpt_every == 0 or step + 1 == steps:
+            t, g = _optim_tensors(opt, "opt")
+            _save_ckpt(ckpt, {**{f"vae.{k}": v for k, v in vae.state_dict().items()}, **t}, {"step": step + 1, "optim": g})
+    vae.eval()
+    # latent statistics -> the pipeline's shift/scale (as SD3's VAE config carries them)
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(data.get(10_000_000 + i)[1]).latent_dist.mean for i in range(8)])
+    vae.register_to_config(shift_factor=float(lat.mean()), scaling_factor=float(1.0 / lat.std()))
+    return vae
+
+
+def _sigmas(n: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.sigmoid(torch.randn(n, generator=gen))  # logit-normal, as in SD3
+
+
+def train_denoiser(pipe, steps: int, batch: int, ckpt: str, log: str, seed: int = 0, ckpt_every: int = 200,
+                   lr: float = 4e-4, ema_decay: float = 0.999, warmup: int = 200):
+    modules = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+    params = [p for m in modules.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    ema = {n: copy.deepcopy(m).requires_grad_(False) for n, m in modules.items()}
+    state, meta = _load_ckpt(ckpt)
+    start = 0
+    if meta is not None:
+        for n, m in modules.items():
+            m.load_state_dict({k[len(n) + 1:]: v for k, v in state.items() if k.startswith(n + ".")})
+            ema[n].load_state_dict({k[len(n) + 5:]: v for k, v in state.items() if k.startswith(f"ema_{n}.")})
+        _optim_restore(opt, state, meta["optim"], "opt")
+        start = meta["step"]
+    vae = pipe.vae
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+    data = _Batches(seed + 1, batch)
+    for m in modules.values():
+        m.train()
+    msl = DEFAULT_SAMPLING["max_sequence_length"]
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="denoiser")
+    running = None
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * step / steps)) * 0.9 + 0.1)
+        gen = torch.Generator().manual_seed(seed * 7919 + step)
+        captions, x = data.get(step)
+        captions = ["" if torch.rand(1, generator=gen).item() < CFG_DROPOUT else c for c in captions]
+        with torch.no_grad():
+            x0 = (vae.encode(x).latent_dist.sample(generator=gen) - shift) * scale
+        pe, _, pooled, _ = pipe.encode_prompt(captions, None, None, device=torch.device("cpu"),
+                                              do_classifier_free_guidance=False, max_sequence_length=msl)
+        sigma = _sigmas(len(captions), gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        s = sigma.view(-1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        pred = pipe.transformer(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=pe,
+                                pooled_projections=pooled, return_dict=False)[0]
+        loss = F.mse_loss(pred, noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            d = min(ema_decay, (1 + step) / (10 + step))
+            for n, m in modules.items():
+                for pe_, p in zip(ema[n].parameters(), m.parameters()):
+                    pe_.lerp_(p, 1 - d)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{running:.4f}")
+        if step % 20 == 0:
+            _log(log, {"stage": "denoiser", "step": step, "loss": f"{loss.item():.5f}", "kl": ""})
+        if (step + 1) % ckpt_every == 0 or step + 1 == steps:
+            tensors = {}
+            for n, m in modules.items():
+                tensors.update({f"{n}.{k}": v for k, v in m.state_dict().items()})
+                tensors.update({f"ema_{n}.{k}": v for k, v in ema[n].state_dict().items()})
+            t, g = _optim_tensors(opt, "opt")
+            _save_ckpt(ckpt, {**tensors, **t}, {"step": step + 1, "optim": g})
+    for n, m in modules.items():
+        m.load_state_dict(ema[n].state_dict())
+        m.eval()
+    return pipe
+
+
+def train_default_model(out: str, checkpoint_dir: str, vae_steps: int, steps: int, batch: int, vae_batch: int,
+                        log: str, seed: int = 0) -> None:
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    pipe = build_pipeline(seed)
+    t0 = time.time()
+    train_vae(pipe, vae_steps, vae_batch, os.path.join(checkpoint_dir, "vae"), log, seed)
+    train_denoiser(pipe, steps, batch, os.path.join(checkpoint_dir, "denoiser"), log, seed)
+    from ..io import save_pipeline
+
+    save_pipeline(pipe, out)
+    with open(os.path.join(checkpoint_dir, "done.json"), "w") as f:
+        json.dump({"vae_steps": vae_steps, "steps": steps, "batch": batch, "seconds": time.time() - t0}, f)
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m obslib.shapes.train", description=__doc__)
+    p.add_argument("--out", default="models/shapes-sd3")
+    p.add_argument("--checkpoint-dir", default="checkpoints/shapes-sd3")
+    p.add_argument("--vae-steps", type=int, default=700)
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=7000)
+    p.add_argument("--batch", type=int, default=96)
+    p.add_argument("--log", default="results/train_loss.csv")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    train_default_model(a.out, a.checkpoint_dir, a.vae_steps, a.steps, a.batch, a.vae_batch, a.log, a.seed)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""The shapes world: a deterministic procedural renderer of captioned images.
+
+A *scene* is one or two objects (shape, colour, size) on a background; two objects stand in a
+spatial relation that the caption names ("a small red circle to the left of a large blue square").
+Every image is rendered from its scene with a seeded random layout, so ground truth is exact.
+
+Labels are *canonical*: for two objects, slot A is the left (horizontal) or top (vertical) object,
+slot B the other. "X to the right of Y" and "Y to the left of X" are the same canonical scene.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 48
+SHAPES = ("circle", "square", "triangle", "cross")
+COLOURS = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 80, 240),
+    "yellow": (240, 220, 40),
+    "magenta": (220, 50, 220),
+    "cyan": (40, 220, 220),
+}
+SIZES = {"small": 0.22, "large": 0.38}  # object extent as a share of the image side
+BACKGROUNDS = {"black": (0, 0, 0), "white": (255, 255, 255), "gray": (128, 128, 128)}
+DEFAULT_BACKGROUND = "black"  # not named in captions
+RELATIONS = ("to the left of", "to the right of", "above", "below")
+ARRANGEMENTS = ("horizontal", "vertical")
+
+# Attribute combinations that never occur in training scenes (compositional held-out set).
+HELDOUT_COLOUR_PAIRS = ({"red", "cyan"}, {"green", "magenta"}, {"blue", "yellow"})
+HELDOUT_OBJECT_BACKGROUND = {("yellow", "white"), ("blue", "gray")}
+HELDOUT_RANDOM_SHARE = {1: 0.2, 2: 0.05}  # extra random unseen prompts, by object count
+SPLIT_SEED = 1234
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str
+    colour: str
+    size: str
+
+    def phrase(self) -> str:
+        return f"a {self.size} {self.colour} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One or two objects; for two, ``relation`` says where objects[0] is relative to objects[1]."""
+
+    objects: tuple[Obj, ...]
+    relation: str | None = None
+    background: str = DEFAULT_BACKGROUND
+
+    def caption(self) -> str:
+        text = self.objects[0].phrase()
+        if len(self.objects) == 2:
+            text += f" {self.relation} {self.objects[1].phrase()}"
+        if self.background != DEFAULT_BACKGROUND:
+            text += f" on a {self.background} background"
+        return text
+
+    def canonical(self) -> tuple[str | None, Obj, Obj | None]:
+        """(arrangement, slot A, slot B): A is the left/top object."""
+        if len(self.objects) == 1:
+            return None, self.objects[0], None
+        a, b = self.objects
+        arrangement = "horizontal" if self.relation in ("to the left of", "to the right of") else "vertical"
+        if self.relation in ("to the right of", "below"):
+            a, b = b, a
+        return arrangement, a, b
+
+    def labels(self) -> dict[str, int]:
+        """Integer labels for the evaluator's heads (index -1 = absent)."""
+        arrangement, a, b = self.canonical()
+        lab = {
+            "count": len(self.objects) - 1,
+            "background": list(BACKGROUNDS).index(self.background),
+            "arrangement": -1 if arrangement is None else ARRANGEMENTS.index(arrangement),
+        }
+        for slot, obj in (("a", a), ("b", b)):
+            lab[f"{slot}_shape"] = -1 if obj is None else SHAPES.index(obj.shape)
+            lab[f"{slot}_colour"] = -1 if obj is None else list(COLOURS).index(obj.colour)
+            lab[f"{slot}_size"] = -1 if obj is None else list(SIZES).index(obj.size)
+        return lab
+
+
+ALL_OBJECTS = tuple(Obj(s, c, z) for s in SHAPES for c in COLOURS for z in SIZES)
+LABEL_HEADS = {
+    "count": 2,
+    "background": len(BACKGROUNDS),
+    "arrangement": len(ARRANGEMENTS),
+    "a_shape": len(SHAPES),
+    "a_colour": len(COLOURS),
+    "a_size": len(SIZES),
+    "b_shape": len(SHAPES),
+    "b_colour": len(COLOURS),
+    "b_size": len(SIZES),
+}
+
+_CAPTION_PARSE: dict[str, Scene] | None = None
+
+
+def all_scenes() -> list[Scene]:
+    scenes = [Scene((o,), None, bg) for bg in BACKGROUNDS for o in ALL_OBJECTS]
+    for bg in BACKGROUNDS:
+        for a, b in itertools.permutations(ALL_OBJECTS, 2):
+            for rel in RELATIONS:
+                scenes.append(Scene((a, b), rel, bg))
+    return scenes
+
+
+def is_novel_combination(scene: Scene) -> bool:
+    """True when the scene holds an attribute combination that training never shows."""
+    if any((o.colour, scene.background) in HELDOUT_OBJECT_BACKGROUND for o in scene.objects):
+        return True
+    if len(scene.objects) == 2:
+        pair = {scene.objects[0].colour, scene.objects[1].colour}
+        return pair in HELDOUT_COLOUR_PAIRS
+    return False
+
+
+def splits() -> dict[str, list[Scene]]:
+    """Deterministic train / held-out split. Held-out = novel combinations + random unseen prompts.
+
+    The held-out list is ordered for evaluation: singles and pairs interleaved (1 single per 5 pairs while
+    singles last), then shuffled within that pattern, so the first N prompts are a fair sample.
+    """
+    rng = random.Random(SPLIT_SEED)
+    train, held = [], {1: [], 2: []}
+    for scene in all_scenes():
+        n = len(scene.objects)
+        if is_novel_combination(scene) or rng.random() < HELDOUT_RANDOM_SHARE[n]:
+            held[n].append(scene)
+        else:
+            train.append(scene)
+    rng.shuffle(held[1])
+    rng.shuffle(held[2])
+    ordered, singles, pairs = [], list(held[1]), list(held[2])
+    while singles or pairs:
+        if singles:
+            ordered.append(singles.pop())
+        for _ in range(5):
+            if pairs:
+                ordered.append(pairs.pop())
+    return {"train": train, "heldout": ordered}
+
+
+def prompts(split: str, n: int | None = None) -> list[str]:
+    """The first ``n`` captions of a split (train prompts in a fixed shuffled order)."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split={split!r}: must be 'train' or 'heldout'")
+    scenes = splits()[split]
+    if split == "train":
+        scenes = list(scenes)
+        random.Random(SPLIT_SEED + 1).shuffle(scenes)
+    captions = [s.caption() for s in scenes]
+    return captions if n is None else captions[:n]
+
+
+def parse_caption(caption: str) -> Scene:
+    """Inverse of ``Scene.caption`` (raises ValueError for text outside the world's grammar)."""
+    global _CAPTION_PARSE
+    if _CAPTION_PARSE is None:
+        _CAPTION_PARSE = {s.caption(): s for s in all_scenes()}
+    try:
+        return _CAPTION_PARSE[caption.strip()]
+    except KeyError:
+        raise ValueError(f"caption {caption!r} is not in the shapes world's grammar") from None
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    if shape == "square":
+        k = r * 0.85
+        return [(cx - k, cy - k), (cx + k, cy - k), (cx + k, cy + k), (cx - k, cy + k)]
+    if shape == "triangle":
+        return [(cx, cy - r), (cx + r * 0.95, cy + r * 0.8), (cx - r * 0.95, cy + r * 0.8)]
+    if shape == "cross":
+        a, b = r * 0.35, r
+        return [
+            (cx - a, cy - b), (cx + a, cy - b), (cx + a, cy - a), (cx + b, cy - a), (cx + b, cy + a),
+            (cx + a, cy + a), (cx + a, cy + b), (cx - a, cy + b), (cx - a, cy + a), (cx - b, cy + a),
+            (cx - b, cy - a), (cx - a, cy - a),
+        ]
+    raise ValueError(f"shape={shape!r}: must be one of {SHAPES}")
+
+
+def layout(scene: Scene, rng: random.Random, size: int = IMAGE_SIZE) -> list[tuple[float, float, float]]:
+    """Random centres and radii (pixels) consistent with the scene's relation."""
+    radii = [SIZES[o.size] * size / 2 for o in scene.objects]
+    if len(scene.objects) == 1:
+        r = radii[0]
+        margin = r + 1
+        return [(rng.uniform(margin, size - margin), rng.uniform(margin, size - margin), r)]
+    arrangement, _, _ = scene.canonical()
+    first_is_a = scene.relation in ("to the left of", "above")
+    ra, rb = (radii[0], radii[1]) if first_is_a else (radii[1], radii[0])
+    half = size / 2
+    # slot A in the first half, slot B in the second, jittered along both axes
+    a_main = rng.uniform(ra + 1, half - 1)
+    b_main = rng.uniform(half + 1, size - rb - 1)
+    a_cross = rng.uniform(ra + 1, size - ra - 1)
+    b_cross = rng.uniform(rb + 1, size - rb - 1)
+    if arrangement == "horizontal":
+        pa, pb = (a_main, a_cross, ra), (b_main, b_cross, rb)
+    else:
+        pa, pb = (a_cross, a_main, ra), (b_cross, b_main, rb)
+    return [pa, pb] if first_is_a else [pb, pa]
+
+
+def render(scene: Scene, seed: int, size: int = IMAGE_SIZE, supersample: int = 4) -> np.ndarray:
+    """Render a scene to an (size, size, 3) uint8 array; identical for identical (scene, seed)."""
+    rng = random.Random(seed)
+    big = size * supersample
+    img = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(img)
+    for obj, (cx, cy, r) in zip(scene.objects, layout(scene, rng, size)):
+        cx, cy, r = cx * supersample, cy * supersample, r * supersample
+        colour = COLOURS[obj.colour]
+        if obj.shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+        else:
+            draw.polygon(_polygon(obj.shape, cx, cy, r), fill=colour)
+    return np.asarray(img.resize((size, size), Image.Resampling.BOX))
+
+
+def sample_scene(rng: random.Random, scenes_by_count: dict[int, list[Scene]], p_single: float = 0.4) -> Scene:
+    pool = scenes_by_count[1] if rng.random() < p_single else scenes_by_count[2]
+    return pool[rng.randrange(len(pool))]
+
+
+def render_batch(scenes: list[Scene], seeds: list[int], size: int = IMAGE_SIZE) -> np.ndarray:
+    return np.stack([render(s, sd, size) for s, sd in zip(scenes, seeds)])
