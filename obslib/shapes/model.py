@@ -104,8 +104,31 @@ def build_tokenizer():
     return tok
 
 
-def build_pipeline(seed: int = 0):
-    """A freshly initialised pipeline of the embedded model's architecture (float32, eval mode)."""
+def build_placeholder_t5(words: list[str] | None = None):
+    """A T5 encoder whose output is exactly zero, with a word-level tokenizer.
+
+    SD3 allows leaving T5 out, in which case the pipeline feeds zeros in its place; but the stock
+    ``StableDiffusion3Pipeline.from_pretrained`` refuses a directory without ``text_encoder_3``. This
+    placeholder (final layer norm = 0) produces the very zeros the T5-less path produces, so the saved
+    model loads with the stock call and generates identically either way.
+    """
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    words = words or sorted({w for s in all_scenes() for w in s.caption().split()})
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in words]
+    tok = T5TokenizerFast(vocab=vocab, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
+    cfg = T5Config(vocab_size=len(vocab), d_model=TRANSFORMER_CONFIG["joint_attention_dim"], d_kv=16, d_ff=32,
+                   num_layers=1, num_heads=2, decoder_start_token_id=0)
+    enc = T5EncoderModel(cfg).eval()
+    enc.encoder.final_layer_norm.weight.data.zero_()
+    return enc, tok
+
+
+def build_pipeline(seed: int = 0, **transformer_overrides):
+    """A freshly initialised pipeline of the embedded model's architecture (float32, eval mode).
+
+    ``transformer_overrides`` change the transformer's constructor arguments (tests build tiny ones).
+    """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
@@ -116,17 +139,18 @@ def build_pipeline(seed: int = 0):
         pad_token_id=tok.pad_token_id, **TEXT_CONFIG,
     )
     pipe = StableDiffusion3Pipeline(
-        transformer=SD3Transformer2DModel(**TRANSFORMER_CONFIG),
+        text_encoder_3=None,
+        tokenizer_3=None,
+        transformer=SD3Transformer2DModel(**{**TRANSFORMER_CONFIG, **transformer_overrides}),
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
         vae=AutoencoderKL(**VAE_CONFIG),
         text_encoder=CLIPTextModelWithProjection(text_cfg),
         tokenizer=tok,
         text_encoder_2=CLIPTextModelWithProjection(text_cfg),
         tokenizer_2=build_tokenizer(),
-        text_encoder_3=None,
-        tokenizer_3=None,
     )
-    for m in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+    pipe.register_modules(**dict(zip(("text_encoder_3", "tokenizer_3"), build_placeholder_t5())))
+    for m in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
         m.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -200,7 +200,8 @@ def train_default_model(out: str, checkpoint_dir: str, vae_steps: int, steps: in
     train_denoiser(pipe, steps, batch, os.path.join(checkpoint_dir, "denoiser"), log, seed)
     from ..io import save_pipeline
 
-    save_pipeline(pipe, out)
+    defaults = {**DEFAULT_SAMPLING, "calibration_prompts": "shapes-train", "image_size": pipe.vae.config.sample_size}
+    save_pipeline(pipe, out, extra_json={"obslib_defaults.json": defaults})
     with open(os.path.join(checkpoint_dir, "done.json"), "w") as f:
         json.dump({"vae_steps": vae_steps, "steps": steps, "batch": batch, "seconds": time.time() - t0}, f)
 

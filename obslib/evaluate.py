@@ -1,0 +1,276 @@
+"""Score generated images of the shapes world: prompt fidelity (GenEval-style), FID/KID, PSNR/SSIM.
+
+* ``prompt_fidelity``: share of images in which the evaluator CNN (``obslib.shapes.classifier``) finds
+  everything the prompt names: the object count, the background, each object's shape/colour/size and,
+  for two objects, the spatial relation (the object named first lies left of / above the other one).
+  ``acc_<head>`` are per-attribute accuracies in the canonical terms of ``Scene.labels()`` (slot A =
+  left/top object of the prompt), each over the prompts where that label is present;
+  ``acc_arrangement`` is "the relation holds" (see ``fidelity``).
+* ``fid`` / ``kid``: torchmetrics' FrechetInceptionDistance / KernelInceptionDistance on the evaluator's
+  penultimate features (not Inception: the images are 48x48 synthetic shapes), generated images vs
+  renders of the same prompts.
+* ``psnr`` / ``ssim`` (with a reference pipeline): against the reference's images for the same prompts
+  and seeds, i.e. how closely a pruned model reproduces its dense parent.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+
+from .io import UsageError, check_pipeline_dir, write_json
+from .shapes.model import DEFAULT_SAMPLING
+from .shapes.world import BACKGROUNDS, LABEL_HEADS, Obj, parse_caption, prompts, render
+
+REAL_SEED_OFFSET = 1_000_003  # renders used as the "real" set are seeded seed + offset + i
+_ATTRS = ("shape", "colour", "size")
+
+
+# ----------------------------------------------------------------------------------------- generate
+def generate(pipe, prompts, seed: int, steps: int | None = None, guidance: float | None = None,
+             batch_size: int = 64, progress: bool = True) -> np.ndarray:
+    """Sample one image per prompt; uint8 (N,H,W,3). Batch ``b`` uses ``Generator().manual_seed(seed + b)``."""
+    import torch
+    from tqdm.auto import tqdm
+
+    prompts = list(prompts)
+    steps = DEFAULT_SAMPLING["num_inference_steps"] if steps is None else int(steps)
+    guidance = DEFAULT_SAMPLING["guidance_scale"] if guidance is None else float(guidance)
+    out = []
+    starts = range(0, len(prompts), batch_size)
+    for b, i in enumerate(tqdm(starts, desc="generate", disable=not progress or len(starts) <= 1)):
+        gen = torch.Generator().manual_seed(int(seed) + b)
+        with torch.no_grad():
+            res = pipe(
+                prompt=prompts[i : i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
+                max_sequence_length=DEFAULT_SAMPLING["max_sequence_length"], generator=gen, output_type="np",
+            )
+        out.append(np.clip(np.rint(np.asarray(res.images, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8))
+    if not out:
+        return np.zeros((0, 0, 0, 3), dtype=np.uint8)
+    return np.concatenate(out)
+
+
+def render_prompts(prompts, seed: int) -> np.ndarray:
+    """Ground-truth renders of the prompts (image i seeded ``seed + i``)."""
+    return np.stack([render(parse_caption(p), seed=int(seed) + i) for i, p in enumerate(prompts)])
+
+
+# ----------------------------------------------------------------------------------------- fidelity
+def _obj_code(obj: Obj) -> tuple[int, int, int]:
+    from .shapes.classifier import ATTRS
+
+    return tuple(list(ATTRS[a]).index(getattr(obj, a)) for a in _ATTRS)
+
+
+def fidelity(images: np.ndarray, prompts, classifier) -> dict[str, float]:
+    """GenEval-style prompt fidelity of ``images`` (uint8 N,H,W,3) for ``prompts``.
+
+    An image is correct when every attribute of ``parse_caption(p).labels()`` is found: count,
+    background, slot A's (and B's) shape/colour/size and, for two objects, the relation. The classifier
+    reads objects by position (left/right and top/bottom object), so for "A <rel> B" in canonical form
+    (slot A = left or top) slot A is compared with the left (horizontal) or top (vertical) object and
+    slot B with the other one. ``acc_arrangement`` counts the relation as held when the two objects
+    found on the prompt's axis agree with (A, B) in more attributes than with (B, A) — i.e. they are
+    not in swapped order. A single object is read from the ``left_*`` heads.
+    """
+    prompts = list(prompts)
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+    pred = classifier.predict(images)
+    hits: dict[str, list[bool]] = {k: [] for k in LABEL_HEADS}
+    correct = []
+    for i, p in enumerate(prompts):
+        scene = parse_caption(p)
+        arrangement, a, b = scene.canonical()
+        ok = {"count": int(pred["count"][i]) == len(scene.objects) - 1,
+              "background": int(pred["background"][i]) == list(BACKGROUNDS).index(scene.background)}
+        first, second = ("left", "right") if arrangement in (None, "horizontal") else ("top", "bottom")
+        got_a = tuple(int(pred[f"{first}_{k}"][i]) for k in _ATTRS)
+        want_a = _obj_code(a)
+        for k, g, w in zip(_ATTRS, got_a, want_a):
+            ok[f"a_{k}"] = g == w
+        if b is not None:
+            got_b = tuple(int(pred[f"{second}_{k}"][i]) for k in _ATTRS)
+            want_b = _obj_code(b)
+            for k, g, w in zip(_ATTRS, got_b, want_b):
+                ok[f"b_{k}"] = g == w
+            agree = sum(map(int.__eq__, got_a, want_a)) + sum(map(int.__eq__, got_b, want_b))
+            swapped = sum(map(int.__eq__, got_a, want_b)) + sum(map(int.__eq__, got_b, want_a))
+            ok["arrangement"] = agree > swapped
+        for k, v in ok.items():
+            hits[k].append(bool(v))
+        correct.append(all(ok.values()))
+    out = {"prompt_fidelity": float(np.mean(correct)) if correct else float("nan")}
+    for k in LABEL_HEADS:
+        out[f"acc_{k}"] = float(np.mean(hits[k])) if hits[k] else float("nan")
+    return out
+
+
+# ------------------------------------------------------------------------------------ distributions
+def _feature_module(classifier):
+    """nn.Module wrapper around ``classifier.features`` for torchmetrics' custom ``feature=`` argument.
+
+    torchmetrics (1.9) hands a custom module the images exactly as given to ``update`` (its
+    ``normalize`` flag only converts for the built-in Inception) and probes it once with a dummy batch
+    unless it has ``num_features``. We feed uint8 NCHW tensors; floats are taken as [0,1].
+    """
+    import torch
+
+    from .shapes.classifier import to_input
+
+    class _Features(torch.nn.Module):
+        def __init__(self, clf):
+            super().__init__()
+            self.clf = clf
+            self.num_features = int(clf.feature_dim)
+
+        @torch.no_grad()
+        def forward(self, imgs):
+            dev = next(self.clf.parameters()).device
+            return self.clf.features(to_input(imgs).to(dev)).double().cpu()
+
+    return _Features(classifier).eval()
+
+
+def _nchw(images: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def distribution_metrics(fake: np.ndarray, real: np.ndarray, classifier, batch_size: int = 256,
+                         kid_subsets: int = 50, seed: int = 0) -> dict[str, float]:
+    """FID and KID (mean over subsets) of uint8 image sets in the evaluator's feature space."""
+    import torch
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    n = min(len(fake), len(real))
+    if n < 2:
+        raise ValueError(f"FID/KID need at least 2 images per set, got {len(fake)} generated and {len(real)} real")
+    feat = _feature_module(classifier)
+    fid = FrechetInceptionDistance(feature=feat, normalize=False)
+    kid = KernelInceptionDistance(feature=feat, subsets=kid_subsets, subset_size=min(1000, n), normalize=False)
+    for imgs, is_real in ((real, True), (fake, False)):
+        for i in range(0, len(imgs), batch_size):
+            x = _nchw(imgs[i : i + batch_size])
+            fid.update(x, real=is_real)
+            kid.update(x, real=is_real)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # KID draws random subsets
+    try:
+        kid_mean, _ = kid.compute()
+    finally:
+        torch.random.set_rng_state(state)
+    return {"fid": float(fid.compute()), "kid": float(kid_mean)}
+
+
+def reconstruction_metrics(images: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """PSNR and SSIM (data range 1) of images against reference images of the same prompts and seeds."""
+    from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+    x = _nchw(images).float() / 255.0
+    y = _nchw(reference).float() / 255.0
+    psnr = PeakSignalNoiseRatio(data_range=1.0)
+    ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+    return {"psnr": float(psnr(x, y)), "ssim": float(ssim(x, y))}
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+def evaluate_pipeline(pipe, num_prompts: int, steps: int, seed: int, reference=None, split: str = "heldout",
+                      guidance: float | None = None, classifier=None, batch_size: int = 64,
+                      progress: bool = True) -> dict:
+    """All metrics of ``pipe`` on the first ``num_prompts`` prompts of ``split``."""
+    from .shapes.classifier import load_classifier
+
+    if num_prompts <= 0 or steps <= 0:
+        raise ValueError(f"num_prompts={num_prompts}, steps={steps}: both must be positive")
+    ps = prompts(split, num_prompts)
+    clf = classifier if classifier is not None else load_classifier()
+    images = generate(pipe, ps, seed, steps=steps, guidance=guidance, batch_size=batch_size, progress=progress)
+    real = render_prompts(ps, seed + REAL_SEED_OFFSET)
+    fid = fidelity(images, ps, clf)
+    out = {"prompt_fidelity": fid.pop("prompt_fidelity")}
+    out.update(distribution_metrics(images, real, clf, seed=seed))
+    if reference is not None:
+        ref = generate(reference, ps, seed, steps=steps, guidance=guidance, batch_size=batch_size, progress=progress)
+        out.update(reconstruction_metrics(images, ref))
+    out.update(fid)
+    out.update({"num_prompts": len(ps), "steps": int(steps), "seed": int(seed), "split": split,
+                "guidance": DEFAULT_SAMPLING["guidance_scale"] if guidance is None else float(guidance)})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def _load(path: str):
+    from .io import load_pipeline
+
+    try:
+        return load_pipeline(path)
+    except UsageError:
+        raise
+    except Exception as e:  # a broken or foreign directory is bad input, not a crash
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise UsageError(f"could not load a pipeline from {path!r}: {msg[:300]}") from None
+
+
+def _run_cli(args) -> None:
+    if args.num_prompts <= 0:
+        raise UsageError(f"--num-prompts {args.num_prompts}: must be a positive integer (1 to {len(prompts(args.split))})")
+    n_avail = len(prompts(args.split))
+    if args.num_prompts > n_avail:
+        raise UsageError(f"--num-prompts {args.num_prompts}: the {args.split} split has only {n_avail} prompts (1 to {n_avail})")
+    if args.steps <= 0:
+        raise UsageError(f"--steps {args.steps}: must be a positive integer")
+    if args.guidance is not None and not args.guidance >= 0:
+        raise UsageError(f"--guidance {args.guidance}: must be a number >= 0")
+    if args.batch_size <= 0:
+        raise UsageError(f"--batch-size {args.batch_size}: must be a positive integer")
+    check_pipeline_dir(args.model_dir)
+    if args.reference is not None:
+        check_pipeline_dir(args.reference)
+    if os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out!r} is a directory; expected a JSON file path")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out {args.out!r}: directory {parent!r} does not exist")
+
+    # transformers warns on stderr at import time (e.g. "requires torchvision"); keep the CLI's stderr clean
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import torch
+
+    from .shapes.classifier import load_classifier
+
+    try:
+        clf = load_classifier()
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    pipe = _load(args.model_dir)
+    ref = _load(args.reference) if args.reference is not None else None
+    torch.set_grad_enabled(False)
+    metrics = evaluate_pipeline(pipe, args.num_prompts, args.steps, args.seed, reference=ref, split=args.split,
+                                guidance=args.guidance, classifier=clf, batch_size=args.batch_size)
+    metrics["model_dir"] = os.path.abspath(args.model_dir)
+    if args.reference is not None:
+        metrics["reference"] = os.path.abspath(args.reference)
+    write_json(args.out, metrics)
+    print(f"prompt_fidelity={metrics['prompt_fidelity']:.4f} fid={metrics['fid']:.3f} kid={metrics['kid']:.5f}"
+          + (f" psnr={metrics['psnr']:.2f} ssim={metrics['ssim']:.4f}" if "psnr" in metrics else "")
+          + f" -> {args.out}")
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("evaluate", help="score a pipeline on held-out prompts (fidelity, FID/KID, PSNR/SSIM)")
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("--reference", metavar="DIR", default=None, help="dense pipeline for PSNR/SSIM")
+    p.add_argument("--num-prompts", type=int, required=True, metavar="N")
+    p.add_argument("--steps", type=int, default=DEFAULT_SAMPLING["num_inference_steps"], metavar="T")
+    p.add_argument("--seed", type=int, default=0, metavar="S")
+    p.add_argument("--guidance", type=float, default=None, metavar="G",
+                   help=f"CFG scale (default {DEFAULT_SAMPLING['guidance_scale']})")
+    p.add_argument("--split", choices=("heldout", "train"), default="heldout")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", required=True, metavar="metrics.json")
+    p.set_defaults(func=_run_cli)

@@ -1,0 +1,117 @@
+"""Timestep-aware Hessians collected by forward hooks during real sampling runs.
+
+``Calibration`` owns everything stateful: the hooks, the step counter (advanced by a forward pre-hook
+on the denoiser, reset by ``begin_run`` before each sampling run) and the float32 accumulators
+
+    H_l   = 2 * sum_t alpha_t X_{l,t} X_{l,t}^T / sum_t alpha_t n_t        (in x in)
+    mean_l = sum_t alpha_t 1^T X_{l,t} / sum_t alpha_t n_t                  (in)
+
+where X_{l,t} holds every token of every image of the step as a column (the classifier-free-guidance
+doubled batch included). Conv2d layers are handled through unfolded inputs (columns = patches), so
+their weight matrix is ``weight.reshape(out, -1)``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def input_matrix(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's inputs as rows (n_tokens x in_features), float32."""
+    if isinstance(module, nn.Conv2d):
+        cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)  # B, C*k*k, L
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1]).float()
+    return x.reshape(-1, x.shape[-1]).float()
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    return module.weight.data.reshape(module.weight.shape[0], -1)
+
+
+class LayerStats:
+    """Weighted second and first moments of one layer's inputs."""
+
+    def __init__(self, in_features: int, device):
+        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.xsum = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.weight = 0.0  # sum_t alpha_t n_t
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor, alpha: float) -> None:
+        self.xtx.addmm_(x.t(), x, alpha=alpha)
+        self.xsum.add_(x.sum(0), alpha=alpha)
+        self.weight += alpha * x.shape[0]
+        self.tokens += x.shape[0]
+
+    @property
+    def H(self) -> torch.Tensor:
+        if self.weight == 0:
+            raise RuntimeError("no calibration inputs reached this layer")
+        return self.xtx * (2.0 / self.weight)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.xsum / self.weight
+
+    @property
+    def var(self) -> torch.Tensor:
+        return (self.xtx.diagonal() / self.weight - self.mean**2).clamp_min(0)
+
+
+class Calibration:
+    """Collects timestep-weighted input statistics for a set of layers of one denoiser.
+
+    Usage::
+
+        calib = Calibration(denoiser, {"blocks.0.attn.to_q": module, ...}, alphas)
+        with calib:
+            for batch in prompts:
+                calib.begin_run()
+                pipe(batch, num_inference_steps=len(alphas), output_type="latent")
+        H = calib.stats["blocks.0.attn.to_q"].H
+    """
+
+    def __init__(self, denoiser: nn.Module, layers: dict[str, nn.Module], alphas: list[float], device=None):
+        self.denoiser, self.layers, self.alphas = denoiser, layers, list(alphas)
+        self.step = 0  # number of denoiser calls in the current sampling run
+        self.stats = {}
+        for name, m in layers.items():
+            n_in = weight_matrix(m).shape[1]
+            self.stats[name] = LayerStats(n_in, device or m.weight.device)
+        self._handles = []
+
+    def begin_run(self) -> None:
+        self.step = 0
+
+    def end_run(self) -> None:
+        if self.step != len(self.alphas):
+            raise RuntimeError(
+                f"calibration run made {self.step} denoiser calls but {len(self.alphas)} weights were given; "
+                "use a first-order sampler with num_inference_steps equal to the weighting length")
+
+    def _pre_hook(self, module, args, kwargs=None):
+        self.step += 1
+        if self.step > len(self.alphas):
+            raise RuntimeError(f"denoiser called {self.step} times in one run; expected {len(self.alphas)}")
+
+    def _hook(self, name):
+        stats, module = self.stats[name], self.layers[name]
+
+        def hook(mod, inputs, output):
+            alpha = self.alphas[self.step - 1]
+            stats.add(input_matrix(module, inputs[0].detach()), alpha)
+
+        return hook
+
+    def __enter__(self):
+        self._handles.append(self.denoiser.register_forward_pre_hook(self._pre_hook))
+        for name, m in self.layers.items():
+            self._handles.append(m.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        return False

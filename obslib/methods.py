@@ -1,0 +1,56 @@
+"""The pruning methods as a registry: one entry per ``--method``.
+
+A method supplies, per granularity, a function that turns a layer's weight and calibration statistics
+into pruned weights. Unstructured / N:M functions take (W, stats, sparsity, n, m, cfg) and return
+(W_hat, mask); structured ones return compensated output-projection weights, the removed heads or
+neurons and optional new biases. The driver (``obslib.api``) is the same for every method.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .obs import obs_prune
+from .structured import prune_heads, prune_neurons
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    needs_calibration: bool = True
+    forced_weighting: str | None = None  # e.g. SparseGPT: uniform
+    unstructured: Callable | None = None
+    heads: Callable | None = None
+    neurons: Callable | None = None
+    description: str = ""
+
+
+def _obs_unstructured(W, stats, sparsity, n, m, cfg):
+    return obs_prune(W, stats.H, sparsity, n, m, blocksize=cfg.blocksize, percdamp=cfg.percdamp)
+
+
+def _obs_heads(Ws, stats, head_dim, n_remove, cfg):
+    new, removed = prune_heads(Ws, [s.H for s in stats], head_dim, n_remove,
+                               exact=cfg.head_saliency == "exact", percdamp=cfg.percdamp)
+    return new, removed, None
+
+
+def _obs_neurons(W, stats, n_remove, cfg):
+    new, removed = prune_neurons(W, stats.H, n_remove, batch=cfg.neuron_batch, percdamp=cfg.percdamp)
+    return new, removed, None
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+register(Method("obs-diff", unstructured=_obs_unstructured, heads=_obs_heads, neurons=_obs_neurons,
+                description="OBS with the timestep-aware Hessian (the paper's method)"))
+register(Method("sparsegpt", forced_weighting="uniform", unstructured=_obs_unstructured, heads=_obs_heads,
+                neurons=_obs_neurons, description="OBS-Diff's solver with uniform timestep weights"))
+
+from . import baselines  # noqa: E402,F401  (registers the baselines)

@@ -1,0 +1,291 @@
+"""The shapes-world evaluator: a small CNN that reads count, background and objects from a 48x48 image.
+
+Why the heads are *geometric* and not ``Scene.labels()``
+--------------------------------------------------------
+``layout`` jitters both objects along the whole cross axis, so a diagonal image is an equally likely
+render of "A to the left of B" and of "A above B" (about 44% of two-object layouts are consistent with
+both arrangements, with exactly equal likelihood). The canonical ``arrangement`` label — and, for
+anti-diagonal layouts, which object is slot A — is therefore not a function of the image, and no
+classifier can learn it beyond ~78%. The evaluator instead reads what *is* in the image: per object
+slot ordered by position, i.e. the left/right object (by centre x) and the top/bottom object (by
+centre y). A prompt "A left of B" is satisfied when left = A and right = B; "A above B" when top = A
+and bottom = B (``obslib.evaluate.fidelity``). For one object all four slots hold that object.
+Slot labels are left out (-1) where the two centres are within ``TIE_PX`` along that axis; renders of
+a horizontal (vertical) relation always separate the centres by >= 2 px along x (y).
+
+``python -m obslib.shapes.classifier`` trains it on fresh renders of all scenes (both splits) and
+writes ``models/shapes-classifier/{model.safetensors,config.json}`` and
+``results/classifier_accuracy.json`` (accuracy on fresh renders of held-out scenes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .world import BACKGROUNDS, COLOURS, IMAGE_SIZE, SHAPES, SIZES, Scene, all_scenes, layout, render, splits
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DIR = REPO_ROOT / "models" / "shapes-classifier"
+RESULTS_PATH = REPO_ROOT / "results" / "classifier_accuracy.json"
+SLOTS = ("left", "right", "top", "bottom")
+ATTRS = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES)}
+HEADS: dict[str, int] = {"count": 2, "background": len(BACKGROUNDS)}
+HEADS.update({f"{slot}_{attr}": len(vals) for slot in SLOTS for attr, vals in ATTRS.items()})
+TIE_PX = 1.0
+EVAL_SEED_BASE = 2_000_000_000  # seeds of the held-out accuracy renders (training seeds come from an RNG)
+CHANNELS = (24, 32, 64, 96, 128)
+FEATURE_DIM = 128
+
+
+def image_labels(scene: Scene, seed: int) -> dict[str, int]:
+    """Geometric labels of ``render(scene, seed)`` for the classifier's heads (-1 = absent/undefined)."""
+    centres = layout(scene, random.Random(seed), IMAGE_SIZE)
+    lab = {"count": len(scene.objects) - 1, "background": list(BACKGROUNDS).index(scene.background)}
+
+    def put(slot, obj):
+        for attr, vals in ATTRS.items():
+            lab[f"{slot}_{attr}"] = -1 if obj is None else list(vals).index(getattr(obj, attr))
+
+    if len(scene.objects) == 1:
+        for slot in SLOTS:
+            put(slot, scene.objects[0])
+        return lab
+    (o0, o1), (p0, p1) = scene.objects, centres
+    for axis, (lo, hi) in ((0, ("left", "right")), (1, ("top", "bottom"))):
+        d = p1[axis] - p0[axis]
+        if abs(d) < TIE_PX:
+            put(lo, None)
+            put(hi, None)
+        else:
+            first, second = (o0, o1) if d > 0 else (o1, o0)
+            put(lo, first)
+            put(hi, second)
+    return lab
+
+
+def to_input(images) -> torch.Tensor:
+    """uint8 (N,H,W,3) array/tensor, or float NCHW in [0,1] -> float NCHW in [-1,1] at 48x48."""
+    x = torch.as_tensor(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.shape[-1] == 3 and x.shape[1] != 3:
+        x = x.permute(0, 3, 1, 2)
+    x = x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
+    if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
+        x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True, align_corners=False)
+    return x.mul(2.0).sub(1.0)
+
+
+def _block(cin: int, cout: int, stride: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+class ShapesClassifier(nn.Module):
+    """Conv trunk (with x/y coordinate channels) -> 3x3x128 map -> 128-d features -> one linear head each."""
+
+    def __init__(self, heads: dict[str, int] | None = None, channels=CHANNELS, feature_dim: int = FEATURE_DIM):
+        super().__init__()
+        self.heads_spec = dict(heads or HEADS)
+        c1, c2, c3, c4, c5 = channels
+        self.trunk = nn.Sequential(
+            *_block(5, c1, 1), *_block(c1, c2, 2), *_block(c2, c3, 1), *_block(c3, c4, 2),  # 48 -> 12
+            *_block(c4, c4, 2), *_block(c4, c5, 2),  # 12 -> 3
+        )
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(c5 * 9, feature_dim), nn.ReLU(inplace=True))
+        self.heads = nn.ModuleDict({k: nn.Linear(feature_dim, n) for k, n in self.heads_spec.items()})
+        ramp = torch.linspace(-1.0, 1.0, IMAGE_SIZE)
+        self.register_buffer("coords", torch.stack(torch.meshgrid(ramp, ramp, indexing="xy")), persistent=False)
+        self.feature_dim = feature_dim
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (N, feature_dim) of images already scaled to [-1,1] (see ``to_input``)."""
+        x = torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1)], dim=1)
+        return self.fc(self.trunk(x))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = self.features(x)
+        return {k: head(f) for k, head in self.heads.items()}
+
+    @torch.no_grad()
+    def predict(self, images, batch_size: int = 256) -> dict[str, np.ndarray]:
+        """Arg-max class per head for uint8 (N,H,W,3) images."""
+        self.eval()
+        out: dict[str, list[np.ndarray]] = {k: [] for k in self.heads_spec}
+        dev = next(self.parameters()).device
+        for i in range(0, len(images), batch_size):
+            logits = self(to_input(images[i : i + batch_size]).to(dev))
+            for k, v in logits.items():
+                out[k].append(v.argmax(1).cpu().numpy())
+        return {k: np.concatenate(v) if v else np.zeros(0, dtype=np.int64) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------------------------- I/O
+def save_classifier(model: ShapesClassifier, path: str | os.PathLike = DEFAULT_DIR, extra: dict | None = None) -> None:
+    """safetensors + config.json, each written to a temporary file and renamed into place."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path / "model.safetensors.tmp"
+    save_file(state, str(tmp))
+    os.replace(tmp, path / "model.safetensors")
+    cfg = {"heads": model.heads_spec, "channels": list(CHANNELS), "feature_dim": model.feature_dim,
+           "image_size": IMAGE_SIZE, "input": "RGB scaled to [-1,1], plus x/y coordinate channels added inside",
+           **(extra or {})}
+    tmp = path / "config.json.tmp"
+    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
+    os.replace(tmp, path / "config.json")
+
+
+def load_classifier(path: str | os.PathLike | None = None, device: str = "cpu") -> ShapesClassifier:
+    """Load the trained evaluator (default: ``<repo>/models/shapes-classifier``), in eval mode."""
+    from safetensors.torch import load_file
+
+    path = Path(path) if path is not None else DEFAULT_DIR
+    if not path.is_absolute() and not path.exists():
+        path = REPO_ROOT / path
+    if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no trained shapes classifier in {str(path)!r}; run `python -m obslib.shapes.classifier`")
+    cfg = json.loads((path / "config.json").read_text())
+    model = ShapesClassifier(cfg["heads"], tuple(cfg["channels"]), cfg["feature_dim"])
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    return model.to(device).eval()
+
+
+# ------------------------------------------------------------------------------------------ training
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Cheap robustness to generated images: random blur, colour jitter and gaussian noise (x in [-1,1])."""
+    n = x.shape[0]
+    u = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
+    k = torch.tensor([1.0, 2.0, 1.0])
+    k = (k[:, None] * k[None, :] / 16).expand(3, 1, 3, 3)
+    blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k, groups=3)
+    w = u(n, 1, 1, 1) * (u(n, 1, 1, 1) < 0.5)
+    x = x + w * (blurred - x)
+    contrast = 0.9 + 0.2 * u(n, 1, 1, 1)
+    gain = 0.95 + 0.1 * u(n, 3, 1, 1)
+    bright = 0.16 * u(n, 1, 1, 1) - 0.08
+    x = x * contrast * gain + bright
+    x = x + 0.1 * u(n, 1, 1, 1) * torch.randn(x.shape, generator=gen)
+    return x.clamp(-1.0, 1.0)
+
+
+def _label_tensors(labs: list[dict[str, int]]) -> dict[str, torch.Tensor]:
+    return {k: torch.tensor([lab[k] for lab in labs]) for k in HEADS}
+
+
+def make_batch(scenes: list[Scene], seeds: list[int]):
+    imgs = np.stack([render(s, sd) for s, sd in zip(scenes, seeds)])
+    return imgs, _label_tensors([image_labels(s, sd) for s, sd in zip(scenes, seeds)])
+
+
+def heldout_eval_set(n: int = 2000):
+    """Fresh renders of the first ``n`` held-out scenes (evaluation order), seeds never used in training."""
+    scenes = splits()["heldout"]
+    scenes = [scenes[i % len(scenes)] for i in range(n)]
+    seeds = [EVAL_SEED_BASE + i for i in range(n)]
+    return scenes, seeds
+
+
+def head_accuracy(model: ShapesClassifier, images: np.ndarray, labels: dict[str, torch.Tensor]) -> dict[str, float]:
+    pred = model.predict(images)
+    acc = {}
+    for k in HEADS:
+        y = labels[k].numpy()
+        m = y >= 0
+        acc[k] = float((pred[k][m] == y[m]).mean()) if m.any() else float("nan")
+    return acc
+
+
+def train(steps: int = 1000, batch: int = 128, lr: float = 3e-3, seed: int = 0, p_single: float = 0.25,
+          progress: bool = True) -> ShapesClassifier:
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    scenes = all_scenes()
+    singles = [s for s in scenes if len(s.objects) == 1]
+    pairs = [s for s in scenes if len(s.objects) == 2]
+    model = ShapesClassifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+    model.train()
+    bar = tqdm(range(steps), desc="classifier", disable=not progress)
+    for step in bar:
+        chosen = [(singles if rng.random() < p_single else pairs) for _ in range(batch)]
+        chosen = [pool[rng.randrange(len(pool))] for pool in chosen]
+        seeds = [rng.randrange(2**31) for _ in chosen]
+        imgs, labels = make_batch(chosen, seeds)
+        logits = model(_augment(to_input(imgs), gen))
+        loss = sum(F.cross_entropy(logits[k], labels[k], ignore_index=-1) for k in HEADS
+                   if (labels[k] >= 0).any())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    return model.eval()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m obslib.shapes.classifier", description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--eval-n", type=int, default=2000)
+    ap.add_argument("--out", default=str(DEFAULT_DIR))
+    ap.add_argument("--results", default=str(RESULTS_PATH))
+    args = ap.parse_args(argv)
+    if args.steps <= 0 or args.batch <= 0 or args.eval_n <= 0:
+        ap.error("--steps, --batch and --eval-n must be positive")
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    model = train(steps=args.steps, batch=args.batch, seed=args.seed)
+    train_s = time.time() - t0
+
+    from ..evaluate import fidelity  # prompt-level (GenEval-style) view of the same renders
+
+    scenes, seeds = heldout_eval_set(args.eval_n)
+    imgs, labels = make_batch(scenes, seeds)
+    acc = head_accuracy(model, imgs, labels)
+    fid = fidelity(imgs, [s.caption() for s in scenes], model)
+    n_params = sum(p.numel() for p in model.parameters())
+    meta = {"train": {"steps": args.steps, "batch": args.batch, "seed": args.seed, "seconds": round(train_s, 1)}}
+    save_classifier(model, args.out, meta)
+    report = {
+        "eval": {"split": "heldout", "renders": args.eval_n, "seeds": f"{EVAL_SEED_BASE}+i"},
+        "head_accuracy": acc,
+        "min_head_accuracy": min(acc.values()),
+        "prompt_fidelity_of_renders": fid["prompt_fidelity"],
+        "attribute_accuracy_of_renders": {k: v for k, v in fid.items() if k.startswith("acc_")},
+        "params": n_params,
+        **meta,
+    }
+    res = Path(args.results)
+    res.parent.mkdir(parents=True, exist_ok=True)
+    tmp = res.with_name(res.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, res)
+    print(json.dumps({"min_head_accuracy": report["min_head_accuracy"], "prompt_fidelity": fid["prompt_fidelity"],
+                      "train_seconds": round(train_s, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

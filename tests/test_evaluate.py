@@ -1,0 +1,148 @@
+"""The evaluator: classifier accuracy, fidelity, FID/KID, PSNR/SSIM, CLI input checks, tiny end-to-end run."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from obslib.evaluate import distribution_metrics, evaluate_pipeline, fidelity, reconstruction_metrics, render_prompts
+from obslib.shapes.classifier import HEADS, head_accuracy, load_classifier, make_batch
+from obslib.shapes.world import LABEL_HEADS, Scene, parse_caption, prompts, splits
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+N = 200
+TEST_SEED = 3_000_000_000  # never used by training (RNG seeds < 2**31) nor by the accuracy report
+
+
+@pytest.fixture(scope="module")
+def clf():
+    return load_classifier()
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    ps = prompts("heldout", N)
+    return ps, render_prompts(ps, TEST_SEED)
+
+
+def test_classifier_heads_on_fresh_heldout_renders(clf):
+    scenes = splits()["heldout"][:N]
+    imgs, labels = make_batch(scenes, [TEST_SEED + 7 * i for i in range(N)])
+    acc = head_accuracy(clf, imgs, labels)
+    assert set(acc) == set(HEADS)
+    assert min(acc.values()) >= 0.98, acc
+
+
+def test_fidelity_of_real_renders(clf, heldout):
+    ps, imgs = heldout
+    res = fidelity(imgs, ps, clf)
+    assert res["prompt_fidelity"] >= 0.98, res
+    for head in LABEL_HEADS:
+        assert res[f"acc_{head}"] >= 0.98, (head, res)
+
+
+def test_noise_scores_low(clf, heldout):
+    ps, _ = heldout
+    noise = np.random.default_rng(0).integers(0, 256, size=(N, 48, 48, 3), dtype=np.uint8)
+    assert fidelity(noise, ps, clf)["prompt_fidelity"] <= 0.05
+
+
+def test_fidelity_is_per_prompt(clf, heldout):
+    ps, imgs = heldout
+    # images of other prompts (shifted by one) must fail
+    assert fidelity(imgs, ps[1:] + ps[:1], clf)["prompt_fidelity"] <= 0.1
+    # the relation is checked: "A left of B" is not satisfied by a render of "B left of A"
+    scenes = [parse_caption(p) for p in ps if " to the left of " in p or " above " in p][:20]
+    pairs = [s.caption() for s in scenes]
+    swapped = [Scene(s.objects[::-1], s.relation, s.background).caption() for s in scenes]
+    res = fidelity(render_prompts(swapped, 5), pairs, clf)
+    assert res["acc_arrangement"] <= 0.1 and res["prompt_fidelity"] <= 0.1
+
+
+def test_fid_kid_separate_renders_from_noise(clf, heldout):
+    ps, imgs = heldout
+    other = render_prompts(ps, TEST_SEED + 10_000)
+    noise = np.random.default_rng(1).integers(0, 256, size=imgs.shape, dtype=np.uint8)
+    same = distribution_metrics(other, imgs, clf)
+    bad = distribution_metrics(noise, imgs, clf)
+    assert math.isfinite(same["fid"]) and same["fid"] >= -1e-6
+    assert bad["fid"] > 10 * same["fid"] + 1.0, (same, bad)
+    assert bad["kid"] > 10 * abs(same["kid"]) + 1e-3, (same, bad)
+    # uint8 and [0,1] float inputs give the same features
+    from obslib.evaluate import _feature_module, _nchw
+
+    f = _feature_module(clf)
+    x = _nchw(imgs[:8])
+    assert torch.allclose(f(x), f(x.float() / 255.0), atol=1e-5)
+
+
+def test_psnr_ssim(heldout):
+    _, imgs = heldout
+    same = reconstruction_metrics(imgs[:16], imgs[:16])
+    assert same["psnr"] == math.inf or same["psnr"] > 100
+    assert same["ssim"] == pytest.approx(1.0, abs=1e-4)
+    noisy = np.clip(imgs[:16].astype(int) + np.random.default_rng(2).integers(-20, 21, imgs[:16].shape), 0, 255).astype(np.uint8)
+    diff = reconstruction_metrics(noisy, imgs[:16])
+    assert 15 < diff["psnr"] < 40 and diff["ssim"] < 0.99
+
+
+def _cli(*args, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "obslib.cli", "evaluate", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("case", ["missing", "not_pipeline", "broken_pipeline", "zero", "negative", "steps"])
+def test_cli_bad_input(case, tmp_path):
+    out = tmp_path / "metrics.json"
+    model = tmp_path / "model"
+    model.mkdir()
+    args = ["--num-prompts", "4", "--steps", "2", "--seed", "0", "--out", str(out)]
+    if case == "missing":
+        model = tmp_path / "nope"
+    elif case == "broken_pipeline":
+        (model / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+        (model / "transformer").mkdir()
+    elif case == "zero":
+        args[1] = "0"
+    elif case == "negative":
+        args[1] = "-3"
+    elif case == "steps":
+        args[3] = "0"
+    if case in ("zero", "negative", "steps"):  # the model is a valid-looking pipeline: numbers are checked first
+        (model / "model_index.json").write_text("{}")
+    r = _cli(str(model), *args, tmp_path=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("obslib: error:"), r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists() and not Path(str(out) + ".tmp").exists()
+    if case in ("zero", "negative"):
+        assert args[1] in lines[0] and "positive" in lines[0]
+    if case == "missing":
+        assert "does not exist" in lines[0]
+
+
+def test_evaluate_pipeline_tiny(clf):
+    from obslib.shapes.model import build_pipeline
+
+    pipe = build_pipeline()
+    res = evaluate_pipeline(pipe, num_prompts=4, steps=2, seed=0, reference=pipe, classifier=clf, progress=False)
+    for k in ("prompt_fidelity", "fid", "kid", "psnr", "ssim", "num_prompts", "steps", "seed"):
+        assert k in res
+    assert {f"acc_{h}" for h in LABEL_HEADS} <= set(res)
+    assert 0.0 <= res["prompt_fidelity"] <= 1.0
+    assert math.isfinite(res["fid"]) and res["fid"] >= 0 and math.isfinite(res["kid"])
+    assert res["psnr"] == math.inf or res["psnr"] > 60  # reference == pipe: identical images
+    assert res["ssim"] == pytest.approx(1.0, abs=1e-4)
+    assert (res["num_prompts"], res["steps"], res["seed"]) == (4, 2, 0)
+    for h in LABEL_HEADS:
+        assert 0.0 <= res[f"acc_{h}"] <= 1.0
