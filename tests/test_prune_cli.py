@@ -1,0 +1,105 @@
+"""obslib.prune end to end on a tiny random SD3 pipeline, and the CLI's handling of bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import obslib
+from obslib.shapes import prompts
+
+
+def run_cli(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "obslib.cli", *args], capture_output=True, text=True, env=env)
+
+
+def test_cli_unstructured_and_24_load_with_stock_pipeline(tiny_pipe_dir, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    for pattern, s in (("unstructured", "0.5"), ("2:4", "0.5")):
+        out = tmp_path / pattern.replace(":", "_")
+        r = run_cli("prune", tiny_pipe_dir, "--pattern", pattern, "--sparsity", s, "--num-prompts", "4",
+                    "--steps", "2", "--packages", "2", "--batch-size", "4", "--out", str(out), "--quiet")
+        assert r.returncode == 0, r.stderr
+        rep = json.load(open(out / "pruning_report.json"))
+        for key in ("method", "pattern", "sparsity_target", "sparsity_actual", "params_before", "params_after",
+                    "timings", "layers"):
+            assert key in rep
+        assert set(rep["timings"]) >= {"calibration_s", "solve_s", "total_s"}
+        assert rep["sparsity_actual"] == pytest.approx(0.5, abs=0.01)
+        assert len(rep["layers"]) == 4 * 12 - 3  # last block: no to_add_out / ff_context
+        assert all(0 <= layer["rel_error"] < 1 for layer in rep["layers"])
+        pipe = StableDiffusion3Pipeline.from_pretrained(str(out), local_files_only=True)
+        w = pipe.transformer.transformer_blocks[1].ff.net[2].weight
+        if pattern == "2:4":
+            assert ((w == 0).reshape(w.shape[0], -1, 4).sum(-1) == 2).all()
+        else:
+            assert (w == 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
+        img = pipe("a small red circle", num_inference_steps=2, max_sequence_length=8, output_type="np",
+                   generator=torch.Generator().manual_seed(0)).images
+        assert img.shape == (1, 48, 48, 3) and torch.isfinite(torch.from_numpy(img)).all()
+
+
+def test_structured_cli_reloads(tiny_pipe_dir, tmp_path):
+    out = tmp_path / "s"
+    r = run_cli("prune", tiny_pipe_dir, "--pattern", "structured", "--sparsity", "0.25", "--num-prompts", "4",
+                "--steps", "2", "--packages", "1", "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    rep = json.load(open(out / "pruning_report.json"))
+    assert rep["params_after"] < rep["params_before"]
+    pipe = obslib.load_pruned(str(out))
+    assert pipe.transformer.transformer_blocks[1].attn.heads == 3
+    assert pipe.transformer.transformer_blocks[1].ff.net[2].weight.shape[1] == 96  # 128 - 25%
+
+
+def test_same_seed_gives_identical_weights(tiny_pipe_dir):
+    ws = []
+    for _ in range(2):
+        pipe = obslib.load_pipeline(tiny_pipe_dir)
+        obslib.prune(pipe, obslib.PruneConfig(sparsity=0.5, prompts=prompts("train", 4), steps=2, batch_size=2,
+                                              packages=2, progress=False))
+        ws.append(torch.cat([p.flatten() for p in pipe.transformer.parameters()]))
+    assert torch.equal(ws[0], ws[1])
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--sparsity", "1.0"], "sparsity 1.0 is outside [0, 1)"),
+    (["--sparsity", "-0.1"], "sparsity -0.1 is outside [0, 1)"),
+    (["--pattern", "2:4", "--sparsity", "0.3"], "does not match pattern 2:4"),
+    (["--pattern", "3:7"], "pattern '3:7' is unknown"),
+    (["--weighting", "log"], "weighting 'log' is unknown"),
+    (["--packages", "0"], "packages K=0"),
+    (["--method", "nope"], "method 'nope' is unknown"),
+    (["--num-prompts", "0"], "--num-prompts 0"),
+    (["--prompts", "EMPTY"], "is empty"),
+    (["--prompts", "MISSING"], "does not exist"),
+])
+def test_bad_configuration_is_one_line_exit_2(tiny_pipe_dir, tmp_path, args, needle):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    args = [str(empty) if a == "EMPTY" else str(tmp_path / "nope.txt") if a == "MISSING" else a for a in args]
+    out = tmp_path / "out"
+    r = run_cli("prune", tiny_pipe_dir, *args, "--out", str(out))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("obslib: error:") and needle in lines[0], r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+
+
+def test_missing_model_directory(tmp_path):
+    r = run_cli("prune", str(tmp_path / "nothing"), "--num-prompts", "2", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "does not exist" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_model_without_default_prompts_needs_prompt_file(tiny_pipe_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_pipe_dir, d)
+    os.remove(d / "obslib_defaults.json")
+    r = run_cli("prune", str(d), "--num-prompts", "2", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "--prompts FILE" in r.stderr
