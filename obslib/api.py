@@ -237,6 +237,12 @@ def _solve_layers(den, unit, stats, sparsity, cfg, method) -> list[dict]:
     return out
 
 
+def _add_bias(module, delta) -> None:
+    """Bias compensation (FLAP): only where the layer has a bias."""
+    if delta is not None and module.bias is not None:
+        module.bias.data.add_(delta.to(module.bias.dtype))
+
+
 def _solve_structured(den, unit, stats, sparsity, cfg, method) -> list[dict]:
     block = den.get_submodule(unit.block)
     g = unit.group
@@ -254,8 +260,7 @@ def _solve_structured(den, unit, stats, sparsity, cfg, method) -> list[dict]:
         for i, (name, W, Wn) in enumerate(zip(unit.hessian_layers, Ws, new)):
             err = reconstruction_error(W, Wn, stats[name].H) if name in stats else None
             keep_cols(den, name, keep, Wn)
-            if biases is not None and biases[i] is not None:
-                den.get_submodule(name).bias.data.copy_(biases[i])
+            _add_bias(den.get_submodule(name), None if biases is None else biases[i])
             out.append({"name": name, "sparsity": 1 - len(keep) / W.shape[1], "rel_error": err, "removed_heads": removed})
         for rel in g.inputs:
             if _has(block, rel):
@@ -272,8 +277,7 @@ def _solve_structured(den, unit, stats, sparsity, cfg, method) -> list[dict]:
         keep = kept_index(inner, removed)
         err = reconstruction_error(W, Wn, stats[name].H) if name in stats else None
         keep_cols(den, name, keep, Wn)
-        if bias is not None:
-            den.get_submodule(name).bias.data.copy_(bias)
+        _add_bias(den.get_submodule(name), bias)
         for up in g.ups:
             rows = torch.cat([keep, keep + inner]) if g.gated else keep
             keep_rows(den, f"{unit.block}.{up}", rows)

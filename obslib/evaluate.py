@@ -217,9 +217,9 @@ def _load(path: str):
 
 
 def _run_cli(args) -> None:
-    if args.num_prompts <= 0:
-        raise UsageError(f"--num-prompts {args.num_prompts}: must be a positive integer (1 to {len(prompts(args.split))})")
     n_avail = len(prompts(args.split))
+    if args.num_prompts <= 0:
+        raise UsageError(f"--num-prompts {args.num_prompts}: must be a positive integer (1 to {n_avail})")
     if args.num_prompts > n_avail:
         raise UsageError(f"--num-prompts {args.num_prompts}: the {args.split} split has only {n_avail} prompts (1 to {n_avail})")
     if args.steps <= 0:

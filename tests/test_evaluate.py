@@ -100,7 +100,7 @@ def _cli(*args, tmp_path):
                           capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("case", ["missing", "not_pipeline", "broken_pipeline", "zero", "negative", "steps"])
+@pytest.mark.parametrize("case", ["missing", "not_pipeline", "broken_pipeline", "zero", "negative"])
 def test_cli_bad_input(case, tmp_path):
     out = tmp_path / "metrics.json"
     model = tmp_path / "model"
@@ -115,9 +115,7 @@ def test_cli_bad_input(case, tmp_path):
         args[1] = "0"
     elif case == "negative":
         args[1] = "-3"
-    elif case == "steps":
-        args[3] = "0"
-    if case in ("zero", "negative", "steps"):  # the model is a valid-looking pipeline: numbers are checked first
+    if case in ("zero", "negative"):  # the model is a valid-looking pipeline: numbers are checked first
         (model / "model_index.json").write_text("{}")
     r = _cli(str(model), *args, tmp_path=tmp_path)
     lines = r.stderr.strip().splitlines()
@@ -129,6 +127,26 @@ def test_cli_bad_input(case, tmp_path):
         assert args[1] in lines[0] and "positive" in lines[0]
     if case == "missing":
         assert "does not exist" in lines[0]
+
+
+@pytest.mark.parametrize("flag,value", [("--steps", "0"), ("--steps", "-1"), ("--num-prompts", "100000"),
+                                        ("--guidance", "-2")])
+def test_cli_bad_numbers_in_process(flag, value, tmp_path, capsys):
+    from obslib.cli import main
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")
+    out = tmp_path / "m.json"
+    argv = ["evaluate", str(model), "--num-prompts", "4", "--steps", "2", "--out", str(out)]
+    if flag in argv:
+        argv[argv.index(flag) + 1] = value
+    else:
+        argv += [flag, value]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("obslib: error:") and value in err[0]
+    assert not out.exists()
 
 
 def test_evaluate_pipeline_tiny(clf):

@@ -10,8 +10,9 @@ classifier can learn it beyond ~78%. The evaluator instead reads what *is* in th
 slot ordered by position, i.e. the left/right object (by centre x) and the top/bottom object (by
 centre y). A prompt "A left of B" is satisfied when left = A and right = B; "A above B" when top = A
 and bottom = B (``obslib.evaluate.fidelity``). For one object all four slots hold that object.
-Slot labels are left out (-1) where the two centres are within ``TIE_PX`` along that axis; renders of
-a horizontal (vertical) relation always separate the centres by >= 2 px along x (y).
+Left/right labels exist only where the two centres lie in different halves along x (as ``layout``
+places them for a horizontal relation, i.e. where "X left of Y" is a true caption); top/bottom likewise
+along y. Elsewhere they are -1 (ignored): that order is not asked about.
 
 ``python -m obslib.shapes.classifier`` trains it on fresh renders of all scenes (both splits) and
 writes ``models/shapes-classifier/{model.safetensors,config.json}`` and
@@ -41,7 +42,6 @@ SLOTS = ("left", "right", "top", "bottom")
 ATTRS = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES)}
 HEADS: dict[str, int] = {"count": 2, "background": len(BACKGROUNDS)}
 HEADS.update({f"{slot}_{attr}": len(vals) for slot in SLOTS for attr, vals in ATTRS.items()})
-TIE_PX = 1.0
 EVAL_SEED_BASE = 2_000_000_000  # seeds of the held-out accuracy renders (training seeds come from an RNG)
 CHANNELS = (24, 32, 64, 96, 128)
 FEATURE_DIM = 128
@@ -60,16 +60,17 @@ def image_labels(scene: Scene, seed: int) -> dict[str, int]:
         for slot in SLOTS:
             put(slot, scene.objects[0])
         return lab
-    (o0, o1), (p0, p1) = scene.objects, centres
+    half = IMAGE_SIZE / 2
     for axis, (lo, hi) in ((0, ("left", "right")), (1, ("top", "bottom"))):
-        d = p1[axis] - p0[axis]
-        if abs(d) < TIE_PX:
-            put(lo, None)
-            put(hi, None)
-        else:
-            first, second = (o0, o1) if d > 0 else (o1, o0)
+        (first, p_first), (second, p_second) = sorted(zip(scene.objects, centres), key=lambda t: t[1][axis])
+        # labelled only where the image shows the relation in the world's own terms (one centre in each
+        # half, as ``layout`` places them); elsewhere the order along this axis is not asked about
+        if p_first[axis] <= half - 1 + 1e-6 and p_second[axis] >= half + 1 - 1e-6:
             put(lo, first)
             put(hi, second)
+        else:
+            put(lo, None)
+            put(hi, None)
     return lab
 
 
@@ -110,21 +111,39 @@ class ShapesClassifier(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features (N, feature_dim) of images already scaled to [-1,1] (see ``to_input``)."""
         x = torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1)], dim=1)
-        return self.fc(self.trunk(x))
+        return self.fc(self.trunk(x.contiguous(memory_format=torch.channels_last)))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         f = self.features(x)
         return {k: head(f) for k, head in self.heads.items()}
 
     @torch.no_grad()
-    def predict(self, images, batch_size: int = 256) -> dict[str, np.ndarray]:
-        """Arg-max class per head for uint8 (N,H,W,3) images."""
+    def log_probs(self, x: torch.Tensor, flip: bool = True) -> dict[str, torch.Tensor]:
+        """Per-head log-probabilities of [-1,1] images; ``flip`` averages with the mirrored image.
+
+        Every shape is left-right symmetric and ``layout`` is mirror-symmetric, so a mirrored render is a
+        render of the mirrored scene: its left/right heads are swapped back before averaging.
+        """
+        out = {k: v.log_softmax(1) for k, v in self(x).items()}
+        if not flip:
+            return out
+        mirrored = {k: v.log_softmax(1) for k, v in self(x.flip(-1)).items()}
+        swap = {"left": "right", "right": "left"}
+        for k in out:
+            slot, _, attr = k.partition("_")
+            src = f"{swap[slot]}_{attr}" if slot in swap else k
+            out[k] = torch.logaddexp(out[k], mirrored[src]) - math.log(2.0)
+        return out
+
+    @torch.no_grad()
+    def predict(self, images, batch_size: int = 256, flip: bool = True) -> dict[str, np.ndarray]:
+        """Arg-max class per head for uint8 (N,H,W,3) images (mirror test-time averaging by default)."""
         self.eval()
         out: dict[str, list[np.ndarray]] = {k: [] for k in self.heads_spec}
         dev = next(self.parameters()).device
         for i in range(0, len(images), batch_size):
-            logits = self(to_input(images[i : i + batch_size]).to(dev))
-            for k, v in logits.items():
+            logp = self.log_probs(to_input(images[i : i + batch_size]).to(dev), flip=flip)
+            for k, v in logp.items():
                 out[k].append(v.argmax(1).cpu().numpy())
         return {k: np.concatenate(v) if v else np.zeros(0, dtype=np.int64) for k, v in out.items()}
 
@@ -140,6 +159,7 @@ def save_classifier(model: ShapesClassifier, path: str | os.PathLike = DEFAULT_D
     tmp = path / "model.safetensors.tmp"
     save_file(state, str(tmp))
     os.replace(tmp, path / "model.safetensors")
+    os.chmod(path / "model.safetensors", 0o644)
     cfg = {"heads": model.heads_spec, "channels": list(CHANNELS), "feature_dim": model.feature_dim,
            "image_size": IMAGE_SIZE, "input": "RGB scaled to [-1,1], plus x/y coordinate channels added inside",
            **(extra or {})}
@@ -208,8 +228,23 @@ def head_accuracy(model: ShapesClassifier, images: np.ndarray, labels: dict[str,
     return acc
 
 
-def train(steps: int = 1000, batch: int = 128, lr: float = 3e-3, seed: int = 0, p_single: float = 0.25,
-          progress: bool = True) -> ShapesClassifier:
+def _overlapping(scene: Scene, seed: int) -> bool:
+    (x0, y0, r0), (x1, y1, r1) = layout(scene, random.Random(seed), IMAGE_SIZE)
+    return math.hypot(x0 - x1, y0 - y1) < 1.1 * (r0 + r1)
+
+
+def _draw_seed(rng: random.Random, scene: Scene, want_overlap: bool) -> int:
+    """A render seed; for ``want_overlap`` one whose two objects touch or occlude (hard cases)."""
+    sd = rng.randrange(2**31)
+    for _ in range(100):
+        if not want_overlap or _overlapping(scene, sd):
+            break
+        sd = rng.randrange(2**31)
+    return sd
+
+
+def train(steps: int = 1300, batch: int = 128, lr: float = 3e-3, seed: int = 0, p_single: float = 0.15,
+          p_overlap: float = 0.3, progress: bool = True) -> ShapesClassifier:
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
@@ -218,7 +253,7 @@ def train(steps: int = 1000, batch: int = 128, lr: float = 3e-3, seed: int = 0, 
     scenes = all_scenes()
     singles = [s for s in scenes if len(s.objects) == 1]
     pairs = [s for s in scenes if len(s.objects) == 2]
-    model = ShapesClassifier()
+    model = ShapesClassifier().to(memory_format=torch.channels_last)  # ~25% faster convs on CPU
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -228,7 +263,7 @@ def train(steps: int = 1000, batch: int = 128, lr: float = 3e-3, seed: int = 0, 
     for step in bar:
         chosen = [(singles if rng.random() < p_single else pairs) for _ in range(batch)]
         chosen = [pool[rng.randrange(len(pool))] for pool in chosen]
-        seeds = [rng.randrange(2**31) for _ in chosen]
+        seeds = [_draw_seed(rng, s, len(s.objects) == 2 and rng.random() < p_overlap) for s in chosen]
         imgs, labels = make_batch(chosen, seeds)
         logits = model(_augment(to_input(imgs), gen))
         loss = sum(F.cross_entropy(logits[k], labels[k], ignore_index=-1) for k in HEADS
@@ -244,7 +279,7 @@ def train(steps: int = 1000, batch: int = 128, lr: float = 3e-3, seed: int = 0, 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m obslib.shapes.classifier", description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=1300)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)

@@ -193,7 +193,7 @@ def train_denoiser(pipe, steps: int, batch: int, ckpt: str, log: str, seed: int 
 
 def train_default_model(out: str, checkpoint_dir: str, vae_steps: int, steps: int, batch: int, vae_batch: int,
                         log: str, seed: int = 0) -> None:
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(int(os.environ.get("OBSLIB_THREADS", os.cpu_count() or 1)))
     pipe = build_pipeline(seed)
     t0 = time.time()
     train_vae(pipe, vae_steps, vae_batch, os.path.join(checkpoint_dir, "vae"), log, seed)
