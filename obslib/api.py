@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .archs import find_denoiser, iter_blocks, spec_for
+from .archs import attr, find_denoiser, iter_blocks, spec_for
 from .hessian import Calibration, weight_matrix
 from .io import UsageError, check_pipeline_dir, load_pipeline, save_pipeline
 from .obs import reconstruction_error
@@ -126,21 +126,39 @@ def prune(pipe, config: PruneConfig) -> dict:
 
     cfg = config
     cfg.validate()
-    method = METHODS[cfg.method]
     defaults = sampling_defaults(pipe)
     steps = cfg.steps or defaults["num_inference_steps"]
     guidance = cfg.guidance if cfg.guidance is not None else defaults["guidance_scale"]
     if cfg.prompts is None:
         raise UsageError("no calibration prompts given")
     comp, den = find_denoiser(pipe)
+    calibrate = None
+    if METHODS[cfg.method].needs_calibration or cfg.measure_error:
+        msl = {k: v for k, v in defaults.items() if k == "max_sequence_length"}
+        runner = CalibrationRunner(pipe, cfg.prompts, steps, guidance, cfg.seed, cfg.batch_size, msl, cfg.progress)
+        calibrate = runner.run
+    report = prune_model(den, calibrate, cfg, steps, component=comp)
+    report.update(num_calibration_prompts=len(cfg.prompts), guidance=guidance)
+    return report
+
+
+def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "transformer") -> dict:
+    """Prune a denoiser in place. ``calibrate(calibration, desc)`` must run ``steps`` denoiser calls per
+    sampling run over the calibration data, calling ``calibration.begin_run()/end_run()`` around each run
+    (``CalibrationRunner.run`` does this with a real pipeline); None for calibration-free methods."""
+    from .methods import METHODS
+
+    cfg.validate()
+    method = METHODS[cfg.method]
     spec = spec_for(den)
-    blocks = iter_blocks(den, spec)
-    n_blocks = len(blocks)
+    n_blocks = len(iter_blocks(den, spec))
     ids = _block_ids(n_blocks, cfg)
     structured = cfg.pattern == "structured"
     units = structured_units(den, spec, ids) if structured else layer_units(den, spec, ids)
     if not units:
         raise UsageError(f"no prunable layers in block range {cfg.block_range}")
+    if method.needs_calibration and calibrate is None:
+        raise UsageError(f"method {cfg.method!r} needs calibration data")
     packages = split_packages(units, cfg.packages)
     weighting = method.forced_weighting or cfg.weighting
     alphas = timestep_weights(weighting, steps, cfg.alpha_min, cfg.alpha_max)
@@ -150,30 +168,29 @@ def prune(pipe, config: PruneConfig) -> dict:
     target_before = sum(den.get_submodule(n).weight.numel() for n in targeted)
 
     t0 = time.perf_counter()
-    calibrate = method.needs_calibration or cfg.measure_error
-    runner = CalibrationRunner(pipe, cfg.prompts, steps, guidance, cfg.seed, cfg.batch_size,
-                               {k: v for k, v in defaults.items() if k == "max_sequence_length"}, cfg.progress) if calibrate else None
     t_cal = t_solve = 0.0
     layers_report = []
-    peak_hessian_bytes = 0
-    for pi, package in enumerate(tqdm(packages, desc=f"{cfg.method} packages", disable=not cfg.progress)):
+    package_mb = []
+    bar = tqdm(packages, desc=f"{cfg.method} packages", disable=not cfg.progress)
+    for pi, package in enumerate(bar):
         stats = {}
-        if calibrate:
+        if calibrate is not None:
             t = time.perf_counter()
             layers = package_layers(den, package)
             calib = Calibration(den, layers, alphas)
-            peak_hessian_bytes = max(peak_hessian_bytes, sum(s.xtx.numel() * 4 for s in calib.stats.values()))
+            mb = sum(s.xtx.numel() * 4 for s in calib.stats.values()) / 2**20
+            package_mb.append(mb)
+            if cfg.progress:
+                bar.write(f"package {pi + 1}/{len(packages)}: {len(layers)} layers, Hessians need {mb:.1f} MiB (float32)")
             with calib:
-                runner.run(calib, desc=f"calibrate package {pi + 1}/{len(packages)}")
+                calibrate(calib, f"calibrate package {pi + 1}/{len(packages)}")
             stats = calib.stats
             t_cal += time.perf_counter() - t
         t = time.perf_counter()
         for unit in package:
             s = _block_sparsity(cfg, unit.block_index, n_blocks)
-            if structured:
-                layers_report += _solve_structured(den, unit, stats, s, cfg, method)
-            else:
-                layers_report += _solve_layers(den, unit, stats, s, cfg, method)
+            solve = _solve_structured if structured else _solve_layers
+            layers_report += solve(den, unit, stats, s, cfg, method)
         t_solve += time.perf_counter() - t
         del stats
 
@@ -185,20 +202,18 @@ def prune(pipe, config: PruneConfig) -> dict:
         "sparsity_actual": 1 - target_after / target_before,
         "weighting": weighting,
         "packages": len(packages),
-        "num_calibration_prompts": len(cfg.prompts),
         "steps": steps,
-        "guidance": guidance,
         "seed": cfg.seed,
         "blocks": ids,
         "params_before": params_before,
         "params_after": sum(p.numel() for p in den.parameters()),
-        "peak_hessian_mb": peak_hessian_bytes / 2**20,
+        "hessian_mb_per_package": package_mb,
         "timings": {"calibration_s": t_cal, "solve_s": t_solve, "total_s": time.perf_counter() - t0},
         "layers": layers_report,
         "config": {k: v for k, v in asdict(cfg).items() if k != "prompts"},
     }
     if structured:
-        report["manifest"] = make_manifest(comp, den, shapes_before, heads_before)
+        report["manifest"] = make_manifest(component, den, shapes_before, heads_before)
     return report
 
 
@@ -243,6 +258,24 @@ def _add_bias(module, delta) -> None:
         module.bias.data.add_(delta.to(module.bias.dtype))
 
 
+class _Slice:
+    """Statistics restricted to input columns [lo, hi) (fused projections)."""
+
+    def __init__(self, stats, lo, hi):
+        self.H, self.mean, self.var = stats.H[lo:hi, lo:hi], stats.mean[lo:hi], stats.var[lo:hi]
+
+
+def _sliced(stats, name, lo, hi, from_end: bool):
+    st = stats.get(name)
+    if st is None:
+        return None
+    n = st.H.shape[0]
+    if from_end:  # trailing columns: same count in H (original layout) and in the current weight
+        width = hi - lo
+        lo, hi = n - width, n
+    return st if (lo, hi) == (0, n) else _Slice(st, lo, hi)
+
+
 def _solve_structured(den, unit, stats, sparsity, cfg, method) -> list[dict]:
     block = den.get_submodule(unit.block)
     g = unit.group
@@ -250,37 +283,48 @@ def _solve_structured(den, unit, stats, sparsity, cfg, method) -> list[dict]:
     if unit.kind == "heads":
         attn = block.get_submodule(g.attn)
         heads = attn.heads
-        head_dim = weight_matrix(den.get_submodule(unit.hessian_layers[0])).shape[1] // heads
         n_remove = min(heads - 1, round(sparsity * heads))
         if n_remove == 0:
             return []
-        Ws = [weight_matrix(den.get_submodule(n)) for n in unit.hessian_layers]
-        new, removed, biases = method.heads(Ws, [stats.get(n) for n in unit.hessian_layers], head_dim, n_remove, cfg)
-        keep = kept_index(heads, removed, head_dim)
-        for i, (name, W, Wn) in enumerate(zip(unit.hessian_layers, Ws, new)):
-            err = reconstruction_error(W, Wn, stats[name].H) if name in stats else None
-            keep_cols(den, name, keep, Wn)
+        fulls = [weight_matrix(den.get_submodule(n)) for n in unit.hessian_layers]
+        hi = attr(block, g.out_cols) if g.out_cols else fulls[0].shape[1]
+        head_dim = hi // heads
+        Ws = [W[:, :hi] for W in fulls]
+        sts = [_sliced(stats, n, 0, hi, False) for n in unit.hessian_layers]
+        new, removed, biases = method.heads(Ws, sts, head_dim, n_remove, cfg)
+        keep = torch.cat([kept_index(heads, removed, head_dim), torch.arange(hi, fulls[0].shape[1])])
+        for i, (name, W, Wn, full, st) in enumerate(zip(unit.hessian_layers, Ws, new, fulls, sts)):
+            err = reconstruction_error(W, Wn, st.H) if st is not None else None
+            full = full.clone()
+            full[:, :hi] = Wn.to(full.dtype)
+            keep_cols(den, name, keep, full)
             _add_bias(den.get_submodule(name), None if biases is None else biases[i])
-            out.append({"name": name, "sparsity": 1 - len(keep) / W.shape[1], "rel_error": err, "removed_heads": removed})
+            out.append({"name": name, "sparsity": len(removed) / heads, "rel_error": err, "removed_heads": removed})
         for rel in g.inputs:
             if _has(block, rel):
-                keep_rows(den, f"{unit.block}.{rel}", keep)
+                keep_rows(den, f"{unit.block}.{rel}", keep[keep < hi])
         set_heads(attn, heads - len(removed))
     else:
         name = unit.hessian_layers[0]
-        W = weight_matrix(den.get_submodule(name))
-        inner = W.shape[1]
+        full = weight_matrix(den.get_submodule(name))
+        inner = attr(block, g.down_cols) if g.down_cols else full.shape[1]
+        lo = full.shape[1] - inner
         n_remove = min(inner - 1, round(sparsity * inner))
         if n_remove == 0:
             return []
-        Wn, removed, bias = method.neurons(W, stats.get(name), n_remove, cfg)
-        keep = kept_index(inner, removed)
-        err = reconstruction_error(W, Wn, stats[name].H) if name in stats else None
-        keep_cols(den, name, keep, Wn)
+        W = full[:, lo:]
+        st = _sliced(stats, name, lo, full.shape[1], True)
+        Wn, removed, bias = method.neurons(W, st, n_remove, cfg)
+        keep_local = kept_index(inner, removed)
+        err = reconstruction_error(W, Wn, st.H) if st is not None else None
+        full = full.clone()
+        full[:, lo:] = Wn.to(full.dtype)
+        keep_cols(den, name, torch.cat([torch.arange(lo), lo + keep_local]), full)
         _add_bias(den.get_submodule(name), bias)
         for up in g.ups:
-            rows = torch.cat([keep, keep + inner]) if g.gated else keep
-            keep_rows(den, f"{unit.block}.{up}", rows)
+            up_mod = block.get_submodule(up)
+            gated = up_mod.out_features == 2 * inner  # GEGLU: value and gate halves
+            keep_rows(den, f"{unit.block}.{up}", torch.cat([keep_local, keep_local + inner]) if gated else keep_local)
         out.append({"name": name, "sparsity": n_remove / inner, "rel_error": err, "removed_neurons": len(removed)})
     return out
 

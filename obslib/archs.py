@@ -8,7 +8,8 @@ Nothing in the solvers or the driver branches on the architecture: they read the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 
 import torch.nn as nn
 
@@ -16,58 +17,106 @@ import torch.nn as nn
 @dataclass(frozen=True)
 class HeadGroup:
     """Heads shared by the output projections ``outs``; ``inputs`` are the q/k/v-style projections whose
-    output rows are grouped per head (deleted with the head)."""
+    output rows are grouped per head (deleted with the head). ``out_cols`` names the attribute (on the
+    block) giving how many leading input columns of the outs belong to the heads; None = all columns
+    (Flux single-stream blocks fuse attention and MLP into one ``proj_out``)."""
 
     attn: str
     outs: tuple[str, ...]
     inputs: tuple[str, ...]
+    out_cols: str | None = None
 
 
 @dataclass(frozen=True)
 class NeuronGroup:
-    """An FFN: ``ups`` produce the hidden neurons (rows), ``down`` consumes them (columns).
-    ``gated`` ups (GEGLU) hold two halves per neuron."""
+    """An FFN: ``ups`` produce the hidden neurons (rows), ``down`` consumes them (columns). GEGLU ups
+    (twice as many rows as neurons) are recognised from their shapes. ``down_cols`` names the attribute
+    (on the block) giving how many trailing input columns of ``down`` are the neurons; None = all."""
 
     ups: tuple[str, ...]
     down: str
-    gated: bool = False
+    down_cols: str | None = None
 
 
 @dataclass(frozen=True)
 class ArchSpec:
     name: str
     component: str  # pipeline attribute holding the denoiser
-    blocks: tuple[str, ...]  # ModuleList attributes holding the blocks, in execution order
+    blocks: tuple[str, ...]  # regexes over module names, in execution order
     units: tuple[tuple[str, ...], ...]  # basic units within a block, in execution order
     heads: tuple[HeadGroup, ...] = ()
     neurons: tuple[NeuronGroup, ...] = ()
-    skip_structured_if: tuple[str, ...] = ()  # block-relative attribute paths that, when truthy, skip the block
+    skip_structured_if: tuple[str, ...] = ()  # block attribute paths that, when truthy, skip the block
     notes: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 _SD3_ATTN_IN = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
+_MMDIT_UNITS = (
+    _SD3_ATTN_IN + ("attn2.to_q", "attn2.to_k", "attn2.to_v"),  # attn2: SD3.5 dual attention
+    ("attn.to_out.0", "attn.to_add_out", "attn2.to_out.0"),
+    ("ff.net.0.proj", "ff_context.net.0.proj"),
+    ("ff.net.2", "ff_context.net.2"),
+)
+_MMDIT_HEADS = (
+    HeadGroup("attn", ("attn.to_out.0", "attn.to_add_out"), _SD3_ATTN_IN),
+    HeadGroup("attn2", ("attn2.to_out.0",), ("attn2.to_q", "attn2.to_k", "attn2.to_v")),
+)
+_MMDIT_NEURONS = (NeuronGroup(("ff.net.0.proj",), "ff.net.2"), NeuronGroup(("ff_context.net.0.proj",), "ff_context.net.2"))
 
 SD3 = ArchSpec(
-    name="sd3",
-    component="transformer",
-    blocks=("transformer_blocks",),
-    units=(
-        _SD3_ATTN_IN + ("attn2.to_q", "attn2.to_k", "attn2.to_v"),  # attn2: SD3.5 dual attention
-        ("attn.to_out.0", "attn.to_add_out", "attn2.to_out.0"),
-        ("ff.net.0.proj", "ff_context.net.0.proj"),
-        ("ff.net.2", "ff_context.net.2"),
-    ),
-    heads=(
-        HeadGroup("attn", ("attn.to_out.0", "attn.to_add_out"), _SD3_ATTN_IN),
-        HeadGroup("attn2", ("attn2.to_out.0",), ("attn2.to_q", "attn2.to_k", "attn2.to_v")),
-    ),
-    neurons=(NeuronGroup(("ff.net.0.proj",), "ff.net.2"), NeuronGroup(("ff_context.net.0.proj",), "ff_context.net.2")),
-    skip_structured_if=("context_pre_only",),
-    notes="SD3 / SD3.5 MMDiT (JointTransformerBlock); the paper's layer choice (brief §1.5).",
+    name="sd3", component="transformer", blocks=(r"transformer_blocks\.\d+",),
+    units=_MMDIT_UNITS, heads=_MMDIT_HEADS, neurons=_MMDIT_NEURONS, skip_structured_if=("context_pre_only",),
+    notes="SD3 / SD3.5 MMDiT (JointTransformerBlock); the paper's layer choice. SD3.5's attn2 is included.",
 )
 
-ARCHS: dict[str, ArchSpec] = {"SD3Transformer2DModel": SD3}
+FLUX = ArchSpec(
+    name="flux", component="transformer",
+    blocks=(r"transformer_blocks\.\d+", r"single_transformer_blocks\.\d+"),
+    units=_MMDIT_UNITS + (("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), ("proj_out",)),
+    heads=_MMDIT_HEADS + (HeadGroup("attn", ("proj_out",), ("attn.to_q", "attn.to_k", "attn.to_v"), out_cols="attn.inner_dim"),),
+    neurons=_MMDIT_NEURONS + (NeuronGroup(("proj_mlp",), "proj_out", down_cols="mlp_hidden_dim"),),
+    notes="Flux double-stream blocks as MMDiT; single-stream blocks fuse attention and MLP in proj_out "
+          "(its leading attn.inner_dim columns are the heads, the trailing mlp_hidden_dim the neurons).",
+)
+
+_BASIC_UNITS = (
+    ("attn1.to_q", "attn1.to_k", "attn1.to_v"),
+    ("attn1.to_out.0",),
+    ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
+    ("attn2.to_out.0",),
+    ("ff.net.0.proj",),
+    ("ff.net.2",),
+)
+_BASIC_HEADS = (
+    HeadGroup("attn1", ("attn1.to_out.0",), ("attn1.to_q", "attn1.to_k", "attn1.to_v")),
+    HeadGroup("attn2", ("attn2.to_out.0",), ("attn2.to_q", "attn2.to_k", "attn2.to_v")),
+)
+_BASIC_NEURONS = (NeuronGroup(("ff.net.0.proj",), "ff.net.2"),)
+
+DIT = ArchSpec(
+    name="dit", component="transformer", blocks=(r"transformer_blocks\.\d+",),
+    units=_BASIC_UNITS, heads=_BASIC_HEADS, neurons=_BASIC_NEURONS,
+    notes="DiT and PixArt (BasicTransformerBlock: self-attention, cross-attention where present, FFN).",
+)
+
+UNET = ArchSpec(
+    name="unet", component="unet",
+    blocks=tuple(rf"{stage}\.(\d+\.)?(resnets\.\d+|attentions\.\d+\.transformer_blocks\.\d+)"
+                 for stage in (r"down_blocks", r"mid_block", r"up_blocks")),
+    units=_BASIC_UNITS + (("conv1",), ("conv2",)),
+    heads=_BASIC_HEADS, neurons=_BASIC_NEURONS,
+    notes="SD2.1 / SDXL UNet2DConditionModel: transformer blocks (self-, cross-attention, GEGLU FFN) and the "
+          "ResNet convolutions (conv1/conv2, through unfolded inputs; unstructured and N:M only). The paper "
+          "did not publish its UNet layer choice.",
+)
+
+ARCHS: dict[str, ArchSpec] = {
+    "SD3Transformer2DModel": SD3,
+    "FluxTransformer2DModel": FLUX,
+    "DiTTransformer2DModel": DIT,
+    "PixArtTransformer2DModel": DIT,
+    "UNet2DConditionModel": UNET,
+}
 
 
 def spec_for(denoiser: nn.Module) -> ArchSpec:
@@ -80,7 +129,7 @@ def spec_for(denoiser: nn.Module) -> ArchSpec:
 
 
 def find_denoiser(pipe) -> tuple[str, nn.Module]:
-    for name, spec in ((s.component, s) for s in ARCHS.values()):
+    for name in dict.fromkeys(s.component for s in ARCHS.values()):
         m = getattr(pipe, name, None)
         if m is not None and type(m).__name__ in ARCHS:
             return name, m
@@ -90,10 +139,12 @@ def find_denoiser(pipe) -> tuple[str, nn.Module]:
 
 
 def iter_blocks(denoiser: nn.Module, spec: ArchSpec) -> list[tuple[str, nn.Module]]:
+    """Blocks in execution order: pattern by pattern, module order within a pattern."""
+    named = list(denoiser.named_modules())
     out = []
-    for attr in spec.blocks:
-        mods = denoiser.get_submodule(attr)
-        out += [(f"{attr}.{i}", b) for i, b in enumerate(mods)]
+    for pattern in spec.blocks:
+        rx = re.compile(pattern + "$")
+        out += [(n, m) for n, m in named if rx.match(n)]
     return out
 
 
@@ -105,13 +156,17 @@ def has(module: nn.Module, path: str) -> bool:
     return m is not None
 
 
-def attr_truthy(module: nn.Module, path: str) -> bool:
+def attr(module: nn.Module, path: str):
     obj = module
     for part in path.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
-            return False
-    return bool(obj)
+            return None
+    return obj
+
+
+def attr_truthy(module: nn.Module, path: str) -> bool:
+    return bool(attr(module, path))
 
 
 def block_units(block_name: str, block: nn.Module, spec: ArchSpec) -> list[list[str]]:

@@ -204,16 +204,49 @@ def evaluate_pipeline(pipe, num_prompts: int, steps: int, seed: int, reference=N
 
 
 # ----------------------------------------------------------------------------------------------- CLI
-def _load(path: str):
+def _check_index(path: str) -> None:
+    """Cheap structural check of ``model_index.json`` (before importing diffusers)."""
+    import json
+
+    check_pipeline_dir(path)
+    try:
+        with open(os.path.join(path, "model_index.json")) as f:
+            index = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path!r}: unreadable model_index.json ({' '.join(str(e).split())})") from None
+    if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
+        raise UsageError(f"{path!r}: model_index.json does not name a pipeline class")
+    parts = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is not None}
+    if not parts:
+        raise UsageError(f"{path!r}: model_index.json lists no components")
+    missing = sorted(k for k, v in parts.items() if not os.path.isdir(os.path.join(path, k))
+                     and v[0] in ("diffusers", "transformers"))
+    if missing:
+        raise UsageError(f"{path!r} is not a complete pipeline: missing component folder(s) {', '.join(missing)}")
+
+
+def _load(path: str, device: str = "cpu"):
+    """Load a pipeline for the CLI; any failure is reported as bad input (one line, exit 2)."""
+    import warnings
+
+    from diffusers.utils import logging as dlog
+
     from .io import load_pipeline
 
+    bar = dlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
     try:
-        return load_pipeline(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # io passes the deprecated torch_dtype=
+            return load_pipeline(path, device=device)
     except UsageError:
         raise
     except Exception as e:  # a broken or foreign directory is bad input, not a crash
         msg = " ".join(str(e).split()) or type(e).__name__
         raise UsageError(f"could not load a pipeline from {path!r}: {msg[:300]}") from None
+    finally:
+        if bar:
+            dlog.enable_progress_bar()
 
 
 def _run_cli(args) -> None:
@@ -228,9 +261,16 @@ def _run_cli(args) -> None:
         raise UsageError(f"--guidance {args.guidance}: must be a number >= 0")
     if args.batch_size <= 0:
         raise UsageError(f"--batch-size {args.batch_size}: must be a positive integer")
-    check_pipeline_dir(args.model_dir)
+    _check_index(args.model_dir)
     if args.reference is not None:
-        check_pipeline_dir(args.reference)
+        _check_index(args.reference)
+    if args.device != "cpu":
+        import torch
+
+        try:
+            torch.empty(0, device=args.device)
+        except Exception as e:
+            raise UsageError(f"--device {args.device!r}: not usable here ({' '.join(str(e).split())[:200]})") from None
     if os.path.isdir(args.out):
         raise UsageError(f"--out {args.out!r} is a directory; expected a JSON file path")
     parent = os.path.dirname(os.path.abspath(args.out))
@@ -247,8 +287,8 @@ def _run_cli(args) -> None:
         clf = load_classifier()
     except FileNotFoundError as e:
         raise UsageError(str(e)) from None
-    pipe = _load(args.model_dir)
-    ref = _load(args.reference) if args.reference is not None else None
+    pipe = _load(args.model_dir, args.device)
+    ref = _load(args.reference, args.device) if args.reference is not None else None
     torch.set_grad_enabled(False)
     metrics = evaluate_pipeline(pipe, args.num_prompts, args.steps, args.seed, reference=ref, split=args.split,
                                 guidance=args.guidance, classifier=clf, batch_size=args.batch_size)
@@ -272,5 +312,6 @@ def add_cli(sub) -> None:
                    help=f"CFG scale (default {DEFAULT_SAMPLING['guidance_scale']})")
     p.add_argument("--split", choices=("heldout", "train"), default="heldout")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu", help="device for the pipelines, e.g. cuda (default cpu)")
     p.add_argument("--out", required=True, metavar="metrics.json")
     p.set_defaults(func=_run_cli)

@@ -96,27 +96,31 @@ def load_pruned(path: str, device: str = "cpu", dtype: torch.dtype = torch.float
     """Load a structurally pruned pipeline written by ``obslib prune --pattern structured``."""
     check_pipeline_dir(path)
     from diffusers import DiffusionPipeline
-    from safetensors.torch import load_file
-
-    from .structured import apply_manifest
 
     with open(os.path.join(path, MANIFEST)) as f:
         manifest = json.load(f)
     denoiser = manifest["component"]
-    cls = _component_class(path, denoiser)
-    cfg = cls.load_config(os.path.join(path, denoiser))
-    model = cls.from_config(cfg)
-    apply_manifest(model, manifest)
-    files = sorted(fn for fn in os.listdir(os.path.join(path, denoiser)) if fn.endswith(".safetensors"))
-    state = {}
-    for fn in files:
-        state.update(load_file(os.path.join(path, denoiser, fn)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: pruned weights do not match the manifest (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    model.to(dtype)
+    model = load_pruned_model(os.path.join(path, denoiser), _component_class(path, denoiser), manifest, dtype)
     pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **{denoiser: model})
     return _ready(pipe, device)
+
+
+def load_pruned_model(model_dir: str, cls, manifest: dict, dtype: torch.dtype = torch.float32):
+    """Build ``cls`` from the config in ``model_dir``, resize it to the manifest, then load its weights."""
+    from safetensors.torch import load_file
+
+    from .structured import apply_manifest
+
+    model = cls.from_config(cls.load_config(model_dir))
+    apply_manifest(model, manifest)
+    state = {}
+    for fn in sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors")):
+        state.update(load_file(os.path.join(model_dir, fn)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{model_dir}: pruned weights do not match the manifest "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.to(dtype).eval()
 
 
 def _component_class(path: str, name: str):

@@ -149,6 +149,25 @@ def test_cli_bad_numbers_in_process(flag, value, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_unloadable_pipeline_is_usage_error(tmp_path):
+    """Errors raised inside diffusers (ValueError, OSError, ...) become one-line UsageErrors."""
+    from obslib.evaluate import _check_index, _load
+    from obslib.io import UsageError
+
+    model = tmp_path / "model"
+    model.mkdir()
+    index = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.42.1",
+             "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+    (model / "model_index.json").write_text(json.dumps(index))
+    for k in ("transformer", "vae", "scheduler"):
+        (model / k).mkdir()
+    _check_index(str(model))  # structurally plausible ...
+    with pytest.raises(UsageError, match="could not load a pipeline") as e:
+        _load(str(model))  # ... but diffusers cannot load it
+    assert "\n" not in str(e.value)
+
+
 def test_evaluate_pipeline_tiny(clf):
     from obslib.shapes.model import build_pipeline
 

@@ -243,8 +243,8 @@ def _draw_seed(rng: random.Random, scene: Scene, want_overlap: bool) -> int:
     return sd
 
 
-def train(steps: int = 1300, batch: int = 128, lr: float = 3e-3, seed: int = 0, p_single: float = 0.15,
-          p_overlap: float = 0.3, progress: bool = True) -> ShapesClassifier:
+def train(steps: int = 1400, batch: int = 128, lr: float = 3e-3, seed: int = 0, p_single: float = 0.1,
+          p_overlap: float = 0.4, progress: bool = True) -> ShapesClassifier:
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
@@ -279,7 +279,7 @@ def train(steps: int = 1300, batch: int = 128, lr: float = 3e-3, seed: int = 0, 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m obslib.shapes.classifier", description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=1300)
+    ap.add_argument("--steps", type=int, default=1400)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
