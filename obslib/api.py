@@ -142,6 +142,22 @@ def prune(pipe, config: PruneConfig) -> dict:
     return report
 
 
+def collect_stats(pipe, layer_names: list[str], prompts: list[str], steps: int | None = None,
+                  weighting: str = "log-decrease", guidance: float | None = None, seed: int = 0,
+                  batch_size: int = 16, progress: bool = False) -> dict:
+    """Timestep-weighted input statistics (H, mean, per-step energy) of named denoiser layers."""
+    defaults = sampling_defaults(pipe)
+    steps = steps or defaults["num_inference_steps"]
+    guidance = defaults["guidance_scale"] if guidance is None else guidance
+    _, den = find_denoiser(pipe)
+    calib = Calibration(den, {n: den.get_submodule(n) for n in layer_names}, timestep_weights(weighting, steps))
+    msl = {k: v for k, v in defaults.items() if k == "max_sequence_length"}
+    runner = CalibrationRunner(pipe, prompts, steps, guidance, seed, batch_size, msl, progress)
+    with calib:
+        runner.run(calib)
+    return calib.stats
+
+
 def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "transformer") -> dict:
     """Prune a denoiser in place. ``calibrate(calibration, desc)`` must run ``steps`` denoiser calls per
     sampling run over the calibration data, calling ``calibration.begin_run()/end_run()`` around each run

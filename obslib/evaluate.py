@@ -14,7 +14,7 @@
 """
 from __future__ import annotations
 
-import argparse
+import math
 import os
 
 import numpy as np
@@ -37,16 +37,25 @@ def generate(pipe, prompts, seed: int, steps: int | None = None, guidance: float
     prompts = list(prompts)
     steps = DEFAULT_SAMPLING["num_inference_steps"] if steps is None else int(steps)
     guidance = DEFAULT_SAMPLING["guidance_scale"] if guidance is None else float(guidance)
+    from diffusers.utils import logging as dlog
+
     out = []
     starts = range(0, len(prompts), batch_size)
-    for b, i in enumerate(tqdm(starts, desc="generate", disable=not progress or len(starts) <= 1)):
-        gen = torch.Generator().manual_seed(int(seed) + b)
-        with torch.no_grad():
-            res = pipe(
-                prompt=prompts[i : i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
-                max_sequence_length=DEFAULT_SAMPLING["max_sequence_length"], generator=gen, output_type="np",
-            )
-        out.append(np.clip(np.rint(np.asarray(res.images, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8))
+    # the placeholder T5 tokenizer "truncates" every caption to max_sequence_length slots (its output is
+    # all zeros by design); diffusers warns about that once per batch, so silence its warnings here
+    verbosity = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        for b, i in enumerate(tqdm(starts, desc="generate", disable=not progress or len(starts) <= 1)):
+            gen = torch.Generator().manual_seed(int(seed) + b)
+            with torch.no_grad():
+                res = pipe(
+                    prompt=prompts[i : i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
+                    max_sequence_length=DEFAULT_SAMPLING["max_sequence_length"], generator=gen, output_type="np",
+                )
+            out.append(np.clip(np.rint(np.asarray(res.images, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8))
+    finally:
+        dlog.set_verbosity(verbosity)
     if not out:
         return np.zeros((0, 0, 0, 3), dtype=np.uint8)
     return np.concatenate(out)
@@ -150,9 +159,13 @@ def distribution_metrics(fake: np.ndarray, real: np.ndarray, classifier, batch_s
     n = min(len(fake), len(real))
     if n < 2:
         raise ValueError(f"FID/KID need at least 2 images per set, got {len(fake)} generated and {len(real)} real")
+    import warnings
+
     feat = _feature_module(classifier)
     fid = FrechetInceptionDistance(feature=feat, normalize=False)
-    kid = KernelInceptionDistance(feature=feat, subsets=kid_subsets, subset_size=min(1000, n), normalize=False)
+    with warnings.catch_warnings():  # "KID will save all extracted features in buffer" (they are 128-d)
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(feature=feat, subsets=kid_subsets, subset_size=min(1000, n), normalize=False)
     for imgs, is_real in ((real, True), (fake, False)):
         for i in range(0, len(imgs), batch_size):
             x = _nchw(imgs[i : i + batch_size])
@@ -230,11 +243,13 @@ def _load(path: str, device: str = "cpu"):
     import warnings
 
     from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
 
     from .io import load_pipeline
 
-    bar = dlog.is_progress_bar_enabled()
+    bar, tbar = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
     dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # io passes the deprecated torch_dtype=
@@ -247,6 +262,8 @@ def _load(path: str, device: str = "cpu"):
     finally:
         if bar:
             dlog.enable_progress_bar()
+        if tbar:
+            tlog.enable_progress_bar()
 
 
 def _run_cli(args) -> None:
@@ -295,7 +312,8 @@ def _run_cli(args) -> None:
     metrics["model_dir"] = os.path.abspath(args.model_dir)
     if args.reference is not None:
         metrics["reference"] = os.path.abspath(args.reference)
-    write_json(args.out, metrics)
+    # strict JSON: a non-finite value (PSNR of identical images is inf) is written as null
+    write_json(args.out, {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()})
     print(f"prompt_fidelity={metrics['prompt_fidelity']:.4f} fid={metrics['fid']:.3f} kid={metrics['kid']:.5f}"
           + (f" psnr={metrics['psnr']:.2f} ssim={metrics['ssim']:.4f}" if "psnr" in metrics else "")
           + f" -> {args.out}")

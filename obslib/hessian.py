@@ -37,8 +37,13 @@ class LayerStats:
         self.xsum = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.weight = 0.0  # sum_t alpha_t n_t
         self.tokens = 0
+        self.step_energy: dict[int, list[float]] = {}  # step -> [sum ||x||^2, tokens] (unweighted)
 
-    def add(self, x: torch.Tensor, alpha: float) -> None:
+    def add(self, x: torch.Tensor, alpha: float, step: int | None = None) -> None:
+        if step is not None:
+            e = self.step_energy.setdefault(step, [0.0, 0])
+            e[0] += float((x * x).sum())
+            e[1] += x.shape[0]
         self.xtx.addmm_(x.t(), x, alpha=alpha)
         self.xsum.add_(x.sum(0), alpha=alpha)
         self.weight += alpha * x.shape[0]
@@ -100,7 +105,7 @@ class Calibration:
 
         def hook(mod, inputs, output):
             alpha = self.alphas[self.step - 1]
-            stats.add(input_matrix(module, inputs[0].detach()), alpha)
+            stats.add(input_matrix(module, inputs[0].detach()), alpha, self.step)
 
         return hook
 

@@ -71,6 +71,13 @@ def obs_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, prune_n: int = 
     return W, mask
 
 
+def saliency(W: torch.Tensor, H: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
+    """Textbook OBS saliency w_q^2 / (2 [H^-1]_qq) of every weight (all columns still present)."""
+    Hd = H.double().clone()
+    Hd.diagonal().add_(percdamp * Hd.diagonal().mean())
+    return W.double() ** 2 / (2 * torch.linalg.inv(Hd).diagonal().unsqueeze(0))
+
+
 def reconstruction_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     """rel_error = ||WX - W_hat X||^2_F / ||WX||^2_F on the weighted calibration inputs (via H)."""
     W, W_hat, H = W.double(), W_hat.double(), H.double()

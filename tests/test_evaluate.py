@@ -94,39 +94,48 @@ def test_psnr_ssim(heldout):
     assert 15 < diff["psnr"] < 40 and diff["ssim"] < 0.99
 
 
-def _cli(*args, tmp_path):
+CLI_CASES = ("missing", "not_pipeline", "broken_pipeline", "zero", "negative")
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+    """Run every bad-input CLI case as its own process (one at a time: the machine may be busy)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "obslib.cli", "evaluate", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    runs = {}
+    for case in CLI_CASES:
+        tmp = tmp_path_factory.mktemp(case)
+        out = tmp / "metrics.json"
+        model = tmp / "model"
+        model.mkdir()
+        args = ["--num-prompts", "4", "--steps", "2", "--seed", "0", "--out", str(out)]
+        if case == "missing":
+            model = tmp / "nope"
+        elif case == "broken_pipeline":  # names a class but holds no components
+            (model / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+            (model / "transformer").mkdir()
+        elif case in ("zero", "negative"):  # a valid-looking pipeline dir: the number is what is wrong
+            args[1] = "0" if case == "zero" else "-3"
+            (model / "model_index.json").write_text("{}")
+        r = subprocess.run([sys.executable, "-m", "obslib.cli", "evaluate", str(model), *args], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=120)
+        runs[case] = (r.returncode, r.stderr, out, args)
+    return runs
 
 
-@pytest.mark.parametrize("case", ["missing", "not_pipeline", "broken_pipeline", "zero", "negative"])
-def test_cli_bad_input(case, tmp_path):
-    out = tmp_path / "metrics.json"
-    model = tmp_path / "model"
-    model.mkdir()
-    args = ["--num-prompts", "4", "--steps", "2", "--seed", "0", "--out", str(out)]
-    if case == "missing":
-        model = tmp_path / "nope"
-    elif case == "broken_pipeline":
-        (model / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
-        (model / "transformer").mkdir()
-    elif case == "zero":
-        args[1] = "0"
-    elif case == "negative":
-        args[1] = "-3"
-    if case in ("zero", "negative"):  # the model is a valid-looking pipeline: numbers are checked first
-        (model / "model_index.json").write_text("{}")
-    r = _cli(str(model), *args, tmp_path=tmp_path)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2, r.stderr
-    assert len(lines) == 1 and lines[0].startswith("obslib: error:"), r.stderr
-    assert "Traceback" not in r.stderr
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_cli_bad_input(case, cli_runs):
+    rc, err, out, args = cli_runs[case]
+    lines = err.strip().splitlines()
+    assert rc == 2, err
+    assert len(lines) == 1 and lines[0].startswith("obslib: error:"), err
+    assert "Traceback" not in err
     assert not out.exists() and not Path(str(out) + ".tmp").exists()
     if case in ("zero", "negative"):
         assert args[1] in lines[0] and "positive" in lines[0]
     if case == "missing":
         assert "does not exist" in lines[0]
+    if case == "not_pipeline":
+        assert "not a diffusers pipeline" in lines[0]
 
 
 @pytest.mark.parametrize("flag,value", [("--steps", "0"), ("--steps", "-1"), ("--num-prompts", "100000"),

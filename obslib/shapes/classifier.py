@@ -14,6 +14,10 @@ Left/right labels exist only where the two centres lie in different halves along
 places them for a horizontal relation, i.e. where "X left of Y" is a true caption); top/bottom likewise
 along y. Elsewhere they are -1 (ignored): that order is not asked about.
 
+``predict`` averages each image with its mirror image (left/right heads swapped back): every shape
+and the layout are mirror-symmetric. ``features`` (128-d, for FID/KID) is the penultimate layer times a
+fixed ``feature_scale`` calibrated on renders.
+
 ``python -m obslib.shapes.classifier`` trains it on fresh renders of all scenes (both splits) and
 writes ``models/shapes-classifier/{model.safetensors,config.json}`` and
 ``results/classifier_accuracy.json`` (accuracy on fresh renders of held-out scenes).
@@ -106,15 +110,24 @@ class ShapesClassifier(nn.Module):
         self.heads = nn.ModuleDict({k: nn.Linear(feature_dim, n) for k, n in self.heads_spec.items()})
         ramp = torch.linspace(-1.0, 1.0, IMAGE_SIZE)
         self.register_buffer("coords", torch.stack(torch.meshgrid(ramp, ramp, indexing="xy")), persistent=False)
+        # fixed rescaling of the features for FID/KID (set by ``calibrate_features``, saved with the weights)
+        self.register_buffer("feature_scale", torch.ones(()))
         self.feature_dim = feature_dim
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate features (N, feature_dim) of images already scaled to [-1,1] (see ``to_input``)."""
+    def _penultimate(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1)], dim=1)
         return self.fc(self.trunk(x.contiguous(memory_format=torch.channels_last)))
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (N, feature_dim) of images already scaled to [-1,1] (see ``to_input``).
+
+        Multiplied by the fixed ``feature_scale`` that makes mean(|f|^2)/feature_dim = 1 on renders, so
+        that KID's polynomial kernel (f.g/d + 1)^3 works at a sensible scale (as with Inception features).
+        """
+        return self._penultimate(x) * self.feature_scale
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        f = self.features(x)
+        f = self._penultimate(x)
         return {k: head(f) for k, head in self.heads.items()}
 
     @torch.no_grad()
@@ -168,12 +181,12 @@ def save_classifier(model: ShapesClassifier, path: str | os.PathLike = DEFAULT_D
     os.replace(tmp, path / "config.json")
 
 
-def load_classifier(path: str | os.PathLike | None = None, device: str = "cpu") -> ShapesClassifier:
-    """Load the trained evaluator (default: ``<repo>/models/shapes-classifier``), in eval mode."""
+def load_classifier(path: str | os.PathLike = "models/shapes-classifier", device: str = "cpu") -> ShapesClassifier:
+    """Load the trained evaluator, in eval mode; a relative ``path`` is taken from the repository root."""
     from safetensors.torch import load_file
 
-    path = Path(path) if path is not None else DEFAULT_DIR
-    if not path.is_absolute() and not path.exists():
+    path = Path(path)
+    if not path.is_absolute():
         path = REPO_ROOT / path
     if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
         raise FileNotFoundError(f"no trained shapes classifier in {str(path)!r}; run `python -m obslib.shapes.classifier`")
@@ -228,6 +241,21 @@ def head_accuracy(model: ShapesClassifier, images: np.ndarray, labels: dict[str,
     return acc
 
 
+@torch.no_grad()
+def calibrate_features(model: ShapesClassifier, n: int = 2000, seed: int = 2_100_000_000) -> float:
+    """Set ``feature_scale`` so that renders of random scenes have mean(|f|^2) = feature_dim."""
+    rng = random.Random(seed)
+    scenes = all_scenes()
+    chosen = [scenes[rng.randrange(len(scenes))] for _ in range(n)]
+    imgs = np.stack([render(s, seed + i) for i, s in enumerate(chosen)])
+    model.eval()
+    model.feature_scale.fill_(1.0)
+    sq = torch.cat([model.features(to_input(imgs[i : i + 256])) for i in range(0, n, 256)]).double().square()
+    scale = float((sq.sum(1).mean() / model.feature_dim).rsqrt())
+    model.feature_scale.fill_(scale)
+    return scale
+
+
 def _overlapping(scene: Scene, seed: int) -> bool:
     (x0, y0, r0), (x1, y1, r1) = layout(scene, random.Random(seed), IMAGE_SIZE)
     return math.hypot(x0 - x1, y0 - y1) < 1.1 * (r0 + r1)
@@ -274,7 +302,7 @@ def train(steps: int = 1400, batch: int = 128, lr: float = 3e-3, seed: int = 0, 
         sched.step()
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    return model.eval()
+    return model.to(memory_format=torch.contiguous_format).eval()
 
 
 def main(argv=None) -> int:
@@ -293,18 +321,27 @@ def main(argv=None) -> int:
     t0 = time.time()
     model = train(steps=args.steps, batch=args.batch, seed=args.seed)
     train_s = time.time() - t0
+    finish(model, args.out, args.results, args.eval_n,
+           {"steps": args.steps, "batch": args.batch, "seed": args.seed, "seconds": round(train_s, 1)})
+    return 0
 
+
+def finish(model: ShapesClassifier, out: str, results: str, eval_n: int, train_meta: dict) -> dict:
+    """Calibrate the feature scale, measure held-out accuracy, save the model and the report."""
     from ..evaluate import fidelity  # prompt-level (GenEval-style) view of the same renders
 
-    scenes, seeds = heldout_eval_set(args.eval_n)
+    scale = calibrate_features(model)
+    scenes, seeds = heldout_eval_set(eval_n)
     imgs, labels = make_batch(scenes, seeds)
     acc = head_accuracy(model, imgs, labels)
     fid = fidelity(imgs, [s.caption() for s in scenes], model)
     n_params = sum(p.numel() for p in model.parameters())
-    meta = {"train": {"steps": args.steps, "batch": args.batch, "seed": args.seed, "seconds": round(train_s, 1)}}
-    save_classifier(model, args.out, meta)
+    meta = {"train": train_meta, "feature_scale": scale}
+    save_classifier(model, out, meta)
     report = {
-        "eval": {"split": "heldout", "renders": args.eval_n, "seeds": f"{EVAL_SEED_BASE}+i"},
+        "eval": {"split": "heldout", "renders": eval_n, "seeds": f"{EVAL_SEED_BASE}+i",
+                 "note": "head accuracy over entries whose label is present; prompt fidelity and acc_* as in "
+                         "obslib.evaluate.fidelity (real renders scored as if generated)"},
         "head_accuracy": acc,
         "min_head_accuracy": min(acc.values()),
         "prompt_fidelity_of_renders": fid["prompt_fidelity"],
@@ -312,14 +349,14 @@ def main(argv=None) -> int:
         "params": n_params,
         **meta,
     }
-    res = Path(args.results)
+    res = Path(results)
     res.parent.mkdir(parents=True, exist_ok=True)
     tmp = res.with_name(res.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, res)
     print(json.dumps({"min_head_accuracy": report["min_head_accuracy"], "prompt_fidelity": fid["prompt_fidelity"],
-                      "train_seconds": round(train_s, 1)}))
-    return 0
+                      "train_seconds": train_meta.get("seconds")}))
+    return report
 
 
 if __name__ == "__main__":

@@ -1,0 +1,45 @@
+"""Small plotting helpers shared by the notebooks (matplotlib / seaborn)."""
+from __future__ import annotations
+
+import os
+import textwrap
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+
+def image_grid(images: np.ndarray, captions: list[str], ncols: int = 8, width: float = 1.9):
+    """Images with their captions written under them."""
+    n = len(images)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, width * 1.45 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, cap in zip(axes.flat, images, captions):
+        ax.imshow(img, interpolation="nearest")
+        ax.set_title("\n".join(textwrap.wrap(cap, 22)), fontsize=6.5, y=-0.02, va="top")
+    fig.tight_layout()
+    return fig
+
+
+def save(fig, path: str) -> str:
+    """Write a PNG atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=130, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def metric_lines(summary, x: str, hue: str, metric: str, ax=None, label: str | None = None):
+    """Mean over seeds with a band of one standard deviation, one line per hue value."""
+    ax = ax or plt.gca()
+    for key, g in summary.groupby(hue, sort=False):
+        g = g.sort_values(x)
+        m, s = g[f"{metric}_mean"].to_numpy(), g[f"{metric}_std"].fillna(0).to_numpy()
+        ax.plot(g[x], m, marker="o", label=str(key))
+        ax.fill_between(g[x], m - s, m + s, alpha=0.15)
+    ax.set_xlabel(x)
+    ax.set_ylabel(label or metric)
+    ax.legend(fontsize=8)
+    return ax

@@ -1,0 +1,100 @@
+"""The study: every notebook run in batch by papermill (``make study`` = ``python -m obslib.study``).
+
+Each notebook has a ``parameters`` cell with ``mode = "full"``; ``make test`` runs the same notebooks
+under nbval with ``OBSLIB_MODE=quick`` (tiny grids, outputs under .tmp/quick so committed results are
+never touched). ``settings(mode)`` holds the grid sizes of both modes in one place.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = (
+    "00_walkthrough.ipynb",
+    "01_unstructured.ipynb",
+    "02_semistructured.ipynb",
+    "03_structured.ipynb",
+    "04_weighting.ipynb",
+    "05_packages.ipynb",
+    "06_calibration_robustness.ipynb",
+    "07_speed.ipynb",
+)
+
+_FULL = dict(seeds=[0, 1, 2], num_eval_prompts=64, num_calib=16,
+             sparsities=[0.3, 0.5, 0.6, 0.7], structured_sparsities=[0.1, 0.2, 0.3],
+             calib_sizes=[2, 4, 8, 16, 32, 64, 128], packages=[1, 2, 4, 8, "block"],
+             cfg_values=[2.0, 4.0, 6.0], step_values=[10, 20, 40], timing_repeats=7)
+_QUICK = dict(seeds=[0], num_eval_prompts=8, num_calib=4, sparsities=[0.5], structured_sparsities=[0.2],
+              calib_sizes=[2, 4], packages=[1, 4], cfg_values=[4.0], step_values=[10], timing_repeats=2)
+
+
+def resolve_mode(mode: str) -> str:
+    mode = os.environ.get("OBSLIB_MODE", mode)
+    if mode not in ("full", "quick"):
+        raise ValueError(f"mode {mode!r} is unknown; allowed: full, quick")
+    return mode
+
+
+def settings(mode: str) -> dict:
+    """Grid sizes and output folders for a mode (after the OBSLIB_MODE override)."""
+    mode = resolve_mode(mode)
+    s = dict(_FULL if mode == "full" else _QUICK)
+    base = ROOT if mode == "full" else os.path.join(ROOT, ".tmp", "quick")
+    s.update(mode=mode, results=os.path.join(base, "results"), figures=os.path.join(base, "figures"),
+             runs_csv=os.path.join(base, "results", "runs.csv"), model_dir=os.environ.get("OBSLIB_MODEL_DIR", os.path.join(ROOT, "models", "shapes-sd3")))
+    os.makedirs(s["results"], exist_ok=True)
+    os.makedirs(s["figures"], exist_ok=True)
+    return s
+
+
+def run_study(names=NOTEBOOKS, mode: str = "full", out_dir: str | None = None) -> dict:
+    import papermill as pm
+
+    out_dir = out_dir or os.path.join(ROOT, "results", "notebooks")
+    os.makedirs(out_dir, exist_ok=True)
+    timing = {}
+    t_all = time.perf_counter()
+    for i, name in enumerate(names):
+        print(f"[{i + 1}/{len(names)}] {name}", flush=True)
+        t = time.perf_counter()
+        pm.execute_notebook(os.path.join(ROOT, "notebooks", name), os.path.join(out_dir, name),
+                            parameters={"mode": mode}, cwd=os.path.join(ROOT, "notebooks"), progress_bar=True,
+                            kernel_name="python3")
+        timing[name] = time.perf_counter() - t
+        print(f"    {timing[name]:.0f} s", flush=True)
+    timing["total"] = time.perf_counter() - t_all
+    if mode == "full" and tuple(names) == NOTEBOOKS:
+        from .io import write_json
+
+        write_json(os.path.join(ROOT, "results", "study_timing.json"),
+                   {"seconds": timing, "cpu_threads": _threads(), "note": "wall time of `make study` per notebook"})
+    return timing
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m obslib.study", description=__doc__)
+    p.add_argument("notebooks", nargs="*", help="notebook names (default: all)")
+    p.add_argument("--mode", default="full", choices=("full", "quick"))
+    a = p.parse_args(argv)
+    names = a.notebooks or NOTEBOOKS
+    unknown = [n for n in names if n not in NOTEBOOKS]
+    if unknown:
+        print(f"obslib.study: error: unknown notebook {unknown[0]!r}; allowed: {', '.join(NOTEBOOKS)}", file=sys.stderr)
+        return 2
+    t = run_study(names, a.mode)
+    print(json.dumps({k: round(v, 1) for k, v in t.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
