@@ -1,0 +1,157 @@
+"""results/claims.md: each claim of the paper, the paper's numbers, ours, and a verdict computed from the
+study's CSVs (reproduced / not reproduced / mixed). Run by ``make study`` after the notebooks.
+
+A difference counts only when it exceeds the seeds' spread: "a beats b" needs mean_a - mean_b greater
+than the larger of the two standard deviations.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(results: str, name: str) -> pd.DataFrame | None:
+    f = os.path.join(results, name)
+    return pd.read_csv(f) if os.path.exists(f) else None
+
+
+def _fmt(m, s, d=3):
+    return f"{m:.{d}f} ± {s:.{d}f}"
+
+
+def _beats(a, b, metric="prompt_fidelity", higher=True):
+    diff = (a[f"{metric}_mean"] - b[f"{metric}_mean"]) * (1 if higher else -1)
+    return diff > max(a[f"{metric}_std"], b[f"{metric}_std"], 1e-9)
+
+
+def claim_rows(results: str) -> list[dict]:
+    rows = []
+    u = _load(results, "01_unstructured.csv")
+    if u is not None:
+        for sp in (0.5, 0.6):
+            t = u[np.isclose(u.sparsity, sp)].set_index("method")
+            if "obs-diff" not in t.index:
+                continue
+            order = t.sort_values("prompt_fidelity_mean", ascending=False)
+            ours = ", ".join(f"{m} {r.prompt_fidelity_mean:.3f}" for m, r in order.iterrows())
+            others = [m for m in ("wanda", "dsnot", "magnitude") if m in t.index]
+            best = all(_beats(t.loc["obs-diff"], t.loc[m]) for m in others)
+            mag_last = all(t.loc["magnitude"].prompt_fidelity_mean <= t.loc[m].prompt_fidelity_mean for m in others if m != "magnitude")
+            verdict = "reproduced" if best and mag_last else ("mixed" if best or order.index[0] == "obs-diff" else "not reproduced")
+            paper = {0.5: "SD3-M IR: OBS-Diff .647 > Wanda −.108 > DSnoT −.594 > Magnitude −2.27",
+                     0.6: "SD3-M IR: OBS-Diff .121 > Wanda −2.06 > DSnoT −2.23 > Magnitude −2.28"}[sp]
+            rows.append({"claim": f"Method ordering at {sp:.0%} unstructured (OBS-Diff best, magnitude worst)",
+                         "paper": paper, "ours": f"prompt fidelity: {ours}", "verdict": verdict})
+        if {"sparsegpt", "obs-diff"} <= set(u.method):
+            t = u[np.isclose(u.sparsity, 0.6)].set_index("method")
+            if len(t):
+                rows.append({"claim": "Timestep-aware (log-decrease) Hessian beats the uniform one (SparseGPT) at 60%",
+                             "paper": "not compared in the paper (weighting ablation only)",
+                             "ours": f"PSNR vs dense: OBS-Diff {_fmt(t.loc['obs-diff'].psnr_mean, t.loc['obs-diff'].psnr_std, 2)}, "
+                                     f"SparseGPT {_fmt(t.loc['sparsegpt'].psnr_mean, t.loc['sparsegpt'].psnr_std, 2)}",
+                             "verdict": "reproduced" if _beats(t.loc["obs-diff"], t.loc["sparsegpt"], "psnr") else
+                             ("not reproduced" if _beats(t.loc["sparsegpt"], t.loc["obs-diff"], "psnr") else "mixed (within seed spread)")})
+    w = _load(results, "04_weighting.csv")
+    if w is not None and "log-decrease" in set(w.weighting):
+        t = w.set_index("weighting")
+        best = t.psnr_mean.idxmax()
+        ld = t.loc["log-decrease"]
+        within = all(abs(ld.psnr_mean - r.psnr_mean) <= max(ld.psnr_std, r.psnr_std) for _, r in t.iterrows())
+        verdict = "reproduced" if best == "log-decrease" and not within else ("mixed (all schemes within seed spread)" if within else "not reproduced")
+        rows.append({"claim": "Log-decrease is the best weighting scheme",
+                     "paper": "IR at 50%: log-decrease .6438, linear-decrease .6384, uniform .6355, log-increase .6244, linear-increase .6174",
+                     "ours": "PSNR vs dense: " + ", ".join(f"{k} {r.psnr_mean:.2f}±{r.psnr_std:.2f}" for k, r in t.sort_values("psnr_mean", ascending=False).iterrows()),
+                     "verdict": verdict})
+    k = _load(results, "05_packages.csv")
+    if k is not None and len(k) > 1:
+        k = k.sort_values("packages")
+        mem_down = bool(np.all(np.diff(k.hessian_mb_mean) <= 1e-9))
+        time_up = bool(k.prune_s_mean.iloc[-1] > k.prune_s_mean.iloc[0])
+        q = k.prompt_fidelity_mean
+        flat = (q.max() - q.min()) <= 2 * k.prompt_fidelity_std.max()
+        verdict = "reproduced" if mem_down and time_up and flat else ("mixed" if (mem_down and time_up) else "not reproduced")
+        rows.append({"claim": "More packages: less memory, more time, no clear quality trend",
+                     "paper": "K=1 30.7 GB 572 s IR .857; K=4 24.1 GB 897 s .844; K=10 22.8 GB 1539 s .843; K=20 22.1 GB 2595 s .856",
+                     "ours": "; ".join(f"K={int(r.packages)}: {r.hessian_mb_mean:.2f} MiB, {r.prune_s_mean:.1f} s, fidelity {r.prompt_fidelity_mean:.3f}"
+                                       for _, r in k.iterrows()),
+                     "verdict": verdict})
+    c = _load(results, "06_calibration_size.csv")
+    if c is not None and len(c) > 2:
+        c = c.sort_values("num_calib")
+        top = c.psnr_mean.max()
+        knee = int(c[c.psnr_mean >= top - c.psnr_std.max()].num_calib.min())
+        rows.append({"claim": "About 100 calibration prompts suffice (quality flat beyond)",
+                     "paper": "quality rises steeply up to ~100 prompts, then flat (SD3-M)",
+                     "ours": "PSNR vs dense: " + ", ".join(f"{int(r.num_calib)}: {r.psnr_mean:.2f}" for _, r in c.iterrows())
+                             + f"; within one std of the best from {knee} prompts",
+                     "verdict": "reproduced (saturates, at a smaller count for our smaller model)" if knee < c.num_calib.max() else "not reproduced"})
+    s = _load(results, "03_structured.csv")
+    if s is not None and {"obs-diff", "l1-norm"} <= set(s.method):
+        rows_s = []
+        ok = []
+        for sp in sorted(set(s[s.method != "dense"].sparsity)):
+            t = s[np.isclose(s.sparsity, sp)].set_index("method")
+            ok.append(_beats(t.loc["obs-diff"], t.loc["l1-norm"]))
+            rows_s.append(f"{sp:.0%}: OBS-Diff {t.loc['obs-diff'].prompt_fidelity_mean:.3f} vs L1 {t.loc['l1-norm'].prompt_fidelity_mean:.3f}"
+                          + (f" vs FLAP {t.loc['flap'].prompt_fidelity_mean:.3f}" if "flap" in t.index else ""))
+        rows.append({"claim": "Structured OBS-Diff far ahead of L1-norm",
+                     "paper": "SD3.5-L at 15–30%: OBS-Diff FID 32.6–34.5, L1-norm collapses (FID 159–346, IR ≈ −2)",
+                     "ours": "prompt fidelity " + "; ".join(rows_s),
+                     "verdict": "reproduced" if all(ok) else ("mixed" if any(ok) else "not reproduced")})
+    n = _load(results, "02_semistructured.csv")
+    if n is not None:
+        t = n[n.pattern == "2:4"].set_index("method")
+        if "obs-diff" in t.index:
+            others = [m for m in ("magnitude", "wanda", "dsnot") if m in t.index]
+            best = all(_beats(t.loc["obs-diff"], t.loc[m]) for m in others)
+            rows.append({"claim": "OBS-Diff best at 2:4",
+                         "paper": "SD3.5-L IR: OBS-Diff .449, DSnoT .031, Wanda −.136, Magnitude −.471",
+                         "ours": "prompt fidelity: " + ", ".join(f"{m} {r.prompt_fidelity_mean:.3f}" for m, r in t.sort_values("prompt_fidelity_mean", ascending=False).iterrows()),
+                         "verdict": "reproduced" if best else ("mixed" if t.prompt_fidelity_mean.idxmax() == "obs-diff" else "not reproduced")})
+    r = _load(results, "06_robustness.csv")
+    if r is not None and len(r) > 2:
+        piv = r.pivot_table(index="change", columns="method", values="prompt_fidelity_mean")
+        if {"dense", "obs-diff"} <= set(piv.columns):
+            gap = (piv["dense"] - piv["obs-diff"])
+            base = gap.get("default", gap.median())
+            spread = float(gap.max() - gap.min())
+            rows.append({"claim": "Robust to CFG, step count and sampler changed after calibration",
+                         "paper": "SD3-M 50%, IR dense→pruned: CFG 5 .83→.53, 7 .85→.64, 9 .83→.70; steps 15 .70→.49, 50 .94→.72; Heun .92→.72",
+                         "ours": "fidelity gap dense − pruned: " + ", ".join(f"{k} {v:.3f}" for k, v in gap.items()),
+                         "verdict": "reproduced" if spread <= 0.1 + abs(base) else "mixed"})
+    if u is not None and {"wanda", "obs-diff"} <= set(u.method):
+        t = u[np.isclose(u.sparsity, 0.5)].set_index("method")
+        ratio = t.loc["obs-diff"].prune_s_mean / t.loc["wanda"].prune_s_mean
+        rows.append({"claim": "Pruning cost: OBS-Diff about 2× Wanda (magnitude ≈ 0)",
+                     "paper": "SD3-M 50% on an RTX 4090: Magnitude ≈0, Wanda 7.3 min, DSnoT 14.3 min, OBS-Diff 15.0 min (2.05×)",
+                     "ours": f"CPU, seconds: " + ", ".join(f"{m} {t.loc[m].prune_s_mean:.1f}" for m in ("magnitude", "wanda", "dsnot", "obs-diff") if m in t.index)
+                             + f" (OBS-Diff/Wanda {ratio:.2f}×; calibration runs dominate both)",
+                     "verdict": "reproduced" if 1.0 <= ratio <= 3.0 else "mixed"})
+    return rows
+
+
+def write_claims(results: str = os.path.join(ROOT, "results"), out: str | None = None) -> str:
+    rows = claim_rows(results)
+    lines = ["# Claims of the paper against this study", "",
+             "Measured on the embedded shapes-sd3 model (CPU). Quality is prompt fidelity from the shapes evaluator, "
+             "PSNR/FID as in `obslib.evaluate`; the paper used ImageReward/FID on SD3-class models, so only orderings and "
+             "trends are compared, not values. Every number of ours is a mean over seeds; a difference counts only when "
+             "it exceeds the seeds' standard deviation. Generated by `obslib.claims` from the CSVs in results/.", "",
+             "| claim | paper | ours | verdict |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r[k]).replace("|", "/") for k in ("claim", "paper", "ours", "verdict")) + " |")
+    text = "\n".join(lines) + "\n"
+    out = out or os.path.join(results, "claims.md")
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, out)
+    return text
+
+
+if __name__ == "__main__":
+    print(write_claims())

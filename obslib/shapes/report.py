@@ -1,0 +1,95 @@
+"""Model card numbers of the embedded default model: quality, a captioned sample grid, and how much 50%
+magnitude pruning hurts it (``python -m obslib.shapes.report``; the first step of ``make study``).
+
+Writes results/default_model.json and figures/default_model_samples.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _subgroup(prompt: str) -> str:
+    from .world import is_novel_combination, parse_caption
+
+    sc = parse_caption(prompt)
+    kind = "single" if len(sc.objects) == 1 else "pair"
+    return f"{kind}, {'novel combination' if is_novel_combination(sc) else 'unseen prompt'}"
+
+
+def model_report(model_dir: str, num_prompts: int = 256, seeds=(0, 1, 2), out_json: str | None = None,
+                 figure: str | None = None, progress: bool = True) -> dict:
+    import torch
+
+    from .. import PruneConfig, load_pipeline, prune
+    from ..evaluate import evaluate_pipeline, fidelity, generate
+    from ..io import write_json
+    from ..plots import image_grid, save
+    from .classifier import load_classifier
+    from .world import prompts
+
+    clf = load_classifier()
+    dense = load_pipeline(model_dir)
+    defaults = json.load(open(os.path.join(model_dir, "obslib_defaults.json")))
+    rows = {}
+    for name in ("dense", "magnitude-50%"):
+        pipe = dense if name == "dense" else load_pipeline(model_dir)
+        if name != "dense":
+            prune(pipe, PruneConfig(method="magnitude", sparsity=0.5, prompts=["unused"], measure_error=False, progress=False))
+        per_seed = [evaluate_pipeline(pipe, num_prompts, defaults["num_inference_steps"], s, classifier=clf,
+                                      reference=None if name == "dense" else dense, progress=progress) for s in seeds]
+        keys = [k for k in per_seed[0] if isinstance(per_seed[0][k], float) and k not in ("guidance",)]
+        rows[name] = {k: {"mean": float(np.mean([r[k] for r in per_seed])), "std": float(np.std([r[k] for r in per_seed]))}
+                      for k in keys}
+    # fidelity by held-out subgroup (dense, seed 0)
+    ps = prompts("heldout", num_prompts)
+    imgs = generate(dense, ps, seeds[0], progress=progress)
+    groups = {}
+    for g in sorted({_subgroup(p) for p in ps}):
+        idx = [i for i, p in enumerate(ps) if _subgroup(p) == g]
+        groups[g] = {"n": len(idx), "prompt_fidelity": fidelity(imgs[idx], [ps[i] for i in idx], clf)["prompt_fidelity"]}
+    train_ps = prompts("train", num_prompts)
+    train_fid = fidelity(generate(dense, train_ps, seeds[0], progress=progress), train_ps, clf)["prompt_fidelity"]
+    report = {
+        "model_dir": os.path.relpath(model_dir, ROOT),
+        "sampling": defaults,
+        "num_prompts": num_prompts,
+        "seeds": list(seeds),
+        "params": {n: sum(p.numel() for p in m.parameters()) for n, m in
+                   (("transformer", dense.transformer), ("text_encoder", dense.text_encoder),
+                    ("text_encoder_2", dense.text_encoder_2), ("vae", dense.vae))},
+        "heldout": rows,
+        "heldout_by_subgroup_seed0": groups,
+        "train_prompt_fidelity_seed0": train_fid,
+        "magnitude_50_drop": {k: rows["dense"][k]["mean"] - rows["magnitude-50%"][k]["mean"]
+                              for k in ("prompt_fidelity",)},
+        "disk_mb": sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(model_dir) for f in fs) / 2**20,
+        "torch_threads": torch.get_num_threads(),
+    }
+    if out_json:
+        write_json(out_json, report)
+    if figure:
+        show = ps[:24]
+        save(image_grid(imgs[:24], show, ncols=8), figure)
+    return report
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m obslib.shapes.report", description=__doc__)
+    p.add_argument("--model", default=os.path.join(ROOT, "models", "shapes-sd3"))
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--out", default=os.path.join(ROOT, "results", "default_model.json"))
+    p.add_argument("--figure", default=os.path.join(ROOT, "figures", "default_model_samples.png"))
+    a = p.parse_args(argv)
+    r = model_report(a.model, a.num_prompts, out_json=a.out, figure=a.figure)
+    print(json.dumps({"dense": r["heldout"]["dense"]["prompt_fidelity"], "magnitude-50%": r["heldout"]["magnitude-50%"]["prompt_fidelity"],
+                      "by_subgroup": r["heldout_by_subgroup_seed0"]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
