@@ -210,7 +210,11 @@ plots.metric_lines(curves, "sparsity", "method", "prompt_fidelity", ax[0], "prom
 plots.metric_lines(curves, "sparsity", "method", "fid", ax[1], "FID")
 ax[1].set_yscale("log")
 plots.save(fig, f"{S['figures']}/03_structured.png")""",
-        """assert (df[df.method != "dense"].params < df[df.method == "dense"].params.iloc[0]).all()""")
+        """assert (df[df.method != "dense"].params < df[df.method == "dense"].params.iloc[0]).all()
+# every method at 50% / 60% unstructured, 2:4 and 20% structured, from the shared run cache (notebooks 01-03)
+mt = ex.methods_table(S["runs_csv"], S["num_calib"])
+mt.to_csv(f"{S['results']}/methods_table.csv", index=False)
+ex.format_table(mt, ["setting", "method"], ("prompt_fidelity", "fid", "psnr", "prune_s"))""")
 
 grid_nb("04_weighting.ipynb", "04 · Timestep weighting ablation (Table 6 analogue)",
         "OBS-Diff at one sparsity with every weighting scheme: the paper's five and our exponential and cosine decreases.",

@@ -277,3 +277,17 @@ def semi_structured_benchmark(shapes=((1536, 1536), (1536, 6144), (6144, 1536), 
         rows.append({"out": out_f, "in": in_f, "tokens": tokens, "dense_ms": times["dense"], "sparse_2to4_ms": times["2:4"],
                      "speedup": times["dense"] / times["2:4"], "max_abs_diff": err, "device": torch.cuda.get_device_name()})
     return {"message": f"2:4 kernels timed on {torch.cuda.get_device_name()}", "rows": rows}
+
+
+def methods_table(runs_csv: str, num_calib: int) -> pd.DataFrame:
+    """Every method at 50% and 60% unstructured, 2:4 and 20% structured (default evaluation, K = 4, log-decrease)."""
+    df = pd.read_csv(runs_csv)
+    default_eval = df.eval_steps.isna() & df.eval_guidance.isna() & (df.eval_sampler == "euler")
+    base = default_eval & (df.packages == 4) & (df.weighting == "log-decrease") & (df.num_calib == num_calib)
+    pick = ((df.pattern == "unstructured") & df.sparsity.isin([0.5, 0.6])) | (df.pattern == "2:4") | \
+           ((df.pattern == "structured") & np.isclose(df.sparsity, 0.2))
+    rows = df[base & (pick | (df.method == "dense"))].drop_duplicates("key")
+    rows = rows.assign(setting=np.where(rows.method == "dense", "dense",
+                                        np.where(rows.pattern == "unstructured", (rows.sparsity * 100).round().astype(int).astype(str) + "% unstructured",
+                                                 np.where(rows.pattern == "2:4", "2:4", "20% structured"))))
+    return summarize(rows, ["setting", "method"], ("prompt_fidelity", "fid", "psnr", "prune_s"))
