@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from .io import UsageError, check_pipeline_dir, write_json
+from .io import UsageError, check_pipeline_dir, quiet_diffusers, write_json
 from .shapes.model import DEFAULT_SAMPLING
 from .shapes.world import BACKGROUNDS, LABEL_HEADS, Obj, parse_caption, prompts, render
 
@@ -37,15 +37,9 @@ def generate(pipe, prompts, seed: int, steps: int | None = None, guidance: float
     prompts = list(prompts)
     steps = DEFAULT_SAMPLING["num_inference_steps"] if steps is None else int(steps)
     guidance = DEFAULT_SAMPLING["guidance_scale"] if guidance is None else float(guidance)
-    from diffusers.utils import logging as dlog
-
     out = []
     starts = range(0, len(prompts), batch_size)
-    # the placeholder T5 tokenizer "truncates" every caption to max_sequence_length slots (its output is
-    # all zeros by design); diffusers warns about that once per batch, so silence its warnings here
-    verbosity = dlog.get_verbosity()
-    dlog.set_verbosity_error()
-    try:
+    with quiet_diffusers():
         for b, i in enumerate(tqdm(starts, desc="generate", disable=not progress or len(starts) <= 1)):
             gen = torch.Generator().manual_seed(int(seed) + b)
             with torch.no_grad():
@@ -54,8 +48,6 @@ def generate(pipe, prompts, seed: int, steps: int | None = None, guidance: float
                     max_sequence_length=DEFAULT_SAMPLING["max_sequence_length"], generator=gen, output_type="np",
                 )
             out.append(np.clip(np.rint(np.asarray(res.images, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8))
-    finally:
-        dlog.set_verbosity(verbosity)
     if not out:
         return np.zeros((0, 0, 0, 3), dtype=np.uint8)
     return np.concatenate(out)

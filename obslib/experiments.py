@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .api import PruneConfig, prune
 from .evaluate import REAL_SEED_OFFSET, distribution_metrics, fidelity, generate, reconstruction_metrics, render_prompts
 from .io import load_pipeline
+from .methods import METHODS
 from .shapes import prompts as world_prompts
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "shapes-sd3")
@@ -125,7 +126,7 @@ def run_setting(ev: Evaluator, s: Setting, seed: int, progress: bool = False) ->
         pipe = load_pipeline(ev.model_dir)
         cfg = PruneConfig(method=s.method, pattern=s.pattern, sparsity=s.sparsity, weighting=s.weighting,
                           packages=s.packages, prompts=world_prompts("train", s.num_calib), steps=s.calib_steps,
-                          seed=seed, progress=progress, **s.extra)
+                          seed=seed, progress=progress, measure_error=METHODS[s.method].needs_calibration, **s.extra)
         rep = prune(pipe, cfg)
         _PRUNED[key] = (pipe, rep)
     row.update(prune_s=rep["timings"]["total_s"], calibration_s=rep["timings"]["calibration_s"],

@@ -7,6 +7,7 @@ per-layer shapes and head counts, which ``load_pruned`` uses to rebuild the modu
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,6 +20,21 @@ MANIFEST = "obslib_manifest.json"
 
 class UsageError(Exception):
     """Bad user input: reported as one line with exit code 2."""
+
+
+@contextlib.contextmanager
+def quiet_diffusers():
+    """Silence diffusers' warnings while sampling: the embedded model's placeholder T5 tokenizer makes the
+    pipeline warn that captions are "truncated" to max_sequence_length on every call (its output is all zeros
+    by design, so nothing is lost)."""
+    from diffusers.utils import logging as dlog
+
+    verbosity = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(verbosity)
 
 
 def atomic_dir(out: str):
@@ -79,7 +95,7 @@ def load_pipeline(path: str, device: str = "cpu", dtype: torch.dtype = torch.flo
         return load_pruned(path, device=device, dtype=dtype)
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+    pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
     return _ready(pipe, device)
 
 
@@ -101,7 +117,7 @@ def load_pruned(path: str, device: str = "cpu", dtype: torch.dtype = torch.float
         manifest = json.load(f)
     denoiser = manifest["component"]
     model = load_pruned_model(os.path.join(path, denoiser), _component_class(path, denoiser), manifest, dtype)
-    pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **{denoiser: model})
+    pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True, **{denoiser: model})
     return _ready(pipe, device)
 
 

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .archs import ArchSpec, attr_truthy, block_units, has, iter_blocks
 from .hessian import Calibration
+from .io import quiet_diffusers
 
 
 @dataclass
@@ -89,7 +90,7 @@ class CalibrationRunner:
         enc = PROMPT_ENCODERS.get(type(pipe).__name__)
         msl = self.call_kwargs.pop("max_sequence_length", 256)
         if enc is not None:
-            with torch.no_grad():
+            with torch.no_grad(), quiet_diffusers():
                 self.inputs = [enc(pipe, b, guidance, msl) for b in self.batches]
         else:
             self.inputs = [{"prompt": b} for b in self.batches]
@@ -101,7 +102,7 @@ class CalibrationRunner:
         for i, inp in enumerate(tqdm(self.inputs, desc=desc, leave=False, disable=not self.progress)):
             gen = torch.Generator(device=device).manual_seed(self.seed + i)
             calib.begin_run()
-            with torch.no_grad():
+            with torch.no_grad(), quiet_diffusers():
                 self.pipe(**inp, num_inference_steps=self.steps, guidance_scale=self.guidance, generator=gen,
                           output_type="latent", **self.call_kwargs)
             calib.end_run()
