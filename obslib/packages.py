@@ -99,6 +99,7 @@ class CalibrationRunner:
 
     def run(self, calib: Calibration, desc: str = "calibration") -> None:
         device = self.pipe._execution_device
+        self.pipe.set_progress_bar_config(disable=not self.progress, leave=False, desc="steps")
         for i, inp in enumerate(tqdm(self.inputs, desc=desc, leave=False, disable=not self.progress)):
             gen = torch.Generator(device=device).manual_seed(self.seed + i)
             calib.begin_run()
