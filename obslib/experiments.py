@@ -141,21 +141,39 @@ def run_setting(ev: Evaluator, s: Setting, seed: int, progress: bool = False) ->
     return row
 
 
+def model_fingerprint(model_dir: str) -> str:
+    """Short hash of the model's weights: cached rows of another model are never reused."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for d, _, files in sorted(os.walk(model_dir)):
+        for f in sorted(files):
+            if f.endswith(".safetensors"):
+                with open(os.path.join(d, f), "rb") as fh:
+                    h.update(fh.read())
+    return h.hexdigest()[:12]
+
+
 def run_grid(settings: list[Setting], seeds, out_csv: str, evaluator: Evaluator | None = None,
              progress: bool = True, **ev_kwargs) -> pd.DataFrame:
-    """Run every (setting, seed) not yet in ``out_csv``; returns the whole table."""
+    """Run every (setting, seed) not yet in ``out_csv`` for this model and evaluation size; returns those rows."""
     ev = evaluator or Evaluator(**ev_kwargs)
+    tag = f"{model_fingerprint(ev.model_dir)}/{ev.num_prompts}"
+
+    def key(s, sd):
+        return f"{tag}|{s.key(sd)}"
+
     done = pd.read_csv(out_csv) if os.path.exists(out_csv) else pd.DataFrame()
     keys = set(done["key"]) if "key" in done else set()
-    todo = [(s, sd) for sd in seeds for s in settings if s.key(sd) not in keys]  # seed-major: reuse pruned models
+    todo = [(s, sd) for sd in seeds for s in settings if key(s, sd) not in keys]  # seed-major: reuse pruned models
     rows = done.to_dict("records")
     for s, sd in tqdm(todo, desc=os.path.basename(out_csv), disable=not progress):
         row = run_setting(ev, s, sd)
-        row["key"] = s.key(sd)
+        row["key"] = key(s, sd)
         rows.append(row)
         _write_csv(pd.DataFrame(rows), out_csv)
     df = pd.DataFrame(rows)
-    wanted = {s.key(sd) for s in settings for sd in seeds}
+    wanted = {key(s, sd) for s in settings for sd in seeds}
     return df[df["key"].isin(wanted)].reset_index(drop=True)
 
 
@@ -288,6 +306,7 @@ def methods_table(runs_csv: str, num_calib: int) -> pd.DataFrame:
     pick = ((df.pattern == "unstructured") & df.sparsity.isin([0.5, 0.6])) | (df.pattern == "2:4") | \
            ((df.pattern == "structured") & np.isclose(df.sparsity, 0.2))
     rows = df[base & (pick | (df.method == "dense"))].drop_duplicates("key")
+    rows = rows[rows.key.str.split("|").str[0] == rows.key.iloc[-1].split("|")[0]] if len(rows) else rows
     rows = rows.assign(setting=np.where(rows.method == "dense", "dense",
                                         np.where(rows.pattern == "unstructured", (rows.sparsity * 100).round().astype(int).astype(str) + "% unstructured",
                                                  np.where(rows.pattern == "2:4", "2:4", "20% structured"))))
