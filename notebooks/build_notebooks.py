@@ -143,7 +143,10 @@ assert abs(rep_all["sparsity_actual"] - sparsity) < 0.01"""),
 
 def grid_nb(name, title, intro, param_extra, settings_code, table_code, plot_code, checks):
     write(name, [
-        md(f"# {title}\n\n{intro.strip()}\n\nEvery quality number is the mean over `S['seeds']` seeds (calibration seed s, "
+        md(f"# {title}\n\n{intro.strip()}\n\nMetrics: **PSNR vs dense** (how faithfully the pruned model reproduces the dense "
+           "model's images, same prompts and seeds — the quantity OBS-Diff optimises), **attribute accuracy** (share of "
+           "prompt attributes the evaluator finds), FID on the evaluator's features, and strict prompt fidelity (every "
+           "attribute right; low for the embedded model, see results/default_model.json).\n\nEvery quality number is the mean over `S['seeds']` seeds (calibration seed s, "
            "evaluation seed 1000 + s, held-out prompts), with the standard deviation beside it. Rows are cached in "
            "`results/runs.csv`, so a rerun only computes what is missing."),
         params(param_extra),
@@ -163,18 +166,17 @@ grid_nb("01_unstructured.ipynb", "01 · Unstructured sparsity (Table 1 and Fig. 
 grid += [ex.Setting(method=m, sparsity=s, num_calib=S["num_calib"]) for m in methods for s in S["sparsities"]]""",
         """summary = ex.summarize(df, ["method", "sparsity"])
 summary.to_csv(f"{S['results']}/01_unstructured.csv", index=False)
-ex.format_table(summary[summary.sparsity.isin([0.0, 0.5, 0.6])], ["method", "sparsity"], ("prompt_fidelity", "fid", "psnr", "prune_s"))""",
+ex.format_table(summary[summary.sparsity.isin([0.0, 0.5, 0.6])], ["method", "sparsity"], ("attribute_accuracy", "psnr", "fid", "prompt_fidelity", "prune_s"))""",
         """fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
 curves = summary[summary.method != "dense"]
-plots.metric_lines(curves, "sparsity", "method", "prompt_fidelity", ax[0], "prompt fidelity")
-plots.metric_lines(curves, "sparsity", "method", "fid", ax[1], "FID (evaluator features)")
+plots.metric_lines(curves, "sparsity", "method", "psnr", ax[0], "PSNR vs dense (dB)")
+plots.metric_lines(curves, "sparsity", "method", "attribute_accuracy", ax[1], "attribute accuracy")
 dense = summary[summary.method == "dense"].iloc[0]
-ax[0].axhline(dense.prompt_fidelity_mean, color="k", ls="--", lw=1, label="dense"); ax[1].axhline(dense.fid_mean, color="k", ls="--", lw=1)
-ax[1].set_yscale("log")
+ax[1].axhline(dense.attribute_accuracy_mean, color="k", ls="--", lw=1, label="dense")
 plots.save(fig, f"{S['figures']}/01_quality_vs_sparsity.png")""",
         """pruned = df[df.method != "dense"]
 assert (abs(pruned.sparsity_actual - pruned.sparsity) < 0.01).all()
-assert df.prompt_fidelity.between(0, 1).all() and (df.fid >= 0).all()""")
+assert df.prompt_fidelity.between(0, 1).all() and df.attribute_accuracy.between(0, 1).all() and (df.fid >= 0).all()""")
 
 grid_nb("02_semistructured.ipynb", "02 · Semi-structured N:M sparsity (Table 2 analogue)",
         "2:4 and 4:8 patterns (N of every M consecutive inputs of each row removed) for every unstructured method.",
@@ -183,10 +185,10 @@ grid_nb("02_semistructured.ipynb", "02 · Semi-structured N:M sparsity (Table 2 
 grid += [ex.Setting(method=m, pattern=p, sparsity=0.5, num_calib=S["num_calib"]) for m in methods for p in patterns]""",
         """summary = ex.summarize(df, ["method", "pattern"])
 summary.to_csv(f"{S['results']}/02_semistructured.csv", index=False)
-ex.format_table(summary, ["method", "pattern"], ("prompt_fidelity", "fid", "psnr", "prune_s"))""",
+ex.format_table(summary, ["method", "pattern"], ("attribute_accuracy", "psnr", "fid", "prompt_fidelity", "prune_s"))""",
         """fig, ax = plt.subplots(figsize=(7, 3.4))
-sns.barplot(df[df.method != "dense"], x="method", y="prompt_fidelity", hue="pattern", errorbar="sd", ax=ax)
-ax.axhline(df[df.method == "dense"].prompt_fidelity.mean(), color="k", ls="--", lw=1)
+sns.barplot(df[df.method != "dense"], x="method", y="psnr", hue="pattern", errorbar="sd", ax=ax)
+ax.set_ylabel("PSNR vs dense (dB)")
 plots.save(fig, f"{S['figures']}/02_nm_fidelity.png")""",
         """assert (abs(df[df.method != "dense"].sparsity_actual - 0.5) < 0.01).all()""")
 
@@ -201,20 +203,19 @@ dense = summary[summary.method == "dense"].iloc[0]
 summary["params_drop_%"] = 100 * (1 - summary.params_mean / dense.params_mean)
 summary["flops_drop_%"] = 100 * (1 - summary.gflops_mean / dense.gflops_mean)
 summary.to_csv(f"{S['results']}/03_structured.csv", index=False)
-t = ex.format_table(summary, ["method", "sparsity"], ("prompt_fidelity", "fid", "psnr"))
+t = ex.format_table(summary, ["method", "sparsity"], ("attribute_accuracy", "psnr", "fid", "prompt_fidelity"))
 t[["params_drop_%", "flops_drop_%"]] = summary[["params_drop_%", "flops_drop_%"]].round(1)
 t""",
         """fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
 curves = summary[summary.method != "dense"]
-plots.metric_lines(curves, "sparsity", "method", "prompt_fidelity", ax[0], "prompt fidelity")
-plots.metric_lines(curves, "sparsity", "method", "fid", ax[1], "FID")
-ax[1].set_yscale("log")
+plots.metric_lines(curves, "sparsity", "method", "psnr", ax[0], "PSNR vs dense (dB)")
+plots.metric_lines(curves, "sparsity", "method", "attribute_accuracy", ax[1], "attribute accuracy")
 plots.save(fig, f"{S['figures']}/03_structured.png")""",
         """assert (df[df.method != "dense"].params < df[df.method == "dense"].params.iloc[0]).all()
 # every method at 50% / 60% unstructured, 2:4 and 20% structured, from the shared run cache (notebooks 01-03)
 mt = ex.methods_table(S["runs_csv"], S["num_calib"])
 mt.to_csv(f"{S['results']}/methods_table.csv", index=False)
-ex.format_table(mt, ["setting", "method"], ("prompt_fidelity", "fid", "psnr", "prune_s"))""")
+ex.format_table(mt, ["setting", "method"], ("attribute_accuracy", "psnr", "fid", "prompt_fidelity", "prune_s"))""")
 
 grid_nb("04_weighting.ipynb", "04 · Timestep weighting ablation (Table 6 analogue)",
         "OBS-Diff at one sparsity with every weighting scheme: the paper's five and our exponential and cosine decreases.",
@@ -222,7 +223,7 @@ grid_nb("04_weighting.ipynb", "04 · Timestep weighting ablation (Table 6 analog
         """grid = [ex.Setting(method="obs-diff", sparsity=sparsity, weighting=w, num_calib=S["num_calib"]) for w in obslib.SCHEMES]""",
         """summary = ex.summarize(df, ["weighting"]).sort_values("prompt_fidelity_mean", ascending=False)
 summary.to_csv(f"{S['results']}/04_weighting.csv", index=False)
-ex.format_table(summary, ["weighting"], ("prompt_fidelity", "fid", "psnr", "kid"))""",
+ex.format_table(summary, ["weighting"], ("psnr", "attribute_accuracy", "fid", "kid"))""",
         """fig, ax = plt.subplots(figsize=(8, 3.4))
 sns.barplot(df, x="weighting", y="psnr", errorbar="sd", ax=ax, order=summary.weighting)
 ax.tick_params(axis="x", rotation=30)
@@ -239,7 +240,7 @@ ks = [n_blocks if k == "block" else k for k in S["packages"]]
 grid = [ex.Setting(method="obs-diff", sparsity=sparsity, packages=k, num_calib=S["num_calib"]) for k in ks]""",
         """summary = ex.summarize(df, ["packages"], ex.METRICS + ("prune_s", "hessian_mb"))
 summary.to_csv(f"{S['results']}/05_packages.csv", index=False)
-t = ex.format_table(summary, ["packages"], ("prompt_fidelity", "fid", "psnr", "prune_s"))
+t = ex.format_table(summary, ["packages"], ("attribute_accuracy", "psnr", "fid", "prompt_fidelity", "prune_s"))
 t["hessian_MiB"] = summary.hessian_mb_mean.round(2)
 t""",
         """fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
@@ -267,11 +268,11 @@ rob["change"] = np.select([rob.eval_guidance.notna(), rob.eval_steps.notna(), ro
                           ["CFG " + rob.eval_guidance.astype(str), "steps " + rob.eval_steps.astype(str), "Heun sampler"], "default")
 rsum = ex.summarize(rob, ["change", "method"])
 rsum.to_csv(f"{S['results']}/06_robustness.csv", index=False)
-display(ex.format_table(summary, ["num_calib"], ("prompt_fidelity", "fid", "psnr")))
+display(ex.format_table(summary, ["num_calib"], ("attribute_accuracy", "psnr", "fid", "prompt_fidelity")))
 ex.format_table(rsum, ["change", "method"], ("prompt_fidelity", "fid"))""",
         """fig, ax = plt.subplots(1, 2, figsize=(11, 3.4))
 plots.metric_lines(summary.assign(m="obs-diff"), "num_calib", "m", "psnr", ax[0], "PSNR vs dense (dB)"); ax[0].set_xscale("log", base=2)
-sns.barplot(rob, x="change", y="prompt_fidelity", hue="method", errorbar="sd", ax=ax[1]); ax[1].tick_params(axis="x", rotation=30)
+sns.barplot(rob, x="change", y="attribute_accuracy", hue="method", errorbar="sd", ax=ax[1]); ax[1].tick_params(axis="x", rotation=30)
 plots.save(fig, f"{S['figures']}/06_calibration_robustness.png")""",
         """assert len(summary) == len(S["calib_sizes"])""")
 

@@ -92,6 +92,7 @@ class Evaluator:
 
     def score(self, images: np.ndarray, s: Setting, seed: int) -> dict:
         out = fidelity(images, self.prompts, self.classifier)
+        out["attribute_accuracy"] = float(np.mean([v for k, v in out.items() if k.startswith("acc_")]))
         out.update(distribution_metrics(images, self.real(seed), self.classifier, seed=seed))
         out.update(reconstruction_metrics(images, self.dense_images(s, seed)))
         return out
@@ -184,7 +185,7 @@ def _write_csv(df: pd.DataFrame, path: str) -> None:
     os.replace(tmp, path)
 
 
-METRICS = ("prompt_fidelity", "fid", "kid", "psnr", "ssim")
+METRICS = ("prompt_fidelity", "attribute_accuracy", "fid", "kid", "psnr", "ssim")
 
 
 def summarize(df: pd.DataFrame, by: list[str], metrics=METRICS + ("prune_s",)) -> pd.DataFrame:
@@ -310,4 +311,4 @@ def methods_table(runs_csv: str, num_calib: int) -> pd.DataFrame:
     rows = rows.assign(setting=np.where(rows.method == "dense", "dense",
                                         np.where(rows.pattern == "unstructured", (rows.sparsity * 100).round().astype(int).astype(str) + "% unstructured",
                                                  np.where(rows.pattern == "2:4", "2:4", "20% structured"))))
-    return summarize(rows, ["setting", "method"], ("prompt_fidelity", "fid", "psnr", "prune_s"))
+    return summarize(rows, ["setting", "method"], ("prompt_fidelity", "attribute_accuracy", "fid", "psnr", "prune_s"))
