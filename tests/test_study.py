@@ -38,4 +38,4 @@ def _unstructured(obs, wanda):
 def test_ordering_claim_verdict(tmp_path, obs, wanda, verdict):
     _unstructured(obs, wanda).to_csv(tmp_path / "01_unstructured.csv", index=False)
     rows = [r for r in claim_rows(str(tmp_path)) if r["claim"].startswith("Method ordering")]
-    assert len(rows) == 2 and all(r["verdict"] == verdict for r in rows)
+    assert len(rows) == 2 and all(r["verdict"].startswith(verdict) for r in rows)

@@ -234,13 +234,21 @@ def train_decoder(pipe, steps: int, batch: int, ckpt: str, log: str, seed: int =
 
 
 def train_default_model(out: str, checkpoint_dir: str, vae_steps: int, steps: int, batch: int, vae_batch: int,
-                        log: str, seed: int = 0, decoder_steps: int = 400) -> None:
+                        log: str, seed: int = 0, decoder_steps: int = 400, init_from: str | None = None) -> None:
+    """Train from scratch, or (``init_from``) continue the denoiser of a saved pipeline with a fresh optimiser,
+    keeping its VAE; checkpoints go to ``checkpoint_dir`` either way."""
     torch.set_num_threads(int(os.environ.get("OBSLIB_THREADS", os.cpu_count() or 1)))
-    pipe = build_pipeline(seed)
     t0 = time.time()
-    train_vae(pipe, vae_steps, vae_batch, os.path.join(checkpoint_dir, "vae"), log, seed)
-    train_denoiser(pipe, steps, batch, os.path.join(checkpoint_dir, "denoiser"), log, seed)
-    train_decoder(pipe, decoder_steps, vae_batch, os.path.join(checkpoint_dir, "decoder"), log, seed)
+    if init_from:
+        from ..io import load_pipeline
+
+        pipe = load_pipeline(init_from)
+        train_denoiser(pipe, steps, batch, os.path.join(checkpoint_dir, "denoiser"), log, seed + 100)
+    else:
+        pipe = build_pipeline(seed)
+        train_vae(pipe, vae_steps, vae_batch, os.path.join(checkpoint_dir, "vae"), log, seed)
+        train_denoiser(pipe, steps, batch, os.path.join(checkpoint_dir, "denoiser"), log, seed)
+        train_decoder(pipe, decoder_steps, vae_batch, os.path.join(checkpoint_dir, "decoder"), log, seed)
     from ..io import save_pipeline
 
     defaults = {**DEFAULT_SAMPLING, "calibration_prompts": "shapes-train", "image_size": pipe.vae.config.sample_size}
@@ -263,9 +271,10 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=96)
     p.add_argument("--log", default="results/train_loss.csv")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-from", help="continue training the denoiser of this saved pipeline (e.g. models/shapes-sd3)")
     a = p.parse_args(argv)
     train_default_model(a.out, a.checkpoint_dir, a.vae_steps, a.steps, a.batch, a.vae_batch, a.log, a.seed,
-                        a.decoder_steps)
+                        a.decoder_steps, a.init_from)
 
 
 if __name__ == "__main__":
