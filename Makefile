@@ -24,6 +24,6 @@ test: install
 study: install
 	MPLBACKEND=Agg $(PY) -m obslib.study
 
-# retrain the embedded default model (resumable; ~80 min on 2 CPU cores)
+# retrain the embedded default model (resumable; ~45 min on 2 idle CPU cores)
 model: install
 	$(PY) -m obslib.shapes.train --steps 5000
