@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .archs import attr, find_denoiser, iter_blocks, spec_for
+from .archs import attr, find_denoiser, has, iter_blocks, spec_for
 from .hessian import Calibration, weight_matrix
 from .io import UsageError, check_pipeline_dir, load_pipeline, save_pipeline
 from .obs import reconstruction_error
@@ -245,14 +245,8 @@ def _targeted_layers(den, spec, units, structured) -> list[str]:
         block = den.get_submodule(u.block)
         g = u.group
         rel = (g.outs + g.inputs) if u.kind == "heads" else (g.ups + (g.down,))
-        names += [f"{u.block}.{r}" for r in rel if _has(block, r)]
+        names += [f"{u.block}.{r}" for r in rel if has(block, r)]
     return names
-
-
-def _has(block, rel):
-    from .archs import has
-
-    return has(block, rel)
 
 
 def _solve_layers(den, unit, stats, sparsity, cfg, method) -> list[dict]:
@@ -317,7 +311,7 @@ def _solve_structured(den, unit, stats, sparsity, cfg, method) -> list[dict]:
             _add_bias(den.get_submodule(name), None if biases is None else biases[i])
             out.append({"name": name, "sparsity": len(removed) / heads, "rel_error": err, "removed_heads": removed})
         for rel in g.inputs:
-            if _has(block, rel):
+            if has(block, rel):
                 keep_rows(den, f"{unit.block}.{rel}", keep[keep < hi])
         set_heads(attn, heads - len(removed))
     else:

@@ -14,17 +14,20 @@ from __future__ import annotations
 import torch
 
 
-def damped_inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper Cholesky factor U of (H + damp I)^-1 and the mask of dead inputs (H_ii == 0)."""
+def damped_inverse(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H + damp I)^-1 in float64, damp = percdamp * mean(diag H), dead inputs (H_ii == 0) set to H_ii = 1;
+    returns the inverse and the mask of dead inputs."""
     H = H.clone().double()
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
-    damp = percdamp * H.diagonal().mean()
-    H.diagonal().add_(damp)
-    L = torch.linalg.cholesky(H)
-    Hinv = torch.cholesky_inverse(L)
-    U = torch.linalg.cholesky(Hinv, upper=True)
-    return U, dead
+    H.diagonal().add_(percdamp * H.diagonal().mean())
+    return torch.cholesky_inverse(torch.linalg.cholesky(H)), dead
+
+
+def damped_inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor U of (H + damp I)^-1 and the mask of dead inputs (H_ii == 0)."""
+    Hinv, dead = damped_inverse(H, percdamp)
+    return torch.linalg.cholesky(Hinv, upper=True), dead
 
 
 def obs_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, prune_n: int = 0, prune_m: int = 0,
@@ -73,9 +76,8 @@ def obs_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, prune_n: int = 
 
 def saliency(W: torch.Tensor, H: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
     """Textbook OBS saliency w_q^2 / (2 [H^-1]_qq) of every weight (all columns still present)."""
-    Hd = H.double().clone()
-    Hd.diagonal().add_(percdamp * Hd.diagonal().mean())
-    return W.double() ** 2 / (2 * torch.linalg.inv(Hd).diagonal().unsqueeze(0))
+    Hinv, _ = damped_inverse(H, percdamp)
+    return W.double() ** 2 / (2 * Hinv.diagonal().unsqueeze(0))
 
 
 def reconstruction_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:

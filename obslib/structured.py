@@ -17,15 +17,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .obs import damped_inverse
+
 RRF_K = 60
 
 
 def _inverse(H: torch.Tensor, percdamp: float) -> torch.Tensor:
-    H = H.double().clone()
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
-    H.diagonal().add_(percdamp * H.diagonal().mean())
-    return torch.cholesky_inverse(torch.linalg.cholesky(H))
+    return damped_inverse(H, percdamp)[0]
 
 
 def group_saliency(W: torch.Tensor, Hinv: torch.Tensor, groups: list[list[int]], exact: bool = True) -> torch.Tensor:
