@@ -33,9 +33,10 @@ def heldout():
     return ps, render_prompts(ps, TEST_SEED)
 
 
-def test_classifier_heads_on_fresh_heldout_renders(clf):
+@pytest.mark.parametrize("free", [False, True], ids=["lattice", "off-lattice"])
+def test_classifier_heads_on_fresh_heldout_renders(clf, free):
     scenes = splits()["heldout"][:N]
-    imgs, labels = make_batch(scenes, [TEST_SEED + 7 * i for i in range(N)])
+    imgs, labels = make_batch(scenes, [TEST_SEED + 7 * i for i in range(N)], free=free)
     acc = head_accuracy(clf, imgs, labels)
     assert set(acc) == set(HEADS)
     assert min(acc.values()) >= 0.98, acc

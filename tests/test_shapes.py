@@ -19,6 +19,32 @@ def test_renderer_is_deterministic_and_seed_dependent():
     assert (a == 255).all(-1).mean() > 0.5  # white background dominates
 
 
+def test_lattice_layout_is_token_aligned_and_unambiguous():
+    import random
+
+    from obslib.shapes.world import GRID_STEP, MAX_CROSS_STEPS, layout
+
+    rng = random.Random(0)
+    scenes = all_scenes()
+    seen = set()
+    for i in range(3000):
+        sc = scenes[rng.randrange(len(scenes))]
+        pos = layout(sc, random.Random(i))
+        for cx, cy, r in pos:
+            assert cx % GRID_STEP == GRID_STEP // 2 and cy % GRID_STEP == GRID_STEP // 2  # token centres
+            assert r + 1 <= min(cx, cy) and max(cx, cy) <= 48 - r - 1  # fully inside
+            seen.add((cx, cy))
+        if len(pos) == 2:
+            (xa, ya, _), (xb, yb, _) = pos  # objects[0] <relation> objects[1]
+            main, cross = {"to the left of": (xb - xa, yb - ya), "to the right of": (xa - xb, ya - yb),
+                           "above": (yb - ya, xb - xa), "below": (ya - yb, xa - xb)}[sc.relation]
+            assert main > abs(cross) and abs(cross) <= MAX_CROSS_STEPS * GRID_STEP
+    assert len(seen) == 16  # several positions: 4 x 4 lattice cells
+    # the free placement (classifier training) is off-lattice
+    free = layout(scenes[5], random.Random(1), free=True)
+    assert any(c % GRID_STEP != GRID_STEP // 2 for c in free[0][:2])
+
+
 def test_world_size_and_grammar():
     scenes = all_scenes()
     objs = {o for s in scenes for o in s.objects}
@@ -66,3 +92,33 @@ def test_default_model_loads_offline_with_stock_pipeline_and_is_deterministic(mo
     assert len(pipe.transformer.transformer_blocks) >= 6
     assert all(b.attn.heads >= 4 for b in pipe.transformer.transformer_blocks)
     assert pipe.transformer.transformer_blocks[-1].context_pre_only
+
+
+def test_training_command_runs_resumes_and_records_its_stages(tmp_path):
+    """Two tiny steps per stage: the trainer writes a loadable pipeline, resumes from its checkpoint without
+    redoing steps, and continued training appends its stage to ``obslib_training.json``."""
+    import json
+
+    from obslib.shapes.train import main, training_history
+
+    out, ck, log = tmp_path / "model", tmp_path / "ck", tmp_path / "loss.csv"
+    args = ["--out", str(out), "--checkpoint-dir", str(ck), "--log", str(log), "--vae-steps", "2", "--steps", "2",
+            "--decoder-steps", "2", "--batch", "4", "--vae-batch", "4", "--layout", "free"]
+    main(args)
+    rows = log.read_text().splitlines()
+    assert rows[0] == "stage,step,loss,kl" and {r.split(",")[0] for r in rows[1:]} == {"vae", "denoiser", "decoder"}
+    hist = training_history(str(out))
+    assert [(h["layout"], h["steps"], h["init_from"]) for h in hist] == [("free", 2, None)]
+    assert json.loads((ck / "denoiser" / "meta.json").read_text())["step"] == 2
+    main(args)  # resume: every stage is complete, no new loss rows
+    assert len(log.read_text().splitlines()) == len(rows)
+    main(["--init-from", str(out), "--out", str(tmp_path / "next"), "--checkpoint-dir", str(tmp_path / "ck2"),
+          "--log", str(log), "--steps", "2", "--batch", "4"])
+    hist2 = training_history(str(tmp_path / "next"))
+    assert [(h["layout"], h["init_from"]) for h in hist2] == [("free", None), ("lattice", str(out))]
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tmp_path / "next"))
+    img = pipe("a small red circle", num_inference_steps=2, guidance_scale=4.0, max_sequence_length=8,
+               output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert img.shape == (1, 48, 48, 3) and np.isfinite(img).all()

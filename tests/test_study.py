@@ -30,7 +30,7 @@ def _unstructured(obs, wanda):
     for sp in (0.5, 0.6):
         for m, v in (("obs-diff", obs), ("wanda", wanda), ("dsnot", 0.3), ("magnitude", 0.1)):
             rows.append(dict(method=m, sparsity=sp, psnr_mean=40 * v, psnr_std=0.1, prune_s_mean=10.0,
-                             attribute_accuracy_mean=v, attribute_accuracy_std=0.01))
+                             prompt_fidelity_mean=v, prompt_fidelity_std=0.01))
     return pd.DataFrame(rows)
 
 

@@ -31,6 +31,7 @@ def model_report(model_dir: str, num_prompts: int = 256, seeds=(0, 1, 2), out_js
     from ..io import write_json
     from ..plots import image_grid, save
     from .classifier import load_classifier
+    from .train import training_history
     from .world import prompts
 
     clf = load_classifier()
@@ -64,6 +65,7 @@ def model_report(model_dir: str, num_prompts: int = 256, seeds=(0, 1, 2), out_js
     report = {
         "model_dir": os.path.relpath(model_dir, ROOT),
         "sampling": defaults,
+        "training": training_history(model_dir),
         "num_prompts": num_prompts,
         "seeds": list(seeds),
         "params": {n: sum(p.numel() for p in m.parameters()) for n, m in

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..io import quiet_diffusers
 from .model import DEFAULT_SAMPLING, build_pipeline
 from .world import render_batch, splits
 
@@ -33,17 +34,17 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
 class _Batches:
     """Endless seeded stream of (captions, images) from the training split."""
 
-    def __init__(self, seed: int, batch: int, p_single: float = 0.4, scenes=None):
+    def __init__(self, seed: int, batch: int, p_single: float = 0.4, scenes=None, free: bool = False):
         scenes = splits()["train"] if scenes is None else scenes
         self.by_count = {1: [s for s in scenes if len(s.objects) == 1], 2: [s for s in scenes if len(s.objects) == 2]}
-        self.batch, self.p_single, self.seed = batch, p_single, seed
+        self.batch, self.p_single, self.seed, self.free = batch, p_single, seed, free
 
     def get(self, step: int):
         rng = random.Random(self.seed * 1_000_003 + step)
         scenes = [self.by_count[1 if rng.random() < self.p_single else 2] for _ in range(self.batch)]
         scenes = [pool[rng.randrange(len(pool))] for pool in scenes]
         seeds = [rng.randrange(2**31) for _ in scenes]
-        return [s.caption() for s in scenes], _to_tensor(render_batch(scenes, seeds))
+        return [s.caption() for s in scenes], _to_tensor(render_batch(scenes, seeds, free=self.free))
 
 
 def _save_ckpt(path: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -88,7 +89,8 @@ def _log(path: str, row: dict) -> None:
         f.write(",".join(str(v) for v in row.values()) + "\n")
 
 
-def train_vae(pipe, steps: int, batch: int, ckpt: str, log: str, seed: int = 0, ckpt_every: int = 200, lr=1e-3):
+def train_vae(pipe, steps: int, batch: int, ckpt: str, log: str, seed: int = 0, ckpt_every: int = 200, lr=1e-3,
+              free: bool = False):
     vae = pipe.vae
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     state, meta = _load_ckpt(ckpt)
@@ -97,7 +99,7 @@ def train_vae(pipe, steps: int, batch: int, ckpt: str, log: str, seed: int = 0, 
         vae.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("vae.")})
         _optim_restore(opt, state, meta["optim"], "opt")
         start = meta["step"]
-    data = _Batches(seed, batch)
+    data = _Batches(seed, batch, free=free)
     vae.train()
     for step in tqdm(range(start, steps), initial=start, total=steps, desc="vae"):
         _, x = data.get(step)
@@ -127,7 +129,8 @@ def _sigmas(n: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def train_denoiser(pipe, steps: int, batch: int, ckpt: str, log: str, seed: int = 0, ckpt_every: int = 200,
-                   lr: float = 4e-4, ema_decay: float = 0.999, warmup: int = 200):
+                   lr: float = 4e-4, ema_decay: float = 0.999, warmup: int = 200, stage: str = "denoiser",
+                   free: bool = False):
     modules = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
     params = [p for m in modules.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -142,7 +145,7 @@ def train_denoiser(pipe, steps: int, batch: int, ckpt: str, log: str, seed: int 
         start = meta["step"]
     vae = pipe.vae
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
-    data = _Batches(seed + 1, batch)
+    data = _Batches(seed + 1, batch, free=free)
     for m in modules.values():
         m.train()
     msl = DEFAULT_SAMPLING["max_sequence_length"]
@@ -156,8 +159,9 @@ def train_denoiser(pipe, steps: int, batch: int, ckpt: str, log: str, seed: int 
         captions = ["" if torch.rand(1, generator=gen).item() < CFG_DROPOUT else c for c in captions]
         with torch.no_grad():
             x0 = (vae.encode(x).latent_dist.sample(generator=gen) - shift) * scale
-        pe, _, pooled, _ = pipe.encode_prompt(captions, None, None, device=torch.device("cpu"),
-                                              do_classifier_free_guidance=False, max_sequence_length=msl)
+        with quiet_diffusers():  # the placeholder T5's "truncated" warning, on every step otherwise
+            pe, _, pooled, _ = pipe.encode_prompt(captions, None, None, device=torch.device("cpu"),
+                                                  do_classifier_free_guidance=False, max_sequence_length=msl)
         sigma = _sigmas(len(captions), gen)
         noise = torch.randn(x0.shape, generator=gen)
         s = sigma.view(-1, 1, 1, 1)
@@ -177,7 +181,7 @@ def train_denoiser(pipe, steps: int, batch: int, ckpt: str, log: str, seed: int 
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.set_postfix(loss=f"{running:.4f}")
         if step % 20 == 0:
-            _log(log, {"stage": "denoiser", "step": step, "loss": f"{loss.item():.5f}", "kl": ""})
+            _log(log, {"stage": stage, "step": step, "loss": f"{loss.item():.5f}", "kl": ""})
         if (step + 1) % ckpt_every == 0 or step + 1 == steps:
             tensors = {}
             for n, m in modules.items():
@@ -192,7 +196,7 @@ def train_denoiser(pipe, steps: int, batch: int, ckpt: str, log: str, seed: int 
 
 
 def train_decoder(pipe, steps: int, batch: int, ckpt: str, log: str, seed: int = 0, ckpt_every: int = 100,
-                  lr: float = 3e-4):
+                  lr: float = 3e-4, free: bool = False):
     """Fine-tune the VAE *decoder* on unconditional renders of the whole world (encoder frozen).
 
     The VAE was first trained on training-split images only; it then decodes colour/background pairs it never
@@ -212,7 +216,7 @@ def train_decoder(pipe, steps: int, batch: int, ckpt: str, log: str, seed: int =
         vae.decoder.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("decoder.")})
         _optim_restore(opt, state, meta["optim"], "opt")
         start = meta["step"]
-    data = _Batches(seed + 2, batch, scenes=all_scenes())
+    data = _Batches(seed + 2, batch, scenes=all_scenes(), free=free)
     vae.decoder.train()
     for step in tqdm(range(start, steps), initial=start, total=steps, desc="decoder (whole world)"):
         gen = torch.Generator().manual_seed(seed * 31 + step)
@@ -234,28 +238,46 @@ def train_decoder(pipe, steps: int, batch: int, ckpt: str, log: str, seed: int =
 
 
 def train_default_model(out: str, checkpoint_dir: str, vae_steps: int, steps: int, batch: int, vae_batch: int,
-                        log: str, seed: int = 0, decoder_steps: int = 400, init_from: str | None = None) -> None:
+                        log: str, seed: int = 0, decoder_steps: int = 400, init_from: str | None = None,
+                        layout: str = "lattice") -> None:
     """Train from scratch, or (``init_from``) continue the denoiser of a saved pipeline with a fresh optimiser,
-    keeping its VAE; checkpoints go to ``checkpoint_dir`` either way."""
+    keeping its VAE; checkpoints go to ``checkpoint_dir`` either way. ``layout="free"`` trains on the
+    off-lattice placement (how the first 5,000 steps of the committed model were trained)."""
+    if layout not in ("lattice", "free"):
+        raise ValueError(f"layout={layout!r}: must be 'lattice' or 'free'")
+    free = layout == "free"
     torch.set_num_threads(int(os.environ.get("OBSLIB_THREADS", os.cpu_count() or 1)))
     t0 = time.time()
     if init_from:
         from ..io import load_pipeline
 
         pipe = load_pipeline(init_from)
-        train_denoiser(pipe, steps, batch, os.path.join(checkpoint_dir, "denoiser"), log, seed + 100)
+        train_denoiser(pipe, steps, batch, os.path.join(checkpoint_dir, "denoiser"), log, seed + 100,
+                       stage="denoiser_continued", free=free)
     else:
         pipe = build_pipeline(seed)
-        train_vae(pipe, vae_steps, vae_batch, os.path.join(checkpoint_dir, "vae"), log, seed)
-        train_denoiser(pipe, steps, batch, os.path.join(checkpoint_dir, "denoiser"), log, seed)
-        train_decoder(pipe, decoder_steps, vae_batch, os.path.join(checkpoint_dir, "decoder"), log, seed)
+        train_vae(pipe, vae_steps, vae_batch, os.path.join(checkpoint_dir, "vae"), log, seed, free=free)
+        train_denoiser(pipe, steps, batch, os.path.join(checkpoint_dir, "denoiser"), log, seed, free=free)
+        train_decoder(pipe, decoder_steps, vae_batch, os.path.join(checkpoint_dir, "decoder"), log, seed, free=free)
     from ..io import save_pipeline
 
     defaults = {**DEFAULT_SAMPLING, "calibration_prompts": "shapes-train", "image_size": pipe.vae.config.sample_size}
-    save_pipeline(pipe, out, extra_json={"obslib_defaults.json": defaults})
+    stage = {"init_from": init_from, "layout": layout, "vae_steps": 0 if init_from else vae_steps, "steps": steps,
+             "batch": batch, "decoder_steps": 0 if init_from else decoder_steps, "seed": seed,
+             "seconds": round(time.time() - t0, 1)}
+    history = training_history(init_from) + [stage] if init_from else [stage]
+    save_pipeline(pipe, out, extra_json={"obslib_defaults.json": defaults, "obslib_training.json": history})
     with open(os.path.join(checkpoint_dir, "done.json"), "w") as f:
-        json.dump({"vae_steps": vae_steps, "steps": steps, "batch": batch, "decoder_steps": decoder_steps,
-                   "seconds": time.time() - t0}, f)
+        json.dump(stage, f)
+
+
+def training_history(model_dir: str) -> list[dict]:
+    """The training stages recorded in a saved model (``obslib_training.json``; empty when absent)."""
+    path = os.path.join(model_dir, "obslib_training.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
 
 
 def main(argv=None) -> None:
@@ -272,9 +294,11 @@ def main(argv=None) -> None:
     p.add_argument("--log", default="results/train_loss.csv")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-from", help="continue training the denoiser of this saved pipeline (e.g. models/shapes-sd3)")
+    p.add_argument("--layout", choices=("lattice", "free"), default="lattice",
+                   help="object placement of the training renders (the world's lattice, or free placement)")
     a = p.parse_args(argv)
     train_default_model(a.out, a.checkpoint_dir, a.vae_steps, a.steps, a.batch, a.vae_batch, a.log, a.seed,
-                        a.decoder_steps, a.init_from)
+                        a.decoder_steps, a.init_from, a.layout)
 
 
 if __name__ == "__main__":

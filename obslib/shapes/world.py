@@ -2,7 +2,8 @@
 
 A *scene* is one or two objects (shape, colour, size) on a background; two objects stand in a
 spatial relation that the caption names ("a small red circle to the left of a large blue square").
-Every image is rendered from its scene with a seeded random layout, so ground truth is exact.
+Every image is rendered from its scene with a seeded random layout on a token-aligned lattice of
+positions, so ground truth is exact.
 
 Labels are *canonical*: for two objects, slot A is the left (horizontal) or top (vertical) object,
 slot B the other. "X to the right of Y" and "Y to the left of X" are the same canonical scene.
@@ -190,22 +191,59 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     raise ValueError(f"shape={shape!r}: must be one of {SHAPES}")
 
 
-def layout(scene: Scene, rng: random.Random, size: int = IMAGE_SIZE) -> list[tuple[float, float, float]]:
-    """Random centres and radii (pixels) consistent with the scene's relation."""
+# Object centres sit on a lattice aligned with the denoiser's tokens (VAE x4 * patch 2 = 8 px per token),
+# at token centres: every shape has one appearance per size in token space, not 64 sub-token variants.
+GRID_STEP = 8
+# For two objects the cross-axis offset is at most one lattice step, always less than the main-axis gap,
+# so "to the left of" never also reads as "above".
+MAX_CROSS_STEPS = 1
+
+
+def lattice(r: float, size: int = IMAGE_SIZE) -> list[int]:
+    """Lattice centres (pixels) at which an object of radius ``r`` lies fully inside the image."""
+    return [c for c in range(GRID_STEP // 2, size, GRID_STEP) if r + 1 <= c <= size - r - 1]
+
+
+def layout(scene: Scene, rng: random.Random, size: int = IMAGE_SIZE, free: bool = False) -> list[tuple[float, float, float]]:
+    """Random lattice centres and radii (pixels) consistent with the scene's relation.
+
+    ``free=True`` is the off-lattice placement the evaluator's classifier is trained on (so that it reads
+    generated images whose objects drift off the lattice): centres anywhere, slot A in the first half of
+    the main axis, slot B in the second, both jittered along the whole cross axis.
+    """
     radii = [SIZES[o.size] * size / 2 for o in scene.objects]
+    if free:
+        return _free_layout(scene, rng, size, radii)
+    if len(scene.objects) == 1:
+        cells = lattice(radii[0], size)
+        return [(float(rng.choice(cells)), float(rng.choice(cells)), radii[0])]
+    arrangement, _, _ = scene.canonical()
+    first_is_a = scene.relation in ("to the left of", "above")
+    ra, rb = (radii[0], radii[1]) if first_is_a else (radii[1], radii[0])
+    # main axis: A before B with a visible gap; cross axis: B within MAX_CROSS_STEPS lattice steps of A
+    mains = [(ca, cb) for ca in lattice(ra, size) for cb in lattice(rb, size) if cb - ca >= ra + rb + 2]
+    a_main, b_main = rng.choice(mains)
+    crosses = [(ca, cb) for ca in lattice(ra, size) for cb in lattice(rb, size)
+               if abs(cb - ca) <= MAX_CROSS_STEPS * GRID_STEP]
+    a_cross, b_cross = rng.choice(crosses)
+    if arrangement == "horizontal":
+        pa, pb = (a_main, a_cross, ra), (b_main, b_cross, rb)
+    else:
+        pa, pb = (a_cross, a_main, ra), (b_cross, b_main, rb)
+    pa, pb = tuple(map(float, pa)), tuple(map(float, pb))
+    return [pa, pb] if first_is_a else [pb, pa]
+
+
+def _free_layout(scene: Scene, rng: random.Random, size: int, radii: list[float]) -> list[tuple[float, float, float]]:
     if len(scene.objects) == 1:
         r = radii[0]
-        margin = r + 1
-        return [(rng.uniform(margin, size - margin), rng.uniform(margin, size - margin), r)]
+        return [(rng.uniform(r + 1, size - r - 1), rng.uniform(r + 1, size - r - 1), r)]
     arrangement, _, _ = scene.canonical()
     first_is_a = scene.relation in ("to the left of", "above")
     ra, rb = (radii[0], radii[1]) if first_is_a else (radii[1], radii[0])
     half = size / 2
-    # slot A in the first half, slot B in the second, jittered along both axes
-    a_main = rng.uniform(ra + 1, half - 1)
-    b_main = rng.uniform(half + 1, size - rb - 1)
-    a_cross = rng.uniform(ra + 1, size - ra - 1)
-    b_cross = rng.uniform(rb + 1, size - rb - 1)
+    a_main, b_main = rng.uniform(ra + 1, half - 1), rng.uniform(half + 1, size - rb - 1)
+    a_cross, b_cross = rng.uniform(ra + 1, size - ra - 1), rng.uniform(rb + 1, size - rb - 1)
     if arrangement == "horizontal":
         pa, pb = (a_main, a_cross, ra), (b_main, b_cross, rb)
     else:
@@ -213,13 +251,13 @@ def layout(scene: Scene, rng: random.Random, size: int = IMAGE_SIZE) -> list[tup
     return [pa, pb] if first_is_a else [pb, pa]
 
 
-def render(scene: Scene, seed: int, size: int = IMAGE_SIZE, supersample: int = 4) -> np.ndarray:
-    """Render a scene to an (size, size, 3) uint8 array; identical for identical (scene, seed)."""
+def render(scene: Scene, seed: int, size: int = IMAGE_SIZE, supersample: int = 4, free: bool = False) -> np.ndarray:
+    """Render a scene to an (size, size, 3) uint8 array; identical for identical (scene, seed, free)."""
     rng = random.Random(seed)
     big = size * supersample
     img = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(img)
-    for obj, (cx, cy, r) in zip(scene.objects, layout(scene, rng, size)):
+    for obj, (cx, cy, r) in zip(scene.objects, layout(scene, rng, size, free)):
         cx, cy, r = cx * supersample, cy * supersample, r * supersample
         colour = COLOURS[obj.colour]
         if obj.shape == "circle":
@@ -234,5 +272,5 @@ def sample_scene(rng: random.Random, scenes_by_count: dict[int, list[Scene]], p_
     return pool[rng.randrange(len(pool))]
 
 
-def render_batch(scenes: list[Scene], seeds: list[int], size: int = IMAGE_SIZE) -> np.ndarray:
-    return np.stack([render(s, sd, size) for s, sd in zip(scenes, seeds)])
+def render_batch(scenes: list[Scene], seeds: list[int], size: int = IMAGE_SIZE, free: bool = False) -> np.ndarray:
+    return np.stack([render(s, sd, size, free=free) for s, sd in zip(scenes, seeds)])
