@@ -39,3 +39,19 @@ def test_ordering_claim_verdict(tmp_path, obs, wanda, verdict):
     _unstructured(obs, wanda).to_csv(tmp_path / "01_unstructured.csv", index=False)
     rows = [r for r in claim_rows(str(tmp_path)) if r["claim"].startswith("Method ordering")]
     assert len(rows) == 2 and all(r["verdict"].startswith(verdict) for r in rows)
+
+
+@pytest.mark.parametrize("l1_fidelity, verdict", [(0.1, "reproduced"), (0.9, "mixed")])
+def test_structured_claim_weighs_prompt_fidelity_beside_psnr(tmp_path, l1_fidelity, verdict):
+    rows = [dict(method="dense", sparsity=0.5, psnr_mean=float("inf"), psnr_std=0.0, prompt_fidelity_mean=0.9,
+                 prompt_fidelity_std=0.0)]
+    for sp in (0.1, 0.2):
+        rows += [dict(method="obs-diff", sparsity=sp, psnr_mean=25.0, psnr_std=0.1, prompt_fidelity_mean=0.5,
+                      prompt_fidelity_std=0.01),
+                 dict(method="l1-norm", sparsity=sp, psnr_mean=20.0, psnr_std=0.1, prompt_fidelity_mean=l1_fidelity,
+                      prompt_fidelity_std=0.01)]
+    pd.DataFrame(rows).to_csv(tmp_path / "03_structured.csv", index=False)
+    (row,) = [r for r in claim_rows(str(tmp_path)) if r["claim"].startswith("Structured")]
+    assert row["verdict"].startswith(verdict) and "0.500 vs L1 20.00" in row["ours"]
+    if verdict == "mixed":
+        assert "10%, 20%" in row["verdict"]
