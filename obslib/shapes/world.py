@@ -212,38 +212,25 @@ def layout(scene: Scene, rng: random.Random, size: int = IMAGE_SIZE, free: bool 
     the main axis, slot B in the second, both jittered along the whole cross axis.
     """
     radii = [SIZES[o.size] * size / 2 for o in scene.objects]
-    if free:
-        return _free_layout(scene, rng, size, radii)
-    if len(scene.objects) == 1:
-        cells = lattice(radii[0], size)
-        return [(float(rng.choice(cells)), float(rng.choice(cells)), radii[0])]
-    arrangement, _, _ = scene.canonical()
-    first_is_a = scene.relation in ("to the left of", "above")
-    ra, rb = (radii[0], radii[1]) if first_is_a else (radii[1], radii[0])
-    # main axis: A before B with a visible gap; cross axis: B within MAX_CROSS_STEPS lattice steps of A
-    mains = [(ca, cb) for ca in lattice(ra, size) for cb in lattice(rb, size) if cb - ca >= ra + rb + 2]
-    a_main, b_main = rng.choice(mains)
-    crosses = [(ca, cb) for ca in lattice(ra, size) for cb in lattice(rb, size)
-               if abs(cb - ca) <= MAX_CROSS_STEPS * GRID_STEP]
-    a_cross, b_cross = rng.choice(crosses)
-    if arrangement == "horizontal":
-        pa, pb = (a_main, a_cross, ra), (b_main, b_cross, rb)
-    else:
-        pa, pb = (a_cross, a_main, ra), (b_cross, b_main, rb)
-    pa, pb = tuple(map(float, pa)), tuple(map(float, pb))
-    return [pa, pb] if first_is_a else [pb, pa]
-
-
-def _free_layout(scene: Scene, rng: random.Random, size: int, radii: list[float]) -> list[tuple[float, float, float]]:
     if len(scene.objects) == 1:
         r = radii[0]
-        return [(rng.uniform(r + 1, size - r - 1), rng.uniform(r + 1, size - r - 1), r)]
+        if free:
+            return [(rng.uniform(r + 1, size - r - 1), rng.uniform(r + 1, size - r - 1), r)]
+        cells = lattice(r, size)
+        return [(float(rng.choice(cells)), float(rng.choice(cells)), r)]
     arrangement, _, _ = scene.canonical()
     first_is_a = scene.relation in ("to the left of", "above")
     ra, rb = (radii[0], radii[1]) if first_is_a else (radii[1], radii[0])
-    half = size / 2
-    a_main, b_main = rng.uniform(ra + 1, half - 1), rng.uniform(half + 1, size - rb - 1)
-    a_cross, b_cross = rng.uniform(ra + 1, size - ra - 1), rng.uniform(rb + 1, size - rb - 1)
+    if free:
+        half = size / 2
+        a_main, b_main = rng.uniform(ra + 1, half - 1), rng.uniform(half + 1, size - rb - 1)
+        a_cross, b_cross = rng.uniform(ra + 1, size - ra - 1), rng.uniform(rb + 1, size - rb - 1)
+    else:
+        # main axis: A before B with a visible gap; cross axis: B within MAX_CROSS_STEPS lattice steps of A
+        pairs = [(ca, cb) for ca in lattice(ra, size) for cb in lattice(rb, size)]
+        a_main, b_main = map(float, rng.choice([(ca, cb) for ca, cb in pairs if cb - ca >= ra + rb + 2]))
+        a_cross, b_cross = map(float, rng.choice([(ca, cb) for ca, cb in pairs
+                                                  if abs(cb - ca) <= MAX_CROSS_STEPS * GRID_STEP]))
     if arrangement == "horizontal":
         pa, pb = (a_main, a_cross, ra), (b_main, b_cross, rb)
     else:
