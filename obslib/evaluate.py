@@ -21,7 +21,7 @@ import numpy as np
 
 from .io import UsageError, check_pipeline_dir, quiet_diffusers, write_json
 from .shapes.model import DEFAULT_SAMPLING
-from .shapes.world import BACKGROUNDS, LABEL_HEADS, Obj, parse_caption, prompts, render
+from .shapes.world import BACKGROUNDS, LABEL_HEADS, SPLITS, Obj, parse_caption, prompts, render
 
 REAL_SEED_OFFSET = 1_000_003  # renders used as the "real" set are seeded seed + offset + i
 _ATTRS = ("shape", "colour", "size")
@@ -320,7 +320,7 @@ def add_cli(sub) -> None:
     p.add_argument("--seed", type=int, default=0, metavar="S")
     p.add_argument("--guidance", type=float, default=None, metavar="G",
                    help=f"CFG scale (default {DEFAULT_SAMPLING['guidance_scale']})")
-    p.add_argument("--split", choices=("heldout", "train"), default="heldout")
+    p.add_argument("--split", choices=SPLITS, default="heldout")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu", help="device for the pipelines, e.g. cuda (default cpu)")
     p.add_argument("--out", required=True, metavar="metrics.json")

@@ -157,9 +157,12 @@ def model_fingerprint(model_dir: str) -> str:
 
 def run_grid(settings: list[Setting], seeds, out_csv: str, evaluator: Evaluator | None = None,
              progress: bool = True, **ev_kwargs) -> pd.DataFrame:
-    """Run every (setting, seed) not yet in ``out_csv`` for this model and evaluation size; returns those rows."""
+    """Run every (setting, seed) not yet in ``out_csv`` for this model and evaluation prompts; returns those rows."""
+    import hashlib
+
     ev = evaluator or Evaluator(**ev_kwargs)
-    tag = f"{model_fingerprint(ev.model_dir)}/{ev.num_prompts}"
+    prompts_digest = hashlib.sha1("\n".join(ev.prompts).encode()).hexdigest()[:8]
+    tag = f"{model_fingerprint(ev.model_dir)}/{ev.num_prompts}/{prompts_digest}"
 
     def key(s, sd):
         return f"{tag}|{s.key(sd)}"

@@ -17,7 +17,8 @@ def image_grid(images: np.ndarray, captions: list[str], ncols: int = 8, width: f
         ax.axis("off")
     for ax, img, cap in zip(axes.flat, images, captions):
         ax.imshow(img, interpolation="nearest")
-        ax.set_title("\n".join(textwrap.wrap(cap, 22)), fontsize=6.5, y=-0.02, va="top")
+        ax.text(0.5, -0.03, "\n".join(textwrap.wrap(cap, 22)), fontsize=6.5, ha="center", va="top",
+                transform=ax.transAxes)
     fig.tight_layout()
     return fig
 

@@ -140,7 +140,7 @@ def test_cli_bad_input(case, cli_runs):
 
 
 @pytest.mark.parametrize("flag,value", [("--steps", "0"), ("--steps", "-1"), ("--num-prompts", "100000"),
-                                        ("--guidance", "-2")])
+                                        ("--guidance", "-2"), ("--split", "test")])
 def test_cli_bad_numbers_in_process(flag, value, tmp_path, capsys):
     from obslib.cli import main
 
@@ -182,7 +182,9 @@ def test_evaluate_pipeline_tiny(clf):
     from obslib.shapes.model import build_pipeline
 
     pipe = build_pipeline()
-    res = evaluate_pipeline(pipe, num_prompts=4, steps=2, seed=0, reference=pipe, classifier=clf, progress=False)
+    res = evaluate_pipeline(pipe, num_prompts=4, steps=2, seed=0, reference=pipe, classifier=clf, progress=False,
+                            split="unseen_background")
+    assert res["split"] == "unseen_background"
     for k in ("prompt_fidelity", "fid", "kid", "psnr", "ssim", "num_prompts", "steps", "seed"):
         assert k in res
     assert {f"acc_{h}" for h in LABEL_HEADS} <= set(res)

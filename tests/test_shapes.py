@@ -1,11 +1,12 @@
 """The shapes world and the embedded default model (issue: foundation)."""
+import hashlib
 import os
 
 import numpy as np
 import pytest
 import torch
 
-from obslib.shapes import all_scenes, is_novel_combination, parse_caption, prompts, render, splits
+from obslib.shapes import all_scenes, is_novel_combination, novelty, parse_caption, prompts, render, splits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(ROOT, "models", "shapes-sd3")
@@ -57,13 +58,22 @@ def test_world_size_and_grammar():
 
 def test_splits_are_deterministic_disjoint_and_hold_out_novel_combinations():
     a, b = splits(), splits()
-    assert [s.caption() for s in a["train"]] == [s.caption() for s in b["train"]]
-    train = {s.caption() for s in a["train"]}
-    held = [s.caption() for s in a["heldout"]]
-    assert not train & set(held) and len(held) >= 256
+    assert {k: [s.caption() for s in v] for k, v in a.items()} == {k: [s.caption() for s in v] for k, v in b.items()}
+    parts = {k: {s.caption() for s in v} for k, v in a.items()}
+    assert set(parts) == {"train", "heldout", "unseen_background"}
+    assert sum(map(len, parts.values())) == len(all_scenes()) == len(set.union(*parts.values()))  # a partition
+    assert len(a["heldout"]) >= 256 and len(a["unseen_background"]) >= 256
     assert not any(is_novel_combination(s) for s in a["train"])
+    assert all(novelty(s) == "background" for s in a["unseen_background"])
+    assert all(novelty(s) != "background" for s in a["heldout"])
+    # the held-out split includes combinations never seen in training (novel colour pairings) and singles
     first = [parse_caption(p) for p in prompts("heldout", 256)]
-    assert sum(is_novel_combination(s) for s in first) > 50 and sum(len(s.objects) == 1 for s in first) > 20
+    assert sum(novelty(s) == "colour pairing" for s in first) > 100 and sum(len(s.objects) == 1 for s in first) > 20
+    # the train split is the one the committed model was trained on (fixed since the model's first stage)
+    digest = hashlib.sha1("|".join(s.caption() for s in a["train"]).encode()).hexdigest()
+    assert digest == "7de72b108c5429ffe4cb3ee9b860bd1e07a616b2"
+    with pytest.raises(ValueError, match="split='test'"):
+        prompts("test")
 
 
 def test_every_word_is_one_clip_token():
