@@ -186,22 +186,29 @@ def reconstruction_metrics(images: np.ndarray, reference: np.ndarray) -> dict[st
 # ------------------------------------------------------------------------------------------ pipeline
 def evaluate_pipeline(pipe, num_prompts: int, steps: int, seed: int, reference=None, split: str = "heldout",
                       guidance: float | None = None, classifier=None, batch_size: int = 64,
-                      progress: bool = True) -> dict:
-    """All metrics of ``pipe`` on the first ``num_prompts`` prompts of ``split``."""
+                      progress: bool = True, images: np.ndarray | None = None) -> dict:
+    """All metrics of ``pipe`` on the first ``num_prompts`` prompts of ``split``.
+
+    ``reference`` is a pipeline, or its images for the same prompts and seed; ``images`` are ``pipe``'s own
+    samples when the caller already generated them (``generate`` with the same prompts, seed and settings).
+    """
     from .shapes.classifier import load_classifier
 
     if num_prompts <= 0 or steps <= 0:
         raise ValueError(f"num_prompts={num_prompts}, steps={steps}: both must be positive")
     ps = prompts(split, num_prompts)
     clf = classifier if classifier is not None else load_classifier()
-    images = generate(pipe, ps, seed, steps=steps, guidance=guidance, batch_size=batch_size, progress=progress)
+
+    def sample(p):
+        return generate(p, ps, seed, steps=steps, guidance=guidance, batch_size=batch_size, progress=progress)
+
+    images = sample(pipe) if images is None else images
     real = render_prompts(ps, seed + REAL_SEED_OFFSET)
     fid = fidelity(images, ps, clf)
     out = {"prompt_fidelity": fid.pop("prompt_fidelity")}
     out.update(distribution_metrics(images, real, clf, seed=seed))
     if reference is not None:
-        ref = generate(reference, ps, seed, steps=steps, guidance=guidance, batch_size=batch_size, progress=progress)
-        out.update(reconstruction_metrics(images, ref))
+        out.update(reconstruction_metrics(images, reference if isinstance(reference, np.ndarray) else sample(reference)))
     out.update(fid)
     out.update({"num_prompts": len(ps), "steps": int(steps), "seed": int(seed), "split": split,
                 "guidance": DEFAULT_SAMPLING["guidance_scale"] if guidance is None else float(guidance)})

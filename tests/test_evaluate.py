@@ -185,6 +185,12 @@ def test_evaluate_pipeline_tiny(clf):
     res = evaluate_pipeline(pipe, num_prompts=4, steps=2, seed=0, reference=pipe, classifier=clf, progress=False,
                             split="unseen_background")
     assert res["split"] == "unseen_background"
+    # precomputed samples (own and reference) give exactly the metrics of sampling inside
+    from obslib.evaluate import generate
+
+    imgs = generate(pipe, prompts("unseen_background", 4), 0, steps=2, progress=False)
+    assert evaluate_pipeline(pipe, num_prompts=4, steps=2, seed=0, reference=imgs, classifier=clf, progress=False,
+                             split="unseen_background", images=imgs) == res
     for k in ("prompt_fidelity", "fid", "kid", "psnr", "ssim", "num_prompts", "steps", "seed"):
         assert k in res
     assert {f"acc_{h}" for h in LABEL_HEADS} <= set(res)

@@ -42,20 +42,24 @@ def model_report(model_dir: str, num_prompts: int = 256, seeds=(0, 1, 2), out_js
     clf = load_classifier()
     dense = load_pipeline(model_dir)
     defaults = json.load(open(os.path.join(model_dir, "obslib_defaults.json")))
+    steps = defaults["num_inference_steps"]
+    ps = prompts("heldout", num_prompts)
+    # the dense model's held-out images per seed: scored as its own, and the pruned model's PSNR/SSIM reference
+    dense_imgs = {s: generate(dense, ps, s, steps=steps, progress=progress) for s in seeds}
     rows = {}
     for name in ("dense", "magnitude-50%"):
         pipe = dense if name == "dense" else load_pipeline(model_dir)
         if name != "dense":
             prune(pipe, PruneConfig(method="magnitude", sparsity=0.5, prompts=["unused"], measure_error=False, progress=False))
-        per_seed = [evaluate_pipeline(pipe, num_prompts, defaults["num_inference_steps"], s, classifier=clf,
-                                      reference=None if name == "dense" else dense, progress=progress) for s in seeds]
-        rows[name] = _mean_std(per_seed)
+        own = name == "dense"
+        rows[name] = _mean_std([evaluate_pipeline(pipe, num_prompts, steps, s, classifier=clf, progress=progress,
+                                                  images=dense_imgs[s] if own else None,
+                                                  reference=None if own else dense_imgs[s]) for s in seeds])
     # the harder split outside held-out: object colours on backgrounds training never shows them on
-    unseen_bg = _mean_std([evaluate_pipeline(dense, num_prompts, defaults["num_inference_steps"], s, classifier=clf,
+    unseen_bg = _mean_std([evaluate_pipeline(dense, num_prompts, steps, s, classifier=clf,
                                              split="unseen_background", progress=progress) for s in seeds])
     # fidelity by held-out subgroup (dense, seed 0)
-    ps = prompts("heldout", num_prompts)
-    imgs = generate(dense, ps, seeds[0], progress=progress)
+    imgs = dense_imgs[seeds[0]]
     groups = {}
     for g in sorted({_subgroup(p) for p in ps}):
         idx = [i for i, p in enumerate(ps) if _subgroup(p) == g]
