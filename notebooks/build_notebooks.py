@@ -99,9 +99,12 @@ assert torch.allclose(H, H.T) and eig[-1] > -1e-6"""),
     md("""
 ## 4. Saliency, mask and compensation
 
-OBS saliency w_q² / (2 [H⁻¹]_qq) is not magnitude: a large weight on a redundant input is cheap to
-remove. The solver prunes in lazy column blocks, and each removed weight's error is pushed onto the
-remaining weights of its row (δw = −(w_q/[H⁻¹]_qq) H⁻¹_{:,q}).
+The textbook OBS saliency w_q² / (2 [H⁻¹]_qq) (plotted below) is not magnitude: a large weight on a
+redundant input is cheap to remove. The solver does not apply that rule over all columns at once. Like
+SparseGPT it is *sequential*: columns are visited left to right and frozen once done, so column j's cost
+and compensation use the inverse Hessian of the columns j… alone, H_F⁻¹ with F = {j, …} (read off a
+Cholesky factor: [H_F⁻¹]_jj = U_jj²), and each removed weight's error is pushed onto the columns to its
+right only (δw_F = −(w_j/[H_F⁻¹]_jj) (H_F⁻¹)_{:,j}). The mask is picked once per lazy block of 128 columns.
 """),
     code("""from obslib.obs import obs_prune, saliency, reconstruction_error
 from obslib.methods import METHODS

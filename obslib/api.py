@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,8 +18,8 @@ from tqdm.auto import tqdm
 
 from .archs import attr, find_denoiser, has, iter_blocks, spec_for
 from .hessian import Calibration, weight_matrix
-from .io import UsageError, check_pipeline_dir, load_pipeline, save_pipeline
-from .obs import reconstruction_error
+from .io import WRITTEN_BY, UsageError, check_pipeline_dir, load_pipeline, save_pipeline
+from .obs import SolverError, check_finite, reconstruction_error
 from .packages import CalibrationRunner, layer_units, package_layers, split_packages, structured_units
 from .structured import (head_counts, keep_cols, keep_rows, kept_index, linear_shapes, make_manifest, set_heads)
 from .weighting import SCHEMES, timestep_weights
@@ -51,6 +52,7 @@ class PruneConfig:
     neuron_batch: int = 16
     measure_error: bool = True  # calibrate even for calibration-free methods, to report rel_error
     progress: bool = True
+    restore_on_failure: bool = True  # keep the targeted layers' originals so a failed prune changes nothing
     extra: dict = field(default_factory=dict)
 
     @property
@@ -61,29 +63,49 @@ class PruneConfig:
         return 0, 0
 
     def validate(self) -> None:
+        """Check every field's type and range; raises ``UsageError`` (a ValueError) naming the bad value."""
         from .methods import METHODS
 
+        _check_types(self)
         if self.method not in METHODS:
             raise UsageError(f"method {self.method!r} is unknown; allowed: {', '.join(METHODS)}")
         if self.pattern not in PATTERNS:
             raise UsageError(f"pattern {self.pattern!r} is unknown; allowed: {', '.join(PATTERNS)}")
-        if not (isinstance(self.sparsity, (int, float)) and 0 <= self.sparsity < 1) or math.isnan(self.sparsity):
+        if not 0 <= self.sparsity < 1:
             raise UsageError(f"sparsity {self.sparsity} is outside [0, 1)")
         n, m = self.nm
         if m and abs(self.sparsity - n / m) > 1e-9:
             raise UsageError(f"sparsity {self.sparsity} does not match pattern {self.pattern} (needs {n / m})")
         if self.weighting not in SCHEMES:
             raise UsageError(f"weighting {self.weighting!r} is unknown; allowed: {', '.join(SCHEMES)}")
-        if not isinstance(self.packages, int) or self.packages < 1:
+        if not 0 < self.alpha_min <= self.alpha_max:
+            raise UsageError(f"alpha_min={self.alpha_min}, alpha_max={self.alpha_max}: need 0 < alpha_min <= alpha_max")
+        if self.packages < 1:
             raise UsageError(f"packages K={self.packages} must be an integer >= 1")
-        if self.steps is not None and self.steps < 1:
-            raise UsageError(f"steps {self.steps} must be >= 1")
+        if self.steps is not None and not 1 <= self.steps <= 10_000:
+            raise UsageError(f"steps {self.steps} must be an integer in [1, 10000]")
+        if self.guidance is not None and not 0 <= self.guidance <= 1000:
+            raise UsageError(f"guidance {self.guidance} must be a number in [0, 1000]")
+        if not 0 <= self.seed < MAX_SEED:
+            raise UsageError(f"seed {self.seed} must be an integer in [0, 2**63 - 2**32)")
         if self.batch_size < 1:
             raise UsageError(f"batch size {self.batch_size} must be >= 1")
-        if self.prompts is not None and len(self.prompts) == 0:
-            raise UsageError("the calibration prompt list is empty")
+        if self.blocksize < 1 or (m and self.blocksize % m):
+            raise UsageError(f"blocksize {self.blocksize} must be a positive multiple of M={m or 1}")
+        if not 0 <= self.percdamp <= 10:
+            raise UsageError(f"percdamp {self.percdamp} must be in [0, 10]")
+        if self.neuron_batch < 1:
+            raise UsageError(f"neuron batch {self.neuron_batch} must be >= 1")
+        if self.prompts is not None:
+            if len(self.prompts) == 0:
+                raise UsageError("the calibration prompt list is empty")
+            if any(not p.strip() for p in self.prompts):
+                raise UsageError("the calibration prompt list holds an empty prompt")
         if self.head_saliency not in ("exact", "diag"):
             raise UsageError(f"head saliency {self.head_saliency!r} is unknown; allowed: exact, diag")
+        if self.block_range is not None and (len(self.block_range) != 2 or self.block_range[0] >= self.block_range[1]
+                                             or self.block_range[0] < 0):
+            raise UsageError(f"block range {self.block_range} must be (start, end) with 0 <= start < end")
         if self.block_sparsity is not None and any(not 0 <= s < 1 for s in self.block_sparsity):
             raise UsageError(f"block sparsity list {self.block_sparsity} has values outside [0, 1)")
         meth = METHODS[self.method]
@@ -92,14 +114,65 @@ class PruneConfig:
             raise UsageError(f"method {self.method!r} does not support pattern {self.pattern!r}")
 
 
+MAX_SEED = 2**63 - 2**32  # the seed plus a batch index must still fit torch.Generator.manual_seed
+
+# Field -> (kind, allows None). Kinds: real (int or float, finite, not bool), int (not bool), str, bool, ...
+_FIELD_TYPES = {
+    "method": ("str", False), "pattern": ("str", False), "sparsity": ("real", False), "weighting": ("str", False),
+    "alpha_min": ("real", False), "alpha_max": ("real", False), "packages": ("int", False),
+    "prompts": ("str-list", True), "steps": ("int", True), "guidance": ("real", True), "seed": ("int", False),
+    "batch_size": ("int", False), "blocksize": ("int", False), "percdamp": ("real", False),
+    "block_range": ("int-list", True), "block_sparsity": ("real-list", True), "exclude_first_last": ("bool", False),
+    "head_saliency": ("str", False), "neuron_batch": ("int", False), "measure_error": ("bool", False),
+    "progress": ("bool", False), "restore_on_failure": ("bool", False), "extra": ("dict", False),
+}
+_KIND_WORDS = {"real": "a finite number", "int": "an integer", "str": "a string", "bool": "True or False",
+               "dict": "a dict", "str-list": "a list of strings", "int-list": "a list of integers",
+               "real-list": "a list of finite numbers"}
+
+
+def _is(kind: str, v) -> bool:
+    if kind == "bool":
+        return isinstance(v, bool)
+    if kind == "int":
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+    if kind == "real":
+        return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+    if kind == "str":
+        return isinstance(v, str)
+    if kind == "dict":
+        return isinstance(v, dict)
+    item = kind.split("-")[0]
+    return isinstance(v, (list, tuple)) and all(_is(item, x) for x in v)
+
+
+def _check_types(cfg) -> None:
+    for name, (kind, nullable) in _FIELD_TYPES.items():
+        v = getattr(cfg, name)
+        if v is None and nullable:
+            continue
+        if not _is(kind, v):
+            shown = repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."
+            raise UsageError(f"{name}={shown} ({type(v).__name__}): expected {_KIND_WORDS[kind]}"
+                             + (" or None" if nullable else ""))
+
+
 def sampling_defaults(pipe) -> dict:
     """The model's own sampling defaults (obslib_defaults.json in its directory) or the paper's."""
     path = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
     f = os.path.join(path, DEFAULTS_FILE) if path else None
-    if f and os.path.exists(f):
-        with open(f) as fh:
-            return json.load(fh)
-    return dict(GENERIC_SAMPLING)
+    if not (f and os.path.exists(f)):
+        return dict(GENERIC_SAMPLING)
+    try:
+        with open(f, encoding="utf-8") as fh:
+            d = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{f!r} is not valid JSON ({' '.join(str(e).split())[:120]})") from None
+    d = {**GENERIC_SAMPLING, **d} if isinstance(d, dict) else None
+    if d is None or not _is("int", d["num_inference_steps"]) or not _is("real", d["guidance_scale"]) \
+            or d["num_inference_steps"] < 1 or d["guidance_scale"] < 0:
+        raise UsageError(f"{f!r} must hold num_inference_steps (integer >= 1) and guidance_scale (number >= 0)")
+    return d
 
 
 def _block_ids(n_blocks: int, cfg: PruneConfig) -> list[int]:
@@ -121,25 +194,90 @@ def _block_sparsity(cfg: PruneConfig, bi: int, n_blocks: int) -> float:
 
 
 def prune(pipe, config: PruneConfig) -> dict:
-    """Prune the pipeline's denoiser in place; returns the report (see README for its keys)."""
+    """Prune the pipeline's denoiser in place; returns the report (see README for its keys).
+
+    Bad input raises ``UsageError`` before anything changes. If the prune fails or is interrupted later
+    (a layer that cannot be solved, Ctrl-C), the denoiser is put back exactly as it was
+    (``restore_on_failure``, the default; it keeps a CPU copy of each layer before changing it), so the
+    same pipeline can be pruned again with a corrected config."""
     from .methods import METHODS
 
     cfg = config
+    if not hasattr(pipe, "components") or not hasattr(pipe, "config"):
+        raise UsageError(f"pipe must be a diffusers pipeline (obslib.load_pipeline(path)), got {type(pipe).__name__}")
+    if not isinstance(cfg, PruneConfig):
+        raise UsageError(f"config must be an obslib.PruneConfig, got {type(cfg).__name__}")
     cfg.validate()
+    if cfg.prompts is None:
+        raise UsageError("no calibration prompts given (PruneConfig.prompts: a list of strings)")
     defaults = sampling_defaults(pipe)
     steps = cfg.steps or defaults["num_inference_steps"]
     guidance = cfg.guidance if cfg.guidance is not None else defaults["guidance_scale"]
-    if cfg.prompts is None:
-        raise UsageError("no calibration prompts given")
     comp, den = find_denoiser(pipe)
-    calibrate = None
-    if METHODS[cfg.method].needs_calibration or cfg.measure_error:
-        msl = {k: v for k, v in defaults.items() if k == "max_sequence_length"}
-        runner = CalibrationRunner(pipe, cfg.prompts, steps, guidance, cfg.seed, cfg.batch_size, msl, cfg.progress)
-        calibrate = runner.run
-    report = prune_model(den, calibrate, cfg, steps, component=comp)
+    undo = Undo(den) if cfg.restore_on_failure else None
+    try:
+        calibrate = None
+        if METHODS[cfg.method].needs_calibration or cfg.measure_error:
+            msl = {k: v for k, v in defaults.items() if k == "max_sequence_length"}
+            runner = CalibrationRunner(pipe, cfg.prompts, steps, guidance, cfg.seed, cfg.batch_size, msl, cfg.progress)
+            calibrate = runner.run
+        report = prune_model(den, calibrate, cfg, steps, component=comp, undo=undo)
+    except BaseException:
+        if undo is not None:
+            undo.rollback()
+        raise
     report.update(num_calibration_prompts=len(cfg.prompts), guidance=guidance)
     return report
+
+
+class Undo:
+    """What ``prune_model`` changes, kept so that ``rollback()`` puts the denoiser back exactly: a CPU copy
+    of each weight changed in place, each module replaced by a smaller one, each head-count attribute."""
+
+    def __init__(self, root: torch.nn.Module):
+        self.root = root
+        self._weights: dict[str, tuple] = {}
+        self._modules: list[tuple] = []
+        self._attrs: list[tuple] = []
+
+    def weight(self, name: str) -> None:
+        if name not in self._weights:
+            m = self.root.get_submodule(name)
+            copy = [m, m.weight.detach().to("cpu", copy=True)]
+            copy.append(None if getattr(m, "bias", None) is None else m.bias.detach().to("cpu", copy=True))
+            self._weights[name] = tuple(copy)
+
+    def module(self, name: str) -> None:
+        parent, _, leaf = name.rpartition(".")
+        owner = self.root.get_submodule(parent) if parent else self.root
+        self._modules.append((owner, leaf, getattr(owner, leaf)))
+
+    def attrs(self, obj, names) -> None:
+        self._attrs.append((obj, {n: getattr(obj, n) for n in names if hasattr(obj, n)}))
+
+    def rollback(self) -> None:
+        with torch.no_grad():
+            for owner, leaf, mod in reversed(self._modules):
+                setattr(owner, leaf, mod)
+            for obj, saved in reversed(self._attrs):
+                for k, v in saved.items():
+                    setattr(obj, k, v)
+            for m, w, b in self._weights.values():
+                m.weight.data.copy_(w.to(m.weight.device))
+                if b is not None:
+                    m.bias.data.copy_(b.to(m.bias.device))
+        self._weights.clear(), self._modules.clear(), self._attrs.clear()
+
+
+class _NoUndo(Undo):
+    def __init__(self):
+        super().__init__(None)
+
+    def weight(self, name): pass
+
+    def module(self, name): pass
+
+    def attrs(self, obj, names): pass
 
 
 def collect_stats(pipe, layer_names: list[str], prompts: list[str], steps: int | None = None,
@@ -158,10 +296,12 @@ def collect_stats(pipe, layer_names: list[str], prompts: list[str], steps: int |
     return calib.stats
 
 
-def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "transformer") -> dict:
+def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "transformer",
+                undo: Undo | None = None) -> dict:
     """Prune a denoiser in place. ``calibrate(calibration, desc)`` must run ``steps`` denoiser calls per
     sampling run over the calibration data, calling ``calibration.begin_run()/end_run()`` around each run
-    (``CalibrationRunner.run`` does this with a real pipeline); None for calibration-free methods."""
+    (``CalibrationRunner.run`` does this with a real pipeline); None for calibration-free methods.
+    ``undo`` records every change for a rollback (``prune`` rolls back on failure)."""
     from .methods import METHODS
 
     cfg.validate()
@@ -175,11 +315,21 @@ def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "
         raise UsageError(f"no prunable layers in block range {cfg.block_range}")
     if method.needs_calibration and calibrate is None:
         raise UsageError(f"method {cfg.method!r} needs calibration data")
+    if cfg.packages > len(units):
+        raise UsageError(f"packages K={cfg.packages} exceeds the {len(units)} basic units of this model for pattern "
+                         f"{cfg.pattern!r}; allowed: 1 to {len(units)}")
+    for bi in ids:
+        _block_sparsity(cfg, bi, n_blocks)  # a block sparsity list of the wrong length fails before any work
+    undo = undo or _NoUndo()
     packages = split_packages(units, cfg.packages)
     weighting = method.forced_weighting or cfg.weighting
     alphas = timestep_weights(weighting, steps, cfg.alpha_min, cfg.alpha_max)
     targeted = _targeted_layers(den, spec, units, structured)
-    shapes_before, heads_before = linear_shapes(den), head_counts(den)
+    for name in targeted:  # a broken model is refused before anything changes
+        try:
+            check_finite("its weight", den.get_submodule(name).weight.detach())
+        except SolverError as e:
+            raise SolverError(f"layer {name}: {e}") from None
     params_before = sum(p.numel() for p in den.parameters())
     target_before = sum(den.get_submodule(n).weight.numel() for n in targeted)
 
@@ -201,12 +351,18 @@ def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "
             with calib:
                 calibrate(calib, f"calibrate package {pi + 1}/{len(packages)}")
             stats = calib.stats
+            for name, st in stats.items():
+                if st.weight == 0:
+                    raise SolverError(f"layer {name}: no calibration inputs reached it")
+                if not bool(torch.isfinite(st.xtx).all()):
+                    raise SolverError(f"layer {name}: its calibration inputs hold NaN or inf (the model's activations "
+                                      "overflow; try --dtype float32 or a lower guidance)")
             t_cal += time.perf_counter() - t
         t = time.perf_counter()
         for unit in package:
             s = _block_sparsity(cfg, unit.block_index, n_blocks)
             solve = _solve_structured if structured else _solve_layers
-            layers_report += solve(den, unit, stats, s, cfg, method)
+            layers_report += solve(den, unit, stats, s, cfg, method, undo)
         t_solve += time.perf_counter() - t
         del stats
 
@@ -228,9 +384,19 @@ def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "
         "layers": layers_report,
         "config": {k: v for k, v in asdict(cfg).items() if k != "prompts"},
     }
-    if structured:
-        report["manifest"] = make_manifest(component, den, shapes_before, heads_before)
+    manifest = make_manifest(component, den, *_config_reference(den))
+    if manifest["linear_shapes"] or manifest["heads"]:  # shapes differ from the config (now or from an earlier prune)
+        report["manifest"] = manifest
     return report
+
+
+def _config_reference(den) -> tuple[dict, dict]:
+    """Layer shapes and head counts of the denoiser as its config builds it (on the meta device: no memory)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        ref = type(den).from_config(den.config)
+    return linear_shapes(ref), head_counts(ref)
 
 
 def _nonzero_or_size(m, structured: bool) -> int:
@@ -249,14 +415,19 @@ def _targeted_layers(den, spec, units, structured) -> list[str]:
     return names
 
 
-def _solve_layers(den, unit, stats, sparsity, cfg, method) -> list[dict]:
+def _solve_layers(den, unit, stats, sparsity, cfg, method, undo) -> list[dict]:
     out = []
     n, m = cfg.nm
     for name in unit.hessian_layers:
         mod = den.get_submodule(name)
         W = weight_matrix(mod)
-        W_hat, mask = method.unstructured(W, stats.get(name), sparsity, n, m, cfg)
+        try:
+            W_hat, mask = method.unstructured(W, stats.get(name), sparsity, n, m, cfg)
+            check_finite("the solution", W_hat)
+        except SolverError as e:
+            raise SolverError(f"layer {name}: {e}") from None
         err = reconstruction_error(W, W_hat, stats[name].H) if name in stats else None
+        undo.weight(name)
         mod.weight.data.copy_(W_hat.to(mod.weight.dtype).reshape(mod.weight.shape))
         out.append({"name": name, "sparsity": float((mod.weight == 0).float().mean()), "rel_error": err})
     return out
@@ -286,7 +457,14 @@ def _sliced(stats, name, lo, hi, from_end: bool):
     return st if (lo, hi) == (0, n) else _Slice(st, lo, hi)
 
 
-def _solve_structured(den, unit, stats, sparsity, cfg, method) -> list[dict]:
+def _solve_structured(den, unit, stats, sparsity, cfg, method, undo) -> list[dict]:
+    try:
+        return _solve_group(den, unit, stats, sparsity, cfg, method, undo)
+    except SolverError as e:
+        raise SolverError(f"layer {', '.join(unit.hessian_layers)}: {e}") from None
+
+
+def _solve_group(den, unit, stats, sparsity, cfg, method, undo) -> list[dict]:
     block = den.get_submodule(unit.block)
     g = unit.group
     out = []
@@ -305,14 +483,18 @@ def _solve_structured(den, unit, stats, sparsity, cfg, method) -> list[dict]:
         keep = torch.cat([kept_index(heads, removed, head_dim), torch.arange(hi, fulls[0].shape[1])])
         for i, (name, W, Wn, full, st) in enumerate(zip(unit.hessian_layers, Ws, new, fulls, sts)):
             err = reconstruction_error(W, Wn, st.H) if st is not None else None
+            check_finite("the solution", Wn)
             full = full.clone()
             full[:, :hi] = Wn.to(full.dtype)
+            undo.module(name)
             keep_cols(den, name, keep, full)
             _add_bias(den.get_submodule(name), None if biases is None else biases[i])
             out.append({"name": name, "sparsity": len(removed) / heads, "rel_error": err, "removed_heads": removed})
         for rel in g.inputs:
             if has(block, rel):
+                undo.module(f"{unit.block}.{rel}")
                 keep_rows(den, f"{unit.block}.{rel}", keep[keep < hi])
+        undo.attrs(attn, ("heads", "inner_dim", "inner_kv_dim"))
         set_heads(attn, heads - len(removed))
     else:
         name = unit.hessian_layers[0]
@@ -327,13 +509,16 @@ def _solve_structured(den, unit, stats, sparsity, cfg, method) -> list[dict]:
         Wn, removed, bias = method.neurons(W, st, n_remove, cfg)
         keep_local = kept_index(inner, removed)
         err = reconstruction_error(W, Wn, st.H) if st is not None else None
+        check_finite("the solution", Wn)
         full = full.clone()
         full[:, lo:] = Wn.to(full.dtype)
+        undo.module(name)
         keep_cols(den, name, torch.cat([torch.arange(lo), lo + keep_local]), full)
         _add_bias(den.get_submodule(name), bias)
         for up in g.ups:
             up_mod = block.get_submodule(up)
             gated = up_mod.out_features == 2 * inner  # GEGLU: value and gate halves
+            undo.module(f"{unit.block}.{up}")
             keep_rows(den, f"{unit.block}.{up}", torch.cat([keep_local, keep_local + inner]) if gated else keep_local)
         out.append({"name": name, "sparsity": n_remove / inner, "rel_error": err, "removed_neurons": len(removed)})
     return out
@@ -343,10 +528,23 @@ def _solve_structured(den, unit, stats, sparsity, cfg, method) -> list[dict]:
 # Command line
 
 def read_prompt_file(path: str) -> list[str]:
+    """One prompt per line from a UTF-8 text file (blank lines skipped)."""
     if not os.path.isfile(path):
         raise UsageError(f"prompt file {path!r} does not exist")
-    with open(path) as f:
-        prompts = [line.strip() for line in f if line.strip()]
+    try:
+        with open(path, "rb") as f:
+            data = f.read(64 * 2**20 + 1)
+    except OSError as e:
+        raise UsageError(f"prompt file {path!r} cannot be read ({e.strerror or e})") from None
+    if len(data) > 64 * 2**20:
+        raise UsageError(f"prompt file {path!r} is larger than 64 MiB; expected one prompt per line")
+    if b"\0" in data:
+        raise UsageError(f"prompt file {path!r} is binary (it holds NUL bytes); expected UTF-8 text, one prompt per line")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"prompt file {path!r} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UsageError(f"prompt file {path!r} is empty (need one prompt per line)")
     return prompts
@@ -355,11 +553,18 @@ def read_prompt_file(path: str) -> list[str]:
 def default_calibration_prompts(model_dir: str, n: int) -> list[str]:
     """The embedded model's own training prompts; other models must pass --prompts FILE."""
     f = os.path.join(model_dir, DEFAULTS_FILE)
-    meta = json.load(open(f)) if os.path.exists(f) else {}
-    if meta.get("calibration_prompts") != "shapes-train":
+    try:
+        meta = json.load(open(f, encoding="utf-8")) if os.path.exists(f) else {}
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{f!r} is not valid JSON ({' '.join(str(e).split())[:120]})") from None
+    if not isinstance(meta, dict) or meta.get("calibration_prompts") != "shapes-train":
         raise UsageError(f"{model_dir!r} has no default calibration set; pass --prompts FILE (one prompt per line)")
     from .shapes import prompts
 
+    available = len(prompts("train"))
+    if not 1 <= n <= available:
+        raise UsageError(f"--num-prompts {n}: the shapes world's training split has {available} prompts; "
+                         f"allowed: 1 to {available}")
     return prompts("train", n)
 
 
@@ -385,37 +590,61 @@ def add_cli(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (Hessians are float32)")
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it holds an earlier obslib output (never anything else)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cli_prune)
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def _cli_prune(a) -> None:
-    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if a.dtype not in dtypes:
-        raise UsageError(f"dtype {a.dtype!r} is unknown; allowed: {', '.join(dtypes)}")
+    from .io import _tree_bytes, check_device, check_output_dir
+
+    if a.dtype not in DTYPES:
+        raise UsageError(f"dtype {a.dtype!r} is unknown; allowed: {', '.join(DTYPES)}")
     if a.num_prompts is not None and a.num_prompts < 1:
         raise UsageError(f"--num-prompts {a.num_prompts} must be >= 1")
     cfg = PruneConfig(method=a.method, pattern=a.pattern, sparsity=a.sparsity, weighting=a.weighting,
                       packages=a.packages, steps=a.steps, guidance=a.guidance, seed=a.seed, batch_size=a.batch_size,
                       block_range=tuple(a.block_range) if a.block_range else None, head_saliency=a.head_saliency,
-                      progress=not a.quiet, prompts=["(validated)"])
+                      progress=not a.quiet, prompts=["(validated)"], restore_on_failure=False)
     cfg.validate()
     check_pipeline_dir(a.model_dir)
+    check_device(a.device)
+    # everything about --out is settled before the (long) work starts
+    check_output_dir(a.out, [a.model_dir], a.overwrite, need_bytes=_tree_bytes(a.model_dir))
     cfg.prompts = read_prompt_file(a.prompts) if a.prompts else default_calibration_prompts(a.model_dir, a.num_prompts or 100)
-    if os.path.abspath(a.out) == os.path.abspath(a.model_dir):
-        raise UsageError("--out must differ from the model directory")
-    pipe = load_pipeline(a.model_dir, device=a.device, dtype=dtypes[a.dtype])
+    pipe = load_pipeline(a.model_dir, device=a.device, dtype=DTYPES[a.dtype])
     report = prune(pipe, cfg)
-    save_pruned(pipe, report, a.out, a.model_dir)
+    save_pruned(pipe, report, a.out, a.model_dir, overwrite=a.overwrite)
     if not a.quiet:
         print(f"wrote {a.out}: sparsity {report['sparsity_actual']:.3f}, params {report['params_before']} -> "
               f"{report['params_after']}, {report['timings']['total_s']:.1f} s")
 
 
-def save_pruned(pipe, report: dict, out: str, model_dir: str | None = None) -> None:
-    """Write the pruned pipeline, its report and (structured) manifest atomically."""
-    extra = {"pruning_report.json": {k: v for k, v in report.items() if k != "manifest"}}
-    src = os.path.join(model_dir, DEFAULTS_FILE) if model_dir else None
+def save_pruned(pipe, report: dict, out: str, model_dir: str | None = None, overwrite: bool = False) -> None:
+    """Write the pruned pipeline, its report and (when shapes changed) its manifest atomically.
+
+    The same rules as the command line: ``out`` may not be, contain or lie inside the model directory
+    (``model_dir``, default the directory the pipeline was loaded from); an existing non-empty ``out`` is
+    replaced only with ``overwrite=True`` and only if obslib wrote it. The model's ``obslib_defaults.json``
+    (sampling defaults) is carried over."""
+    if not isinstance(report, dict) or "method" not in report:
+        raise UsageError("report must be the dict returned by obslib.prune")
+    source = model_dir or getattr(pipe, "name_or_path", None)
+    extra = {"pruning_report.json": {"written_by": WRITTEN_BY, "obslib_version": _version(),
+                                     **{k: v for k, v in report.items() if k != "manifest"}}}
+    src = os.path.join(source, DEFAULTS_FILE) if source else None
     if src and os.path.exists(src):
-        extra[DEFAULTS_FILE] = json.load(open(src))
-    save_pipeline(pipe, out, manifest=report.get("manifest"), extra_json=extra)
+        with open(src, encoding="utf-8") as f:
+            extra[DEFAULTS_FILE] = json.load(f)
+    save_pipeline(pipe, out, manifest=report.get("manifest"), extra_json=extra,
+                  protect=[source] if source else [], overwrite=overwrite)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__

@@ -34,11 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .obs import SolverError
+
     try:
         args = build_parser().parse_args(argv)
         args.func(args)
-    except UsageError as e:
-        print(f"obslib: error: {e}", file=sys.stderr)
+    except (UsageError, SolverError) as e:
+        print(f"obslib: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -216,82 +216,75 @@ def evaluate_pipeline(pipe, num_prompts: int, steps: int, seed: int, reference=N
 
 
 # ----------------------------------------------------------------------------------------------- CLI
+SUPPORTED_PIPELINES = ("StableDiffusion3Pipeline",)  # generate() passes SD3's max_sequence_length
+
+
 def _check_index(path: str) -> None:
     """Cheap structural check of ``model_index.json`` (before importing diffusers)."""
-    import json
-
-    check_pipeline_dir(path)
-    try:
-        with open(os.path.join(path, "model_index.json")) as f:
-            index = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{path!r}: unreadable model_index.json ({' '.join(str(e).split())})") from None
-    if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
-        raise UsageError(f"{path!r}: model_index.json does not name a pipeline class")
-    parts = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is not None}
-    if not parts:
-        raise UsageError(f"{path!r}: model_index.json lists no components")
-    missing = sorted(k for k, v in parts.items() if not os.path.isdir(os.path.join(path, k))
-                     and v[0] in ("diffusers", "transformers"))
-    if missing:
-        raise UsageError(f"{path!r} is not a complete pipeline: missing component folder(s) {', '.join(missing)}")
+    index = check_pipeline_dir(path)
+    if index["_class_name"] not in SUPPORTED_PIPELINES:
+        raise UsageError(f"{path!r} is a {index['_class_name']}; the shapes-world evaluator scores "
+                         f"{', '.join(SUPPORTED_PIPELINES)} models")
 
 
 def _load(path: str, device: str = "cpu"):
     """Load a pipeline for the CLI; any failure is reported as bad input (one line, exit 2)."""
-    import warnings
-
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
     from .io import load_pipeline
 
-    bar, tbar = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
+    return load_pipeline(path, device=device)
+
+
+def _check_out_file(out: str, protect) -> None:
+    """--out is a new or earlier metrics JSON file in an existing, writable directory (never a directory,
+    never a file inside a model directory, never a file that is not a JSON object)."""
+    import json
+    import tempfile
+
+    if os.path.isdir(out):
+        raise UsageError(f"--out {out!r} is a directory; expected a JSON file path")
+    real = os.path.realpath(out)
+    parent = os.path.dirname(real)
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out {out!r}: directory {parent!r} does not exist")
+    for p in protect:
+        if p and os.path.commonpath([real, os.path.realpath(p)]) == os.path.realpath(p):
+            raise UsageError(f"--out {out!r} lies inside the model directory {p!r}; write the metrics elsewhere")
+    if os.path.lexists(out):
+        try:
+            with open(out, encoding="utf-8") as f:
+                ok = isinstance(json.load(f), dict)
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            raise UsageError(f"--out {out!r} exists and is not a metrics JSON file; refusing to replace it")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # io passes the deprecated torch_dtype=
-            return load_pipeline(path, device=device)
-    except UsageError:
-        raise
-    except Exception as e:  # a broken or foreign directory is bad input, not a crash
-        msg = " ".join(str(e).split()) or type(e).__name__
-        raise UsageError(f"could not load a pipeline from {path!r}: {msg[:300]}") from None
-    finally:
-        if bar:
-            dlog.enable_progress_bar()
-        if tbar:
-            tlog.enable_progress_bar()
+        fd, probe = tempfile.mkstemp(prefix=".obslib-probe-", dir=parent)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"--out {out!r}: cannot write in {parent!r} ({e.strerror or e})") from None
 
 
 def _run_cli(args) -> None:
+    from .io import check_device
+
     n_avail = len(prompts(args.split))
-    if args.num_prompts <= 0:
-        raise UsageError(f"--num-prompts {args.num_prompts}: must be a positive integer (1 to {n_avail})")
-    if args.num_prompts > n_avail:
-        raise UsageError(f"--num-prompts {args.num_prompts}: the {args.split} split has only {n_avail} prompts (1 to {n_avail})")
+    if not 2 <= args.num_prompts <= n_avail:
+        raise UsageError(f"--num-prompts {args.num_prompts}: FID/KID need at least 2 images and the {args.split} split "
+                         f"has {n_avail} prompts; allowed: 2 to {n_avail}")
+    if not 0 <= args.seed < 2**63 - 2**32:
+        raise UsageError(f"--seed {args.seed}: must be an integer in [0, 2**63 - 2**32)")
     if args.steps <= 0:
         raise UsageError(f"--steps {args.steps}: must be a positive integer")
-    if args.guidance is not None and not args.guidance >= 0:
-        raise UsageError(f"--guidance {args.guidance}: must be a number >= 0")
+    if args.guidance is not None and not 0 <= args.guidance <= 1000:
+        raise UsageError(f"--guidance {args.guidance}: must be a number in [0, 1000]")
     if args.batch_size <= 0:
         raise UsageError(f"--batch-size {args.batch_size}: must be a positive integer")
     _check_index(args.model_dir)
     if args.reference is not None:
         _check_index(args.reference)
-    if args.device != "cpu":
-        import torch
-
-        try:
-            torch.empty(0, device=args.device)
-        except Exception as e:
-            raise UsageError(f"--device {args.device!r}: not usable here ({' '.join(str(e).split())[:200]})") from None
-    if os.path.isdir(args.out):
-        raise UsageError(f"--out {args.out!r} is a directory; expected a JSON file path")
-    parent = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(parent):
-        raise UsageError(f"--out {args.out!r}: directory {parent!r} does not exist")
+    check_device(args.device)
+    _check_out_file(args.out, [args.model_dir, args.reference])
 
     # transformers warns on stderr at import time (e.g. "requires torchvision"); keep the CLI's stderr clean
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -8,8 +8,11 @@ per-layer shapes and head counts, which ``load_pruned`` uses to rebuild the modu
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 
@@ -18,8 +21,8 @@ import torch
 MANIFEST = "obslib_manifest.json"
 
 
-class UsageError(Exception):
-    """Bad user input: reported as one line with exit code 2."""
+class UsageError(ValueError):
+    """Bad user input: reported as one line with exit code 2 on the command line (a ValueError in the library)."""
 
 
 @contextlib.contextmanager
@@ -37,42 +40,241 @@ def quiet_diffusers():
         dlog.set_verbosity(verbosity)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Output directories: never lose a user's files.
+#
+# An output directory is written into a temporary sibling ``.obslib-tmp-<name>-<pid>-<random>`` that
+# replaces the destination only when complete. Replacing an existing destination is one atomic
+# ``renameat2(RENAME_EXCHANGE)`` where the file system supports it (the old contents land in the temporary
+# name and are removed afterwards); elsewhere it is two renames through ``.obslib-old-<name>-<pid>-...``,
+# and a run killed between them is repaired by the next run to the same destination. Temporary
+# directories whose process is gone are recognised by name and removed by that next run.
+
+OWN_MARKERS = ("pruning_report.json", "obslib_training.json")  # files that say "obslib wrote this directory"
+WRITTEN_BY = "obslib"
+_SCRATCH = re.compile(r"^\.obslib-(tmp|old)-(?P<base>.+)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
+
+
+def _inside(child: str, parent: str) -> bool:
+    return os.path.commonpath([child, parent]) == parent and child != parent
+
+
+def written_by_obslib(path: str) -> bool:
+    """True when ``path`` holds a report that obslib writes (a pruning report or a training history)."""
+    for name in OWN_MARKERS:
+        f = os.path.join(path, name)
+        if not os.path.isfile(f):
+            continue
+        try:
+            with open(f, encoding="utf-8") as fh:
+                obj = json.load(fh)
+        except (OSError, ValueError):
+            continue
+        if name == "obslib_training.json" and isinstance(obj, list):
+            return True
+        if isinstance(obj, dict) and (obj.get("written_by") == WRITTEN_BY
+                                      or {"method", "pattern", "sparsity_target", "layers"} <= set(obj)):
+            return True
+    return False
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(out: str) -> list[str]:
+    """Remove the temporary directories a killed run left beside ``out``; put back an ``out`` that a kill
+    between the two renames of a replacement left missing. Returns what was removed or restored."""
+    out = os.path.abspath(out)
+    parent, base = os.path.dirname(out), os.path.basename(out)
+    if not os.path.isdir(parent):
+        return []
+    done = []
+    for name in sorted(os.listdir(parent)):
+        m = _SCRATCH.match(name)
+        if not m or m["base"] != base or _pid_alive(int(m["pid"])):
+            continue
+        path = os.path.join(parent, name)
+        if m.group(1) == "old" and not os.path.lexists(out):
+            os.replace(path, out)  # the replacement never completed: the old output is the last good one
+            done.append(f"restored {out} from {name}")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(f"removed {name}")
+    return done
+
+
+def _tree_bytes(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return total
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def check_output_dir(out, protect=(), overwrite: bool = False, need_bytes: int = 0, flag: str = "--out") -> str:
+    """Refuse an output directory that could lose a user's files, before any work is done.
+
+    ``protect`` are directories that must survive (the model being pruned): ``out`` may be none of them, lie
+    inside one, or contain one. An existing ``out`` must be an empty directory, or (with ``overwrite``) a
+    directory that obslib wrote. Its parent must exist and be writable, with room for ``need_bytes``.
+    Stale temporary directories of a killed earlier run to the same destination are cleaned up.
+    Returns the absolute destination.
+    """
+    if not isinstance(out, (str, os.PathLike)) or not str(out).strip():
+        raise UsageError(f"{flag} {out!r}: expected a directory path")
+    out = os.fspath(out)
+    if os.path.islink(out):
+        raise UsageError(f"{flag} {out!r} is a symbolic link; give the real directory path")
+    real = os.path.realpath(out)
+    for p in protect:
+        if p is None:
+            continue
+        pr = os.path.realpath(p)
+        if real == pr:
+            raise UsageError(f"{flag} {out!r} is the model directory itself; choose a new directory")
+        if _inside(real, pr):
+            raise UsageError(f"{flag} {out!r} lies inside the model directory {p!r}; choose a directory outside it")
+        if _inside(pr, real):
+            raise UsageError(f"{flag} {out!r} contains the model directory {p!r} (replacing it would delete the model); "
+                             "choose a new directory")
+    parent = os.path.dirname(real)
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {out!r}: its parent directory {parent!r} does not exist")
+    clean_stale(real)
+    if os.path.lexists(real):
+        if not os.path.isdir(real):
+            raise UsageError(f"{flag} {out!r} is an existing file; choose a new directory name")
+        if os.listdir(real):
+            if not overwrite:
+                raise UsageError(f"{flag} {out!r} exists and is not empty; choose a new directory, or pass --overwrite "
+                                 "to replace an earlier obslib output")
+            if not written_by_obslib(real):
+                raise UsageError(f"{flag} {out!r} was not written by obslib (it has no obslib report); refusing to "
+                                 "replace it, even with --overwrite")
+    try:  # permission bits do not bind root, and a file system may be read-only: try it
+        os.rmdir(tempfile.mkdtemp(prefix=f".obslib-probe-{os.getpid()}-", dir=parent))
+    except OSError as e:
+        raise UsageError(f"{flag} {out!r}: cannot write in {parent!r} ({e.strerror or e})") from None
+    if need_bytes:
+        free = shutil.disk_usage(parent).free
+        need = int(need_bytes * 1.05) + 16 * 2**20
+        if free < need:
+            raise UsageError(f"{flag} {out!r}: {parent!r} has {_human(free)} free; the output needs about {_human(need)}")
+    return real
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    return False
+
+
 def atomic_dir(out: str):
-    """Context manager yielding a temporary directory that replaces ``out`` on success."""
+    """Context manager yielding a temporary directory that replaces ``out`` on success (see above).
+
+    The caller checks ``out`` first (``check_output_dir``); on failure or interruption the temporary
+    directory is removed and ``out`` is untouched."""
 
     class _Atomic:
         def __enter__(self):
-            parent = os.path.dirname(os.path.abspath(out)) or "."
-            os.makedirs(parent, exist_ok=True)
-            self.tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out) + "-", dir=parent)
+            self.out = os.path.realpath(out)
+            parent, base = os.path.dirname(self.out), os.path.basename(self.out)
+            clean_stale(self.out)
+            self.tmp = tempfile.mkdtemp(prefix=f".obslib-tmp-{base}-{os.getpid()}-", dir=parent)
             return self.tmp
 
         def __exit__(self, exc_type, exc, tb):
             if exc_type is not None:
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 return False
-            if os.path.exists(out):
-                old = self.tmp + ".old"
-                os.replace(out, old)
-                os.replace(self.tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
+            out, tmp = self.out, self.tmp
+            if not os.path.lexists(out):
+                os.replace(tmp, out)
+            elif _exchange(tmp, out):
+                shutil.rmtree(tmp, ignore_errors=True)  # now holds the old contents
             else:
-                os.replace(self.tmp, out)
+                parent, base = os.path.dirname(out), os.path.basename(out)
+                old = tempfile.mkdtemp(prefix=f".obslib-old-{base}-{os.getpid()}-", dir=parent)
+                os.rmdir(old)
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
             return False
 
     return _Atomic()
 
 
+def _finite(obj):
+    """JSON-safe copy: non-finite floats become null (strict JSON has no NaN or Infinity)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write strict JSON atomically (non-finite floats as null)."""
+    text = json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n"
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
-def save_pipeline(pipe, out: str, manifest: dict | None = None, extra_json: dict[str, object] | None = None) -> None:
-    """Save a pipeline with safetensors; optional structured-pruning manifest and extra JSON files."""
+def pipeline_bytes(pipe) -> int:
+    """Bytes of every tensor of the pipeline's modules (what ``save_pretrained`` will write, roughly)."""
+    total = 0
+    for comp in pipe.components.values():
+        if isinstance(comp, torch.nn.Module):
+            total += sum(t.numel() * t.element_size() for t in comp.state_dict().values())
+    return total
+
+
+def save_pipeline(pipe, out: str, manifest: dict | None = None, extra_json: dict[str, object] | None = None,
+                  protect=(), overwrite: bool = False) -> None:
+    """Save a pipeline with safetensors; optional structured-pruning manifest and extra JSON files.
+
+    ``out`` is checked first (``check_output_dir``): the pipeline's own source directory and ``protect``
+    survive, an existing non-obslib directory is never replaced, and the write is atomic."""
+    source = getattr(pipe, "name_or_path", None)
+    protect = [p for p in (source, *protect) if p and os.path.isdir(p)]
+    check_output_dir(out, protect, overwrite, need_bytes=pipeline_bytes(pipe))
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         if manifest is not None:
@@ -81,22 +283,111 @@ def save_pipeline(pipe, out: str, manifest: dict | None = None, extra_json: dict
             write_json(os.path.join(tmp, name), obj)
 
 
-def check_pipeline_dir(path: str) -> None:
+# ---------------------------------------------------------------------------------------------------
+# Loading: local directories only, safetensors only; anything broken is bad input, not a crash.
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def check_pipeline_dir(path) -> dict:
+    """Cheap structural check of a pipeline directory before anything is imported or loaded; returns its
+    ``model_index.json``. Refuses a missing directory, a malformed index, missing component folders and
+    components whose weights exist only in a pickle format."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise UsageError(f"model directory {path!r}: expected a path")
+    path = os.fspath(path)
     if not os.path.isdir(path):
         raise UsageError(f"model directory {path!r} does not exist")
-    if not os.path.isfile(os.path.join(path, "model_index.json")):
+    f = os.path.join(path, "model_index.json")
+    if not os.path.isfile(f):
         raise UsageError(f"{path!r} is not a diffusers pipeline directory (no model_index.json)")
+    try:
+        with open(f, encoding="utf-8") as fh:
+            index = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path!r}: unreadable model_index.json ({' '.join(str(e).split())[:200]})") from None
+    if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
+        raise UsageError(f"{path!r}: model_index.json does not name a pipeline class")
+    parts = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2
+             and v[0] is not None}
+    if not parts:
+        raise UsageError(f"{path!r}: model_index.json lists no components")
+    missing = sorted(k for k, v in parts.items() if v[0] in ("diffusers", "transformers")
+                     and not os.path.isdir(os.path.join(path, k)))
+    if missing:
+        raise UsageError(f"{path!r} is not a complete pipeline: missing component folder(s) {', '.join(missing)}")
+    for k in parts:
+        d = os.path.join(path, k)
+        if not os.path.isdir(d):
+            continue
+        files = os.listdir(d)
+        pickled = sorted(x for x in files if x.endswith(PICKLE_SUFFIXES))
+        if pickled and not any(x.endswith(".safetensors") for x in files):
+            raise UsageError(f"{os.path.join(path, k)!r} holds pickle-format weights ({pickled[0]}); obslib loads "
+                             "safetensors only (convert with save_pretrained(..., safe_serialization=True))")
+    return index
 
 
-def load_pipeline(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """Load any pipeline directory offline; structured-pruned ones are rebuilt from their manifest."""
-    check_pipeline_dir(path)
-    if os.path.exists(os.path.join(path, MANIFEST)):
-        return load_pruned(path, device=device, dtype=dtype)
+def check_device(device) -> str:
+    """A device string torch knows and that exists here (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+    if not isinstance(device, (str, torch.device)):
+        raise UsageError(f"device {device!r}: expected a string such as 'cpu' or 'cuda:0'")
+    try:
+        torch.empty(0, device=torch.device(device))
+    except Exception as e:  # unknown name, or a backend that is absent here
+        msg = " ".join(str(e).split())[:160]
+        raise UsageError(f"device {str(device)!r} is not usable here ({msg}); allowed: cpu"
+                         + (", cuda[:N]" if torch.cuda.is_available() else "")) from None
+    return str(device)
+
+
+@contextlib.contextmanager
+def quiet_loading(enabled: bool = True):
+    """Keep diffusers' and transformers' loading bars and warnings off stderr."""
+    if not enabled:
+        yield
+        return
+    import warnings
+
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    state = [(m, m.is_progress_bar_enabled(), m.get_verbosity()) for m in (dlog, tlog)]
+    for m, _, _ in state:
+        m.disable_progress_bar()
+        m.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for m, bar, verbosity in state:
+            if bar:
+                m.enable_progress_bar()
+            m.set_verbosity(verbosity)
+
+
+def _from_pretrained(path, progress: bool = False, **kw):
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
-    return _ready(pipe, device)
+    try:
+        with quiet_loading(not progress):
+            return DiffusionPipeline.from_pretrained(path, local_files_only=True, use_safetensors=True, **kw)
+    except (UsageError, MemoryError):
+        raise
+    except Exception as e:  # a broken or foreign directory is bad input, not a crash
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise UsageError(f"could not load a pipeline from {path!r}: {msg[:300]}") from None
+
+
+def load_pipeline(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = False):
+    """Load any pipeline directory offline (safetensors only); structured-pruned ones are rebuilt from their
+    manifest. Anything broken raises ``UsageError`` naming the directory. ``progress`` shows the loading bars."""
+    check_pipeline_dir(path)
+    check_device(device)
+    if os.path.exists(os.path.join(path, MANIFEST)):
+        return load_pruned(path, device=device, dtype=dtype, progress=progress)
+    return _ready(_from_pretrained(path, progress, dtype=dtype), device)
 
 
 def _ready(pipe, device):
@@ -108,17 +399,21 @@ def _ready(pipe, device):
     return pipe
 
 
-def load_pruned(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+def load_pruned(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = False):
     """Load a structurally pruned pipeline written by ``obslib prune --pattern structured``."""
     check_pipeline_dir(path)
-    from diffusers import DiffusionPipeline
-
-    with open(os.path.join(path, MANIFEST)) as f:
-        manifest = json.load(f)
-    denoiser = manifest["component"]
-    model = load_pruned_model(os.path.join(path, denoiser), _component_class(path, denoiser), manifest, dtype)
-    pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True, **{denoiser: model})
-    return _ready(pipe, device)
+    check_device(device)
+    try:
+        with open(os.path.join(path, MANIFEST), encoding="utf-8") as f:
+            manifest = json.load(f)
+        denoiser = manifest["component"]
+        model = load_pruned_model(os.path.join(path, denoiser), _component_class(path, denoiser), manifest, dtype)
+    except (UsageError, MemoryError):
+        raise
+    except Exception as e:  # truncated weights, a manifest that does not fit, an unknown class
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise UsageError(f"could not load the pruned model in {path!r}: {msg[:300]}") from None
+    return _ready(_from_pretrained(path, progress, dtype=dtype, **{denoiser: model}), device)
 
 
 def load_pruned_model(model_dir: str, cls, manifest: dict, dtype: torch.dtype = torch.float32):

@@ -17,13 +17,23 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .obs import damped_inverse
+from .obs import check_finite, damped_inverse
 
 RRF_K = 60
 
 
 def _inverse(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     return damped_inverse(H, percdamp)[0]
+
+
+def _free(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """W with the columns of dead inputs (H_jj == 0) zeroed: they never change the output, so removing them
+    costs nothing and saliencies must see them as zero."""
+    dead = H.diagonal() == 0
+    if bool(dead.any()):
+        W = W.clone()
+        W[:, dead] = 0
+    return W
 
 
 def group_saliency(W: torch.Tensor, Hinv: torch.Tensor, groups: list[list[int]], exact: bool = True) -> torch.Tensor:
@@ -52,15 +62,19 @@ def prune_neurons(W: torch.Tensor, H: torch.Tensor, n_remove: int, batch: int = 
 
     Neurons are removed in batches: the ``batch`` lowest-saliency columns (saliency
     ||W_:,q||^2 / (2 [H^-1]_qq) on the current weights), compensated jointly, then H^-1 is recomputed over
-    the remaining columns. Returns (W_hat, removed column indices).
+    the remaining columns. Dead neurons (H_qq == 0: never active on the calibration data) cost nothing and
+    are removed first. Returns (W_hat, removed column indices).
     """
+    check_finite("the weight", W)
     W = W.detach().double().clone()
     alive = list(range(W.shape[1]))
     removed: list[int] = []
     while len(removed) < n_remove:
-        Hinv = _inverse(H[alive][:, alive], percdamp)
+        Ha = H[alive][:, alive]
+        Hinv = _inverse(Ha, percdamp)
         Wa = W[:, alive]
-        sal = (Wa**2).sum(0) / (2 * Hinv.diagonal())
+        sal = (_free(Wa, Ha) ** 2).sum(0) / (2 * Hinv.diagonal())
+        sal[Ha.diagonal() == 0] = -1.0  # dead first, whatever their weights
         b = min(batch, n_remove - len(removed))
         local = torch.topk(sal, b, largest=False).indices.tolist()
         Wa = group_update(Wa, Hinv, local) if exact_groups else _diag_update(Wa, Hinv, local)
@@ -99,6 +113,8 @@ def prune_heads(Ws: list[torch.Tensor], Hs: list[torch.Tensor], head_dim: int, n
     projections the heads are ranked per projection and fused by RRF; each projection is compensated with
     its own H^-1. Returns (list of W_hat, removed head indices).
     """
+    for W in Ws:
+        check_finite("the weight", W)
     Ws = [W.detach().double().clone() for W in Ws]
     n_heads = Ws[0].shape[1] // head_dim
     alive = list(range(n_heads))
@@ -108,9 +124,10 @@ def prune_heads(Ws: list[torch.Tensor], Hs: list[torch.Tensor], head_dim: int, n
         groups = [list(range(i * head_dim, (i + 1) * head_dim)) for i in range(len(alive))]
         sals, Hinvs = [], []
         for W, H in zip(Ws, Hs):
-            Hinv = _inverse(H[cols][:, cols], percdamp)
+            Hc = H[cols][:, cols]
+            Hinv = _inverse(Hc, percdamp)
             Hinvs.append(Hinv)
-            sals.append(group_saliency(W[:, cols], Hinv, groups, exact))
+            sals.append(group_saliency(_free(W[:, cols], Hc), Hinv, groups, exact))
         pick = int(torch.argmin(sals[0])) if len(Ws) == 1 else int(torch.argmax(rrf_fuse(sals, rrf_k)))
         for p, (W, Hinv) in enumerate(zip(Ws, Hinvs)):
             W[:, cols] = group_update(W[:, cols], Hinv, groups[pick])

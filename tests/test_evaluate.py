@@ -132,7 +132,7 @@ def test_cli_bad_input(case, cli_runs):
     assert "Traceback" not in err
     assert not out.exists() and not Path(str(out) + ".tmp").exists()
     if case in ("zero", "negative"):
-        assert args[1] in lines[0] and "positive" in lines[0]
+        assert args[1] in lines[0] and "allowed: 2 to" in lines[0]
     if case == "missing":
         assert "does not exist" in lines[0]
     if case == "not_pipeline":

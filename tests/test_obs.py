@@ -56,7 +56,7 @@ def test_cholesky_diagonal_is_trailing_inverse():
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
-@pytest.mark.parametrize("blocksize", [4, 128])
+@pytest.mark.parametrize("blocksize", [8, 128])
 def test_solver_matches_bruteforce_sequential_obs(pattern, blocksize):
     H = spd(16, 2)
     W = rand_w(5, 16, 3)

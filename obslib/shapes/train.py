@@ -246,6 +246,10 @@ def train_default_model(out: str, checkpoint_dir: str, vae_steps: int, steps: in
     if layout not in ("lattice", "free"):
         raise ValueError(f"layout={layout!r}: must be 'lattice' or 'free'")
     free = layout == "free"
+    from ..io import check_output_dir
+
+    # refuse a destination that would lose files before hours of training, not after
+    check_output_dir(out, [init_from] if init_from else [], overwrite=True)
     torch.set_num_threads(int(os.environ.get("OBSLIB_THREADS", os.cpu_count() or 1)))
     t0 = time.time()
     if init_from:
@@ -266,7 +270,9 @@ def train_default_model(out: str, checkpoint_dir: str, vae_steps: int, steps: in
              "batch": batch, "decoder_steps": 0 if init_from else decoder_steps, "seed": seed,
              "seconds": round(time.time() - t0, 1)}
     history = training_history(init_from) + [stage] if init_from else [stage]
-    save_pipeline(pipe, out, extra_json={"obslib_defaults.json": defaults, "obslib_training.json": history})
+    # replaces only an earlier obslib model (e.g. `make model` retraining models/shapes-sd3), never anything else
+    save_pipeline(pipe, out, extra_json={"obslib_defaults.json": defaults, "obslib_training.json": history},
+                  protect=[init_from] if init_from else [], overwrite=True)
     with open(os.path.join(checkpoint_dir, "done.json"), "w") as f:
         json.dump(stage, f)
 
