@@ -110,6 +110,8 @@ class PruneConfig:
             raise UsageError(f"block sparsity list {self.block_sparsity} has values outside [0, 1)")
         meth = METHODS[self.method]
         fn = meth.unstructured if self.pattern != "structured" else meth.heads or meth.neurons
+        if meth.patterns is not None:
+            fn = meth.driver if self.pattern in meth.patterns else None
         if fn is None:
             raise UsageError(f"method {self.method!r} does not support pattern {self.pattern!r}")
 
@@ -315,15 +317,13 @@ def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "
         raise UsageError(f"no prunable layers in block range {cfg.block_range}")
     if method.needs_calibration and calibrate is None:
         raise UsageError(f"method {cfg.method!r} needs calibration data")
-    if cfg.packages > len(units):
+    if cfg.packages > len(units) and "packages" not in method.ignores:
         raise UsageError(f"packages K={cfg.packages} exceeds the {len(units)} basic units of this model for pattern "
                          f"{cfg.pattern!r}; allowed: 1 to {len(units)}")
     for bi in ids:
         _block_sparsity(cfg, bi, n_blocks)  # a block sparsity list of the wrong length fails before any work
     undo = undo or _NoUndo()
-    packages = split_packages(units, cfg.packages)
     weighting = method.forced_weighting or cfg.weighting
-    alphas = timestep_weights(weighting, steps, cfg.alpha_min, cfg.alpha_max)
     targeted = _targeted_layers(den, spec, units, structured)
     for name in targeted:  # a broken model is refused before anything changes
         try:
@@ -331,9 +331,16 @@ def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "
         except SolverError as e:
             raise SolverError(f"layer {name}: {e}") from None
     params_before = sum(p.numel() for p in den.parameters())
-    target_before = sum(den.get_submodule(n).weight.numel() for n in targeted)
-
     t0 = time.perf_counter()
+    if method.driver is not None:  # a whole-model method: it reports its own layers, timings and extras
+        part = method.driver(den, calibrate, cfg, steps, component, undo, ids)
+        report = _report_frame(cfg, weighting, steps, ids, params_before, den, component)
+        report.update(part, packages=part.get("packages", 1))
+        report["timings"]["total_s"] = time.perf_counter() - t0
+        return _with_manifest(report, den, component)
+    packages = split_packages(units, cfg.packages)
+    alphas = timestep_weights(weighting, steps, cfg.alpha_min, cfg.alpha_max)
+    target_before = sum(den.get_submodule(n).weight.numel() for n in targeted)
     t_cal = t_solve = 0.0
     layers_report = []
     package_mb = []
@@ -367,26 +374,28 @@ def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "
         del stats
 
     target_after = sum(_nonzero_or_size(den.get_submodule(n), structured) for n in targeted)
-    report = {
-        "method": cfg.method,
-        "pattern": cfg.pattern,
-        "sparsity_target": cfg.sparsity,
-        "sparsity_actual": 1 - target_after / target_before,
-        "weighting": weighting,
-        "packages": len(packages),
-        "steps": steps,
-        "seed": cfg.seed,
-        "blocks": ids,
-        "params_before": params_before,
-        "params_after": sum(p.numel() for p in den.parameters()),
-        "hessian_mb_per_package": package_mb,
-        "timings": {"calibration_s": t_cal, "solve_s": t_solve, "total_s": time.perf_counter() - t0},
-        "layers": layers_report,
+    report = _report_frame(cfg, weighting, steps, ids, params_before, den, component)
+    report.update(sparsity_actual=1 - target_after / target_before, packages=len(packages),
+                  hessian_mb_per_package=package_mb, layers=layers_report,
+                  timings={"calibration_s": t_cal, "solve_s": t_solve, "total_s": time.perf_counter() - t0})
+    return _with_manifest(report, den, component)
+
+
+def _report_frame(cfg, weighting, steps, ids, params_before, den, component) -> dict:
+    """The keys every method's report has (methods fill sparsity_actual, packages, timings, layers)."""
+    return {
+        "method": cfg.method, "pattern": cfg.pattern, "sparsity_target": cfg.sparsity, "sparsity_actual": None,
+        "weighting": weighting, "packages": None, "steps": steps, "seed": cfg.seed, "blocks": ids,
+        "params_before": params_before, "params_after": sum(p.numel() for p in den.parameters()),
+        "hessian_mb_per_package": [], "timings": {}, "layers": [],
         "config": {k: v for k, v in asdict(cfg).items() if k != "prompts"},
     }
+
+
+def _with_manifest(report: dict, den, component: str) -> dict:
     manifest = make_manifest(component, den, *_config_reference(den))
-    if manifest["linear_shapes"] or manifest["heads"]:  # shapes differ from the config (now or from an earlier prune)
-        report["manifest"] = manifest
+    if manifest["linear_shapes"] or manifest["heads"] or manifest.get("attention"):
+        report["manifest"] = manifest  # shapes differ from the config (now or from an earlier prune)
     return report
 
 

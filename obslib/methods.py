@@ -22,6 +22,9 @@ class Method:
     unstructured: Callable | None = None
     heads: Callable | None = None
     neurons: Callable | None = None
+    driver: Callable | None = None  # a whole-model driver replacing the per-unit one (SlimDiff, gradient flow)
+    patterns: tuple[str, ...] | None = None  # the patterns it supports (None: decided by the functions above)
+    ignores: tuple[str, ...] = ()  # PruneConfig fields it does not use (the CLI says so when they are set)
     description: str = ""
 
 
@@ -54,3 +57,13 @@ register(Method("sparsegpt", forced_weighting="uniform", unstructured=_obs_unstr
                 neurons=_obs_neurons, description="OBS-Diff's solver with uniform timestep weights"))
 
 from . import baselines  # noqa: E402,F401  (registers the baselines)
+
+
+def _slimdiff(*args, **kwargs):
+    from .slimdiff import slimdiff_prune
+
+    return slimdiff_prune(*args, **kwargs)
+
+
+register(Method("slimdiff", driver=_slimdiff, patterns=("structured",), ignores=("packages",),
+                description="SlimDiff reconstruction: spectral QK / VO / FFN slimming with a global rank allocator"))

@@ -181,9 +181,16 @@ def head_counts(model: nn.Module) -> dict[str, int]:
 
 def make_manifest(component: str, model: nn.Module, reference_shapes: dict, reference_heads: dict) -> dict:
     """Shapes and head counts that differ from the unpruned model built from the same config."""
+    from .processors import BY_KIND
+
     shapes = {n: s for n, s in linear_shapes(model).items() if reference_shapes.get(n) != s}
     heads = {n: h for n, h in head_counts(model).items() if reference_heads.get(n) != h}
-    return {"format": "obslib-structured-v1", "component": component, "linear_shapes": shapes, "heads": heads}
+    attention = {n: {"processor": m.processor.kind, "scale": m.processor.scale} for n, m in model.named_modules()
+                 if isinstance(getattr(m, "processor", None), tuple(BY_KIND.values()))}
+    out = {"format": "obslib-structured-v1", "component": component, "linear_shapes": shapes, "heads": heads}
+    if attention:  # reshaped Q/K/V head dimensions (SlimDiff): processors and the original softmax scales
+        out["attention"] = attention
+    return out
 
 
 def apply_manifest(model: nn.Module, manifest: dict) -> None:
@@ -193,6 +200,11 @@ def apply_manifest(model: nn.Module, manifest: dict) -> None:
         _set(model, name, nn.Linear(in_f, out_f, bias=old.bias is not None, dtype=old.weight.dtype))
     for name, h in manifest["heads"].items():
         set_heads(_resolve(model, name), h)
+    if manifest.get("attention"):
+        from .processors import BY_KIND
+
+        for name, a in manifest["attention"].items():
+            _resolve(model, name).set_processor(BY_KIND[a["processor"]](a["scale"]))
 
 
 def set_heads(attn: nn.Module, heads: int) -> None:
