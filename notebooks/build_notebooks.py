@@ -200,8 +200,12 @@ plots.save(fig, f"{S['figures']}/02_nm_fidelity.png")""",
 
 grid_nb("03_structured.ipynb", "03 · Structured: heads and FFN neurons (Tables 3/4/9 analogues)",
         "Attention heads (exact group-OBS saliency, RRF across the image and text output projections) and FFN neurons "
-        "are physically removed from every block but the first and the last; compared with L1-norm and FLAP.",
-        'methods = ["obs-diff", "l1-norm", "flap"]',
+        "are physically removed from every block but the first and the last; compared with L1-norm, FLAP and the peer "
+        "method SlimDiff (our reconstruction: spectral slimming of the query-key and value-output head dimensions and of "
+        "the FFN width, with a global allocator; `obslib/slimdiff.py`). For OBS-Diff, L1-norm and FLAP the sparsity is "
+        "the share of heads and neurons removed per block; for SlimDiff it is the share of the same blocks' attention "
+        "and FFN parameters removed — compare the methods at equal `params_drop_%`.",
+        'methods = ["obs-diff", "l1-norm", "flap", "slimdiff"]',
         """grid = [ex.Setting(method="dense", num_calib=S["num_calib"])]
 grid += [ex.Setting(method=m, pattern="structured", sparsity=s, num_calib=S["num_calib"]) for m in methods for s in S["structured_sparsities"]]""",
         """summary = ex.summarize(df, ["method", "sparsity"], ex.METRICS + ("prune_s", "params", "gflops"))

@@ -10,6 +10,7 @@ import json
 import math
 import numbers
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -586,7 +587,7 @@ def add_cli(sub) -> None:
     p.add_argument("--pattern", default="unstructured", help=f"one of: {', '.join(PATTERNS)}")
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--weighting", default="log-decrease", help=f"one of: {', '.join(SCHEMES)}")
-    p.add_argument("--packages", type=int, default=4)
+    p.add_argument("--packages", type=int, default=None, help="K module packages (default 4)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--num-prompts", type=int)
     g.add_argument("--prompts")
@@ -615,8 +616,14 @@ def _cli_prune(a) -> None:
         raise UsageError(f"dtype {a.dtype!r} is unknown; allowed: {', '.join(DTYPES)}")
     if a.num_prompts is not None and a.num_prompts < 1:
         raise UsageError(f"--num-prompts {a.num_prompts} must be >= 1")
+    from .methods import METHODS
+
+    meth = METHODS.get(a.method)
+    if meth is not None and a.packages is not None and "packages" in meth.ignores and not a.quiet:
+        print(f"obslib: note: --packages is ignored by {a.method} (one calibration pass, one global allocation)",
+              file=sys.stderr)
     cfg = PruneConfig(method=a.method, pattern=a.pattern, sparsity=a.sparsity, weighting=a.weighting,
-                      packages=a.packages, steps=a.steps, guidance=a.guidance, seed=a.seed, batch_size=a.batch_size,
+                      packages=4 if a.packages is None else a.packages, steps=a.steps, guidance=a.guidance, seed=a.seed, batch_size=a.batch_size,
                       block_range=tuple(a.block_range) if a.block_range else None, head_saliency=a.head_saliency,
                       progress=not a.quiet, prompts=["(validated)"], restore_on_failure=False)
     cfg.validate()

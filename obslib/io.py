@@ -407,7 +407,8 @@ def load_pruned(path: str, device: str = "cpu", dtype: torch.dtype = torch.float
         with open(os.path.join(path, MANIFEST), encoding="utf-8") as f:
             manifest = json.load(f)
         denoiser = manifest["component"]
-        model = load_pruned_model(os.path.join(path, denoiser), _component_class(path, denoiser), manifest, dtype)
+        with quiet_loading(not progress):
+            model = load_pruned_model(os.path.join(path, denoiser), _component_class(path, denoiser), manifest, dtype)
     except (UsageError, MemoryError):
         raise
     except Exception as e:  # truncated weights, a manifest that does not fit, an unknown class
