@@ -474,63 +474,102 @@ def _solve_structured(den, unit, stats, sparsity, cfg, method, undo) -> list[dic
         raise SolverError(f"layer {', '.join(unit.hessian_layers)}: {e}") from None
 
 
-def _solve_group(den, unit, stats, sparsity, cfg, method, undo) -> list[dict]:
+def head_layout(den, unit) -> tuple[int, int, int]:
+    """(heads, head_dim, hi) of a heads unit: the out projections' leading ``hi`` columns are the heads."""
     block = den.get_submodule(unit.block)
     g = unit.group
+    heads = block.get_submodule(g.attn).heads
+    cols = weight_matrix(den.get_submodule(unit.hessian_layers[0])).shape[1]
+    hi = attr(block, g.out_cols) if g.out_cols else cols
+    return heads, hi // heads, hi
+
+
+def neuron_layout(den, unit) -> tuple[int, int]:
+    """(inner, lo) of a neurons unit: the down projection's columns lo.. are its ``inner`` neurons."""
+    block = den.get_submodule(unit.block)
+    cols = weight_matrix(den.get_submodule(unit.hessian_layers[0])).shape[1]
+    inner = attr(block, unit.group.down_cols) if unit.group.down_cols else cols
+    return inner, cols - inner
+
+
+def n_remove(n: int, sparsity: float) -> int:
+    """Groups removed from a unit of ``n`` heads or neurons (at least one is always kept)."""
+    return min(n - 1, round(sparsity * n))
+
+
+def remove_heads(den, unit, removed: list[int], undo, new=None, biases=None) -> None:
+    """Physically remove heads: their columns of the out projections (whose head columns are first replaced by
+    ``new`` when given, e.g. OBS-compensated), their rows of q/k/v; the head count follows."""
+    block = den.get_submodule(unit.block)
+    g = unit.group
+    attn = block.get_submodule(g.attn)
+    heads, head_dim, hi = head_layout(den, unit)
+    cols = weight_matrix(den.get_submodule(unit.hessian_layers[0])).shape[1]
+    keep = torch.cat([kept_index(heads, removed, head_dim), torch.arange(hi, cols)])
+    for i, name in enumerate(unit.hessian_layers):
+        full = weight_matrix(den.get_submodule(name))
+        if new is not None:
+            check_finite("the solution", new[i])
+            full = full.clone()
+            full[:, :hi] = new[i].to(full.dtype)
+        undo.module(name)
+        keep_cols(den, name, keep, full)
+        _add_bias(den.get_submodule(name), None if biases is None else biases[i])
+    for rel in g.inputs:
+        if has(block, rel):
+            undo.module(f"{unit.block}.{rel}")
+            keep_rows(den, f"{unit.block}.{rel}", keep[keep < hi])
+    undo.attrs(attn, ("heads", "inner_dim", "inner_kv_dim"))
+    set_heads(attn, heads - len(removed))
+
+
+def remove_neurons(den, unit, removed: list[int], undo, new=None, bias=None) -> None:
+    """Physically remove FFN neurons: their columns of the down projection (whose neuron columns are first
+    replaced by ``new`` when given) and their rows of the up projection(s) (GEGLU: both halves)."""
+    block = den.get_submodule(unit.block)
+    name = unit.hessian_layers[0]
+    inner, lo = neuron_layout(den, unit)
+    full = weight_matrix(den.get_submodule(name))
+    if new is not None:
+        check_finite("the solution", new)
+        full = full.clone()
+        full[:, lo:] = new.to(full.dtype)
+    keep_local = kept_index(inner, removed)
+    undo.module(name)
+    keep_cols(den, name, torch.cat([torch.arange(lo), lo + keep_local]), full)
+    _add_bias(den.get_submodule(name), bias)
+    for up in unit.group.ups:
+        gated = block.get_submodule(up).out_features == 2 * inner  # GEGLU: value and gate halves
+        undo.module(f"{unit.block}.{up}")
+        keep_rows(den, f"{unit.block}.{up}", torch.cat([keep_local, keep_local + inner]) if gated else keep_local)
+
+
+def _solve_group(den, unit, stats, sparsity, cfg, method, undo) -> list[dict]:
     out = []
     if unit.kind == "heads":
-        attn = block.get_submodule(g.attn)
-        heads = attn.heads
-        n_remove = min(heads - 1, round(sparsity * heads))
-        if n_remove == 0:
+        heads, head_dim, hi = head_layout(den, unit)
+        k = n_remove(heads, sparsity)
+        if k == 0:
             return []
-        fulls = [weight_matrix(den.get_submodule(n)) for n in unit.hessian_layers]
-        hi = attr(block, g.out_cols) if g.out_cols else fulls[0].shape[1]
-        head_dim = hi // heads
-        Ws = [W[:, :hi] for W in fulls]
+        Ws = [weight_matrix(den.get_submodule(n))[:, :hi] for n in unit.hessian_layers]
         sts = [_sliced(stats, n, 0, hi, False) for n in unit.hessian_layers]
-        new, removed, biases = method.heads(Ws, sts, head_dim, n_remove, cfg)
-        keep = torch.cat([kept_index(heads, removed, head_dim), torch.arange(hi, fulls[0].shape[1])])
-        for i, (name, W, Wn, full, st) in enumerate(zip(unit.hessian_layers, Ws, new, fulls, sts)):
+        new, removed, biases = method.heads(Ws, sts, head_dim, k, cfg)
+        for name, W, Wn, st in zip(unit.hessian_layers, Ws, new, sts):
             err = reconstruction_error(W, Wn, st.H) if st is not None else None
-            check_finite("the solution", Wn)
-            full = full.clone()
-            full[:, :hi] = Wn.to(full.dtype)
-            undo.module(name)
-            keep_cols(den, name, keep, full)
-            _add_bias(den.get_submodule(name), None if biases is None else biases[i])
             out.append({"name": name, "sparsity": len(removed) / heads, "rel_error": err, "removed_heads": removed})
-        for rel in g.inputs:
-            if has(block, rel):
-                undo.module(f"{unit.block}.{rel}")
-                keep_rows(den, f"{unit.block}.{rel}", keep[keep < hi])
-        undo.attrs(attn, ("heads", "inner_dim", "inner_kv_dim"))
-        set_heads(attn, heads - len(removed))
+        remove_heads(den, unit, removed, undo, new, biases)
     else:
         name = unit.hessian_layers[0]
-        full = weight_matrix(den.get_submodule(name))
-        inner = attr(block, g.down_cols) if g.down_cols else full.shape[1]
-        lo = full.shape[1] - inner
-        n_remove = min(inner - 1, round(sparsity * inner))
-        if n_remove == 0:
+        inner, lo = neuron_layout(den, unit)
+        k = n_remove(inner, sparsity)
+        if k == 0:
             return []
-        W = full[:, lo:]
-        st = _sliced(stats, name, lo, full.shape[1], True)
-        Wn, removed, bias = method.neurons(W, st, n_remove, cfg)
-        keep_local = kept_index(inner, removed)
+        W = weight_matrix(den.get_submodule(name))[:, lo:]
+        st = _sliced(stats, name, lo, lo + inner, True)
+        Wn, removed, bias = method.neurons(W, st, k, cfg)
         err = reconstruction_error(W, Wn, st.H) if st is not None else None
-        check_finite("the solution", Wn)
-        full = full.clone()
-        full[:, lo:] = Wn.to(full.dtype)
-        undo.module(name)
-        keep_cols(den, name, torch.cat([torch.arange(lo), lo + keep_local]), full)
-        _add_bias(den.get_submodule(name), bias)
-        for up in g.ups:
-            up_mod = block.get_submodule(up)
-            gated = up_mod.out_features == 2 * inner  # GEGLU: value and gate halves
-            undo.module(f"{unit.block}.{up}")
-            keep_rows(den, f"{unit.block}.{up}", torch.cat([keep_local, keep_local + inner]) if gated else keep_local)
-        out.append({"name": name, "sparsity": n_remove / inner, "rel_error": err, "removed_neurons": len(removed)})
+        remove_neurons(den, unit, removed, undo, Wn, bias)
+        out.append({"name": name, "sparsity": k / inner, "rel_error": err, "removed_neurons": len(removed)})
     return out
 
 
