@@ -79,8 +79,9 @@ class PruneConfig:
             raise UsageError(f"sparsity {self.sparsity} does not match pattern {self.pattern} (needs {n / m})")
         if self.weighting not in SCHEMES:
             raise UsageError(f"weighting {self.weighting!r} is unknown; allowed: {', '.join(SCHEMES)}")
-        if not 0 < self.alpha_min <= self.alpha_max:
-            raise UsageError(f"alpha_min={self.alpha_min}, alpha_max={self.alpha_max}: need 0 < alpha_min <= alpha_max")
+        if not 1e-6 <= self.alpha_min <= self.alpha_max <= 1e6:
+            raise UsageError(f"alpha_min={self.alpha_min}, alpha_max={self.alpha_max}: need 1e-6 <= alpha_min <= "
+                             "alpha_max <= 1e6")
         if self.packages < 1:
             raise UsageError(f"packages K={self.packages} must be an integer >= 1")
         if self.steps is not None and not 1 <= self.steps <= 10_000:
@@ -149,6 +150,15 @@ def _is(kind: str, v) -> bool:
     return isinstance(v, (list, tuple)) and all(_is(item, x) for x in v)
 
 
+def _plain(kind: str, v):
+    """numpy / torch scalars and tuples as the plain Python values the report's JSON needs."""
+    if kind in ("int", "real"):
+        return int(v) if kind == "int" else float(v)
+    if kind.endswith("-list"):
+        return [_plain(kind.split("-")[0], x) if kind != "str-list" else x for x in v]
+    return v
+
+
 def _check_types(cfg) -> None:
     for name, (kind, nullable) in _FIELD_TYPES.items():
         v = getattr(cfg, name)
@@ -158,10 +168,13 @@ def _check_types(cfg) -> None:
             shown = repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."
             raise UsageError(f"{name}={shown} ({type(v).__name__}): expected {_KIND_WORDS[kind]}"
                              + (" or None" if nullable else ""))
+        setattr(cfg, name, _plain(kind, v))
 
 
 def sampling_defaults(pipe) -> dict:
     """The model's own sampling defaults (obslib_defaults.json in its directory) or the paper's."""
+    if not hasattr(pipe, "config") or not hasattr(pipe, "components"):
+        raise UsageError(f"pipe must be a diffusers pipeline (obslib.load_pipeline(path)), got {type(pipe).__name__}")
     path = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
     f = os.path.join(path, DEFAULTS_FILE) if path else None
     if not (f and os.path.exists(f)):
@@ -172,9 +185,12 @@ def sampling_defaults(pipe) -> dict:
     except (OSError, ValueError) as e:
         raise UsageError(f"{f!r} is not valid JSON ({' '.join(str(e).split())[:120]})") from None
     d = {**GENERIC_SAMPLING, **d} if isinstance(d, dict) else None
+    msl = d.get("max_sequence_length", 256) if d else None
     if d is None or not _is("int", d["num_inference_steps"]) or not _is("real", d["guidance_scale"]) \
-            or d["num_inference_steps"] < 1 or d["guidance_scale"] < 0:
-        raise UsageError(f"{f!r} must hold num_inference_steps (integer >= 1) and guidance_scale (number >= 0)")
+            or not 1 <= d["num_inference_steps"] <= 10_000 or not 0 <= d["guidance_scale"] <= 1000 \
+            or not _is("int", msl) or not 1 <= msl <= 4096:
+        raise UsageError(f"{f!r} must hold num_inference_steps (integer in [1, 10000]), guidance_scale (number in "
+                         "[0, 1000]) and optionally max_sequence_length (integer in [1, 4096])")
     return d
 
 
@@ -578,8 +594,11 @@ def _solve_group(den, unit, stats, sparsity, cfg, method, undo) -> list[dict]:
 
 def read_prompt_file(path: str) -> list[str]:
     """One prompt per line from a UTF-8 text file (blank lines skipped)."""
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise UsageError(f"prompt file {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise UsageError(f"prompt file {path!r} is not a regular file (a directory, FIFO or device); expected a text "
+                         "file, one prompt per line")
     try:
         with open(path, "rb") as f:
             data = f.read(64 * 2**20 + 1)
@@ -670,7 +689,7 @@ def _cli_prune(a) -> None:
     check_device(a.device)
     # everything about --out is settled before the (long) work starts
     check_output_dir(a.out, [a.model_dir], a.overwrite, need_bytes=_tree_bytes(a.model_dir))
-    cfg.prompts = read_prompt_file(a.prompts) if a.prompts else default_calibration_prompts(a.model_dir, a.num_prompts or 100)
+    cfg.prompts = read_prompt_file(a.prompts) if a.prompts is not None else default_calibration_prompts(a.model_dir, a.num_prompts or 100)
     pipe = load_pipeline(a.model_dir, device=a.device, dtype=DTYPES[a.dtype])
     report = prune(pipe, cfg)
     save_pruned(pipe, report, a.out, a.model_dir, overwrite=a.overwrite)
@@ -688,13 +707,22 @@ def save_pruned(pipe, report: dict, out: str, model_dir: str | None = None, over
     (sampling defaults) is carried over."""
     if not isinstance(report, dict) or "method" not in report:
         raise UsageError("report must be the dict returned by obslib.prune")
-    source = model_dir or getattr(pipe, "name_or_path", None)
+    if not hasattr(pipe, "save_pretrained") or not hasattr(pipe, "components"):
+        raise UsageError(f"pipe must be a diffusers pipeline, got {type(pipe).__name__}")
+    if model_dir is not None and not isinstance(model_dir, (str, os.PathLike)):
+        raise UsageError(f"model_dir={model_dir!r}: expected a directory path or None")
+    if not isinstance(overwrite, bool):
+        raise UsageError(f"overwrite={overwrite!r}: expected True or False")
+    source = os.fspath(model_dir) if model_dir is not None else getattr(pipe, "name_or_path", None)
     extra = {"pruning_report.json": {"written_by": WRITTEN_BY, "obslib_version": _version(),
                                      **{k: v for k, v in report.items() if k != "manifest"}}}
     src = os.path.join(source, DEFAULTS_FILE) if source else None
     if src and os.path.exists(src):
-        with open(src, encoding="utf-8") as f:
-            extra[DEFAULTS_FILE] = json.load(f)
+        try:
+            with open(src, encoding="utf-8") as f:
+                extra[DEFAULTS_FILE] = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{src!r} cannot be carried over: {' '.join(str(e).split())[:120]}") from None
     save_pipeline(pipe, out, manifest=report.get("manifest"), extra_json=extra,
                   protect=[source] if source else [], overwrite=overwrite)
 

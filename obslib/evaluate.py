@@ -235,30 +235,38 @@ def _load(path: str, device: str = "cpu"):
 
 
 def _check_out_file(out: str, protect) -> None:
-    """--out is a new or earlier metrics JSON file in an existing, writable directory (never a directory,
-    never a file inside a model directory, never a file that is not a JSON object)."""
+    """--out is a new file, or an earlier obslib metrics file, in an existing writable directory: never a
+    directory, a symbolic link, a file inside a model directory or anyone else's file."""
     import json
     import tempfile
 
-    if os.path.isdir(out):
+    if not out or not out.strip():
+        raise UsageError("--out '': expected a JSON file path")
+    if out.endswith(os.sep) or os.path.isdir(out):
         raise UsageError(f"--out {out!r} is a directory; expected a JSON file path")
+    if os.path.islink(out):
+        raise UsageError(f"--out {out!r} is a symbolic link; give the real file path")
     real = os.path.realpath(out)
-    parent = os.path.dirname(real)
+    parent, base = os.path.dirname(real), os.path.basename(real)
     if not os.path.isdir(parent):
         raise UsageError(f"--out {out!r}: directory {parent!r} does not exist")
+    if len(os.fsencode(base)) > 200:
+        raise UsageError(f"--out: the file name is {len(os.fsencode(base))} bytes long; at most 200 are allowed")
     for p in protect:
         if p and os.path.commonpath([real, os.path.realpath(p)]) == os.path.realpath(p):
             raise UsageError(f"--out {out!r} lies inside the model directory {p!r}; write the metrics elsewhere")
     if os.path.lexists(out):
         try:
             with open(out, encoding="utf-8") as f:
-                ok = isinstance(json.load(f), dict)
+                old = json.load(f)
+            ok = isinstance(old, dict) and (old.get("written_by") == "obslib"
+                                            or {"prompt_fidelity", "fid", "kid", "num_prompts", "split"} <= set(old))
         except (OSError, ValueError):
             ok = False
         if not ok:
-            raise UsageError(f"--out {out!r} exists and is not a metrics JSON file; refusing to replace it")
+            raise UsageError(f"--out {out!r} exists and is not an obslib metrics file; refusing to replace it")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".obslib-probe-", dir=parent)
+        fd, probe = tempfile.mkstemp(prefix=f"{base}.{os.getpid()}.", suffix=".tmp", dir=parent)
         os.close(fd)
         os.remove(probe)
     except OSError as e:
@@ -274,12 +282,12 @@ def _run_cli(args) -> None:
                          f"has {n_avail} prompts; allowed: 2 to {n_avail}")
     if not 0 <= args.seed < 2**63 - 2**32:
         raise UsageError(f"--seed {args.seed}: must be an integer in [0, 2**63 - 2**32)")
-    if args.steps <= 0:
-        raise UsageError(f"--steps {args.steps}: must be a positive integer")
+    if not 1 <= args.steps <= 10_000:
+        raise UsageError(f"--steps {args.steps}: must be an integer in [1, 10000]")
     if args.guidance is not None and not 0 <= args.guidance <= 1000:
         raise UsageError(f"--guidance {args.guidance}: must be a number in [0, 1000]")
-    if args.batch_size <= 0:
-        raise UsageError(f"--batch-size {args.batch_size}: must be a positive integer")
+    if not 1 <= args.batch_size <= 4096:
+        raise UsageError(f"--batch-size {args.batch_size}: must be an integer in [1, 4096]")
     _check_index(args.model_dir)
     if args.reference is not None:
         _check_index(args.reference)
@@ -301,6 +309,7 @@ def _run_cli(args) -> None:
     torch.set_grad_enabled(False)
     metrics = evaluate_pipeline(pipe, args.num_prompts, args.steps, args.seed, reference=ref, split=args.split,
                                 guidance=args.guidance, classifier=clf, batch_size=args.batch_size)
+    metrics["written_by"] = "obslib"
     metrics["model_dir"] = os.path.abspath(args.model_dir)
     if args.reference is not None:
         metrics["reference"] = os.path.abspath(args.reference)

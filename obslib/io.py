@@ -59,23 +59,48 @@ def _inside(child: str, parent: str) -> bool:
     return os.path.commonpath([child, parent]) == parent and child != parent
 
 
-def written_by_obslib(path: str) -> bool:
-    """True when ``path`` holds a report that obslib writes (a pruning report or a training history)."""
+def _own_report(path: str) -> bool:
     for name in OWN_MARKERS:
         f = os.path.join(path, name)
-        if not os.path.isfile(f):
+        if not os.path.isfile(f) or os.path.islink(f):
             continue
         try:
             with open(f, encoding="utf-8") as fh:
                 obj = json.load(fh)
         except (OSError, ValueError):
             continue
-        if name == "obslib_training.json" and isinstance(obj, list):
+        if name == "obslib_training.json" and isinstance(obj, list) and obj and all(
+                isinstance(x, dict) and {"steps", "seed"} <= set(x) for x in obj):
             return True
         if isinstance(obj, dict) and (obj.get("written_by") == WRITTEN_BY
-                                      or {"method", "pattern", "sparsity_target", "layers"} <= set(obj)):
+                                      or {"method", "pattern", "sparsity_target", "sparsity_actual", "layers"} <= set(obj)):
             return True
     return False
+
+
+def foreign_entries(path: str) -> list[str]:
+    """Top-level entries of ``path`` that an obslib output directory never holds: anything but
+    model_index.json, the component folders it names, obslib's JSON files and the pruning report."""
+    try:
+        with open(os.path.join(path, "model_index.json"), encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, ValueError):
+        index = {}
+    comps = {k for k, v in index.items() if not k.startswith("_")} if isinstance(index, dict) else set()
+    out = []
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        ok = (name == "model_index.json" or (name.startswith("obslib_") and name.endswith(".json"))
+              or name == "pruning_report.json" or (name in comps and os.path.isdir(full)))
+        if not ok or os.path.islink(full):
+            out.append(name)
+    return out
+
+
+def written_by_obslib(path: str) -> bool:
+    """True when ``path`` holds obslib's report (a pruning report or a training history) and nothing that
+    an obslib output never holds (so a copied report cannot get a user's folder replaced)."""
+    return _own_report(path) and not foreign_entries(path)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -143,6 +168,9 @@ def check_output_dir(out, protect=(), overwrite: bool = False, need_bytes: int =
     if not isinstance(out, (str, os.PathLike)) or not str(out).strip():
         raise UsageError(f"{flag} {out!r}: expected a directory path")
     out = os.fspath(out)
+    base = os.path.basename(os.path.normpath(out))
+    if len(os.fsencode(base)) > 200:
+        raise UsageError(f"{flag}: the directory name is {len(os.fsencode(base))} bytes long; at most 200 are allowed")
     if os.path.islink(out):
         raise UsageError(f"{flag} {out!r} is a symbolic link; give the real directory path")
     real = os.path.realpath(out)
@@ -168,11 +196,15 @@ def check_output_dir(out, protect=(), overwrite: bool = False, need_bytes: int =
             if not overwrite:
                 raise UsageError(f"{flag} {out!r} exists and is not empty; choose a new directory, or pass --overwrite "
                                  "to replace an earlier obslib output")
-            if not written_by_obslib(real):
+            if not _own_report(real):
                 raise UsageError(f"{flag} {out!r} was not written by obslib (it has no obslib report); refusing to "
                                  "replace it, even with --overwrite")
-    try:  # permission bits do not bind root, and a file system may be read-only: try it
-        os.rmdir(tempfile.mkdtemp(prefix=f".obslib-probe-{os.getpid()}-", dir=parent))
+            extra = foreign_entries(real)
+            if extra:
+                raise UsageError(f"{flag} {out!r} holds files obslib does not write ({', '.join(extra[:3])}); "
+                                 "refusing to replace it, even with --overwrite")
+    try:  # permission bits do not bind root, and a file system may be read-only: try it (with the real name length)
+        os.rmdir(tempfile.mkdtemp(prefix=f".obslib-tmp-{os.path.basename(real)}-{os.getpid()}-", dir=parent))
     except OSError as e:
         raise UsageError(f"{flag} {out!r}: cannot write in {parent!r} ({e.strerror or e})") from None
     if need_bytes:
@@ -197,7 +229,51 @@ def _exchange(a: str, b: str) -> bool:
     return False
 
 
-def atomic_dir(out: str):
+def _rename2(a: str, b: str, flags: int) -> int:
+    """renameat2(a, b, flags): 0 on success, else errno (ENOSYS/EINVAL where unsupported)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return 38  # ENOSYS
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return 0 if fn(-100, os.fsencode(a), -100, os.fsencode(b), flags) == 0 else ctypes.get_errno()
+
+
+def _finish(out: str, tmp: str, overwrite: bool) -> None:
+    """Move the complete ``tmp`` to ``out``, re-checking ``out`` at this moment (another run may have
+    written it since the check before the work)."""
+    import errno
+
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = (os.stat(out).st_mode & 0o7777) if os.path.isdir(out) else (0o777 & ~umask)
+    os.chmod(tmp, mode)  # mkdtemp makes 0700; the output gets the usual permissions (or the replaced dir's)
+    if not os.path.lexists(out):
+        rc = _rename2(tmp, out, 1)  # RENAME_NOREPLACE: never replaces what appeared meanwhile
+        if rc == 0:
+            return
+        if rc not in (errno.ENOSYS, errno.EINVAL):
+            if rc == errno.EEXIST:
+                raise UsageError(f"--out {out!r} was created by another process while this one worked; "
+                                 "nothing was replaced (this run's result is discarded)")
+            raise OSError(rc, os.strerror(rc), out)
+        os.replace(tmp, out)  # a file system without renameat2: replaces an empty directory at most
+        return
+    if os.listdir(out) and not (overwrite and written_by_obslib(out)):
+        raise UsageError(f"--out {out!r} was written by another process while this one worked; nothing was "
+                         "replaced (this run's result is discarded)")
+    if _exchange(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)  # now holds the old contents
+        return
+    parent, base = os.path.dirname(out), os.path.basename(out)
+    old = tempfile.mkdtemp(prefix=f".obslib-old-{base}-{os.getpid()}-", dir=parent)
+    os.rmdir(old)
+    os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_dir(out: str, overwrite: bool = False):
     """Context manager yielding a temporary directory that replaces ``out`` on success (see above).
 
     The caller checks ``out`` first (``check_output_dir``); on failure or interruption the temporary
@@ -216,17 +292,11 @@ def atomic_dir(out: str):
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 return False
             out, tmp = self.out, self.tmp
-            if not os.path.lexists(out):
-                os.replace(tmp, out)
-            elif _exchange(tmp, out):
-                shutil.rmtree(tmp, ignore_errors=True)  # now holds the old contents
-            else:
-                parent, base = os.path.dirname(out), os.path.basename(out)
-                old = tempfile.mkdtemp(prefix=f".obslib-old-{base}-{os.getpid()}-", dir=parent)
-                os.rmdir(old)
-                os.replace(out, old)
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
+            try:
+                _finish(out, tmp, overwrite)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             return False
 
     return _Atomic()
@@ -275,7 +345,7 @@ def save_pipeline(pipe, out: str, manifest: dict | None = None, extra_json: dict
     source = getattr(pipe, "name_or_path", None)
     protect = [p for p in (source, *protect) if p and os.path.isdir(p)]
     check_output_dir(out, protect, overwrite, need_bytes=pipeline_bytes(pipe))
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite) as tmp, quiet_loading():  # no "Writing model shards" bars
         pipe.save_pretrained(tmp, safe_serialization=True)
         if manifest is not None:
             write_json(os.path.join(tmp, MANIFEST), manifest)
@@ -333,7 +403,10 @@ def check_device(device) -> str:
     if not isinstance(device, (str, torch.device)):
         raise UsageError(f"device {device!r}: expected a string such as 'cpu' or 'cuda:0'")
     try:
-        torch.empty(0, device=torch.device(device))
+        d = torch.device(device)
+        if d.type not in ("cpu", "cuda", "mps", "xpu") or (d.type == "cpu" and d.index not in (None, 0)):
+            raise RuntimeError(f"{d.type}{'' if d.index is None else ':' + str(d.index)} cannot run a pipeline")
+        torch.empty(0, device=d)
     except Exception as e:  # unknown name, or a backend that is absent here
         msg = " ".join(str(e).split())[:160]
         raise UsageError(f"device {str(device)!r} is not usable here ({msg}); allowed: cpu"
@@ -355,7 +428,7 @@ def quiet_loading(enabled: bool = True):
     state = [(m, m.is_progress_bar_enabled(), m.get_verbosity()) for m in (dlog, tlog)]
     for m, _, _ in state:
         m.disable_progress_bar()
-        m.set_verbosity_error()
+        m.set_verbosity(50)  # CRITICAL: a failed load is reported by obslib in one line, not by the library too
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

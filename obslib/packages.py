@@ -103,9 +103,16 @@ class CalibrationRunner:
         for i, inp in enumerate(tqdm(self.inputs, desc=desc, leave=False, disable=not self.progress)):
             gen = torch.Generator(device=device).manual_seed(self.seed + i)
             calib.begin_run()
-            with torch.no_grad(), quiet_diffusers():
-                self.pipe(**inp, num_inference_steps=self.steps, guidance_scale=self.guidance, generator=gen,
-                          output_type="latent", **self.call_kwargs)
+            try:
+                with torch.no_grad(), quiet_diffusers():
+                    self.pipe(**inp, num_inference_steps=self.steps, guidance_scale=self.guidance, generator=gen,
+                              output_type="latent", **self.call_kwargs)
+            except (AttributeError, TypeError, IndexError, KeyError) as e:  # a pipeline whose parts do not fit
+                from .io import UsageError
+
+                msg = " ".join(str(e).split())[:200]
+                raise UsageError(f"{type(self.pipe).__name__} could not sample for calibration ({type(e).__name__}: "
+                                 f"{msg}); is model_index.json's pipeline class right for its components?") from None
             calib.end_run()
 
 

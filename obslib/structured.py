@@ -195,6 +195,18 @@ def make_manifest(component: str, model: nn.Module, reference_shapes: dict, refe
 
 def apply_manifest(model: nn.Module, manifest: dict) -> None:
     """Resize a freshly built model to the manifest's shapes (weights are loaded afterwards)."""
+    from .io import UsageError
+
+    shapes, heads = manifest.get("linear_shapes"), manifest.get("heads")
+    if not isinstance(shapes, dict) or not isinstance(heads, dict) or not all(
+            isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and x > 0 for x in v) for v in shapes.values()) \
+            or not all(isinstance(h, int) and h > 0 for h in heads.values()):
+        raise UsageError("the manifest's linear_shapes must map names to [out, in] positive integers and its heads "
+                         "to positive integers")
+    names = dict(model.named_modules())
+    missing = [n for n in list(shapes) + list(heads) + list(manifest.get("attention", {})) if n not in names]
+    if missing:
+        raise UsageError(f"the manifest names modules the model does not have ({', '.join(missing[:3])})")
     for name, (out_f, in_f) in manifest["linear_shapes"].items():
         old = _resolve(model, name)
         _set(model, name, nn.Linear(in_f, out_f, bias=old.bias is not None, dtype=old.weight.dtype))
@@ -204,6 +216,8 @@ def apply_manifest(model: nn.Module, manifest: dict) -> None:
         from .processors import BY_KIND
 
         for name, a in manifest["attention"].items():
+            if not isinstance(a, dict) or a.get("processor") not in BY_KIND or not isinstance(a.get("scale"), float):
+                raise UsageError(f"the manifest's attention entry for {name} is malformed")
             _resolve(model, name).set_processor(BY_KIND[a["processor"]](a["scale"]))
 
 

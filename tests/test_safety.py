@@ -99,6 +99,79 @@ def test_existing_outputs_need_overwrite_and_must_be_ours(model_copy, tmp_path, 
     assert cli(base + ["--out", empty], capsys)[0] == 0 and (empty / "pruning_report.json").exists()
 
 
+def test_a_copied_report_does_not_make_a_user_folder_replaceable(model_copy, tmp_path, capsys):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    write_json(str(folder / "pruning_report.json"), {"written_by": "obslib", "method": "x"})
+    one_line(*cli(["prune", model_copy, "--num-prompts", "2", "--out", folder, "--overwrite"], capsys),
+             "holds files obslib does not write (notes.txt)")
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    (trained / "obslib_training.json").write_text("[]")
+    (trained / "data.csv").write_text("1,2")
+    one_line(*cli(["prune", model_copy, "--num-prompts", "2", "--out", trained, "--overwrite"], capsys),
+             "was not written by obslib")
+    assert (folder / "notes.txt").read_text() == "mine" and (trained / "data.csv").exists()
+    long = tmp_path / ("x" * 240)
+    one_line(*cli(["prune", model_copy, "--num-prompts", "2", "--out", long], capsys), "at most 200 are allowed")
+
+
+def test_a_destination_written_meanwhile_is_never_replaced(tiny_pipe, tmp_path):
+    """Two runs to the same new --out: the one that finishes second must not replace the first one's output."""
+    import obslib.io as io
+
+    out = tmp_path / "co"
+    rep = {"method": "magnitude"}
+
+    def racing(self, d, **kw):  # while this run saves, another run completes the same destination
+        out.mkdir()
+        write_json(str(out / "pruning_report.json"), {"written_by": "obslib", "method": "other"})
+        return real(self, d, **kw)
+
+    real = type(tiny_pipe).save_pretrained
+    type(tiny_pipe).save_pretrained = racing
+    try:
+        with pytest.raises(UsageError, match="created by another process|written by another process"):
+            obslib.save_pruned(tiny_pipe, rep, str(out))
+    finally:
+        type(tiny_pipe).save_pretrained = real
+    assert json.load(open(out / "pruning_report.json"))["method"] == "other"
+    assert sorted(os.listdir(tmp_path)) == ["co"]
+
+
+def test_outputs_get_the_usual_permissions(tiny_pipe, tmp_path):
+    old = os.umask(0o022)
+    try:
+        obslib.save_pruned(tiny_pipe, {"method": "magnitude"}, str(tmp_path / "o"))
+    finally:
+        os.umask(old)
+    assert oct(os.stat(tmp_path / "o").st_mode & 0o777) == oct(0o755)
+
+
+@pytest.mark.parametrize("defaults, needle", [
+    ({"max_sequence_length": -5}, "max_sequence_length"),
+    ({"max_sequence_length": "x"}, "max_sequence_length"),
+    ({"num_inference_steps": 100000000}, "num_inference_steps (integer in [1, 10000])"),
+])
+def test_broken_sampling_defaults_are_one_line(model_copy, tmp_path, capsys, defaults, needle):
+    f = model_copy / "obslib_defaults.json"
+    write_json(str(f), {**json.load(open(f)), **defaults})
+    one_line(*cli(["prune", model_copy, "--num-prompts", "2", "--quiet", "--out", tmp_path / "o"], capsys), needle)
+
+
+def test_wrong_pipeline_class_and_bad_manifest_are_one_line(model_copy, tmp_path, capsys):
+    idx = json.load(open(model_copy / "model_index.json"))
+    json.dump({**idx, "_class_name": "FluxPipeline"}, open(model_copy / "model_index.json", "w"))
+    rc, err = cli(["prune", model_copy, "--num-prompts", "2", "--steps", "2", "--quiet", "--out", tmp_path / "o"], capsys)
+    assert rc == 2 and len(err) == 1 and err[0].startswith("obslib: error:"), err
+    json.dump(idx, open(model_copy / "model_index.json", "w"))
+    write_json(str(model_copy / "obslib_manifest.json"), {"format": "obslib-structured-v1", "component": "transformer",
+                                                        "linear_shapes": {}, "heads": {"transformer_blocks.1.attn": -3}})
+    one_line(*cli(["prune", model_copy, "--num-prompts", "2", "--quiet", "--out", tmp_path / "o"], capsys),
+             "heads to positive integers")
+
+
 def test_unwritable_or_missing_parent_and_full_disk(model_copy, tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="parent directory .* does not exist"):
         check_output_dir(tmp_path / "no" / "such" / "out", [model_copy])
@@ -200,6 +273,8 @@ def corrupt(model, how):
         st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
     elif how == "garbage_weights":
         st.write_bytes(b"\x00" * 64)
+    elif how == "missing_weights":
+        st.unlink()
     elif how == "bad_index":
         (model / "model_index.json").write_text("{ not json")
     elif how == "bad_config":
@@ -215,6 +290,7 @@ def corrupt(model, how):
 @pytest.mark.parametrize("how, needle", [
     ("truncated_weights", "could not load a pipeline"),
     ("garbage_weights", "could not load a pipeline"),
+    ("missing_weights", "no file named diffusion_pytorch_model.safetensors"),
     ("bad_index", "unreadable model_index.json"),
     ("bad_config", "could not load a pipeline"),
     ("missing_component", "missing component folder(s) vae"),
@@ -248,6 +324,10 @@ def _prompt_file(tmp_path, kind):
     (["--packages", "1000"], "packages K=1000 exceeds the"),
     (["--device", "warp-drive"], "device 'warp-drive' is not usable here"),
     (["--device", "cuda:7"], "device 'cuda:7' is not usable here"),
+    (["--device", "meta"], "device 'meta' is not usable here"),
+    (["--device", "cpu:99"], "device 'cpu:99' is not usable here"),
+    (["--prompts", ""], "prompt file '' does not exist"),
+    (["--prompts", "/tmp"], "is not a regular file"),
     (["--prompts", "BINARY"], "is binary"),
     (["--prompts", "LATIN1"], "is not UTF-8 text (byte 0xe9"),
     (["--block-range", "3", "1"], "block range"),
@@ -289,8 +369,19 @@ def test_evaluate_refuses_an_unsupported_pipeline_and_a_foreign_out_file(tiny_pi
     precious = tmp_path / "thesis.tex"
     precious.write_text("\\chapter{x}")
     one_line(*cli(["evaluate", tiny_pipe_dir, "--num-prompts", "4", "--out", precious], capsys),
-             "is not a metrics JSON file")
+             "is not an obslib metrics file")
     assert precious.read_text() == "\\chapter{x}"
+    pkg = tmp_path / "package.json"  # a JSON object, but not ours
+    pkg.write_text('{"name": "my-app"}')
+    one_line(*cli(["evaluate", tiny_pipe_dir, "--num-prompts", "4", "--out", pkg], capsys), "not an obslib metrics file")
+    link = tmp_path / "link.json"
+    os.symlink(pkg, link)
+    one_line(*cli(["evaluate", tiny_pipe_dir, "--num-prompts", "4", "--out", link], capsys), "is a symbolic link")
+    for bad, needle in (("", "expected a JSON file path"), (str(tmp_path / "e.json") + "/", "is a directory"),
+                        (str(tmp_path / ("x" * 240)), "at most 200"), (str(tmp_path / "m.json"), "--steps")):
+        extra = ["--steps", "1000000000000"] if needle == "--steps" else []
+        one_line(*cli(["evaluate", tiny_pipe_dir, "--num-prompts", "4", *extra, "--out", bad], capsys), needle)
+    assert pkg.read_text() == '{"name": "my-app"}'
 
 
 @pytest.mark.parametrize("field, value, needle", [
@@ -304,6 +395,7 @@ def test_evaluate_refuses_an_unsupported_pipeline_and_a_foreign_out_file(tiny_pi
     ("block_range", (2, 1), "block range"),
     ("blocksize", 6, "blocksize 6 must be a positive multiple of M=4"),
     ("prompts", ["ok", "  "], "empty prompt"),
+    ("alpha_max", 1e308, "alpha_max <= 1e6"),
 ])
 def test_library_config_types_are_checked(tiny_pipe, field, value, needle):
     kw = {**QUICK, field: value}
@@ -314,6 +406,25 @@ def test_library_config_types_are_checked(tiny_pipe, field, value, needle):
         obslib.prune(tiny_pipe, PruneConfig(**kw))
     assert isinstance(e.value, UsageError) and needle in str(e.value)
     assert all(torch.equal(snapshot[k], v) for k, v in tiny_pipe.transformer.state_dict().items())
+
+
+def test_numpy_numbers_are_taken_as_plain_numbers(tiny_pipe, tmp_path):
+    import numpy as np
+
+    cfg = PruneConfig(**{**QUICK, "prompts": tuple(QUICK["prompts"]), "packages": np.int64(1)}, sparsity=np.float32(0.5))
+    rep = obslib.prune(tiny_pipe, cfg)
+    assert type(cfg.sparsity) is float and type(cfg.packages) is int and isinstance(cfg.prompts, list)
+    obslib.save_pruned(tiny_pipe, rep, str(tmp_path / "o"))
+    assert json.load(open(tmp_path / "o" / "pruning_report.json"))["sparsity_target"] == 0.5
+
+
+def test_library_save_and_defaults_reject_bad_arguments(tiny_pipe, tmp_path):
+    for call in (lambda: obslib.save_pruned(tiny_pipe, {"method": "x"}, str(tmp_path / "o"), model_dir=123),
+                 lambda: obslib.save_pruned(None, {"method": "x"}, str(tmp_path / "o")),
+                 lambda: obslib.sampling_defaults(None)):
+        with pytest.raises(UsageError):
+            call()
+    assert not (tmp_path / "o").exists()
 
 
 def test_reports_are_strict_json(tmp_path):

@@ -1,0 +1,391 @@
+"""Gradient-flow iterative structured pruning (arXiv 2501.09464), a *reconstruction*.
+
+The paper's method section is not available offline (``../shared/paper/peers-brief.md``). Its abstract
+states: structured pruning with soft masks, a progressive soft-pruning strategy that keeps the masks
+continuous and moves them along the gradient flow of an energy function during training, and a criterion
+that prunes what *increases the gradient norm of the loss* when removed, so that the pruned model converges
+fast. What follows fills the gaps with the closest published forms; each choice is marked **[gap]**.
+
+* **Groups and soft masks.** A gate m_g in [0, 1] on every attention head (multiplying the head's columns
+  at the input of the output projections; both streams' projections in MMDiT joint attention) and every
+  FFN neuron (the down projection's input column), applied by forward pre-hooks. The groups and the number
+  removed per block are those of structured OBS-Diff (``sparsity`` x heads, x neurons; first and last block
+  excluded by default), so the two are compared at identical shapes.
+* **Training.** The parameters of the targeted blocks train with AdamW on the model's own denoising loss
+  (flow matching for SD3-class models, noise / v prediction for UNet pipelines; ``TRAIN_BATCHES``), while
+  the gates follow the schedule; the rest of the model is frozen **[gap: what trains]**.
+* **Criterion.** GraSP (Wang et al., 2020) on the gates: removing gate g (delta = -1) changes the squared
+  gradient norm by about -2 (H grad)_g, so its score is S_g = -(H grad)_g over the gates; the largest S_g
+  (removal raises the gradient norm, the paper's stated criterion) are pruned **[gap: GraSP on gates, not
+  on weights]**. H grad is a finite difference of gate gradients along the gradient (one extra forward and
+  backward), every ``SCORE_EVERY`` iterations, smoothed by an exponential moving average **[gap]**.
+* **Schedule.** At each score step the chosen set of every block is re-selected (soft: a group can come
+  back); chosen gates fall linearly from 1 to 0 over the first ``RAMP`` share of the iterations, after which
+  the selection is frozen at 0 and the model keeps training to recover **[gap: linear ramp]**.
+* **Hard prune.** The chosen groups (gates exactly 0, so nothing changes) are physically removed by the
+  same functions as structured OBS-Diff.
+
+Resumable: every ``CKPT_EVERY`` iterations the trained parameters, the optimiser state, the scores and the
+selection go to ``checkpoint_dir/it-NNNNNNN`` (safetensors + JSON, written to a temporary name and renamed);
+batches are a pure function of (seed, iteration), so a resumed run ends with bytes identical to an
+uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .archs import iter_blocks, spec_for
+from .io import UsageError
+
+SCORE_EVERY = 4
+EMA = 0.7  # weight of the previous score average
+RAMP = 0.75  # chosen gates reach 0 after this share of the iterations
+FD_STEP = 1e-3  # finite-difference step of the Hessian-gradient product (gates are O(1))
+CKPT_EVERY = 25
+CFG_DROPOUT = 0.1  # share of empty captions in training batches (keeps the unconditional branch for CFG)
+
+
+# ------------------------------------------------------------------------------------------- gates
+class SoftMasks:
+    """Gates on the heads and neurons of the structured units, applied by forward pre-hooks."""
+
+    def __init__(self, den, units):
+        from .api import head_layout, neuron_layout
+
+        self.den, self.units, self.slices, self._handles = den, units, [], []
+        self.hooks = []  # (module name, unit index, first column, columns per group)
+        n = 0
+        for ui, u in enumerate(units):
+            if u.kind == "heads":
+                heads, hd, _ = head_layout(den, u)
+                self.slices.append(slice(n, n + heads))
+                self.hooks += [(name, ui, 0, hd) for name in u.hessian_layers]
+                n += heads
+            else:
+                inner, lo = neuron_layout(den, u)
+                self.slices.append(slice(n, n + inner))
+                self.hooks.append((u.hessian_layers[0], ui, lo, 1))
+                n += inner
+        self.m = torch.ones(n)
+
+    def size(self, ui: int) -> int:
+        s = self.slices[ui]
+        return s.stop - s.start
+
+    def _hook(self, ui, lo, width):
+        def hook(module, args):
+            x = args[0]
+            gate = self.m[self.slices[ui]].to(x.dtype).repeat_interleave(width)
+            hi = lo + gate.numel()
+            x = torch.cat([x[..., :lo], x[..., lo:hi] * gate, x[..., hi:]], -1) if (lo or hi < x.shape[-1]) else x * gate
+            return (x, *args[1:])
+        return hook
+
+    def __enter__(self):
+        for name, ui, lo, width in self.hooks:
+            self._handles.append(self.den.get_submodule(name).register_forward_pre_hook(self._hook(ui, lo, width)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        return False
+
+
+# ------------------------------------------------------------------------------------ training data
+class ImageFolder:
+    """A folder in the diffusers text-to-image convention: images plus ``metadata.jsonl`` whose lines hold
+    ``file_name`` and ``text``. Batch i is a seeded draw (pure function of seed and i)."""
+
+    def __init__(self, path: str, size: int, batch: int, seed: int):
+        meta = os.path.join(str(path), "metadata.jsonl")
+        if not os.path.isdir(path) or not os.path.isfile(meta):
+            raise UsageError(f"--train-data {path!r}: expected a folder with images and metadata.jsonl "
+                             "(one JSON object per line with file_name and text)")
+        self.items = []
+        with open(meta, encoding="utf-8") as f:
+            for ln, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    d = json.loads(line)
+                    fn, text = d["file_name"], d["text"]
+                    assert isinstance(fn, str) and isinstance(text, str)
+                except (ValueError, KeyError, TypeError, AssertionError):
+                    raise UsageError(f"{meta}: line {ln} is not a JSON object with string file_name and text") from None
+                if not os.path.isfile(os.path.join(path, fn)):
+                    raise UsageError(f"{meta}: line {ln} names {fn!r}, which is not in {path!r}")
+                self.items.append((os.path.join(path, fn), text))
+        if not self.items:
+            raise UsageError(f"{meta} lists no images")
+        self.path, self.size, self.batch, self.seed = path, size, batch, seed
+
+    def __call__(self, i: int):
+        from PIL import Image, UnidentifiedImageError
+
+        rng = random.Random(self.seed * 1_000_003 + i)
+        picks = [self.items[rng.randrange(len(self.items))] for _ in range(self.batch)]
+        ims = []
+        for fn, _ in picks:
+            try:
+                im = Image.open(fn).convert("RGB").resize((self.size, self.size), Image.BICUBIC)
+            except (OSError, UnidentifiedImageError) as e:
+                raise UsageError(f"--train-data: {fn!r} is not a readable image ({e})") from None
+            ims.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(self.size, self.size, 3))
+        x = torch.stack(ims).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        return [t for _, t in picks], x
+
+
+def _shapes_world(batch: int, seed: int):
+    from .shapes.train import _Batches
+
+    data = _Batches(seed + 17, batch)
+    return data.get
+
+
+def _captions_dropped(captions, gen):
+    return ["" if torch.rand(1, generator=gen).item() < CFG_DROPOUT else c for c in captions]
+
+
+def _sd3_batches(pipe, source, seed: int, msl: int):
+    """Flow matching (SD3 / SD3.5): x_t = (1 - s) x0 + s eps, target eps - x0, s logit-normal."""
+    vae = pipe.vae
+    shift, scale = vae.config.shift_factor or 0.0, vae.config.scaling_factor
+    device = pipe._execution_device
+
+    def batch(i: int):
+        from .io import quiet_diffusers
+
+        gen = torch.Generator().manual_seed(seed * 7919 + i)
+        captions, x = source(i)
+        captions = _captions_dropped(captions, gen)
+        with torch.no_grad(), quiet_diffusers():
+            x0 = (vae.encode(x.to(device, vae.dtype)).latent_dist.sample(generator=gen).cpu().float() - shift) * scale
+            pe, _, pooled, _ = pipe.encode_prompt(captions, None, None, device=device, do_classifier_free_guidance=False,
+                                                  max_sequence_length=msl)
+        sigma = torch.sigmoid(torch.randn(len(captions), generator=gen))
+        noise = torch.randn(x0.shape, generator=gen)
+        s = sigma.view(-1, 1, 1, 1)
+        dt = pipe.transformer.dtype
+        kwargs = dict(hidden_states=((1 - s) * x0 + s * noise).to(device, dt), timestep=(sigma * 1000).to(device),
+                      encoder_hidden_states=pe, pooled_projections=pooled)
+        return kwargs, (noise - x0).to(device, dt)
+
+    return batch
+
+
+def _sd_batches(pipe, source, seed: int, msl: int):
+    """DDPM-family UNet pipelines (SD 1.x / 2.x): noise (epsilon) or v prediction, as the scheduler says."""
+    vae, sched = pipe.vae, pipe.scheduler
+    device = pipe._execution_device
+
+    def batch(i: int):
+        gen = torch.Generator().manual_seed(seed * 7919 + i)
+        captions, x = source(i)
+        captions = _captions_dropped(captions, gen)
+        with torch.no_grad():
+            x0 = vae.encode(x.to(device, vae.dtype)).latent_dist.sample(generator=gen).cpu().float() * vae.config.scaling_factor
+            pe = pipe.encode_prompt(captions, device, 1, False)[0]
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(captions),), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        xt = sched.add_noise(x0, noise, t)
+        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
+        dt = pipe.unet.dtype
+        return dict(sample=xt.to(device, dt), timestep=t.to(device), encoder_hidden_states=pe), target.to(device, dt)
+
+    return batch
+
+
+# pipeline class -> how its denoiser is trained (its own loss)
+TRAIN_BATCHES = {"StableDiffusion3Pipeline": _sd3_batches, "StableDiffusionPipeline": _sd_batches}
+
+
+def training_batches(pipe, cfg, defaults: dict):
+    """Batches for ``pipe``'s denoiser: the shapes world for the embedded model, else ``cfg.train_data``."""
+    name = type(pipe).__name__
+    if name not in TRAIN_BATCHES:
+        raise UsageError(f"gradient-flow pruning trains {', '.join(TRAIN_BATCHES)} pipelines; this is a {name}")
+    den = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+    size = int(den.config.sample_size) * int(pipe.vae_scale_factor)
+    if cfg.train_data is not None:
+        source = ImageFolder(cfg.train_data, size, cfg.batch_size, cfg.seed)
+    elif defaults.get("calibration_prompts") == "shapes-train":
+        source = _shapes_world(cfg.batch_size, cfg.seed)
+    else:
+        raise UsageError("gradient-flow pruning needs training data: --train-data DIR (images + metadata.jsonl)")
+    return TRAIN_BATCHES[name](pipe, source, cfg.seed, int(defaults.get("max_sequence_length", 256)))
+
+
+# ---------------------------------------------------------------------------------------- checkpoint
+def _fingerprint(cfg, units) -> dict:
+    keys = ("method", "pattern", "sparsity", "seed", "batch_size", "iterations", "lr", "block_range", "train_data",
+            "exclude_first_last")
+    return {**{k: getattr(cfg, k) for k in keys}, "units": [u.hessian_layers for u in units]}
+
+
+def _latest(ckdir: str | None):
+    if not ckdir or not os.path.isdir(ckdir):
+        return None
+    its = sorted(d for d in os.listdir(ckdir) if d.startswith("it-") and os.path.isfile(os.path.join(ckdir, d, "meta.json")))
+    return os.path.join(ckdir, its[-1]) if its else None
+
+
+def _save(ckdir: str, it: int, params: dict, opt, ema, chosen, log, fp) -> None:
+    from safetensors.torch import save_file
+
+    from .shapes.train import _optim_tensors
+
+    os.makedirs(ckdir, exist_ok=True)
+    final = os.path.join(ckdir, f"it-{it:07d}")
+    tmp = final + f".tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    ot, groups = _optim_tensors(opt, "opt")
+    tensors = {**{f"param.{k}": v.detach().contiguous() for k, v in params.items()}, **ot, "ema": ema.contiguous()}
+    save_file(tensors, os.path.join(tmp, "state.safetensors"))
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump({"iteration": it, "chosen": chosen, "loss": log, "optim": groups, "fingerprint": fp}, f)
+    os.replace(tmp, final)
+    for d in os.listdir(ckdir):  # keep the newest complete checkpoint only
+        if d.startswith("it-") and os.path.join(ckdir, d) != final:
+            shutil.rmtree(os.path.join(ckdir, d), ignore_errors=True)
+
+
+def _restore(path: str, params: dict, opt, fp):
+    from safetensors.torch import load_file
+
+    from .shapes.train import _optim_restore
+
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    if json.loads(json.dumps(fp)) != meta["fingerprint"]:
+        raise UsageError(f"the checkpoint in {os.path.dirname(path)!r} belongs to a different configuration; "
+                         "rerun with the same settings or delete it")
+    state = load_file(os.path.join(path, "state.safetensors"))
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(state[f"param.{k}"])
+    _optim_restore(opt, state, meta["optim"], "opt")
+    return meta["iteration"], state["ema"], meta["chosen"], meta["loss"]
+
+
+# ------------------------------------------------------------------------------------------ driver
+def _select(masks: SoftMasks, ema: torch.Tensor, counts: list[int]) -> list[list[int]]:
+    return [sorted(torch.topk(ema[masks.slices[ui]], k).indices.tolist()) if k else [] for ui, k in enumerate(counts)]
+
+
+def _set_gates(masks: SoftMasks, chosen, value: float) -> None:
+    masks.m.fill_(1.0)
+    for ui, groups in enumerate(chosen):
+        idx = torch.tensor(groups, dtype=torch.long) + masks.slices[ui].start
+        masks.m[idx] = value
+
+
+def gradient_flow_prune(den, cfg, steps: int, component: str, undo, block_ids: list[int], train_batches=None,
+                        **_) -> dict:
+    """Train with soft gates, score by GraSP on the gates, hard-prune; returns the method's report fields."""
+    from .api import n_remove, remove_heads, remove_neurons, _targeted_layers
+    from .packages import structured_units
+
+    if train_batches is None:
+        raise UsageError("method 'gradient-flow' needs training batches (obslib.prune builds them from the pipeline)")
+    spec = spec_for(den)
+    units = [u for u in structured_units(den, spec, block_ids)]
+    masks = SoftMasks(den, units)
+    counts = [n_remove(masks.size(ui), cfg.sparsity) for ui in range(len(units))]
+    targeted = _targeted_layers(den, spec, units, True)
+    target_before = sum(den.get_submodule(n).weight.numel() for n in targeted)
+    blocks = dict(iter_blocks(den, spec))
+    names = [name for bi, (name, _) in enumerate(iter_blocks(den, spec)) if bi in set(u.block_index for u in units)]
+    params = {f"{b}.{k}": p for b in names for k, p in blocks[b].named_parameters()}
+    for b in names:
+        undo.parameters(b)
+    flags = {n: p.requires_grad for n, p in den.named_parameters()}
+    den.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=0.0)
+    fp = _fingerprint(cfg, units)
+    start, ema, chosen, log = 0, torch.zeros_like(masks.m), [[] for _ in units], []
+    latest = _latest(cfg.checkpoint_dir)
+    if latest is not None:
+        if not cfg.resume:
+            raise UsageError(f"{cfg.checkpoint_dir!r} holds a checkpoint of an interrupted run; pass --resume "
+                             "(resume=True) to continue it, or delete it")
+        start, ema, chosen, log = _restore(latest, params, opt, fp)
+    n = cfg.iterations
+    ramp_end = max(1, round(RAMP * n))
+    t0 = time.perf_counter()
+    bar = tqdm(range(start, n), initial=start, total=n, desc="gradient-flow", disable=not cfg.progress)
+    try:
+        with masks:
+            for it in bar:
+                kwargs, target = train_batches(it)
+                scoring = it < ramp_end and it % SCORE_EVERY == 0
+                if it >= ramp_end:
+                    _set_gates(masks, chosen, 0.0)
+                else:
+                    _set_gates(masks, chosen, 1.0 - (it + 1) / ramp_end)
+                if scoring:
+                    masks.m.requires_grad_(True)
+                loss = F.mse_loss(den(**kwargs, return_dict=False)[0].float(), target.float())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if scoring:
+                    g1 = masks.m.grad.detach().clone()
+                    norm = float(g1.norm())
+                    base = masks.m.detach().clone()
+                    with torch.no_grad():
+                        masks.m = base + FD_STEP * g1 / max(norm, 1e-30)
+                    masks.m.requires_grad_(True)
+                    l2 = F.mse_loss(den(**kwargs, return_dict=False)[0].float(), target.float())
+                    g2 = torch.autograd.grad(l2, masks.m)[0]
+                    hg = (g2 - g1) / FD_STEP * norm
+                    score = -hg  # S_g = -delta_g (H g)_g with delta_g = -1 ... sign: removal raises |g|^2
+                    score = hg
+                    ema = score if it == 0 and not log else EMA * ema + (1 - EMA) * score
+                    masks.m = base
+                    chosen = _select(masks, ema, counts)
+                    _set_gates(masks, chosen, 1.0 - (it + 1) / ramp_end)
+                torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+                opt.step()
+                if it % 10 == 0 or it == n - 1:
+                    log.append([it, float(loss)])
+                bar.set_postfix(loss=f"{float(loss):.4f}")
+                if cfg.checkpoint_dir and ((it + 1) % CKPT_EVERY == 0 or it + 1 == n):
+                    _save(cfg.checkpoint_dir, it + 1, params, opt, ema, chosen, log, fp)
+    finally:
+        for name, p in den.named_parameters():
+            p.requires_grad_(flags.get(name, True))
+    t_train = time.perf_counter() - t0
+    if not any(chosen) and any(counts):  # a resumed run that had finished: the selection is in the checkpoint
+        raise UsageError("no selection was made; rerun without the stale checkpoint")
+    t = time.perf_counter()
+    layers = []
+    for u, removed in zip(units, chosen):
+        if not removed:
+            continue
+        if u.kind == "heads":
+            remove_heads(den, u, removed, undo)
+            layers += [{"name": nm, "sparsity": len(removed) / masks.size(units.index(u)), "rel_error": None,
+                        "removed_heads": removed} for nm in u.hessian_layers]
+        else:
+            remove_neurons(den, u, removed, undo)
+            layers.append({"name": u.hessian_layers[0], "sparsity": len(removed) / masks.size(units.index(u)),
+                           "rel_error": None, "removed_neurons": len(removed)})
+    target_after = sum(den.get_submodule(n).weight.numel() for n in targeted)
+    return {
+        "sparsity_actual": 1 - target_after / target_before, "layers": layers,
+        "groups_removed": {f"{u.block}:{u.kind}:{','.join(u.hessian_layers)}": r for u, r in zip(units, chosen)},
+        "iterations": n, "loss": log, "hessian_mb_per_package": [],
+        "timings": {"calibration_s": 0.0, "training_s": t_train, "solve_s": time.perf_counter() - t},
+    }
