@@ -54,6 +54,12 @@ class PruneConfig:
     measure_error: bool = True  # calibrate even for calibration-free methods, to report rel_error
     progress: bool = True
     restore_on_failure: bool = True  # keep the targeted layers' originals so a failed prune changes nothing
+    # methods that train (gradient-flow): iterations, learning rate, data, resumable checkpoints
+    iterations: int = 100
+    lr: float = 1e-5
+    train_data: str | None = None  # a folder of images + metadata.jsonl (diffusers text-to-image convention)
+    checkpoint_dir: str | None = None
+    resume: bool = False
     extra: dict = field(default_factory=dict)
 
     @property
@@ -96,6 +102,10 @@ class PruneConfig:
             raise UsageError(f"blocksize {self.blocksize} must be a positive multiple of M={m or 1}")
         if not 0 <= self.percdamp <= 10:
             raise UsageError(f"percdamp {self.percdamp} must be in [0, 10]")
+        if not 1 <= self.iterations <= 10_000_000:
+            raise UsageError(f"iterations {self.iterations} must be an integer in [1, 10000000]")
+        if not 0 < self.lr <= 1:
+            raise UsageError(f"learning rate {self.lr} must be in (0, 1]")
         if self.neuron_batch < 1:
             raise UsageError(f"neuron batch {self.neuron_batch} must be >= 1")
         if self.prompts is not None:
@@ -129,6 +139,8 @@ _FIELD_TYPES = {
     "block_range": ("int-list", True), "block_sparsity": ("real-list", True), "exclude_first_last": ("bool", False),
     "head_saliency": ("str", False), "neuron_batch": ("int", False), "measure_error": ("bool", False),
     "progress": ("bool", False), "restore_on_failure": ("bool", False), "extra": ("dict", False),
+    "iterations": ("int", False), "lr": ("real", False), "train_data": ("str", True), "checkpoint_dir": ("str", True),
+    "resume": ("bool", False),
 }
 _KIND_WORDS = {"real": "a finite number", "int": "an integer", "str": "a string", "bool": "True or False",
                "dict": "a dict", "str-list": "a list of strings", "int-list": "a list of integers",
@@ -236,11 +248,16 @@ def prune(pipe, config: PruneConfig) -> dict:
     undo = Undo(den) if cfg.restore_on_failure else None
     try:
         calibrate = None
-        if METHODS[cfg.method].needs_calibration or cfg.measure_error:
+        if METHODS[cfg.method].needs_calibration or (cfg.measure_error and METHODS[cfg.method].driver is None):
             msl = {k: v for k, v in defaults.items() if k == "max_sequence_length"}
             runner = CalibrationRunner(pipe, cfg.prompts, steps, guidance, cfg.seed, cfg.batch_size, msl, cfg.progress)
             calibrate = runner.run
-        report = prune_model(den, calibrate, cfg, steps, component=comp, undo=undo)
+        train_batches = None
+        if METHODS[cfg.method].needs_training:
+            from .gradflow import training_batches
+
+            train_batches = training_batches(pipe, cfg, defaults)
+        report = prune_model(den, calibrate, cfg, steps, component=comp, undo=undo, train_batches=train_batches)
     except BaseException:
         if undo is not None:
             undo.rollback()
@@ -258,6 +275,7 @@ class Undo:
         self._weights: dict[str, tuple] = {}
         self._modules: list[tuple] = []
         self._attrs: list[tuple] = []
+        self._params: list[tuple] = []
 
     def weight(self, name: str) -> None:
         if name not in self._weights:
@@ -274,6 +292,11 @@ class Undo:
     def attrs(self, obj, names) -> None:
         self._attrs.append((obj, {n: getattr(obj, n) for n in names if hasattr(obj, n)}))
 
+    def parameters(self, name: str) -> None:
+        """Every parameter of a module (trained in place), as CPU copies."""
+        for p in self.root.get_submodule(name).parameters():
+            self._params.append((p, p.detach().to("cpu", copy=True)))
+
     def rollback(self) -> None:
         with torch.no_grad():
             for owner, leaf, mod in reversed(self._modules):
@@ -281,11 +304,13 @@ class Undo:
             for obj, saved in reversed(self._attrs):
                 for k, v in saved.items():
                     setattr(obj, k, v)
+            for p, saved in reversed(self._params):
+                p.data.copy_(saved.to(p.device))
             for m, w, b in self._weights.values():
                 m.weight.data.copy_(w.to(m.weight.device))
                 if b is not None:
                     m.bias.data.copy_(b.to(m.bias.device))
-        self._weights.clear(), self._modules.clear(), self._attrs.clear()
+        self._weights.clear(), self._modules.clear(), self._attrs.clear(), self._params.clear()
 
 
 class _NoUndo(Undo):
@@ -297,6 +322,8 @@ class _NoUndo(Undo):
     def module(self, name): pass
 
     def attrs(self, obj, names): pass
+
+    def parameters(self, name): pass
 
 
 def collect_stats(pipe, layer_names: list[str], prompts: list[str], steps: int | None = None,
@@ -316,7 +343,7 @@ def collect_stats(pipe, layer_names: list[str], prompts: list[str], steps: int |
 
 
 def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "transformer",
-                undo: Undo | None = None) -> dict:
+                undo: Undo | None = None, train_batches=None) -> dict:
     """Prune a denoiser in place. ``calibrate(calibration, desc)`` must run ``steps`` denoiser calls per
     sampling run over the calibration data, calling ``calibration.begin_run()/end_run()`` around each run
     (``CalibrationRunner.run`` does this with a real pipeline); None for calibration-free methods.
@@ -340,7 +367,7 @@ def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "
     for bi in ids:
         _block_sparsity(cfg, bi, n_blocks)  # a block sparsity list of the wrong length fails before any work
     undo = undo or _NoUndo()
-    weighting = method.forced_weighting or cfg.weighting
+    weighting = None if "weighting" in method.ignores else method.forced_weighting or cfg.weighting
     targeted = _targeted_layers(den, spec, units, structured)
     for name in targeted:  # a broken model is refused before anything changes
         try:
@@ -350,7 +377,7 @@ def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "
     params_before = sum(p.numel() for p in den.parameters())
     t0 = time.perf_counter()
     if method.driver is not None:  # a whole-model method: it reports its own layers, timings and extras
-        part = method.driver(den, calibrate, cfg, steps, component, undo, ids)
+        part = method.driver(den, cfg, steps, component, undo, ids, calibrate=calibrate, train_batches=train_batches)
         report = _report_frame(cfg, weighting, steps, ids, params_before, den, component)
         report.update(part, packages=part.get("packages", 1))
         report["timings"]["total_s"] = time.perf_counter() - t0
@@ -661,6 +688,14 @@ def add_cli(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out if it holds an earlier obslib output (never anything else)")
     p.add_argument("--quiet", action="store_true")
+    t = p.add_argument_group("training (gradient-flow)")
+    t.add_argument("--iterations", type=int, default=None, help="training iterations (default 100)")
+    t.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-5)")
+    t.add_argument("--train-data", metavar="DIR", default=None,
+                   help="images + metadata.jsonl (file_name, text); the embedded model uses its shapes world")
+    t.add_argument("--checkpoint-dir", metavar="DIR", default=None,
+                   help="where checkpoints go (default: .obslib-ckpt-OUT beside --out; removed after success)")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.set_defaults(func=_cli_prune)
 
 
@@ -680,7 +715,23 @@ def _cli_prune(a) -> None:
     if meth is not None and a.packages is not None and "packages" in meth.ignores and not a.quiet:
         print(f"obslib: note: --packages is ignored by {a.method} (one calibration pass, one global allocation)",
               file=sys.stderr)
+    training = meth is not None and meth.needs_training
+    given = [f for f, v in (("--iterations", a.iterations), ("--lr", a.lr), ("--train-data", a.train_data),
+                            ("--checkpoint-dir", a.checkpoint_dir), ("--resume", a.resume or None)) if v is not None]
+    if given and meth is not None and not training and not a.quiet:
+        print(f"obslib: note: {', '.join(given)} only apply to methods that train (gradient-flow); ignored",
+              file=sys.stderr)
+    ckdir = None
+    if training:
+        real = os.path.realpath(a.out) if isinstance(a.out, str) and a.out.strip() else None
+        ckdir = a.checkpoint_dir or (real and os.path.join(os.path.dirname(real), f".obslib-ckpt-{os.path.basename(real)}"))
+    extra_cfg = {}
+    if a.iterations is not None:
+        extra_cfg["iterations"] = a.iterations
+    if a.lr is not None:
+        extra_cfg["lr"] = a.lr
     cfg = PruneConfig(method=a.method, pattern=a.pattern, sparsity=a.sparsity, weighting=a.weighting,
+                      train_data=a.train_data, checkpoint_dir=ckdir, resume=a.resume, **extra_cfg,
                       packages=4 if a.packages is None else a.packages, steps=a.steps, guidance=a.guidance, seed=a.seed, batch_size=a.batch_size,
                       block_range=tuple(a.block_range) if a.block_range else None, head_saliency=a.head_saliency,
                       progress=not a.quiet, prompts=["(validated)"], restore_on_failure=False)
@@ -689,10 +740,23 @@ def _cli_prune(a) -> None:
     check_device(a.device)
     # everything about --out is settled before the (long) work starts
     check_output_dir(a.out, [a.model_dir], a.overwrite, need_bytes=_tree_bytes(a.model_dir))
-    cfg.prompts = read_prompt_file(a.prompts) if a.prompts is not None else default_calibration_prompts(a.model_dir, a.num_prompts or 100)
+    if training:
+        from .gradflow import _latest
+
+        if _latest(ckdir) and not a.resume:
+            raise UsageError(f"{ckdir!r} holds a checkpoint of an interrupted run; pass --resume to continue it, "
+                             "or delete that directory")
+        cfg.prompts = ["(training batches)"]
+    else:
+        cfg.prompts = (read_prompt_file(a.prompts) if a.prompts is not None
+                       else default_calibration_prompts(a.model_dir, a.num_prompts or 100))
     pipe = load_pipeline(a.model_dir, device=a.device, dtype=DTYPES[a.dtype])
     report = prune(pipe, cfg)
     save_pruned(pipe, report, a.out, a.model_dir, overwrite=a.overwrite)
+    if ckdir and os.path.isdir(ckdir):
+        import shutil
+
+        shutil.rmtree(ckdir, ignore_errors=True)  # the run is complete: its checkpoints are no longer needed
     if not a.quiet:
         print(f"wrote {a.out}: sparsity {report['sparsity_actual']:.3f}, params {report['params_before']} -> "
               f"{report['params_after']}, {report['timings']['total_s']:.1f} s")

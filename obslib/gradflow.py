@@ -279,6 +279,17 @@ def _restore(path: str, params: dict, opt, fp):
 
 
 # ------------------------------------------------------------------------------------------ driver
+def hessian_gradient(loss_at, m: torch.Tensor, g: torch.Tensor, step: float = FD_STEP) -> torch.Tensor:
+    """H g of ``loss_at`` at ``m`` (g its gradient there) by a finite difference of gradients along g:
+    H g ~ |g| (grad L(m + step g/|g|) - g) / step; exact for a quadratic loss."""
+    norm = float(g.norm())
+    if norm == 0:
+        return torch.zeros_like(g)
+    m2 = (m + step * g / norm).detach().requires_grad_(True)
+    g2 = torch.autograd.grad(loss_at(m2), m2)[0]
+    return (g2 - g) / step * norm
+
+
 def _select(masks: SoftMasks, ema: torch.Tensor, counts: list[int]) -> list[list[int]]:
     return [sorted(torch.topk(ema[masks.slices[ui]], k).indices.tolist()) if k else [] for ui, k in enumerate(counts)]
 
@@ -341,34 +352,30 @@ def gradient_flow_prune(den, cfg, steps: int, component: str, undo, block_ids: l
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if scoring:
-                    g1 = masks.m.grad.detach().clone()
-                    norm = float(g1.norm())
                     base = masks.m.detach().clone()
-                    with torch.no_grad():
-                        masks.m = base + FD_STEP * g1 / max(norm, 1e-30)
-                    masks.m.requires_grad_(True)
-                    l2 = F.mse_loss(den(**kwargs, return_dict=False)[0].float(), target.float())
-                    g2 = torch.autograd.grad(l2, masks.m)[0]
-                    hg = (g2 - g1) / FD_STEP * norm
-                    score = -hg  # S_g = -delta_g (H g)_g with delta_g = -1 ... sign: removal raises |g|^2
-                    score = hg
-                    ema = score if it == 0 and not log else EMA * ema + (1 - EMA) * score
+
+                    def loss_at(m):
+                        masks.m = m
+                        return F.mse_loss(den(**kwargs, return_dict=False)[0].float(), target.float())
+
+                    hg = hessian_gradient(loss_at, base, masks.m.grad.detach().clone())
+                    # GraSP on the gates: closing gate g (delta = -1) changes |grad|^2 by about -2 (Hg)_g;
+                    # S_g = -(Hg)_g > 0 means the removal raises the gradient norm: those are pruned first
+                    ema = EMA * ema + (1 - EMA) * (-hg)
                     masks.m = base
                     chosen = _select(masks, ema, counts)
                     _set_gates(masks, chosen, 1.0 - (it + 1) / ramp_end)
                 torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
                 opt.step()
                 if it % 10 == 0 or it == n - 1:
-                    log.append([it, float(loss)])
-                bar.set_postfix(loss=f"{float(loss):.4f}")
+                    log.append([it, float(loss.detach())])
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
                 if cfg.checkpoint_dir and ((it + 1) % CKPT_EVERY == 0 or it + 1 == n):
                     _save(cfg.checkpoint_dir, it + 1, params, opt, ema, chosen, log, fp)
     finally:
         for name, p in den.named_parameters():
             p.requires_grad_(flags.get(name, True))
     t_train = time.perf_counter() - t0
-    if not any(chosen) and any(counts):  # a resumed run that had finished: the selection is in the checkpoint
-        raise UsageError("no selection was made; rerun without the stale checkpoint")
     t = time.perf_counter()
     layers = []
     for u, removed in zip(units, chosen):

@@ -18,6 +18,7 @@ from .structured import prune_heads, prune_neurons
 class Method:
     name: str
     needs_calibration: bool = True
+    needs_training: bool = False  # trains the denoiser on its own loss (obslib.prune builds the batches)
     forced_weighting: str | None = None  # e.g. SparseGPT: uniform
     unstructured: Callable | None = None
     heads: Callable | None = None
@@ -65,5 +66,14 @@ def _slimdiff(*args, **kwargs):
     return slimdiff_prune(*args, **kwargs)
 
 
+def _gradient_flow(*args, **kwargs):
+    from .gradflow import gradient_flow_prune
+
+    return gradient_flow_prune(*args, **kwargs)
+
+
 register(Method("slimdiff", driver=_slimdiff, patterns=("structured",), ignores=("packages",),
                 description="SlimDiff reconstruction: spectral QK / VO / FFN slimming with a global rank allocator"))
+register(Method("gradient-flow", needs_calibration=False, needs_training=True, driver=_gradient_flow,
+                patterns=("structured",), ignores=("packages", "weighting"),
+                description="gradient-flow reconstruction: soft gates on heads / neurons, GraSP criterion, training"))

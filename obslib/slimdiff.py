@@ -361,7 +361,7 @@ def apply_group(den, g: Group, undo) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ driver
-def slimdiff_prune(den, calibrate, cfg, steps: int, component: str, undo, block_ids: list[int]) -> dict:
+def slimdiff_prune(den, cfg, steps: int, component: str, undo, block_ids: list[int], calibrate=None, **_) -> dict:
     """Calibrate once, score every group's levels, allocate the budget, slim in place; returns the report
     fields particular to SlimDiff (the driver in ``obslib.api`` adds the common ones)."""
     from .packages import structured_units
