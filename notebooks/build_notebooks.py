@@ -202,20 +202,36 @@ grid_nb("03_structured.ipynb", "03 · Structured: heads and FFN neurons (Tables 
         "Attention heads (exact group-OBS saliency, RRF across the image and text output projections) and FFN neurons "
         "are physically removed from every block but the first and the last; compared with L1-norm, FLAP and the peer "
         "method SlimDiff (our reconstruction: spectral slimming of the query-key and value-output head dimensions and of "
-        "the FFN width, with a global allocator; `obslib/slimdiff.py`). For OBS-Diff, L1-norm and FLAP the sparsity is "
-        "the share of heads and neurons removed per block; for SlimDiff it is the share of the same blocks' attention "
-        "and FFN parameters removed — compare the methods at equal `params_drop_%`.",
-        'methods = ["obs-diff", "l1-norm", "flap", "slimdiff"]',
+        "the FFN width, with a global allocator; `obslib/slimdiff.py`) and the peer method gradient-flow pruning (our "
+        "reconstruction: soft gates on the same heads and neurons, GraSP criterion, trained on the model's own "
+        "flow-matching loss for `S['gf_iterations']` iterations; `obslib/gradflow.py`). For OBS-Diff, L1-norm, FLAP and "
+        "gradient flow the sparsity is the share of heads and neurons removed per block (identical shapes); for SlimDiff "
+        "it is the share of the same blocks' attention and FFN parameters removed — compare at equal `params_drop_%`. "
+        "A last table is an ablation of gradient flow's criterion: pruning the groups whose removal raises the "
+        "gradient norm (the paper's rule) against those whose removal lowers it.",
+        'methods = ["obs-diff", "l1-norm", "flap", "slimdiff", "gradient-flow"]',
         """grid = [ex.Setting(method="dense", num_calib=S["num_calib"])]
-grid += [ex.Setting(method=m, pattern="structured", sparsity=s, num_calib=S["num_calib"]) for m in methods for s in S["structured_sparsities"]]""",
-        """summary = ex.summarize(df, ["method", "sparsity"], ex.METRICS + ("prune_s", "params", "gflops"))
+gf = {"iterations": S["gf_iterations"], "lr": S["gf_lr"]}  # gradient flow trains; the others are one-shot
+grid += [ex.Setting(method=m, pattern="structured", sparsity=s, num_calib=S["num_calib"],
+                    extra=gf if m == "gradient-flow" else {}) for m in methods for s in S["structured_sparsities"]]
+s_mid = S["structured_sparsities"][len(S["structured_sparsities"]) // 2]
+grid += [ex.Setting(method="gradient-flow", pattern="structured", sparsity=s_mid, num_calib=S["num_calib"],
+                    extra={**gf, "gradient_criterion": "lower"})]""",
+        """crit = df.get("extra_gradient_criterion")
+ablation = df[crit.notna()].copy() if crit is not None else df.iloc[:0]
+df = df[crit.isna()] if crit is not None else df
+summary = ex.summarize(df, ["method", "sparsity"], ex.METRICS + ("prune_s", "params", "gflops"))
 dense = summary[summary.method == "dense"].iloc[0]
 summary["params_drop_%"] = 100 * (1 - summary.params_mean / dense.params_mean)
 summary["flops_drop_%"] = 100 * (1 - summary.gflops_mean / dense.gflops_mean)
 summary.to_csv(f"{S['results']}/03_structured.csv", index=False)
 t = ex.format_table(summary, ["method", "sparsity"], ("attribute_accuracy", "psnr", "fid", "prompt_fidelity"))
 t[["params_drop_%", "flops_drop_%"]] = summary[["params_drop_%", "flops_drop_%"]].round(1)
-t""",
+display(t)
+gf_rows = df[(df.method == "gradient-flow") & (df.sparsity == s_mid)].assign(extra_gradient_criterion="raise")
+abl = ex.summarize(pd.concat([gf_rows, ablation]), ["extra_gradient_criterion"], ex.METRICS + ("prune_s",))
+abl.to_csv(f"{S['results']}/03_gradient_criterion.csv", index=False)
+ex.format_table(abl, ["extra_gradient_criterion"], ("psnr", "prompt_fidelity", "fid", "prune_s"))""",
         """fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
 curves = summary[summary.method != "dense"]
 plots.metric_lines(curves, "sparsity", "method", "psnr", ax[0], "PSNR vs dense (dB)")

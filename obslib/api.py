@@ -60,6 +60,7 @@ class PruneConfig:
     train_data: str | None = None  # a folder of images + metadata.jsonl (diffusers text-to-image convention)
     checkpoint_dir: str | None = None
     resume: bool = False
+    gradient_criterion: str = "raise"  # gradient-flow: prune what raises ("raise", the paper's) or lowers the grad norm
     extra: dict = field(default_factory=dict)
 
     @property
@@ -106,6 +107,8 @@ class PruneConfig:
             raise UsageError(f"iterations {self.iterations} must be an integer in [1, 10000000]")
         if not 0 < self.lr <= 1:
             raise UsageError(f"learning rate {self.lr} must be in (0, 1]")
+        if self.gradient_criterion not in ("raise", "lower"):
+            raise UsageError(f"gradient criterion {self.gradient_criterion!r} is unknown; allowed: raise, lower")
         if self.neuron_batch < 1:
             raise UsageError(f"neuron batch {self.neuron_batch} must be >= 1")
         if self.prompts is not None:
@@ -140,7 +143,7 @@ _FIELD_TYPES = {
     "head_saliency": ("str", False), "neuron_batch": ("int", False), "measure_error": ("bool", False),
     "progress": ("bool", False), "restore_on_failure": ("bool", False), "extra": ("dict", False),
     "iterations": ("int", False), "lr": ("real", False), "train_data": ("str", True), "checkpoint_dir": ("str", True),
-    "resume": ("bool", False),
+    "resume": ("bool", False), "gradient_criterion": ("str", False),
 }
 _KIND_WORDS = {"real": "a finite number", "int": "an integer", "str": "a string", "bool": "True or False",
                "dict": "a dict", "str-list": "a list of strings", "int-list": "a list of integers",
@@ -696,6 +699,8 @@ def add_cli(sub) -> None:
     t.add_argument("--checkpoint-dir", metavar="DIR", default=None,
                    help="where checkpoints go (default: .obslib-ckpt-OUT beside --out; removed after success)")
     t.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    t.add_argument("--gradient-criterion", choices=("raise", "lower"), default="raise",
+                   help="prune the groups whose removal raises (the paper's criterion) or lowers the gradient norm")
     p.set_defaults(func=_cli_prune)
 
 
@@ -732,6 +737,7 @@ def _cli_prune(a) -> None:
         extra_cfg["lr"] = a.lr
     cfg = PruneConfig(method=a.method, pattern=a.pattern, sparsity=a.sparsity, weighting=a.weighting,
                       train_data=a.train_data, checkpoint_dir=ckdir, resume=a.resume, **extra_cfg,
+                      gradient_criterion=a.gradient_criterion,
                       packages=4 if a.packages is None else a.packages, steps=a.steps, guidance=a.guidance, seed=a.seed, batch_size=a.batch_size,
                       block_range=tuple(a.block_range) if a.block_range else None, head_saliency=a.head_saliency,
                       progress=not a.quiet, prompts=["(validated)"], restore_on_failure=False)

@@ -50,7 +50,10 @@ EMA = 0.7  # weight of the previous score average
 RAMP = 0.75  # chosen gates reach 0 after this share of the iterations
 FD_STEP = 1e-3  # finite-difference step of the Hessian-gradient product (gates are O(1))
 CKPT_EVERY = 25
-CFG_DROPOUT = 0.1  # share of empty captions in training batches (keeps the unconditional branch for CFG)
+CFG_DROPOUT = 0.1
+# PruneConfig.gradient_criterion: "raise" prunes the groups whose removal raises the gradient norm (the paper's
+# stated criterion, GraSP's rule); "lower" those whose removal lowers it (the direction Lubana & Dick argue can be
+# the safer one on a trained model) -- an ablation  # share of empty captions in training batches (keeps the unconditional branch for CFG)
 
 
 # ------------------------------------------------------------------------------------------- gates
@@ -228,7 +231,7 @@ def training_batches(pipe, cfg, defaults: dict):
 # ---------------------------------------------------------------------------------------- checkpoint
 def _fingerprint(cfg, units) -> dict:
     keys = ("method", "pattern", "sparsity", "seed", "batch_size", "iterations", "lr", "block_range", "train_data",
-            "exclude_first_last")
+            "exclude_first_last", "gradient_criterion")
     return {**{k: getattr(cfg, k) for k in keys}, "units": [u.hessian_layers for u in units]}
 
 
@@ -361,7 +364,7 @@ def gradient_flow_prune(den, cfg, steps: int, component: str, undo, block_ids: l
                     hg = hessian_gradient(loss_at, base, masks.m.grad.detach().clone())
                     # GraSP on the gates: closing gate g (delta = -1) changes |grad|^2 by about -2 (Hg)_g;
                     # S_g = -(Hg)_g > 0 means the removal raises the gradient norm: those are pruned first
-                    ema = EMA * ema + (1 - EMA) * (-hg)
+                    ema = EMA * ema + (1 - EMA) * (-hg if cfg.gradient_criterion == "raise" else hg)
                     masks.m = base
                     chosen = _select(masks, ema, counts)
                     _set_gates(masks, chosen, 1.0 - (it + 1) / ramp_end)
