@@ -236,7 +236,14 @@ ex.format_table(abl, ["extra_gradient_criterion"], ("psnr", "prompt_fidelity", "
 curves = summary[summary.method != "dense"]
 plots.metric_lines(curves, "sparsity", "method", "psnr", ax[0], "PSNR vs dense (dB)")
 plots.metric_lines(curves, "sparsity", "method", "prompt_fidelity", ax[1], "prompt fidelity (held-out)")
-plots.save(fig, f"{S['figures']}/03_structured.png")""",
+plots.save(fig, f"{S['figures']}/03_structured.png")
+# where SlimDiff spends its budget (calibration seed 0, the middle sparsity)
+pipe_s = obslib.load_pipeline(S["model_dir"])
+rep_s = obslib.prune(pipe_s, obslib.PruneConfig(method="slimdiff", pattern="structured", sparsity=s_mid,
+                                                prompts=prompts("train", S["num_calib"]), progress=False))
+alloc = ex.slimdiff_allocation(rep_s)
+alloc.to_csv(f"{S['results']}/03_slimdiff_allocation.csv", index=False)
+alloc.round(3)""",
         """assert (df[df.method != "dense"].params < df[df.method == "dense"].params.iloc[0]).all()
 # every method at 50% / 60% unstructured, 2:4 and 20% structured, from the shared run cache (notebooks 01-03)
 mt = ex.methods_table(S["runs_csv"], S["num_calib"])

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .archs import attr, find_denoiser, has, iter_blocks, spec_for
-from .hessian import Calibration, weight_matrix
+from .hessian import Calibration, check_stats, weight_matrix
 from .io import WRITTEN_BY, UsageError, check_pipeline_dir, load_pipeline, save_pipeline
 from .obs import SolverError, check_finite, reconstruction_error
 from .packages import CalibrationRunner, layer_units, package_layers, split_packages, structured_units
@@ -405,12 +405,7 @@ def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "
             with calib:
                 calibrate(calib, f"calibrate package {pi + 1}/{len(packages)}")
             stats = calib.stats
-            for name, st in stats.items():
-                if st.weight == 0:
-                    raise SolverError(f"layer {name}: no calibration inputs reached it")
-                if not bool(torch.isfinite(st.xtx).all()):
-                    raise SolverError(f"layer {name}: its calibration inputs hold NaN or inf (the model's activations "
-                                      "overflow; try --dtype float32 or a lower guidance)")
+            check_stats(stats)
             t_cal += time.perf_counter() - t
         t = time.perf_counter()
         for unit in package:

@@ -210,6 +210,21 @@ def format_table(summary: pd.DataFrame, by: list[str], metrics=("prompt_fidelity
     return out
 
 
+def slimdiff_allocation(report: dict) -> pd.DataFrame:
+    """Where a SlimDiff report spent its parameter budget: per kind of group (FFN, value-output, query-key)
+    and stream (MMDiT image / text FFNs; attention groups serve both), the parameters removed and their share."""
+    rows = []
+    for name, r in report["ranks"].items():
+        stream = "both" if r["kind"] != "ffn" else ("text" if "context" in name else "image")
+        rows.append({"kind": r["kind"], "stream": stream, "groups": 1, "slimmed": int(r["level"] < r["full"]),
+                     "kept_share": r["level"] / r["full"], "params_removed": r["params_removed"]})
+    df = pd.DataFrame(rows).groupby(["kind", "stream"], as_index=False).agg(
+        groups=("groups", "sum"), slimmed=("slimmed", "sum"), mean_kept_share=("kept_share", "mean"),
+        params_removed=("params_removed", "sum"))
+    df["share_of_removed"] = df.params_removed / max(df.params_removed.sum(), 1)
+    return df
+
+
 def transformer_flops(pipe, batch: int = 2) -> float:
     """FLOPs of one transformer forward (CFG batch) at the model's default size, by torch's counter."""
     from torch.utils.flop_counter import FlopCounterMode

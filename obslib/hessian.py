@@ -64,6 +64,18 @@ class LayerStats:
         return (self.xtx.diagonal() / self.weight - self.mean**2).clamp_min(0)
 
 
+def check_stats(stats: dict) -> None:
+    """Every layer saw calibration inputs and they are finite; else ``SolverError`` naming the layer."""
+    from .obs import SolverError
+
+    for name, st in stats.items():
+        if st.weight == 0:
+            raise SolverError(f"layer {name}: no calibration inputs reached it")
+        if not bool(torch.isfinite(st.xtx).all()):
+            raise SolverError(f"layer {name}: its calibration inputs hold NaN or inf (the model's activations "
+                              "overflow; try --dtype float32 or a lower guidance)")
+
+
 class Calibration:
     """Collects timestep-weighted input statistics for a set of layers of one denoiser.
 

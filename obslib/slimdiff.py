@@ -53,7 +53,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .archs import has, spec_for
-from .hessian import Calibration, LayerStats
+from .hessian import Calibration, LayerStats, check_stats
 from .io import UsageError
 from .obs import SolverError, check_finite
 from .processors import reshaped_processor
@@ -329,13 +329,11 @@ def apply_group(den, g: Group, undo) -> dict:
         keep = torch.sort(d["order"][:lv]).values
         W_new, err = nystrom_refit(d["W"], d["Ct"], keep, d["has_bias"])
         check_finite("the refitted down projection", W_new)
-        down = den.get_submodule(d["down"])
         _replace(den, d["down"], W_new[:, :lv], W_new[:, lv] if d["has_bias"] else None, undo)
         for up in d["ups"]:
             gated = den.get_submodule(up).out_features == 2 * d["h"]
             undo.module(up)
             keep_rows(den, up, torch.cat([keep, keep + d["h"]]) if gated else keep)
-        del down
         return {"name": g.name, "kind": "ffn", "kept": lv, "of": d["h"], "rel_error": err}
     d = g.data
     factors = [rank_factors(p, lv) for p in d["pairs"]]
@@ -388,11 +386,7 @@ def slimdiff_prune(den, cfg, steps: int, component: str, undo, block_ids: list[i
     with calib:
         calibrate(calib, "calibrate (slimdiff)")
     stats = calib.stats
-    for name, st in stats.items():
-        if st.weight == 0:
-            raise SolverError(f"layer {name}: no calibration inputs reached it")
-        if not bool(torch.isfinite(st.xtx).all()):
-            raise SolverError(f"layer {name}: its calibration inputs hold NaN or inf")
+    check_stats(stats)
     t_cal = time.perf_counter() - t0
     t = time.perf_counter()
     groups = []
@@ -409,7 +403,8 @@ def slimdiff_prune(den, cfg, steps: int, component: str, undo, block_ids: list[i
             print(f"slimdiff: {n}", file=sys.stderr)
     target_after = sum(sum(p.numel() for p in den.get_submodule(n).parameters()) for n in targeted)
     ranks = {g.name: {"kind": g.kind, "level": g.levels[g.choice], "full": g.levels[0],
-                      "rel_error": g.errors[g.choice]} for g in groups}
+                      "rel_error": g.errors[g.choice], "params_removed": g.params[0] - g.params[g.choice]}
+             for g in groups}
     return {
         "sparsity_actual": 1 - target_after / target_before,
         "targeted_params_before": target_before, "targeted_params_after": target_after,

@@ -27,3 +27,24 @@ def tiny_pipe(tiny_pipe_dir):
     from obslib import load_pipeline
 
     return load_pipeline(tiny_pipe_dir)
+
+
+@pytest.fixture
+def tiny_sd_pipe(tiny_pipe):
+    """A tiny random SD 2.x-style StableDiffusionPipeline (UNet2DConditionModel with cross-attention and GEGLU
+    FFNs, epsilon prediction), borrowing the tiny SD3 pipeline's VAE and CLIP tokenizer."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    te = CLIPTextModel(tiny_pipe.text_encoder.config).eval()
+    lat = tiny_pipe.vae.config.latent_channels
+    unet = UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=12, in_channels=lat,
+                                out_channels=lat, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                cross_attention_dim=te.config.hidden_size, attention_head_dim=4, norm_num_groups=8).eval()
+    pipe = StableDiffusionPipeline(vae=tiny_pipe.vae, text_encoder=te, tokenizer=tiny_pipe.tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

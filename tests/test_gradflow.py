@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -181,3 +180,22 @@ def test_resume_after_sigkill_finishes_with_identical_bytes(tiny_pipe_dir, tmp_p
     ra = json.load(open(tmp_path / "whole" / "pruning_report.json"))
     rb = json.load(open(cut / "pruning_report.json"))
     assert ra["groups_removed"] == rb["groups_removed"] and ra["loss"] == rb["loss"]
+
+
+@pytest.mark.parametrize("method", ["slimdiff", "gradient-flow"])
+def test_peer_methods_on_a_unet_pipeline_save_and_reload(tiny_sd_pipe, tmp_path, method):
+    """Pipeline level on an SD 2.x-style UNet: calibration by sampling (SlimDiff) or training on the model's
+    own epsilon loss from a --train-data folder (gradient flow); saved, reloaded, identical images."""
+    d = _png_folder(tmp_path)
+    cfg = PruneConfig(method=method, pattern="structured", sparsity=0.25, prompts=["a red circle", "a blue square"],
+                      steps=2, batch_size=2, iterations=3, train_data=str(d), exclude_first_last=False, progress=False)
+    before = sum(p.numel() for p in tiny_sd_pipe.unet.parameters())
+    rep = obslib.prune(tiny_sd_pipe, cfg)
+    assert rep["params_after"] < before == rep["params_before"]
+    img = lambda p: p("a red circle", num_inference_steps=2, output_type="np",  # noqa: E731
+                      generator=torch.Generator().manual_seed(0)).images
+    out = img(tiny_sd_pipe)
+    assert np.isfinite(out).all()
+    obslib.save_pruned(tiny_sd_pipe, rep, str(tmp_path / "p"))
+    re = obslib.load_pipeline(str(tmp_path / "p"))
+    assert type(re).__name__ == "StableDiffusionPipeline" and (img(re) == out).all()

@@ -119,8 +119,6 @@ def test_a_copied_report_does_not_make_a_user_folder_replaceable(model_copy, tmp
 
 def test_a_destination_written_meanwhile_is_never_replaced(tiny_pipe, tmp_path):
     """Two runs to the same new --out: the one that finishes second must not replace the first one's output."""
-    import obslib.io as io
-
     out = tmp_path / "co"
     rep = {"method": "magnitude"}
 

@@ -103,7 +103,6 @@ def test_allocator_spends_the_budget_where_error_is_cheapest():
 def test_reshaped_processors_equal_the_stock_ones(arch, tiny_pipe):
     if arch == "sd3":
         model = tiny_pipe.transformer
-        g = torch.Generator().manual_seed(0)
         c = model.config
         inputs = lambda g: dict(hidden_states=torch.randn(2, c.in_channels, c.sample_size, c.sample_size, generator=g),  # noqa: E731
                                 encoder_hidden_states=torch.randn(2, 7, model.config.joint_attention_dim, generator=g),
