@@ -12,7 +12,7 @@ fast. What follows fills the gaps with the closest published forms; each choice 
   removed per block are those of structured OBS-Diff (``sparsity`` x heads, x neurons; first and last block
   excluded by default), so the two are compared at identical shapes.
 * **Training.** The parameters of the targeted blocks train with AdamW on the model's own denoising loss
-  (flow matching for SD3-class models, noise / v prediction for UNet pipelines; ``TRAIN_BATCHES``), while
+  (flow matching for SD3-class models, noise / v prediction for SD 2.x and SDXL UNet pipelines; ``TRAIN_BATCHES``), while
   the gates follow the schedule; the rest of the model is frozen **[gap: what trains]**.
 * **Criterion.** GraSP (Wang et al., 2020) on the gates: removing gate g (delta = -1) changes the squared
   gradient norm by about -2 (H grad)_g, so its score is S_g = -(H grad)_g over the gates; the largest S_g
@@ -186,10 +186,18 @@ def _sd3_batches(pipe, source, seed: int, msl: int):
     return batch
 
 
+def _ddpm_noised(sched, x0: torch.Tensor, gen: torch.Generator):
+    """A DDPM-family training pair: (x_t, t, target) with target the noise or the velocity, as the scheduler says."""
+    t = torch.randint(0, sched.config.num_train_timesteps, (len(x0),), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    xt = sched.add_noise(x0, noise, t)
+    target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
+    return xt, t, target
+
+
 def _sd_batches(pipe, source, seed: int, msl: int):
     """DDPM-family UNet pipelines (SD 1.x / 2.x): noise (epsilon) or v prediction, as the scheduler says."""
-    vae, sched = pipe.vae, pipe.scheduler
-    device = pipe._execution_device
+    vae, device = pipe.vae, pipe._execution_device
 
     def batch(i: int):
         gen = torch.Generator().manual_seed(seed * 7919 + i)
@@ -198,18 +206,40 @@ def _sd_batches(pipe, source, seed: int, msl: int):
         with torch.no_grad():
             x0 = vae.encode(x.to(device, vae.dtype)).latent_dist.sample(generator=gen).cpu().float() * vae.config.scaling_factor
             pe = pipe.encode_prompt(captions, device, 1, False)[0]
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(captions),), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        xt = sched.add_noise(x0, noise, t)
-        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
+        xt, t, target = _ddpm_noised(pipe.scheduler, x0, gen)
         dt = pipe.unet.dtype
         return dict(sample=xt.to(device, dt), timestep=t.to(device), encoder_hidden_states=pe), target.to(device, dt)
 
     return batch
 
 
+def _sdxl_batches(pipe, source, seed: int, msl: int):
+    """SDXL: as SD 2.x, plus its micro-conditioning (pooled text embedding and size / crop time ids)."""
+    vae, device = pipe.vae, pipe._execution_device
+
+    def batch(i: int):
+        gen = torch.Generator().manual_seed(seed * 7919 + i)
+        captions, x = source(i)
+        captions = _captions_dropped(captions, gen)
+        with torch.no_grad():
+            x0 = vae.encode(x.to(device, vae.dtype)).latent_dist.sample(generator=gen).cpu().float() * vae.config.scaling_factor
+            pe, _, pooled, _ = pipe.encode_prompt(captions, device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        size = (x.shape[-2], x.shape[-1])
+        proj = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else int(pooled.shape[-1])
+        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=pe.dtype, text_encoder_projection_dim=proj)
+        xt, t, target = _ddpm_noised(pipe.scheduler, x0, gen)
+        dt = pipe.unet.dtype
+        cond = {"text_embeds": pooled, "time_ids": time_ids.to(device).repeat(len(captions), 1)}
+        return (dict(sample=xt.to(device, dt), timestep=t.to(device), encoder_hidden_states=pe, added_cond_kwargs=cond),
+                target.to(device, dt))
+
+    return batch
+
+
 # pipeline class -> how its denoiser is trained (its own loss)
-TRAIN_BATCHES = {"StableDiffusion3Pipeline": _sd3_batches, "StableDiffusionPipeline": _sd_batches}
+TRAIN_BATCHES = {"StableDiffusion3Pipeline": _sd3_batches, "StableDiffusionPipeline": _sd_batches,
+                 "StableDiffusionXLPipeline": _sdxl_batches}
 
 
 def training_batches(pipe, cfg, defaults: dict):

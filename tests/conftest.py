@@ -48,3 +48,26 @@ def tiny_sd_pipe(tiny_pipe):
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture
+def tiny_sdxl_pipe(tiny_pipe):
+    """A tiny random SDXL pipeline (two CLIP encoders, text-time micro-conditioning), borrowing the tiny SD3
+    pipeline's VAE and tokenizer."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    cfg = tiny_pipe.text_encoder.config
+    te, te2 = CLIPTextModel(cfg).eval(), CLIPTextModelWithProjection(cfg).eval()
+    lat = tiny_pipe.vae.config.latent_channels
+    unet = UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=12, in_channels=lat,
+                                out_channels=lat, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                cross_attention_dim=2 * cfg.hidden_size, attention_head_dim=4, norm_num_groups=8,
+                                addition_embed_type="text_time", addition_time_embed_dim=8,
+                                projection_class_embeddings_input_dim=6 * 8 + cfg.projection_dim).eval()
+    pipe = StableDiffusionXLPipeline(vae=tiny_pipe.vae, text_encoder=te, text_encoder_2=te2, tokenizer=tiny_pipe.tokenizer,
+                                     tokenizer_2=tiny_pipe.tokenizer, unet=unet, scheduler=EulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -182,10 +182,12 @@ def test_resume_after_sigkill_finishes_with_identical_bytes(tiny_pipe_dir, tmp_p
     assert ra["groups_removed"] == rb["groups_removed"] and ra["loss"] == rb["loss"]
 
 
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
 @pytest.mark.parametrize("method", ["slimdiff", "gradient-flow"])
-def test_peer_methods_on_a_unet_pipeline_save_and_reload(tiny_sd_pipe, tmp_path, method):
-    """Pipeline level on an SD 2.x-style UNet: calibration by sampling (SlimDiff) or training on the model's
-    own epsilon loss from a --train-data folder (gradient flow); saved, reloaded, identical images."""
+def test_peer_methods_on_unet_pipelines_save_and_reload(request, tmp_path, method, kind):
+    """Pipeline level on SD 2.x- and SDXL-style UNets: calibration by sampling (SlimDiff) or training on the
+    model's own epsilon loss from a --train-data folder (gradient flow); saved, reloaded, identical images."""
+    tiny_sd_pipe = request.getfixturevalue("tiny_sd_pipe" if kind == "sd" else "tiny_sdxl_pipe")
     d = _png_folder(tmp_path)
     cfg = PruneConfig(method=method, pattern="structured", sparsity=0.25, prompts=["a red circle", "a blue square"],
                       steps=2, batch_size=2, iterations=3, train_data=str(d), exclude_first_last=False, progress=False)
@@ -198,4 +200,4 @@ def test_peer_methods_on_a_unet_pipeline_save_and_reload(tiny_sd_pipe, tmp_path,
     assert np.isfinite(out).all()
     obslib.save_pruned(tiny_sd_pipe, rep, str(tmp_path / "p"))
     re = obslib.load_pipeline(str(tmp_path / "p"))
-    assert type(re).__name__ == "StableDiffusionPipeline" and (img(re) == out).all()
+    assert type(re).__name__ == type(tiny_sd_pipe).__name__ and (img(re) == out).all()
