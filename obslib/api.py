@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .archs import attr, find_denoiser, has, iter_blocks, spec_for
 from .hessian import Calibration, check_stats, weight_matrix
 from .io import WRITTEN_BY, UsageError, check_pipeline_dir, load_pipeline, save_pipeline
-from .obs import SolverError, check_finite, reconstruction_error
+from .obs import SolverError, check_finite, output_energy, reconstruction_error
 from .packages import CalibrationRunner, layer_units, package_layers, split_packages, structured_units
 from .structured import (head_counts, keep_cols, keep_rows, kept_index, linear_shapes, make_manifest, set_heads)
 from .weighting import SCHEMES, timestep_weights
@@ -46,6 +46,7 @@ class PruneConfig:
     batch_size: int = 16
     blocksize: int = 128
     percdamp: float = 0.01
+    solver_dtype: str = "float32"  # OBS solver precision; float64 is used per layer where float32 fails
     block_range: tuple[int, int] | None = None  # [start, end) block indices; default all
     block_sparsity: list[float] | None = None  # one ratio per block (overrides sparsity)
     exclude_first_last: bool = True  # structured only (the paper skips the first and last block)
@@ -101,6 +102,8 @@ class PruneConfig:
             raise UsageError(f"batch size {self.batch_size} must be >= 1")
         if self.blocksize < 1 or (m and self.blocksize % m):
             raise UsageError(f"blocksize {self.blocksize} must be a positive multiple of M={m or 1}")
+        if self.solver_dtype not in ("float32", "float64"):
+            raise UsageError(f"solver dtype {self.solver_dtype!r} is unknown; allowed: float32, float64")
         if not 0 <= self.percdamp <= 10:
             raise UsageError(f"percdamp {self.percdamp} must be in [0, 10]")
         if not 1 <= self.iterations <= 10_000_000:
@@ -139,6 +142,7 @@ _FIELD_TYPES = {
     "alpha_min": ("real", False), "alpha_max": ("real", False), "packages": ("int", False),
     "prompts": ("str-list", True), "steps": ("int", True), "guidance": ("real", True), "seed": ("int", False),
     "batch_size": ("int", False), "blocksize": ("int", False), "percdamp": ("real", False),
+    "solver_dtype": ("str", False),
     "block_range": ("int-list", True), "block_sparsity": ("real-list", True), "exclude_first_last": ("bool", False),
     "head_saliency": ("str", False), "neuron_batch": ("int", False), "measure_error": ("bool", False),
     "progress": ("bool", False), "restore_on_failure": ("bool", False), "extra": ("dict", False),
@@ -473,11 +477,17 @@ def _solve_layers(den, unit, stats, sparsity, cfg, method, undo) -> list[dict]:
         mod = den.get_submodule(name)
         W = weight_matrix(mod)
         try:
-            W_hat, mask = method.unstructured(W, stats.get(name), sparsity, n, m, cfg)
+            solved = method.unstructured(W, stats.get(name), sparsity, n, m, cfg)
+            W_hat, mask = solved[:2]
             check_finite("the solution", W_hat)
         except SolverError as e:
             raise SolverError(f"layer {name}: {e}") from None
-        err = reconstruction_error(W, W_hat, stats[name].H) if name in stats else None
+        if name not in stats:
+            err = None
+        elif len(solved) == 3:  # the solver's own accumulated error (damped H): no second pass over W and H
+            err = solved[2] / max(output_energy(W, stats[name].H), 1e-300)
+        else:
+            err = reconstruction_error(W, W_hat, stats[name].H)
         undo.weight(name)
         mod.weight.data.copy_(W_hat.to(mod.weight.dtype).reshape(mod.weight.shape))
         out.append({"name": name, "sparsity": float((mod.weight == 0).float().mean()), "rel_error": err})
@@ -680,6 +690,8 @@ def add_cli(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--block-range", type=int, nargs=2, metavar=("START", "END"))
     p.add_argument("--head-saliency", default="exact")
+    p.add_argument("--solver-dtype", default="float32", choices=("float32", "float64"),
+                   help="OBS solver precision (float64 is used per layer where a float32 factorisation fails)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (Hessians are float32)")
     p.add_argument("--out", required=True)
@@ -735,6 +747,7 @@ def _cli_prune(a) -> None:
                       gradient_criterion=a.gradient_criterion,
                       packages=4 if a.packages is None else a.packages, steps=a.steps, guidance=a.guidance, seed=a.seed, batch_size=a.batch_size,
                       block_range=tuple(a.block_range) if a.block_range else None, head_saliency=a.head_saliency,
+                      solver_dtype=a.solver_dtype,
                       progress=not a.quiet, prompts=["(validated)"], restore_on_failure=False)
     cfg.validate()
     check_pipeline_dir(a.model_dir)

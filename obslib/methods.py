@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 from .obs import obs_prune
 from .structured import prune_heads, prune_neurons
 
@@ -30,7 +32,9 @@ class Method:
 
 
 def _obs_unstructured(W, stats, sparsity, n, m, cfg):
-    return obs_prune(W, stats.H, sparsity, n, m, blocksize=cfg.blocksize, percdamp=cfg.percdamp)
+    dtype = torch.float64 if cfg.solver_dtype == "float64" else torch.float32
+    return obs_prune(W, stats.H, sparsity, n, m, blocksize=cfg.blocksize, percdamp=cfg.percdamp, dtype=dtype,
+                     return_error=True)
 
 
 def _obs_heads(Ws, stats, head_dim, n_remove, cfg):

@@ -26,6 +26,8 @@ class SolverError(ValueError):
 
 
 def check_finite(name: str, T: torch.Tensor) -> None:
+    if T.numel() == 0 or (bool(torch.isfinite(T.max())) and bool(torch.isfinite(T.min()))):
+        return  # max/min propagate NaN and reach any inf: no tensor-sized temporary on the common path
     bad = int((~torch.isfinite(T)).sum())
     if bad:
         raise SolverError(f"{name} has {bad} non-finite value(s) (NaN or inf) out of {T.numel()}")
@@ -65,52 +67,111 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01) -> tuple[to
     return U, dead
 
 
+def _inverse_cholesky_in(H: torch.Tensor, dead: torch.Tensor, damp: float, dtype) -> torch.Tensor:
+    """U with U^T U = (H + damp I)^-1 (dead inputs on a unit diagonal), in ``dtype``, in one n x n buffer."""
+    A = H.detach().to(dtype=dtype, copy=True)
+    if bool(dead.any()):
+        A[dead, dead] = 1.0
+    A.diagonal().add_(damp)
+    # LAPACK works in column-major order: through the transposed view of the (symmetric) buffer every step runs
+    # in place. B = L, then B = (L L^T)^-1, then B = L2 with L2 L2^T = H^-1, so A = B^T = L2^T = U.
+    B = A.mT
+    torch.linalg.cholesky(B, out=B)
+    torch.cholesky_inverse(B, out=B)
+    torch.linalg.cholesky(B, out=B)
+    if not bool(torch.isfinite(A.diagonal()).all()):
+        raise torch.linalg.LinAlgError("non-finite factor")
+    return A
+
+
+def inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01, dtype: torch.dtype = torch.float32):
+    """Upper Cholesky factor U of (H + damp I)^-1 for the solver, the mask of dead inputs and the dtype used.
+
+    Tried in ``dtype`` first; a factorisation that fails in float32 is retried in float64 at the same
+    damping, and only then with ten times the damping (up to ``DAMP_RETRIES`` times), then ``SolverError``.
+    damp = percdamp * mean of the live diagonal. Extra memory: one n x n buffer."""
+    check_finite("the Hessian", H)
+    diag = H.diagonal()
+    dead = diag == 0
+    live_mean = float(diag[~dead].double().mean()) if bool((~dead).any()) else 1.0
+    damp = percdamp * live_mean
+    dtypes = (dtype,) if dtype == torch.float64 else (dtype, torch.float64)
+    for attempt in range(DAMP_RETRIES + 1):
+        for dt in dtypes:
+            try:
+                return _inverse_cholesky_in(H, dead, damp, dt), dead, dt
+            except torch.linalg.LinAlgError:
+                continue
+        damp = max(damp, 1e-12) * 10
+    raise SolverError(f"the Hessian is not positive definite even with damping {damp / 10:.3g} "
+                      f"({percdamp} x {10 ** DAMP_RETRIES} of the mean diagonal)")
+
+
 def obs_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, prune_n: int = 0, prune_m: int = 0,
-              blocksize: int = 128, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+              blocksize: int = 128, percdamp: float = 0.01, dtype: torch.dtype = torch.float32,
+              return_error: bool = False):
     """Prune ``W`` to ``sparsity`` (unstructured) or N:M (prune_n of every prune_m inputs per row).
 
-    Returns (W_hat, mask) with mask True where a weight was removed. ``W`` is not modified. With N:M an
-    incomplete last group of fewer than M inputs stays dense (as in ``baselines.nm_mask``).
+    Returns (W_hat, mask) with mask True where a weight was removed, and with ``return_error`` also the
+    squared output error the solve itself accumulated, sum_j ||w_j - q_j||^2 / U_jj^2 = tr((W - W_hat)
+    (H + damp I) (W - W_hat)^T) (no second pass over W and H). ``W`` is not modified. Computed in ``dtype``
+    (float32 by default; float64 where the factorisation needs it). With N:M an incomplete last group of
+    fewer than M inputs stays dense (as in ``baselines.nm_mask``). Extra memory: W_hat, the mask (1 byte per
+    weight), one n x n factor and a few ``blocksize``-wide panels.
     """
     check_finite("the weight", W)
     if prune_m and blocksize % prune_m:
         raise ValueError(f"blocksize {blocksize} must be a multiple of M={prune_m} for N:M sparsity")
-    W = W.detach().double().clone()
+    U, dead, dt = inverse_cholesky(H, percdamp, dtype)
     rows, cols = W.shape
-    U, dead = damped_inverse_cholesky(H, percdamp)
-    W[:, dead] = 0
-    mask = torch.zeros_like(W, dtype=torch.bool)
+    # W is held transposed (column j of W = row j of Wt, contiguous), so every update below is in place on a
+    # contiguous slab: no temporary the size of W.
+    Wt = W.detach().t().to(dtype=dt).contiguous()
+    if Wt.data_ptr() == W.data_ptr():
+        Wt = Wt.clone()
+    if bool(dead.any()):
+        Wt[dead] = 0
+    mask = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
+    sq_err = torch.zeros((), dtype=torch.float64, device=W.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
+        W1 = Wt[i1:i2]  # (block x rows), updated in place
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         d = U1.diagonal()
+        mask1 = torch.zeros(i2 - i1, rows, dtype=torch.bool, device=W.device)
         if prune_n == 0:
-            score = W1**2 / d.reshape(1, -1) ** 2
-            k = int(score.numel() * sparsity)
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+            k = int(W1.numel() * sparsity)
             if k > 0:
-                idx = torch.topk(score.flatten(), k, largest=False).indices
-                mask1.view(-1)[idx] = True
-        else:
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+                score = (W1 / d.reshape(-1, 1)).square_()
+                mask1.view(-1)[torch.topk(score.view(-1), k, largest=False, sorted=False).indices] = True
+                del score
         for i in range(i2 - i1):
-            w = W1[:, i]
+            w = W1[i]
             if prune_n != 0 and (i1 + i) % prune_m == 0 and i1 + i + prune_m <= cols:
-                score = W1[:, i:i + prune_m] ** 2 / d[i:i + prune_m].reshape(1, -1) ** 2
-                mask1.scatter_(1, i + torch.topk(score, prune_n, dim=1, largest=False).indices, True)
-            q = torch.where(mask1[:, i], torch.zeros_like(w), w)
-            Q1[:, i] = q
-            err = (w - q) / d[i]
-            W1[:, i:] -= err.unsqueeze(1) @ U1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        mask[:, i1:i2] = mask1
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-    mask |= dead.unsqueeze(0).expand_as(mask) & (W == 0)
-    return W, mask
+                score = W1[i:i + prune_m] ** 2 / d[i:i + prune_m].reshape(-1, 1) ** 2
+                mask1.scatter_(0, i + torch.topk(score, prune_n, dim=0, largest=False).indices, True)
+            err = torch.where(mask1[i], w, torch.zeros_like(w)) / d[i]  # (w - q) / U_jj, q = 0 where pruned
+            W1[i:].addr_(U1[i, i:], err, alpha=-1)
+            Err1[i] = err
+        W1.masked_fill_(mask1, 0)
+        mask[:, i1:i2] = mask1.t()
+        sq_err += (Err1.double() ** 2).sum()
+        if i2 < cols:
+            Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)
+    if bool(dead.any()):
+        mask[:, dead] = True  # weights on inputs that never fire are removed for free
+    W_hat = Wt.t()  # a transposed view: no copy
+    return (W_hat, mask, float(sq_err)) if return_error else (W_hat, mask)
+
+
+def output_energy(W: torch.Tensor, H: torch.Tensor, chunk: int = 1024) -> float:
+    """tr(W H W^T) in row chunks (the denominator of rel_error without an out x in temporary)."""
+    total = 0.0
+    for r in range(0, W.shape[0], chunk):
+        Wc = W[r:r + chunk].to(H.dtype)
+        total += float(((Wc @ H) * Wc).sum(dtype=torch.float64))
+    return total
 
 
 def saliency(W: torch.Tensor, H: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:

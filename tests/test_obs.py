@@ -37,7 +37,7 @@ def test_single_obs_step_equals_closed_form():
     n = 6
     H = spd(n, 0)
     w = torch.tensor([[0.001, 1.0, -2.0, 1.5, 0.7, -1.1]], dtype=torch.float64)
-    W_hat, mask = obs_prune(w, H, sparsity=1 / n, blocksize=128, percdamp=0.0)
+    W_hat, mask = obs_prune(w, H, sparsity=1 / n, blocksize=128, percdamp=0.0, dtype=torch.float64)
     Hinv = torch.linalg.inv(H)
     expected = w - (w[0, 0] / Hinv[0, 0]) * Hinv[0:1, :]
     assert mask[0].tolist() == [True] + [False] * 5
@@ -61,7 +61,7 @@ def test_solver_matches_bruteforce_sequential_obs(pattern, blocksize):
     H = spd(16, 2)
     W = rand_w(5, 16, 3)
     n, m = (0, 0) if pattern == "unstructured" else map(int, pattern.split(":"))
-    W_hat, mask = obs_prune(W, H, 0.5, n, m, blocksize=blocksize, percdamp=0.0)
+    W_hat, mask = obs_prune(W, H, 0.5, n, m, blocksize=blocksize, percdamp=0.0, dtype=torch.float64)
     ref = sequential_obs_reference(W, H, mask)
     assert torch.allclose(W_hat, ref, atol=1e-9)
     assert (W_hat[mask] == 0).all()
@@ -100,7 +100,7 @@ def test_between_global_optimum_and_magnitude_bruteforce():
     W = rand_w(1, 8, 7)
     best = min(optimal_error(W, H, torch.tensor([[i in c for i in range(8)]]))
                for c in itertools.combinations(range(8), 4))
-    W_obs, _ = obs_prune(W, H, 0.5, percdamp=0.0)
+    W_obs, _ = obs_prune(W, H, 0.5, percdamp=0.0, dtype=torch.float64)
     W_mag, _ = _magnitude(W, None, 0.5, 0, 0, None)
     e_obs, e_mag = reconstruction_error(W, W_obs, H), reconstruction_error(W, W_mag, H)
     assert best - 1e-12 <= e_obs <= e_mag
@@ -126,3 +126,32 @@ def test_dead_inputs_are_zeroed_and_input_unchanged():
     W_hat, mask = obs_prune(W, H, 0.25)
     assert (W_hat[:, 3] == 0).all() and mask[:, 3].all()
     assert torch.equal(W, W0)
+
+
+@pytest.mark.parametrize("pattern", [(0, 0), (2, 4)])
+def test_float32_solver_matches_float64_and_reports_its_own_error(pattern):
+    """The float32 default gives the float64 masks and weights within float32 rounding, and the squared error
+    the solve accumulates equals tr((W - W_hat)(H + damp I)(W - W_hat)^T)."""
+    H = spd(64, 7)
+    W = rand_w(24, 64, 8)
+    W64, m64, e64 = obs_prune(W, H, 0.5, *pattern, blocksize=16, dtype=torch.float64, return_error=True)
+    W32, m32, e32 = obs_prune(W, H, 0.5, *pattern, blocksize=16, return_error=True)
+    assert W32.dtype == torch.float32 and (m32 == m64).float().mean() > 0.995
+    same = (m32 == m64).all(1)
+    assert torch.allclose(W32.double()[same], W64[same], rtol=1e-4, atol=1e-5 * float(W.abs().max()))
+    damp = 0.01 * float(H.diagonal().mean())
+    D = W - W64
+    assert e64 == pytest.approx(float(torch.einsum("ij,jk,ik->", D, H + damp * torch.eye(64, dtype=torch.float64), D)), rel=1e-9)
+    assert e32 == pytest.approx(e64, rel=1e-4)
+
+
+def test_float32_factorisation_falls_back_to_float64():
+    from obslib.obs import inverse_cholesky
+
+    # eigenvalues spanning 1e-9..1: float32 Cholesky of the undamped matrix fails, float64 succeeds
+    Q, _ = torch.linalg.qr(rand_w(32, 32, 9))
+    H = Q @ torch.diag(torch.logspace(-9, 0, 32, dtype=torch.float64)) @ Q.T
+    U, dead, dt = inverse_cholesky(H, percdamp=0.0)
+    assert dt == torch.float64 and torch.isfinite(U).all()
+    U32, _, dt32 = inverse_cholesky(spd(16, 3))
+    assert dt32 == torch.float32
