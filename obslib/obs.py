@@ -126,9 +126,7 @@ def obs_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, prune_n: int = 
     rows, cols = W.shape
     # W is held transposed (column j of W = row j of Wt, contiguous), so every update below is in place on a
     # contiguous slab: no temporary the size of W.
-    Wt = W.detach().t().to(dtype=dt).contiguous()
-    if Wt.data_ptr() == W.data_ptr():
-        Wt = Wt.clone()
+    Wt = torch.empty(cols, rows, dtype=dt, device=W.device).copy_(W.detach().t())  # one allocation
     if bool(dead.any()):
         Wt[dead] = 0
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
