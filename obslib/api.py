@@ -59,7 +59,7 @@ class PruneConfig:
     iterations: int = 100
     lr: float = 1e-5
     train_data: str | None = None  # a folder of images + metadata.jsonl (diffusers text-to-image convention)
-    checkpoint_dir: str | None = None
+    checkpoint_dir: str | None = None  # resumable runs: a checkpoint after each package / 25 training iterations
     resume: bool = False
     gradient_criterion: str = "raise"  # gradient-flow: prune what raises ("raise", the paper's) or lowers the grad norm
     extra: dict = field(default_factory=dict)
@@ -395,8 +395,19 @@ def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "
     t_cal = t_solve = 0.0
     layers_report = []
     package_mb = []
-    bar = tqdm(packages, desc=f"{cfg.method} packages", disable=not cfg.progress)
+    ck, start = None, 0
+    if cfg.checkpoint_dir:  # resumable: each finished package is saved; a resumed run re-applies them
+        from .checkpoint import PackageCheckpoint, fingerprint
+
+        ck = PackageCheckpoint(cfg.checkpoint_dir, fingerprint(cfg, units, steps))
+        state = ck.restore(den, undo, cfg.resume)
+        if state is not None:
+            start, layers_report, package_mb = state["next"], state["layers"], state["package_mb"]
+            t_cal, t_solve = state["calibration_s"], state["solve_s"]
+    bar = tqdm(packages, desc=f"{cfg.method} packages", disable=not cfg.progress, initial=start)
     for pi, package in enumerate(bar):
+        if pi < start:
+            continue
         stats = {}
         if calibrate is not None:
             t = time.perf_counter()
@@ -418,6 +429,12 @@ def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "
             layers_report += solve(den, unit, stats, s, cfg, method, undo)
         t_solve += time.perf_counter() - t
         del stats
+        if ck is not None:
+            heads = {f"{u.block}.{u.group.attn}": den.get_submodule(f"{u.block}.{u.group.attn}").heads
+                     for u in package if u.kind == "heads"}
+            ck.save(pi, den, _targeted_layers(den, spec, package, structured), heads,
+                    {"next": pi + 1, "layers": layers_report, "package_mb": package_mb, "calibration_s": t_cal,
+                     "solve_s": t_solve})
 
     target_after = sum(_nonzero_or_size(den.get_submodule(n), structured) for n in targeted)
     report = _report_frame(cfg, weighting, steps, ids, params_before, den, component)
@@ -703,9 +720,10 @@ def add_cli(sub) -> None:
     t.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-5)")
     t.add_argument("--train-data", metavar="DIR", default=None,
                    help="images + metadata.jsonl (file_name, text); the embedded model uses its shapes world")
-    t.add_argument("--checkpoint-dir", metavar="DIR", default=None,
-                   help="where checkpoints go (default: .obslib-ckpt-OUT beside --out; removed after success)")
-    t.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--checkpoint-dir", metavar="DIR", default=None,
+                   help="where checkpoints go after each package / every 25 training iterations (default: "
+                        ".obslib-ckpt-OUT beside --out; removed after success)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     t.add_argument("--gradient-criterion", choices=("raise", "lower"), default="raise",
                    help="prune the groups whose removal raises (the paper's criterion) or lowers the gradient norm")
     p.set_defaults(func=_cli_prune)
@@ -728,15 +746,13 @@ def _cli_prune(a) -> None:
         print(f"obslib: note: --packages is ignored by {a.method} (one calibration pass, one global allocation)",
               file=sys.stderr)
     training = meth is not None and meth.needs_training
-    given = [f for f, v in (("--iterations", a.iterations), ("--lr", a.lr), ("--train-data", a.train_data),
-                            ("--checkpoint-dir", a.checkpoint_dir), ("--resume", a.resume or None)) if v is not None]
+    given = [f for f, v in (("--iterations", a.iterations), ("--lr", a.lr), ("--train-data", a.train_data))
+             if v is not None]
     if given and meth is not None and not training and not a.quiet:
         print(f"obslib: note: {', '.join(given)} only apply to methods that train (gradient-flow); ignored",
               file=sys.stderr)
-    ckdir = None
-    if training:
-        real = os.path.realpath(a.out) if isinstance(a.out, str) and a.out.strip() else None
-        ckdir = a.checkpoint_dir or (real and os.path.join(os.path.dirname(real), f".obslib-ckpt-{os.path.basename(real)}"))
+    real = os.path.realpath(a.out) if isinstance(a.out, str) and a.out.strip() else None
+    ckdir = a.checkpoint_dir or (real and os.path.join(os.path.dirname(real), f".obslib-ckpt-{os.path.basename(real)}"))
     extra_cfg = {}
     if a.iterations is not None:
         extra_cfg["iterations"] = a.iterations
@@ -754,12 +770,10 @@ def _cli_prune(a) -> None:
     check_device(a.device)
     # everything about --out is settled before the (long) work starts
     check_output_dir(a.out, [a.model_dir], a.overwrite, need_bytes=_tree_bytes(a.model_dir))
+    if ckdir and os.path.isdir(ckdir) and os.listdir(ckdir) and not a.resume:
+        raise UsageError(f"{ckdir!r} holds a checkpoint of an interrupted run; pass --resume to continue it, "
+                         "or delete that directory")
     if training:
-        from .gradflow import _latest
-
-        if _latest(ckdir) and not a.resume:
-            raise UsageError(f"{ckdir!r} holds a checkpoint of an interrupted run; pass --resume to continue it, "
-                             "or delete that directory")
         cfg.prompts = ["(training batches)"]
     else:
         cfg.prompts = (read_prompt_file(a.prompts) if a.prompts is not None
