@@ -688,44 +688,75 @@ def default_calibration_prompts(model_dir: str, n: int) -> list[str]:
     return prompts("train", n)
 
 
+PRUNE_EPILOG = """examples:
+  obslib prune models/shapes-sd3 --sparsity 0.5 --num-prompts 16 --out out/obs50
+  obslib prune models/shapes-sd3 --pattern 2:4 --sparsity 0.5 --method wanda --out out/wanda24
+  obslib prune models/shapes-sd3 --method slimdiff --pattern structured --sparsity 0.2 --out out/slim20
+  obslib prune /models/sd3.5-large --prompts calib.txt --steps 25 --guidance 7 --device cuda --dtype bfloat16 \\
+      --out /models/sd35-obs50
+an interrupted run continues with the same command plus --resume."""
+
+
 def add_cli(sub) -> None:
+    import argparse
+
     from .methods import METHODS
 
-    p = sub.add_parser("prune", help="prune a diffusers pipeline directory")
-    p.add_argument("model_dir")
-    p.add_argument("--method", default="obs-diff", help=f"one of: {', '.join(METHODS)}")
-    p.add_argument("--pattern", default="unstructured", help=f"one of: {', '.join(PATTERNS)}")
-    p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--weighting", default="log-decrease", help=f"one of: {', '.join(SCHEMES)}")
-    p.add_argument("--packages", type=int, default=None, help="K module packages (default 4)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--num-prompts", type=int)
-    g.add_argument("--prompts")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--guidance", type=float)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--block-range", type=int, nargs=2, metavar=("START", "END"))
-    p.add_argument("--head-saliency", default="exact")
-    p.add_argument("--solver-dtype", default="float32", choices=("float32", "float64"),
-                   help="OBS solver precision (float64 is used per layer where a float32 factorisation fails)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (Hessians are float32)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace --out if it holds an earlier obslib output (never anything else)")
-    p.add_argument("--quiet", action="store_true")
+    p = sub.add_parser("prune", help="prune a diffusers pipeline directory", epilog=PRUNE_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Prune the denoiser of a local diffusers pipeline and write a complete pipeline "
+                                   "directory with pruning_report.json. Bad input is one line on stderr, exit code 2.")
+    m = p.add_argument_group("model")
+    m.add_argument("model_dir", help="a local diffusers pipeline directory (safetensors weights)")
+    m.add_argument("--device", default="cpu", help="where the pipeline runs: cpu, cuda, cuda:N (default: cpu)")
+    m.add_argument("--dtype", default="float32",
+                   help="weights' dtype: float32, float16 or bfloat16; Hessians stay float32 (default: float32)")
+    m.add_argument("--block-range", type=int, nargs=2, metavar=("START", "END"),
+                   help="prune blocks START..END-1 only (default: every block)")
+    g = p.add_argument_group("method")
+    g.add_argument("--method", default="obs-diff", help=f"one of: {', '.join(METHODS)} (default: obs-diff)")
+    g.add_argument("--pattern", default="unstructured",
+                   help=f"one of: {', '.join(PATTERNS)}; slimdiff and gradient-flow need structured (default: unstructured)")
+    g.add_argument("--sparsity", type=float, default=0.5,
+                   help="share removed from the targeted layers, in [0, 1); N:M needs N/M; structured: share of heads "
+                        "and FFN neurons per block (slimdiff: of their parameters) (default: 0.5)")
+    g.add_argument("--head-saliency", default="exact", help="structured OBS head cost: exact or diag (default: exact)")
+    g.add_argument("--solver-dtype", default="float32", choices=("float32", "float64"),
+                   help="OBS solver precision; float64 is used per layer where float32 fails (default: float32)")
+    c = p.add_argument_group("calibration")
+    x = c.add_mutually_exclusive_group()
+    x.add_argument("--num-prompts", type=int,
+                   help="the first N of the embedded model's training prompts (default: 100; other models need --prompts)")
+    x.add_argument("--prompts", metavar="FILE", help="calibration prompts, one per line (UTF-8)")
+    c.add_argument("--steps", type=int, help="sampling steps per calibration run (default: the model's own, else 25)")
+    c.add_argument("--guidance", type=float, help="CFG scale of calibration runs (default: the model's own, else 7.0)")
+    c.add_argument("--weighting", default="log-decrease",
+                   help=f"timestep weights, one of: {', '.join(SCHEMES)} (default: log-decrease)")
+    c.add_argument("--packages", type=int, default=None,
+                   help="K module packages, each calibrated through the already-pruned model (default: 4)")
+    c.add_argument("--seed", type=int, default=0, help="calibration seed (default: 0)")
+    c.add_argument("--batch-size", type=int, default=16, help="prompts per calibration (or training) batch (default: 16)")
+    c.add_argument("--report-error", action="store_true",
+                   help="calibration-free methods (magnitude, l1-norm) calibrate anyway to report each layer's error")
     t = p.add_argument_group("training (gradient-flow)")
-    t.add_argument("--iterations", type=int, default=None, help="training iterations (default 100)")
-    t.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-5)")
+    t.add_argument("--iterations", type=int, default=None, help="training iterations (default: 100)")
+    t.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: 1e-5)")
     t.add_argument("--train-data", metavar="DIR", default=None,
-                   help="images + metadata.jsonl (file_name, text); the embedded model uses its shapes world")
-    p.add_argument("--checkpoint-dir", metavar="DIR", default=None,
-                   help="where checkpoints go after each package / every 25 training iterations (default: "
-                        ".obslib-ckpt-OUT beside --out; removed after success)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+                   help="images + metadata.jsonl (file_name, text) (default: the embedded model's shapes world)")
     t.add_argument("--gradient-criterion", choices=("raise", "lower"), default="raise",
-                   help="prune the groups whose removal raises (the paper's criterion) or lowers the gradient norm")
+                   help="prune the groups whose removal raises (the paper's rule) or lowers the gradient norm "
+                        "(default: raise)")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", required=True, metavar="DIR",
+                   help="the new pipeline directory (never the model's, never inside or above it)")
+    o.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it holds an earlier obslib output (never anything else)")
+    o.add_argument("--checkpoint-dir", metavar="DIR", default=None,
+                   help="checkpoints after each package / 25 training iterations (default: .obslib-ckpt-OUT beside "
+                        "--out; removed after success)")
+    o.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    o.add_argument("--quiet", action="store_true", help="no progress bars, notes or closing line")
+    o.add_argument("--verbose", action="store_true", help="show the libraries' own loading bars and warnings")
     p.set_defaults(func=_cli_prune)
 
 
@@ -764,7 +795,8 @@ def _cli_prune(a) -> None:
                       packages=4 if a.packages is None else a.packages, steps=a.steps, guidance=a.guidance, seed=a.seed, batch_size=a.batch_size,
                       block_range=tuple(a.block_range) if a.block_range else None, head_saliency=a.head_saliency,
                       solver_dtype=a.solver_dtype,
-                      progress=not a.quiet, prompts=["(validated)"], restore_on_failure=False)
+                      progress=not a.quiet, prompts=["(validated)"], restore_on_failure=False,
+                      measure_error=a.report_error)
     cfg.validate()
     check_pipeline_dir(a.model_dir)
     check_device(a.device)
@@ -778,16 +810,36 @@ def _cli_prune(a) -> None:
     else:
         cfg.prompts = (read_prompt_file(a.prompts) if a.prompts is not None
                        else default_calibration_prompts(a.model_dir, a.num_prompts or 100))
-    pipe = load_pipeline(a.model_dir, device=a.device, dtype=DTYPES[a.dtype])
+    t0 = time.perf_counter()
+    pipe = load_pipeline(a.model_dir, device=a.device, dtype=DTYPES[a.dtype], progress=a.verbose)
+    t_load = time.perf_counter() - t0
     report = prune(pipe, cfg)
+    t = time.perf_counter()
     save_pruned(pipe, report, a.out, a.model_dir, overwrite=a.overwrite)
+    t_save = time.perf_counter() - t
     if ckdir and os.path.isdir(ckdir):
         import shutil
 
         shutil.rmtree(ckdir, ignore_errors=True)  # the run is complete: its checkpoints are no longer needed
     if not a.quiet:
-        print(f"wrote {a.out}: sparsity {report['sparsity_actual']:.3f}, params {report['params_before']} -> "
-              f"{report['params_after']}, {report['timings']['total_s']:.1f} s")
+        print(closing_line(a.out, report, pipe, t_load, t_save, time.perf_counter() - t0))
+
+
+def closing_line(out: str, report: dict, pipe, t_load: float, t_save: float, wall: float) -> str:
+    """What was written, in words: sparsity of the targeted layers and of the whole denoiser, zeros versus
+    removed parameters, and the wall time with loading and saving."""
+    _, den = find_denoiser(pipe)
+    total = sum(p.numel() for p in den.parameters())
+    zeros = sum(int((p == 0).sum()) for p in den.parameters())
+    before, after = report["params_before"], report["params_after"]
+    if after < before:
+        what = (f"removed {before - after:,} of the denoiser's {before:,} parameters ({1 - after / before:.1%}; "
+                f"{report['sparsity_actual']:.1%} of the targeted layers)")
+    else:
+        what = (f"{report['sparsity_actual']:.1%} of the targeted layers' weights are zero = {zeros / total:.1%} of "
+                f"the denoiser's {total:,} parameters (zeros: the parameter count is unchanged)")
+    return (f"wrote {out}: {what}; {wall:.1f} s wall (load {t_load:.1f} s, prune {report['timings']['total_s']:.1f} s, "
+            f"save {t_save:.1f} s)")
 
 
 def save_pruned(pipe, report: dict, out: str, model_dir: str | None = None, overwrite: bool = False) -> None:

@@ -16,7 +16,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = _Parser(prog="obslib", description="OBS-Diff pruning study tools")
+    p.add_argument("--version", action="version", version=f"obslib {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     from . import evaluate as _evaluate
 

@@ -321,16 +321,26 @@ def _run_cli(args) -> None:
 
 
 def add_cli(sub) -> None:
-    p = sub.add_parser("evaluate", help="score a pipeline on held-out prompts (fidelity, FID/KID, PSNR/SSIM)")
-    p.add_argument("model_dir", metavar="MODEL_DIR")
-    p.add_argument("--reference", metavar="DIR", default=None, help="dense pipeline for PSNR/SSIM")
-    p.add_argument("--num-prompts", type=int, required=True, metavar="N")
-    p.add_argument("--steps", type=int, default=DEFAULT_SAMPLING["num_inference_steps"], metavar="T")
-    p.add_argument("--seed", type=int, default=0, metavar="S")
+    import argparse
+
+    p = sub.add_parser("evaluate", help="score a pipeline on held-out prompts (fidelity, FID/KID, PSNR/SSIM)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Score a shapes-world pipeline: prompt fidelity (GenEval-style), FID/KID on the "
+                                   "evaluator's features, and with --reference PSNR/SSIM against the reference's images.",
+                       epilog="example:\n  obslib evaluate out/obs50 --reference models/shapes-sd3 --num-prompts 64 "
+                              "--out out/obs50/metrics.json")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="the pipeline to score (a local directory)")
+    p.add_argument("--reference", metavar="DIR", default=None,
+                   help="a dense pipeline for PSNR/SSIM, same prompts and seeds (default: none)")
+    p.add_argument("--num-prompts", type=int, required=True, metavar="N", help="prompts of the split to score (>= 2)")
+    p.add_argument("--split", choices=SPLITS, default="heldout", help="prompt split (default: heldout)")
+    p.add_argument("--steps", type=int, default=DEFAULT_SAMPLING["num_inference_steps"], metavar="T",
+                   help=f"sampling steps (default: {DEFAULT_SAMPLING['num_inference_steps']})")
     p.add_argument("--guidance", type=float, default=None, metavar="G",
-                   help=f"CFG scale (default {DEFAULT_SAMPLING['guidance_scale']})")
-    p.add_argument("--split", choices=SPLITS, default="heldout")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cpu", help="device for the pipelines, e.g. cuda (default cpu)")
-    p.add_argument("--out", required=True, metavar="metrics.json")
+                   help=f"CFG scale (default: {DEFAULT_SAMPLING['guidance_scale']})")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default: 0)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per sampling batch (default: 64)")
+    p.add_argument("--device", default="cpu", help="device for the pipelines, e.g. cuda (default: cpu)")
+    p.add_argument("--out", required=True, metavar="metrics.json",
+                   help="a new JSON file, or an earlier obslib metrics file to replace")
     p.set_defaults(func=_run_cli)

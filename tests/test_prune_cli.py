@@ -103,3 +103,36 @@ def test_model_without_default_prompts_needs_prompt_file(tiny_pipe_dir, tmp_path
     os.remove(d / "obslib_defaults.json")
     r = run_cli("prune", str(d), "--num-prompts", "2", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "--prompts FILE" in r.stderr
+
+
+def test_help_documents_every_flag_with_its_default_and_version():
+    from obslib.cli import build_parser
+
+    for cmd in ("prune", "evaluate"):
+        sub = build_parser()._subparsers._group_actions[0].choices[cmd]
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help" and not action.required:
+                assert action.help, f"{cmd} {action.option_strings} has no help"
+                if action.default not in (None, False) or action.dest in ("packages", "num_prompts", "iterations", "lr"):
+                    assert "default" in action.help, f"{cmd} {action.option_strings} does not state its default"
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"obslib {obslib.__version__}"
+
+
+def test_calibration_free_method_skips_calibration_and_closing_line_says_what(tiny_pipe_dir, tmp_path):
+    r = run_cli("prune", tiny_pipe_dir, "--method", "magnitude", "--num-prompts", "2", "--packages", "2",
+                "--out", str(tmp_path / "m"))
+    assert r.returncode == 0, r.stderr
+    rep = json.load(open(tmp_path / "m" / "pruning_report.json"))
+    assert rep["timings"]["calibration_s"] == 0 and all(layer["rel_error"] is None for layer in rep["layers"])
+    line = r.stdout.strip().splitlines()[-1]
+    assert "50.0% of the targeted layers' weights are zero" in line and "of the denoiser's" in line
+    assert "parameter count is unchanged" in line and "wall (load" in line and "save" in line
+    r = run_cli("prune", tiny_pipe_dir, "--method", "magnitude", "--num-prompts", "2", "--steps", "2", "--packages", "2",
+                "--report-error", "--quiet", "--out", str(tmp_path / "e"))
+    assert r.returncode == 0 and r.stdout == ""
+    rep = json.load(open(tmp_path / "e" / "pruning_report.json"))
+    assert all(0 < layer["rel_error"] < 1 for layer in rep["layers"])
+    r = run_cli("prune", tiny_pipe_dir, "--pattern", "structured", "--sparsity", "0.25", "--num-prompts", "2",
+                "--steps", "2", "--packages", "1", "--out", str(tmp_path / "s"))
+    assert "removed" in r.stdout and "of the denoiser's" in r.stdout, r.stdout
