@@ -195,51 +195,48 @@ def _ddpm_noised(sched, x0: torch.Tensor, gen: torch.Generator):
     return xt, t, target
 
 
-def _sd_batches(pipe, source, seed: int, msl: int):
-    """DDPM-family UNet pipelines (SD 1.x / 2.x): noise (epsilon) or v prediction, as the scheduler says."""
-    vae, device = pipe.vae, pipe._execution_device
-
-    def batch(i: int):
-        gen = torch.Generator().manual_seed(seed * 7919 + i)
-        captions, x = source(i)
-        captions = _captions_dropped(captions, gen)
-        with torch.no_grad():
-            x0 = vae.encode(x.to(device, vae.dtype)).latent_dist.sample(generator=gen).cpu().float() * vae.config.scaling_factor
-            pe = pipe.encode_prompt(captions, device, 1, False)[0]
-        xt, t, target = _ddpm_noised(pipe.scheduler, x0, gen)
-        dt = pipe.unet.dtype
-        return dict(sample=xt.to(device, dt), timestep=t.to(device), encoder_hidden_states=pe), target.to(device, dt)
-
-    return batch
+def _sd_text(pipe, captions, x, device) -> tuple[torch.Tensor, dict]:
+    """SD 1.x / 2.x: the text encoder's hidden states only."""
+    return pipe.encode_prompt(captions, device, 1, False)[0], {}
 
 
-def _sdxl_batches(pipe, source, seed: int, msl: int):
-    """SDXL: as SD 2.x, plus its micro-conditioning (pooled text embedding and size / crop time ids)."""
-    vae, device = pipe.vae, pipe._execution_device
+def _sdxl_text(pipe, captions, x, device) -> tuple[torch.Tensor, dict]:
+    """SDXL: both encoders' hidden states, plus the micro-conditioning (pooled embedding, size / crop time ids)."""
+    pe, _, pooled, _ = pipe.encode_prompt(captions, device=device, num_images_per_prompt=1,
+                                          do_classifier_free_guidance=False)
+    size = (x.shape[-2], x.shape[-1])
+    proj = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else int(pooled.shape[-1])
+    time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=pe.dtype, text_encoder_projection_dim=proj)
+    return pe, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(device).repeat(len(captions), 1)}}
 
-    def batch(i: int):
-        gen = torch.Generator().manual_seed(seed * 7919 + i)
-        captions, x = source(i)
-        captions = _captions_dropped(captions, gen)
-        with torch.no_grad():
-            x0 = vae.encode(x.to(device, vae.dtype)).latent_dist.sample(generator=gen).cpu().float() * vae.config.scaling_factor
-            pe, _, pooled, _ = pipe.encode_prompt(captions, device=device, num_images_per_prompt=1,
-                                                  do_classifier_free_guidance=False)
-        size = (x.shape[-2], x.shape[-1])
-        proj = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else int(pooled.shape[-1])
-        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=pe.dtype, text_encoder_projection_dim=proj)
-        xt, t, target = _ddpm_noised(pipe.scheduler, x0, gen)
-        dt = pipe.unet.dtype
-        cond = {"text_embeds": pooled, "time_ids": time_ids.to(device).repeat(len(captions), 1)}
-        return (dict(sample=xt.to(device, dt), timestep=t.to(device), encoder_hidden_states=pe, added_cond_kwargs=cond),
-                target.to(device, dt))
 
-    return batch
+def _unet_batches(text):
+    """DDPM-family UNet pipelines: noise (epsilon) or v prediction, as the scheduler says; ``text`` conditions."""
+
+    def build(pipe, source, seed: int, msl: int):
+        vae, device = pipe.vae, pipe._execution_device
+
+        def batch(i: int):
+            gen = torch.Generator().manual_seed(seed * 7919 + i)
+            captions, x = source(i)
+            captions = _captions_dropped(captions, gen)
+            with torch.no_grad():
+                x0 = vae.encode(x.to(device, vae.dtype)).latent_dist.sample(generator=gen).cpu().float() \
+                    * vae.config.scaling_factor
+                pe, extra = text(pipe, captions, x, device)
+            xt, t, target = _ddpm_noised(pipe.scheduler, x0, gen)
+            dt = pipe.unet.dtype
+            return (dict(sample=xt.to(device, dt), timestep=t.to(device), encoder_hidden_states=pe, **extra),
+                    target.to(device, dt))
+
+        return batch
+
+    return build
 
 
 # pipeline class -> how its denoiser is trained (its own loss)
-TRAIN_BATCHES = {"StableDiffusion3Pipeline": _sd3_batches, "StableDiffusionPipeline": _sd_batches,
-                 "StableDiffusionXLPipeline": _sdxl_batches}
+TRAIN_BATCHES = {"StableDiffusion3Pipeline": _sd3_batches, "StableDiffusionPipeline": _unet_batches(_sd_text),
+                 "StableDiffusionXLPipeline": _unet_batches(_sdxl_text)}
 
 
 def training_batches(pipe, cfg, defaults: dict):

@@ -36,34 +36,47 @@ def check_finite(name: str, T: torch.Tensor) -> None:
 DAMP_RETRIES = 4  # a Cholesky that fails is retried with 10x the damping, this many times
 
 
+def _dead_and_damp(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
+    """The dead inputs (H_jj == 0) and damp = percdamp * mean of the live diagonal."""
+    check_finite("the Hessian", H)
+    diag = H.diagonal()
+    dead = diag == 0
+    live_mean = float(diag[~dead].double().mean()) if bool((~dead).any()) else 1.0
+    return dead, percdamp * live_mean
+
+
+def _retry_damped(factor, damp: float, percdamp: float, dtypes):
+    """factor(damp, dtype) over the dtypes, then with ten times the damping, up to DAMP_RETRIES times."""
+    for _ in range(DAMP_RETRIES + 1):
+        for dt in dtypes:
+            try:
+                return factor(damp, dt), dt
+            except torch.linalg.LinAlgError:
+                continue
+        damp = max(damp, 1e-12) * 10
+    raise SolverError(f"the Hessian is not positive definite even with damping {damp / 10:.3g} "
+                      f"({percdamp} x {10 ** DAMP_RETRIES} of the mean diagonal)")
+
+
 def damped_inverse(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """(H + damp I)^-1 in float64 and the mask of dead inputs (H_jj == 0).
 
     damp = percdamp * mean(diag H) over the live inputs; dead inputs get a unit diagonal (their rows and
     columns of H are zero, so this only keeps the matrix invertible). A factorisation that fails is
     retried with ten times the damping up to ``DAMP_RETRIES`` times, then ``SolverError``."""
-    check_finite("the Hessian", H)
+    dead, damp = _dead_and_damp(H, percdamp)
     H = H.detach().double().clone()
-    diag = H.diagonal()
-    dead = diag == 0
-    live_mean = float(diag[~dead].mean()) if bool((~dead).any()) else 1.0
     H[dead, dead] = 1.0
-    damp = percdamp * live_mean
-    for attempt in range(DAMP_RETRIES + 1):
-        L, info = torch.linalg.cholesky_ex(H + damp * torch.eye(len(H), dtype=H.dtype, device=H.device))
-        if int(info) == 0:
-            return torch.cholesky_inverse(L), dead
-        damp = max(damp, 1e-12) * 10
-    raise SolverError(f"the Hessian is not positive definite even with damping {damp / 10:.3g} "
-                      f"({percdamp} x {10 ** DAMP_RETRIES} of the mean diagonal)")
+
+    def factor(d, dt):
+        return torch.cholesky_inverse(torch.linalg.cholesky(H + d * torch.eye(len(H), dtype=dt, device=H.device)))
+
+    return _retry_damped(factor, damp, percdamp, (torch.float64,))[0], dead
 
 
 def damped_inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper Cholesky factor U of (H + damp I)^-1 and the mask of dead inputs (H_ii == 0)."""
-    Hinv, dead = damped_inverse(H, percdamp)
-    U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-    if int(info) != 0:
-        raise SolverError("the inverse Hessian lost positive definiteness in float64 (raise percdamp)")
+    """Upper Cholesky factor U of (H + damp I)^-1 in float64 and the mask of dead inputs (H_ii == 0)."""
+    U, dead, _ = inverse_cholesky(H, percdamp, torch.float64)
     return U, dead
 
 
@@ -90,21 +103,10 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01, dtype: torch.dtype
     Tried in ``dtype`` first; a factorisation that fails in float32 is retried in float64 at the same
     damping, and only then with ten times the damping (up to ``DAMP_RETRIES`` times), then ``SolverError``.
     damp = percdamp * mean of the live diagonal. Extra memory: one n x n buffer."""
-    check_finite("the Hessian", H)
-    diag = H.diagonal()
-    dead = diag == 0
-    live_mean = float(diag[~dead].double().mean()) if bool((~dead).any()) else 1.0
-    damp = percdamp * live_mean
+    dead, damp = _dead_and_damp(H, percdamp)
     dtypes = (dtype,) if dtype == torch.float64 else (dtype, torch.float64)
-    for attempt in range(DAMP_RETRIES + 1):
-        for dt in dtypes:
-            try:
-                return _inverse_cholesky_in(H, dead, damp, dt), dead, dt
-            except torch.linalg.LinAlgError:
-                continue
-        damp = max(damp, 1e-12) * 10
-    raise SolverError(f"the Hessian is not positive definite even with damping {damp / 10:.3g} "
-                      f"({percdamp} x {10 ** DAMP_RETRIES} of the mean diagonal)")
+    U, dt = _retry_damped(lambda d, t: _inverse_cholesky_in(H, dead, d, t), damp, percdamp, dtypes)
+    return U, dead, dt
 
 
 def obs_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, prune_n: int = 0, prune_m: int = 0,
