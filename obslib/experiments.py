@@ -200,6 +200,36 @@ def summarize(df: pd.DataFrame, by: list[str], metrics=METRICS + ("prune_s",)) -
     return out.reset_index()
 
 
+def cell(row, metric: str, digits: int = 3) -> str:
+    """'mean ± std' of one summary row (the std is left out with a single seed)."""
+    m, sd = row[f"{metric}_mean"], row.get(f"{metric}_std", np.nan)
+    return f"{m:.{digits}f} ± {sd:.{digits}f}" if np.isfinite(sd) else f"{m:.{digits}f} (one seed)"
+
+
+def versus(summary: pd.DataFrame, where: dict, col: str, a, b, metric: str = "prompt_fidelity",
+           higher: bool = True) -> str:
+    """A sentence comparing rows a and b of ``col`` (within the rows matching ``where``) on ``metric``, with the
+    verdict against the seeds' spread (a gap larger than both standard deviations counts)."""
+    t = summary
+    for k, v in where.items():
+        t = t[np.isclose(t[k], v)] if isinstance(v, float) else t[t[k] == v]
+    t = t.set_index(col)
+    if a not in t.index or b not in t.index:
+        return f"({a} or {b} not in this run)"
+    ra, rb = t.loc[a], t.loc[b]
+    gap = (ra[f"{metric}_mean"] - rb[f"{metric}_mean"]) * (1 if higher else -1)
+    spread = max(ra.get(f"{metric}_std", np.nan), rb.get(f"{metric}_std", np.nan))
+    if not np.isfinite(spread):
+        verdict = "one seed: no spread to judge by"
+    elif gap > spread:
+        verdict = f"{a} ahead beyond the seeds' spread"
+    elif -gap > spread:
+        verdict = f"{b} ahead beyond the seeds' spread"
+    else:
+        verdict = "within the seeds' spread"
+    return f"{metric.replace('_', ' ')}: {a} {cell(ra, metric)} vs {b} {cell(rb, metric)} — {verdict}"
+
+
 def format_table(summary: pd.DataFrame, by: list[str], metrics=("prompt_fidelity", "fid", "psnr")) -> pd.DataFrame:
     """'mean ± std' strings for display."""
     out = summary[by].copy()
