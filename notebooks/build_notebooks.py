@@ -282,25 +282,40 @@ plots.save(fig, f"{S['figures']}/04_weighting.png")""",
         chapter={'question': "Does weighting the calibration steps matter, and is the paper's log-decrease (early, noisy steps weigh more) the best scheme? The paper (Table 6, SD3-Medium 50%) ranks log-decrease first with ImageReward .6438, within .03 of every other scheme (uniform .6355).", 'how': "OBS-Diff at 60% sparsity (where differences show most in notebook 01) with every scheme: the paper's five and our exponential and cosine decreases; everything else as in notebook 01.", 'table': 'One row per weighting, best prompt fidelity first.', 'figure': 'PSNR against the dense model per scheme, with one standard deviation over seeds.', 'finding': 'best = summary.iloc[0].weighting\nprint("best prompt fidelity:", best)\nfor metric in ("prompt_fidelity", "psnr"):\n    print(ex.versus(summary, {}, "weighting", "log-decrease", "uniform", metric))\n    print(ex.versus(summary, {}, "weighting", best, "log-decrease", metric))', 'next': "Change `sparsity`, or `alpha_min`/`alpha_max` through a setting's `extra` (the public defaults are 0.8 / 1.2; a wider range makes the schemes differ more)."})
 
 
-grid_nb("05_packages.ipynb", "05 · Module packages ablation (Table 7 analogue)",
+grid_nb("05_packages.ipynb", "05 · Module packages and how to calibrate them (Table 7 analogue)",
         "K contiguous packages of basic units, each calibrated through the already-pruned earlier packages. More packages "
-        "hold fewer Hessians at once but cost more calibration runs. `block` = one package per transformer block. Memory is "
-        "the largest set of float32 Hessians held at once.",
-        'sparsity = 0.5',
-        """n_blocks = len(obslib.archs.iter_blocks(obslib.load_pipeline(S["model_dir"]).transformer, obslib.archs.SD3))
-ks = [n_blocks if k == "block" else k for k in S["packages"]]
-grid = [ex.Setting(method="obs-diff", sparsity=sparsity, packages=k, num_calib=S["num_calib"]) for k in ks]""",
-        """summary = ex.summarize(df, ["packages"], ex.METRICS + ("prune_s", "hessian_mb"))
+        "hold fewer Hessians at once but, calibrated the paper's way (`resample`: full sampling for every package), cost "
+        "one sampling pass each. `propagate` samples once with the dense model, records what enters the first block, and "
+        "calibrates each package by replaying that record through its own blocks only, the earlier packages already "
+        "pruned (as SparseGPT does layer by layer); only the latents' trajectory stays dense. `block` = one package per "
+        "transformer block, `unit` = one per basic unit (the most packages there can be). Memory is the largest set of "
+        "float32 Hessians held at once.",
+        'sparsity = 0.5\ncalibrations = ["resample", "propagate"]',
+        """den = obslib.load_pipeline(S["model_dir"]).transformer
+n_blocks = len(obslib.archs.iter_blocks(den, obslib.archs.SD3))
+n_units = len(obslib.packages.layer_units(den, obslib.archs.SD3, list(range(n_blocks))))
+ks = [n_blocks if k == "block" else n_units if k == "unit" else k for k in S["packages"]]
+grid = [ex.Setting(method="obs-diff", sparsity=sparsity, packages=k, num_calib=S["num_calib"],
+                   extra={"calibration": c}) for c in calibrations for k in ks]""",
+        """df["calibration"] = df.extra_calibration
+summary = ex.summarize(df, ["calibration", "packages"], ex.METRICS + ("prune_s", "calibration_s", "hessian_mb"))
 summary.to_csv(f"{S['results']}/05_packages.csv", index=False)
-t = ex.format_table(summary, ["packages"], ("attribute_accuracy", "psnr", "fid", "prompt_fidelity", "prune_s"))
+t = ex.format_table(summary, ["calibration", "packages"], ("psnr", "prompt_fidelity", "attribute_accuracy", "prune_s"))
+t["calibration_s"] = summary.calibration_s_mean.round(1)
 t["hessian_MiB"] = summary.hessian_mb_mean.round(2)
+k1 = summary[summary.packages == 1].set_index("calibration").prune_s_mean
+t["time_vs_K1"] = (summary.prune_s_mean / summary.calibration.map(k1)).round(2).values
 t""",
-        """fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
+        """fig, ax = plt.subplots(1, 3, figsize=(13, 3.4))
 for a, (m, lab) in zip(ax, [("hessian_mb", "peak Hessian memory (MiB)"), ("prune_s", "prune time (s)"), ("psnr", "PSNR vs dense (dB)")]):
-    sns.pointplot(df, x="packages", y=m, errorbar="sd", ax=a); a.set_ylabel(lab)
+    sns.pointplot(df, x="packages", y=m, hue="calibration", errorbar="sd", ax=a, dodge=0.2); a.set_ylabel(lab)
 plots.save(fig, f"{S['figures']}/05_packages.png")""",
-        """assert summary.hessian_mb_mean.is_monotonic_decreasing or len(summary) < 2""",
-        chapter={'question': 'How many module packages? Each package is calibrated through the already-pruned earlier ones, so more packages hold fewer Hessians at once but cost more calibration runs. The paper (Table 7, SD3-Medium 30%) finds memory 30.7 → 22.1 GB and time 572 → 2,595 s from K = 1 to 20, with “no clear relation” to quality.', 'how': 'OBS-Diff at 50% with K = 1, 2, 4, 8 and one package per block; the Hessian memory is the largest set of float32 Hessians held at once.', 'table': 'One row per K: quality, prune time and the peak Hessian memory.', 'figure': 'Peak Hessian memory, prune time and PSNR against K.', 'finding': 'k_lo, k_hi = summary.packages.min(), summary.packages.max()\nlo, hi = summary.set_index("packages").loc[k_lo], summary.set_index("packages").loc[k_hi]\nprint(f"K={k_lo} -> K={k_hi}: Hessian memory {lo.hessian_mb_mean:.1f} -> {hi.hessian_mb_mean:.1f} MiB, "\n      f"prune time {lo.prune_s_mean:.1f} -> {hi.prune_s_mean:.1f} s")\nfor metric in ("prompt_fidelity", "psnr"):\n    print(ex.versus(summary, {}, "packages", k_lo, k_hi, metric))', 'next': "`S['packages']` takes any K (and `block`). On a real model, watch the memory line each package prints; `--resume` makes many packages safe to interrupt."})
+        """for c, part in summary.groupby("calibration"):
+    assert part.hessian_mb_mean.is_monotonic_decreasing or len(part) < 2
+one = summary[summary.packages == 1].set_index("calibration")
+if len(one) == 2:  # K = 1: propagate samples exactly as resample does (same Hessians, same model)
+    assert abs(one.loc["propagate", "psnr_mean"] - one.loc["resample", "psnr_mean"]) < 1e-6""",
+        chapter={'question': 'How many module packages, and must every package be calibrated by sampling again? Each package is calibrated through the already-pruned earlier ones, so more packages hold fewer Hessians at once. The paper (Table 7, SD3-Medium 30%) finds memory 30.7 → 22.1 GB and time 572 → 2,595 s from K = 1 to 20 (4.5×, every package re-runs full sampling), with “no clear relation” to quality.', 'how': 'OBS-Diff at 50% with K = 1, 2, 4, 8, one package per block and one per basic unit, each calibrated both ways (`resample`, the paper\'s; `propagate`, ours). The question for propagate: does K = every unit cost at most 1.5× of K = 1 while its quality stays within the seeds\' spread of resample?', 'table': 'One row per calibration and K: quality, prune time (calibration + solve), calibration time, the peak Hessian memory and the time relative to the same calibration\'s K = 1.', 'figure': 'Peak Hessian memory, prune time and PSNR against K, one line per calibration.', 'finding': 's = summary.set_index(["calibration", "packages"])\nk_lo, k_hi = summary.packages.min(), summary.packages.max()\nfor c in summary.calibration.unique():\n    lo, hi = s.loc[(c, k_lo)], s.loc[(c, k_hi)]\n    print(f"{c}: K={k_lo} -> K={k_hi}: Hessian memory {lo.hessian_mb_mean:.1f} -> {hi.hessian_mb_mean:.1f} MiB, "\n          f"prune time {lo.prune_s_mean:.1f} -> {hi.prune_s_mean:.1f} s ({hi.prune_s_mean / lo.prune_s_mean:.2f}x)")\nfor k in sorted(summary.packages.unique()):\n    for metric in ("prompt_fidelity", "psnr"):\n        print(ex.versus(summary, {"packages": k}, "calibration", "propagate", "resample", metric))', 'next': "`S['packages']` takes any K (and `block`, `unit`). On a real model, watch the memory line each package prints (and the record's size in propagate mode: it goes to disk above `--record-ram-mb`); `--resume` makes many packages safe to interrupt. Notebook 07 has the solver's speed, `results/scale.md` the projection to real model sizes."})
 
 
 grid_nb("06_calibration_robustness.ipynb", "06 · Calibration size and robustness (Fig. 3 and App. D analogues)",

@@ -39,6 +39,8 @@ class PruneConfig:
     alpha_min: float = 0.8
     alpha_max: float = 1.2
     packages: int = 4
+    calibration: str = "resample"  # resample: full sampling per package (the paper's); propagate: sample once
+    record_ram_mb: float | None = None  # propagate: RAM for the recorded block inputs (None: half of what is free)
     prompts: list[str] | None = None
     steps: int | None = None  # default: the model's sampling default
     guidance: float | None = None
@@ -92,6 +94,10 @@ class PruneConfig:
                              "alpha_max <= 1e6")
         if self.packages < 1:
             raise UsageError(f"packages K={self.packages} must be an integer >= 1")
+        if self.calibration not in CALIBRATIONS:
+            raise UsageError(f"calibration {self.calibration!r} is unknown; allowed: {', '.join(CALIBRATIONS)}")
+        if self.record_ram_mb is not None and not 0 <= self.record_ram_mb <= 2**40:
+            raise UsageError(f"record RAM {self.record_ram_mb} MiB must be >= 0")
         if self.steps is not None and not 1 <= self.steps <= 10_000:
             raise UsageError(f"steps {self.steps} must be an integer in [1, 10000]")
         if self.guidance is not None and not 0 <= self.guidance <= 1000:
@@ -134,12 +140,14 @@ class PruneConfig:
             raise UsageError(f"method {self.method!r} does not support pattern {self.pattern!r}")
 
 
+CALIBRATIONS = ("resample", "propagate")
 MAX_SEED = 2**63 - 2**32  # the seed plus a batch index must still fit torch.Generator.manual_seed
 
 # Field -> (kind, allows None). Kinds: real (int or float, finite, not bool), int (not bool), str, bool, ...
 _FIELD_TYPES = {
     "method": ("str", False), "pattern": ("str", False), "sparsity": ("real", False), "weighting": ("str", False),
     "alpha_min": ("real", False), "alpha_max": ("real", False), "packages": ("int", False),
+    "calibration": ("str", False), "record_ram_mb": ("real", True),
     "prompts": ("str-list", True), "steps": ("int", True), "guidance": ("real", True), "seed": ("int", False),
     "batch_size": ("int", False), "blocksize": ("int", False), "percdamp": ("real", False),
     "solver_dtype": ("str", False),
@@ -264,7 +272,8 @@ def prune(pipe, config: PruneConfig) -> dict:
             from .gradflow import training_batches
 
             train_batches = training_batches(pipe, cfg, defaults)
-        report = prune_model(den, calibrate, cfg, steps, component=comp, undo=undo, train_batches=train_batches)
+        report = prune_model(den, calibrate, cfg, steps, component=comp, undo=undo, train_batches=train_batches,
+                             calibration_runs=len(runner.batches) if calibrate is not None else None)
     except BaseException:
         if undo is not None:
             undo.rollback()
@@ -350,11 +359,13 @@ def collect_stats(pipe, layer_names: list[str], prompts: list[str], steps: int |
 
 
 def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "transformer",
-                undo: Undo | None = None, train_batches=None) -> dict:
+                undo: Undo | None = None, train_batches=None, calibration_runs: int | None = None) -> dict:
     """Prune a denoiser in place. ``calibrate(calibration, desc)`` must run ``steps`` denoiser calls per
     sampling run over the calibration data, calling ``calibration.begin_run()/end_run()`` around each run
     (``CalibrationRunner.run`` does this with a real pipeline); None for calibration-free methods.
-    ``undo`` records every change for a rollback (``prune`` rolls back on failure)."""
+    ``undo`` records every change for a rollback (``prune`` rolls back on failure). With
+    ``cfg.calibration == "propagate"`` ``calibrate`` runs once (dense, recording) and ``calibration_runs``
+    (the number of sampling runs it makes) sizes the record."""
     from .methods import METHODS
 
     cfg.validate()
@@ -391,6 +402,25 @@ def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "
         return _with_manifest(report, den, component)
     packages = split_packages(units, cfg.packages)
     alphas = timestep_weights(weighting, steps, cfg.alpha_min, cfg.alpha_max)
+    prop = None
+    if cfg.calibration == "propagate" and calibrate is not None:
+        from .propagate import Propagation
+
+        spill = os.path.dirname(os.path.abspath(cfg.checkpoint_dir)) if cfg.checkpoint_dir else None
+        prop = Propagation([b for _, b in iter_blocks(den, spec)], spec.chain, calibrate, alphas,
+                           calibration_runs or 1, None if cfg.record_ram_mb is None else int(cfg.record_ram_mb * 2**20),
+                           spill, progress=cfg.progress)
+    try:
+        return _package_loop(den, cfg, method, spec, units, packages, calibrate, prop, alphas, steps, ids, n_blocks,
+                             structured, targeted, params_before, weighting, component, undo, t0)
+    finally:
+        if prop is not None:
+            prop.close()
+
+
+def _package_loop(den, cfg, method, spec, units, packages, calibrate, prop, alphas, steps, ids, n_blocks, structured,
+                  targeted, params_before, weighting, component, undo, t0) -> dict:
+    """Calibrate (resample or propagate), solve and checkpoint package after package."""
     target_before = sum(den.get_submodule(n).weight.numel() for n in targeted)
     t_cal = t_solve = 0.0
     layers_report = []
@@ -400,6 +430,10 @@ def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "
         from .checkpoint import PackageCheckpoint, fingerprint
 
         ck = PackageCheckpoint(cfg.checkpoint_dir, fingerprint(cfg, units, steps))
+        if prop is not None and cfg.resume and ck.saved():  # the dense record, before pruned packages return
+            t = time.perf_counter()
+            prop.first(den, min(u.block_index for u in packages[0]), {})
+            t_cal += time.perf_counter() - t
         state = ck.restore(den, undo, cfg.resume)
         if state is not None:
             start, layers_report, package_mb = state["next"], state["layers"], state["package_mb"]
@@ -412,14 +446,21 @@ def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "
         if calibrate is not None:
             t = time.perf_counter()
             layers = package_layers(den, package)
-            calib = Calibration(den, layers, alphas)
-            mb = sum(s.xtx.numel() * 4 for s in calib.stats.values()) / 2**20
+            mb = sum(weight_matrix(m).shape[1] ** 2 * 4 for m in layers.values()) / 2**20
             package_mb.append(mb)
             if cfg.progress:
                 bar.write(f"package {pi + 1}/{len(packages)}: {len(layers)} layers, Hessians need {mb:.1f} MiB (float32)")
-            with calib:
-                calibrate(calib, f"calibrate package {pi + 1}/{len(packages)}")
-            stats = calib.stats
+            desc = f"calibrate package {pi + 1}/{len(packages)}"
+            b0, b1 = min(u.block_index for u in package), max(u.block_index for u in package)
+            if prop is None:
+                calib = Calibration(den, layers, alphas)
+                with calib:
+                    calibrate(calib, desc)
+                stats = calib.stats
+            elif prop.record is None:
+                stats = prop.first(den, b0, layers)
+            else:
+                stats = prop.package(b0, b1, layers, desc)
             check_stats(stats)
             t_cal += time.perf_counter() - t
         t = time.perf_counter()
@@ -439,6 +480,8 @@ def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "
     target_after = sum(_nonzero_or_size(den.get_submodule(n), structured) for n in targeted)
     report = _report_frame(cfg, weighting, steps, ids, params_before, den, component)
     report.update(sparsity_actual=1 - target_after / target_before, packages=len(packages),
+                  calibration=None if calibrate is None else cfg.calibration,
+                  replay_block_calls=None if prop is None else prop.block_runs,
                   hessian_mb_per_package=package_mb, layers=layers_report,
                   timings={"calibration_s": t_cal, "solve_s": t_solve, "total_s": time.perf_counter() - t0})
     return _with_manifest(report, den, component)
@@ -734,6 +777,13 @@ def add_cli(sub) -> None:
                    help=f"timestep weights, one of: {', '.join(SCHEMES)} (default: log-decrease)")
     c.add_argument("--packages", type=int, default=None,
                    help="K module packages, each calibrated through the already-pruned model (default: 4)")
+    c.add_argument("--calibration", default=None, choices=CALIBRATIONS,
+                   help="resample: full sampling through the partly pruned model for every package (the paper's); "
+                        "propagate: dense sampling once, then each package replays the recorded inputs through its "
+                        "own blocks only, so the cost barely grows with --packages (default: resample)")
+    c.add_argument("--record-ram-mb", type=float, default=None, metavar="MIB",
+                   help="propagate: RAM the recorded block inputs may take before they go to disk beside --out "
+                        "(default: half of the free memory)")
     c.add_argument("--seed", type=int, default=0, help="calibration seed (default: 0)")
     c.add_argument("--batch-size", type=int, default=16, help="prompts per calibration (or training) batch (default: 16)")
     c.add_argument("--report-error", action="store_true",
@@ -773,9 +823,10 @@ def _cli_prune(a) -> None:
     from .methods import METHODS
 
     meth = METHODS.get(a.method)
-    if meth is not None and a.packages is not None and "packages" in meth.ignores and not a.quiet:
-        print(f"obslib: note: --packages is ignored by {a.method} (one calibration pass, one global allocation)",
-              file=sys.stderr)
+    for flag, field_ in (("--packages", "packages"), ("--calibration", "calibration")):
+        if meth is not None and getattr(a, field_) is not None and field_ in meth.ignores and not a.quiet:
+            print(f"obslib: note: {flag} is ignored by {a.method} (one calibration pass, one global allocation)",
+                  file=sys.stderr)
     training = meth is not None and meth.needs_training
     given = [f for f, v in (("--iterations", a.iterations), ("--lr", a.lr), ("--train-data", a.train_data))
              if v is not None]
@@ -794,8 +845,8 @@ def _cli_prune(a) -> None:
                       gradient_criterion=a.gradient_criterion,
                       packages=4 if a.packages is None else a.packages, steps=a.steps, guidance=a.guidance, seed=a.seed, batch_size=a.batch_size,
                       block_range=tuple(a.block_range) if a.block_range else None, head_saliency=a.head_saliency,
-                      solver_dtype=a.solver_dtype,
-                      progress=not a.quiet, prompts=["(validated)"], restore_on_failure=False,
+                      solver_dtype=a.solver_dtype, calibration=a.calibration or "resample",
+                      record_ram_mb=a.record_ram_mb, progress=not a.quiet, prompts=["(validated)"], restore_on_failure=False,
                       measure_error=a.report_error)
     cfg.validate()
     check_pipeline_dir(a.model_dir)

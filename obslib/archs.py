@@ -47,6 +47,10 @@ class ArchSpec:
     heads: tuple[HeadGroup, ...] = ()
     neurons: tuple[NeuronGroup, ...] = ()
     skip_structured_if: tuple[str, ...] = ()  # block attribute paths that, when truthy, skip the block
+    # how a block's output becomes the next block's input, as (input keyword, output index or None for the
+    # output itself); the other keywords (timestep embedding, rotary embeddings) are shared by all blocks.
+    # Empty: the blocks do not run one after another (other layers in between) and cannot propagate.
+    chain: tuple[tuple[str, int | None], ...] = ()
     notes: str = ""
 
 
@@ -61,11 +65,13 @@ _MMDIT_HEADS = (
     HeadGroup("attn", ("attn.to_out.0", "attn.to_add_out"), _SD3_ATTN_IN),
     HeadGroup("attn2", ("attn2.to_out.0",), ("attn2.to_q", "attn2.to_k", "attn2.to_v")),
 )
+_MMDIT_CHAIN = (("encoder_hidden_states", 0), ("hidden_states", 1))  # blocks return (context, image)
 _MMDIT_NEURONS = (NeuronGroup(("ff.net.0.proj",), "ff.net.2"), NeuronGroup(("ff_context.net.0.proj",), "ff_context.net.2"))
 
 SD3 = ArchSpec(
     name="sd3", component="transformer", blocks=(r"transformer_blocks\.\d+",),
     units=_MMDIT_UNITS, heads=_MMDIT_HEADS, neurons=_MMDIT_NEURONS, skip_structured_if=("context_pre_only",),
+    chain=_MMDIT_CHAIN,
     notes="SD3 / SD3.5 MMDiT (JointTransformerBlock); the paper's layer choice. SD3.5's attn2 is included.",
 )
 
@@ -75,6 +81,7 @@ FLUX = ArchSpec(
     units=_MMDIT_UNITS + (("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), ("proj_out",)),
     heads=_MMDIT_HEADS + (HeadGroup("attn", ("proj_out",), ("attn.to_q", "attn.to_k", "attn.to_v"), out_cols="attn.inner_dim"),),
     neurons=_MMDIT_NEURONS + (NeuronGroup(("proj_mlp",), "proj_out", down_cols="mlp_hidden_dim"),),
+    chain=_MMDIT_CHAIN,  # single-stream blocks take and return both streams too (diffusers >= 0.32)
     notes="Flux double-stream blocks as MMDiT; single-stream blocks fuse attention and MLP in proj_out "
           "(its leading attn.inner_dim columns are the heads, the trailing mlp_hidden_dim the neurons).",
 )
@@ -95,7 +102,7 @@ _BASIC_NEURONS = (NeuronGroup(("ff.net.0.proj",), "ff.net.2"),)
 
 DIT = ArchSpec(
     name="dit", component="transformer", blocks=(r"transformer_blocks\.\d+",),
-    units=_BASIC_UNITS, heads=_BASIC_HEADS, neurons=_BASIC_NEURONS,
+    units=_BASIC_UNITS, heads=_BASIC_HEADS, neurons=_BASIC_NEURONS, chain=(("hidden_states", None),),
     notes="DiT and PixArt (BasicTransformerBlock: self-attention, cross-attention where present, FFN).",
 )
 

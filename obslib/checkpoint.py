@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from .io import UsageError
 
-_KEYS = ("method", "pattern", "sparsity", "weighting", "alpha_min", "alpha_max", "packages", "steps", "guidance",
+_KEYS = ("method", "pattern", "sparsity", "weighting", "alpha_min", "alpha_max", "packages", "calibration", "steps", "guidance",
          "seed", "batch_size", "blocksize", "percdamp", "solver_dtype", "block_range", "block_sparsity",
          "exclude_first_last", "head_saliency", "neuron_batch")
 

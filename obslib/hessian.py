@@ -92,6 +92,7 @@ class Calibration:
     def __init__(self, denoiser: nn.Module, layers: dict[str, nn.Module], alphas: list[float], device=None):
         self.denoiser, self.layers, self.alphas = denoiser, layers, list(alphas)
         self.step = 0  # number of denoiser calls in the current sampling run
+        self.run = -1  # index of the current sampling run (begin_run counts them)
         self.stats = {}
         for name, m in layers.items():
             n_in = weight_matrix(m).shape[1]
@@ -100,6 +101,7 @@ class Calibration:
 
     def begin_run(self) -> None:
         self.step = 0
+        self.run += 1
 
     def end_run(self) -> None:
         if self.step != len(self.alphas):

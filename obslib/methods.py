@@ -76,8 +76,8 @@ def _gradient_flow(*args, **kwargs):
     return gradient_flow_prune(*args, **kwargs)
 
 
-register(Method("slimdiff", driver=_slimdiff, patterns=("structured",), ignores=("packages",),
+register(Method("slimdiff", driver=_slimdiff, patterns=("structured",), ignores=("packages", "calibration"),
                 description="SlimDiff reconstruction: spectral QK / VO / FFN slimming with a global rank allocator"))
 register(Method("gradient-flow", needs_calibration=False, needs_training=True, driver=_gradient_flow,
-                patterns=("structured",), ignores=("packages", "weighting"),
+                patterns=("structured",), ignores=("packages", "weighting", "calibration"),
                 description="gradient-flow reconstruction: soft gates on heads / neurons, GraSP criterion, training"))

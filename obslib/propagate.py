@@ -1,0 +1,233 @@
+"""Propagated calibration: dense sampling once, then each package is calibrated on its own blocks only.
+
+``--calibration resample`` (the paper's way) re-runs full sampling for every package, so calibration
+cost grows with K. ``--calibration propagate`` samples once with the dense model and *records* what
+enters the first block of the first package at every step of every calibration run (every keyword the
+block takes: both streams, the timestep embedding, rotary embeddings ...). From then on a package is
+calibrated by replaying that record through its own blocks only; the blocks it passes on the way are
+the pruned ones, so each package sees the outputs of the packages before it, as SparseGPT propagates
+through pruned layers. What differs from resample is only the *trajectory*: the latents of every step
+come from the dense model rather than from the partly pruned one.
+
+    record R at block r  (r = first block of the previous package; blocks < r are final)
+    package p over blocks b0..b1:  replay R through blocks r..b1 with hooks on p's layers,
+                                   capturing the input of b0 on the way (the next record),
+                                   stopping as soon as the last of p's layers in b1 has run
+    solve p; R, r := captured record, b0
+
+The first package is calibrated during the dense sampling itself, so K = 1 costs exactly what resample's
+K = 1 costs and gives the same Hessians. How a block's output becomes the next block's input is the
+architecture table's ``chain`` (blocks that do not run one after another, as in a UNet, have none and
+cannot propagate). The record's size is printed before it grows; above the RAM limit it is spilled to
+disk as one safetensors file per step, read back memory-mapped.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import tempfile
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .hessian import Calibration
+from .io import UsageError
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a block call once every layer that matters has run."""
+
+
+def available_ram_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
+class BlockRecord:
+    """The keyword inputs of one block at every step of every calibration run, in run order.
+
+    Tensors are kept on the CPU (a GPU run moves each entry back when it is replayed) until the projected size passes ``ram_limit`` bytes; from then on (decided at the
+    first entry, from its size times the number of entries expected) every entry's tensors go to
+    ``spill_dir`` as one safetensors file, loaded back memory-mapped when replayed. Non-tensor inputs
+    (None, flags, empty dicts) are kept in RAM."""
+
+    def __init__(self, block: int, expected: int, ram_limit: int, spill_dir: str | None, say=print):
+        self.block, self.expected, self.ram_limit, self.spill_dir, self.say = block, expected, ram_limit, spill_dir, say
+        self.entries: list[tuple[int, int, dict, dict | str]] = []  # (run, step, non-tensors, tensors or file)
+        self.on_disk: bool | None = None
+        self.nbytes = 0
+        self.projected = 0
+        self.device = torch.device("cpu")
+
+    def add(self, run: int, step: int, kwargs: dict) -> None:
+        tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+        self.device = next((v.device for v in kwargs.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        rest = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self.on_disk is None:
+            self.projected = size * self.expected
+            self.on_disk = self.projected > self.ram_limit
+            where = (f"spilled to {self.spill_dir} (over the {self.ram_limit / 2**20:.0f} MiB RAM limit)"
+                     if self.on_disk else "kept in RAM")
+            self.say(f"propagate: the record of block {self.block}'s inputs needs {self.projected / 2**20:.1f} MiB "
+                     f"({self.expected} steps x {size / 2**20:.2f} MiB); {where}")
+            if self.on_disk:
+                os.makedirs(self.spill_dir, exist_ok=True)
+        self.nbytes += size
+        if self.on_disk:
+            path = os.path.join(self.spill_dir, f"b{self.block:04d}-{len(self.entries):06d}.safetensors")
+            save_file(tensors, path)
+            self.entries.append((run, step, rest, path))
+        else:
+            self.entries.append((run, step, rest, tensors))
+
+    def __iter__(self):
+        for run, step, rest, t in self.entries:
+            t = load_file(t) if isinstance(t, str) else t  # safetensors maps the file
+            yield run, step, {**rest, **{k: v.to(self.device) for k, v in t.items()}}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def drop(self) -> None:
+        for *_, t in self.entries:
+            if isinstance(t, str) and os.path.exists(t):
+                os.remove(t)
+        self.entries.clear()
+
+
+def _bind(block: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """A block call's arguments as keywords (positional ones named from the forward signature)."""
+    sig = inspect.signature(block.forward)
+    bound = sig.bind_partial(*args, **kwargs)
+    out = dict(bound.arguments)
+    for name, p in sig.parameters.items():  # **kwargs of the forward come back nested: flatten them
+        if p.kind is inspect.Parameter.VAR_KEYWORD and name in out:
+            out.update(out.pop(name))
+    return out
+
+
+class Propagation:
+    """Calibrates packages for ``prune_model`` in propagate mode (see the module docstring).
+
+    ``calibrate(calibration, desc)`` is the same sampling callable resample mode uses; ``blocks`` are the
+    denoiser's blocks in execution order and ``chain`` the architecture table's output -> input map."""
+
+    def __init__(self, blocks: list[nn.Module], chain: tuple, calibrate, alphas: list[float], n_runs: int,
+                 ram_limit: int | None = None, spill_parent: str | None = None, progress: bool = True, say=None):
+        if not chain:
+            raise UsageError("--calibration propagate needs a denoiser whose blocks run one after another "
+                             "(MMDiT, Flux, DiT/PixArt); this one interleaves other layers (a UNet): use resample")
+        self.blocks, self.chain, self.calibrate, self.alphas = blocks, chain, calibrate, list(alphas)
+        self.n_runs, self.progress = n_runs, progress
+        self.ram_limit = available_ram_bytes() // 2 if ram_limit is None else ram_limit
+        self.spill_dir = tempfile.mkdtemp(prefix=".obslib-record-", dir=spill_parent)  # ours alone; removed by close
+        self.say = say or (lambda s: tqdm.write(s) if progress else None)
+        self.record: BlockRecord | None = None
+        self.block_runs = 0  # block calls made by replays (the cost beyond the one sampling pass)
+
+    def _new_record(self, b: int) -> BlockRecord:
+        return BlockRecord(b, self.n_runs * len(self.alphas), self.ram_limit, os.path.join(self.spill_dir, f"b{b:04d}"),
+                           self.say)
+
+    def _capture(self, b: int, rec: BlockRecord, where):
+        """A pre-hook on block b appending its inputs to ``rec``; ``where()`` gives (run, step)."""
+        block = self.blocks[b]
+
+        def hook(mod, args, kwargs):
+            rec.add(*where(), _bind(block, args, kwargs))
+
+        return block.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def first(self, den: nn.Module, b0: int, layers: dict) -> dict:
+        """Package 1: dense sampling with its hooks and the capture of block b0's inputs."""
+        calib = Calibration(den, layers, self.alphas)
+        rec = self._new_record(b0)
+        h = self._capture(b0, rec, lambda: (calib.run, calib.step - 1))
+        try:
+            with calib:
+                self.calibrate(calib, "calibrate package 1 (dense sampling, recording)")
+        finally:
+            h.remove()
+        self.record = rec
+        return calib.stats
+
+    def package(self, b0: int, b1: int, layers: dict, desc: str = "calibrate package") -> dict:
+        """Replay the record from its block through b1 with hooks on ``layers`` (all in blocks b0..b1),
+        capturing block b0's inputs as the next record when b0 is past the record's block."""
+        rec, r = self.record, self.record.block
+        if b0 < r:
+            raise RuntimeError(f"package starts at block {b0}, before the recorded block {r}")
+        calib = Calibration(self.blocks[r], layers, self.alphas)
+        new = self._new_record(b0) if b0 > r else None
+        counter = [0, 0]
+        handles = [self._capture(b0, new, lambda: tuple(counter))] if new is not None else []
+        last = {n for n, m in layers.items() if _in_block(self.blocks[b1], m)}
+        fired: set[str] = set()
+
+        def stop_hook(name):
+            def hook(mod, inp, out):
+                fired.add(name)
+                if fired >= last:
+                    raise _Stop
+            return hook
+
+        prev_run = None
+        try:
+            with calib:  # its hooks first: the stop hooks run after the statistics are taken
+                handles += [layers[n].register_forward_hook(stop_hook(n)) for n in last]
+                for run, step, kw in tqdm(rec, desc=desc, total=len(rec), leave=False, disable=not self.progress):
+                    if run != prev_run:
+                        if prev_run is not None:
+                            calib.end_run()
+                        calib.begin_run()
+                        prev_run = run
+                    counter[0], counter[1] = run, step
+                    fired.clear()
+                    with torch.no_grad():
+                        self._forward(r, b1, kw)
+                if prev_run is not None:
+                    calib.end_run()
+        finally:
+            for h in handles:
+                h.remove()
+        if new is not None:
+            rec.drop()
+            self.record = new
+        return calib.stats
+
+    def _forward(self, r: int, b1: int, kw: dict):
+        out = None
+        for b in range(r, b1 + 1):
+            if b > r:
+                kw = self._next_inputs(out, kw)
+            self.block_runs += 1
+            try:
+                out = self.blocks[b](**kw)
+            except _Stop:
+                return None
+        return out
+
+    def _next_inputs(self, out, kw: dict) -> dict:
+        kw = dict(kw)
+        for name, idx in self.chain:
+            kw[name] = out if idx is None else out[idx]
+        return kw
+
+    def close(self) -> None:
+        if self.record is not None:
+            self.record.drop()
+        shutil.rmtree(self.spill_dir, ignore_errors=True)
+
+
+def _in_block(block: nn.Module, module: nn.Module) -> bool:
+    return any(m is module for m in block.modules())
