@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test study model clean-results
+.PHONY: install test study tour model notebooks clean-results
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,18 @@ install: $(STAMP)
 # pytest + nbval (lax) over every notebook in quick mode (OBSLIB_MODE=quick)
 test: install
 	OBSLIB_MODE=quick MPLBACKEND=Agg $(PY) -m pytest tests --nbval-lax notebooks -p no:cacheprovider
+
+# the notebooks' sources are the jupytext scripts notebooks/NN_*.py: after editing one, refresh its .ipynb
+# (make test fails while a pair is out of sync)
+notebooks: install
+	$(VENV)/bin/jupytext --update --to ipynb notebooks/[0-9]*.py
+
+# five minutes: the walkthrough in quick mode, one prune, one evaluation (outputs under .tmp/tour)
+tour: install
+	OBSLIB_MODE=quick MPLBACKEND=Agg $(PY) -m obslib.study 00_walkthrough.ipynb --mode quick
+	mkdir -p .tmp/tour
+	$(VENV)/bin/obslib prune models/shapes-sd3 --sparsity 0.5 --num-prompts 16 --out .tmp/tour/obs50 --overwrite
+	$(VENV)/bin/obslib evaluate .tmp/tour/obs50 --reference models/shapes-sd3 --num-prompts 64 --out .tmp/tour/obs50.json
 
 # the whole study: every notebook with its full parameters through papermill
 study: install

@@ -260,12 +260,26 @@ def prune(pipe, config: PruneConfig) -> dict:
     steps = cfg.steps or defaults["num_inference_steps"]
     guidance = cfg.guidance if cfg.guidance is not None else defaults["guidance_scale"]
     comp, den = find_denoiser(pipe)
+    dctx = None
+    from . import distributed
+
+    if distributed.active():  # torchrun / an initialised process group: see obslib/distributed.py
+        if METHODS[cfg.method].driver is not None:
+            raise UsageError(f"method {cfg.method!r} runs in one process; start it without torchrun")
+        dctx = distributed.Context()
+        dctx.check_agreement({k: v for k, v in asdict(cfg).items() if k not in ("progress", "checkpoint_dir")}, den)
     undo = Undo(den) if cfg.restore_on_failure else None
     try:
         calibrate = None
         if METHODS[cfg.method].needs_calibration or (cfg.measure_error and METHODS[cfg.method].driver is None):
             msl = {k: v for k, v in defaults.items() if k == "max_sequence_length"}
             runner = CalibrationRunner(pipe, cfg.prompts, steps, guidance, cfg.seed, cfg.batch_size, msl, cfg.progress)
+            if dctx is not None:
+                if len(runner.batches) < dctx.size:
+                    raise UsageError(f"{dctx.size} processes but only {len(runner.batches)} calibration batches of "
+                                     f"{cfg.batch_size} prompts; give each process at least one (more prompts or a "
+                                     "smaller --batch-size)")
+                runner.keep(dctx.shard(len(runner.batches)))
             calibrate = runner.run
         train_batches = None
         if METHODS[cfg.method].needs_training:
@@ -273,7 +287,7 @@ def prune(pipe, config: PruneConfig) -> dict:
 
             train_batches = training_batches(pipe, cfg, defaults)
         report = prune_model(den, calibrate, cfg, steps, component=comp, undo=undo, train_batches=train_batches,
-                             calibration_runs=len(runner.batches) if calibrate is not None else None)
+                             calibration_runs=len(runner.batches) if calibrate is not None else None, dist_ctx=dctx)
     except BaseException:
         if undo is not None:
             undo.rollback()
@@ -359,13 +373,15 @@ def collect_stats(pipe, layer_names: list[str], prompts: list[str], steps: int |
 
 
 def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "transformer",
-                undo: Undo | None = None, train_batches=None, calibration_runs: int | None = None) -> dict:
+                undo: Undo | None = None, train_batches=None, calibration_runs: int | None = None,
+                dist_ctx=None) -> dict:
     """Prune a denoiser in place. ``calibrate(calibration, desc)`` must run ``steps`` denoiser calls per
     sampling run over the calibration data, calling ``calibration.begin_run()/end_run()`` around each run
     (``CalibrationRunner.run`` does this with a real pipeline); None for calibration-free methods.
     ``undo`` records every change for a rollback (``prune`` rolls back on failure). With
     ``cfg.calibration == "propagate"`` ``calibrate`` runs once (dense, recording) and ``calibration_runs``
-    (the number of sampling runs it makes) sizes the record."""
+    (the number of sampling runs it makes) sizes the record. ``dist_ctx`` (an ``obslib.distributed.Context``)
+    all-reduces each package's statistics and spreads its layer solves over the ranks."""
     from .methods import METHODS
 
     cfg.validate()
@@ -412,14 +428,14 @@ def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "
                            spill, progress=cfg.progress)
     try:
         return _package_loop(den, cfg, method, spec, units, packages, calibrate, prop, alphas, steps, ids, n_blocks,
-                             structured, targeted, params_before, weighting, component, undo, t0)
+                             structured, targeted, params_before, weighting, component, undo, t0, dist_ctx)
     finally:
         if prop is not None:
             prop.close()
 
 
 def _package_loop(den, cfg, method, spec, units, packages, calibrate, prop, alphas, steps, ids, n_blocks, structured,
-                  targeted, params_before, weighting, component, undo, t0) -> dict:
+                  targeted, params_before, weighting, component, undo, t0, dctx=None) -> dict:
     """Calibrate (resample or propagate), solve and checkpoint package after package."""
     target_before = sum(den.get_submodule(n).weight.numel() for n in targeted)
     t_cal = t_solve = 0.0
@@ -439,9 +455,11 @@ def _package_loop(den, cfg, method, spec, units, packages, calibrate, prop, alph
             start, layers_report, package_mb = state["next"], state["layers"], state["package_mb"]
             t_cal, t_solve = state["calibration_s"], state["solve_s"]
     bar = tqdm(packages, desc=f"{cfg.method} packages", disable=not cfg.progress, initial=start)
+    sent_per_package = []
     for pi, package in enumerate(bar):
         if pi < start:
             continue
+        sent0 = dctx.sent if dctx is not None else 0
         stats = {}
         if calibrate is not None:
             t = time.perf_counter()
@@ -461,16 +479,23 @@ def _package_loop(den, cfg, method, spec, units, packages, calibrate, prop, alph
                 stats = prop.first(den, b0, layers)
             else:
                 stats = prop.package(b0, b1, layers, desc)
+            if dctx is not None:
+                dctx.allreduce_stats(stats)
             check_stats(stats)
             t_cal += time.perf_counter() - t
         t = time.perf_counter()
-        for unit in package:
-            s = _block_sparsity(cfg, unit.block_index, n_blocks)
-            solve = _solve_structured if structured else _solve_layers
-            layers_report += solve(den, unit, stats, s, cfg, method, undo)
+        if dctx is not None and not structured:
+            layers_report += _solve_spread(den, package, stats, cfg, method, undo, n_blocks, dctx)
+        else:
+            for unit in package:
+                s = _block_sparsity(cfg, unit.block_index, n_blocks)
+                solve = _solve_structured if structured else _solve_layers
+                layers_report += solve(den, unit, stats, s, cfg, method, undo)
         t_solve += time.perf_counter() - t
         del stats
-        if ck is not None:
+        if dctx is not None:
+            sent_per_package.append(dctx.sent - sent0)
+        if ck is not None and (dctx is None or dctx.rank == 0):
             heads = {f"{u.block}.{u.group.attn}": den.get_submodule(f"{u.block}.{u.group.attn}").heads
                      for u in package if u.kind == "heads"}
             ck.save(pi, den, _targeted_layers(den, spec, package, structured), heads,
@@ -482,6 +507,8 @@ def _package_loop(den, cfg, method, spec, units, packages, calibrate, prop, alph
     report.update(sparsity_actual=1 - target_after / target_before, packages=len(packages),
                   calibration=None if calibrate is None else cfg.calibration,
                   replay_block_calls=None if prop is None else prop.block_runs,
+                  distributed=None if dctx is None else {"world_size": dctx.size, "backend": dctx.backend,
+                                                         "bytes_sent_per_package": sent_per_package},
                   hessian_mb_per_package=package_mb, layers=layers_report,
                   timings={"calibration_s": t_cal, "solve_s": t_solve, "total_s": time.perf_counter() - t0})
     return _with_manifest(report, den, component)
@@ -532,26 +559,61 @@ def _targeted_layers(den, spec, units, structured) -> list[str]:
 
 def _solve_layers(den, unit, stats, sparsity, cfg, method, undo) -> list[dict]:
     out = []
-    n, m = cfg.nm
     for name in unit.hessian_layers:
         mod = den.get_submodule(name)
-        W = weight_matrix(mod)
-        try:
-            solved = method.unstructured(W, stats.get(name), sparsity, n, m, cfg)
-            W_hat, mask = solved[:2]
-            check_finite("the solution", W_hat)
-        except SolverError as e:
-            raise SolverError(f"layer {name}: {e}") from None
-        if name not in stats:
-            err = None
-        elif len(solved) == 3:  # the solver's own accumulated error (damped H): no second pass over W and H
-            err = solved[2] / max(output_energy(W, stats[name].H), 1e-300)
-        else:
-            err = reconstruction_error(W, W_hat, stats[name].H)
+        W_hat, err = _solve_one(den, name, stats, sparsity, cfg, method)
         undo.weight(name)
         mod.weight.data.copy_(W_hat.to(mod.weight.dtype).reshape(mod.weight.shape))
         out.append({"name": name, "sparsity": float((mod.weight == 0).float().mean()), "rel_error": err})
     return out
+
+
+def _solve_spread(den, package, stats, cfg, method, undo, n_blocks, dctx) -> list[dict]:
+    """Unstructured / N:M over torch.distributed: each rank solves the layers it owns, then every solution is
+    broadcast from its owner, in package order (layers are independent given their H)."""
+    jobs = [(unit, name) for unit in package for name in unit.hessian_layers]
+    mats = [weight_matrix(den.get_submodule(name)) for _, name in jobs]
+    owners = dctx.assign([float(w.shape[0]) * w.shape[1] ** 2 for w in mats])
+    mine, error = {}, None
+    for (unit, name), owner in zip(jobs, owners):
+        if owner == dctx.rank and error is None:
+            try:
+                mine[name] = _solve_one(den, name, stats, _block_sparsity(cfg, unit.block_index, n_blocks), cfg, method)
+            except SolverError as e:
+                error = e
+    if dctx.any_failed(error is not None):  # no rank waits on a broadcast that will never come
+        raise error or SolverError(f"another process (of {dctx.size}) could not solve a layer; see its message")
+    out = []
+    for (unit, name), owner, W in zip(jobs, owners, mats):
+        mod = den.get_submodule(name)
+        w_hat, err = mine.get(name, (torch.empty(W.shape, dtype=mod.weight.dtype, device=W.device), None))
+        w_hat = dctx.broadcast(w_hat.to(mod.weight.dtype), owner)
+        e = dctx.broadcast(torch.tensor([float("nan") if err is None else err], dtype=torch.float64), owner)
+        undo.weight(name)
+        mod.weight.data.copy_(w_hat.reshape(mod.weight.shape))
+        err = float(e.item())
+        out.append({"name": name, "sparsity": float((mod.weight == 0).float().mean()),
+                    "rel_error": None if math.isnan(err) else err})
+    return out
+
+
+def _solve_one(den, name, stats, sparsity, cfg, method) -> tuple[torch.Tensor, float | None]:
+    """One layer's solution (not applied) and its relative output error."""
+    n, m = cfg.nm
+    W = weight_matrix(den.get_submodule(name))
+    try:
+        solved = method.unstructured(W, stats.get(name), sparsity, n, m, cfg)
+        W_hat = solved[0]
+        check_finite("the solution", W_hat)
+    except SolverError as e:
+        raise SolverError(f"layer {name}: {e}") from None
+    if name not in stats:
+        err = None
+    elif len(solved) == 3:  # the solver's own accumulated error (damped H): no second pass over W and H
+        err = solved[2] / max(output_energy(W, stats[name].H), 1e-300)
+    else:
+        err = reconstruction_error(W, W_hat, stats[name].H)
+    return W_hat, err
 
 
 def _add_bias(module, delta) -> None:
@@ -737,6 +799,9 @@ PRUNE_EPILOG = """examples:
   obslib prune models/shapes-sd3 --method slimdiff --pattern structured --sparsity 0.2 --out out/slim20
   obslib prune /models/sd3.5-large --prompts calib.txt --steps 25 --guidance 7 --device cuda --dtype bfloat16 \\
       --out /models/sd35-obs50
+  obslib prune models/shapes-sd3 --packages 24 --calibration propagate --out out/obs50-prop
+  torchrun --standalone --nproc-per-node 4 -m obslib prune /models/sd3-medium --prompts calib.txt --device cuda \
+      --out /models/sd3m-obs50        (calibration sharded over 4 GPUs, nccl; gloo on CPU)
 an interrupted run continues with the same command plus --resume."""
 
 
@@ -861,10 +926,18 @@ def _cli_prune(a) -> None:
     else:
         cfg.prompts = (read_prompt_file(a.prompts) if a.prompts is not None
                        else default_calibration_prompts(a.model_dir, a.num_prompts or 100))
+    from . import distributed
+
+    distributed.init_from_env(a.device)  # under torchrun: one process group, rank 0 writes (obslib/distributed.py)
+    rank0 = not distributed.active() or distributed.dist.get_rank() == 0
+    cfg.progress = cfg.progress and rank0
     t0 = time.perf_counter()
-    pipe = load_pipeline(a.model_dir, device=a.device, dtype=DTYPES[a.dtype], progress=a.verbose)
+    pipe = load_pipeline(a.model_dir, device=distributed.rank_device(a.device), dtype=DTYPES[a.dtype],
+                         progress=a.verbose and rank0)
     t_load = time.perf_counter() - t0
     report = prune(pipe, cfg)
+    if not rank0:
+        return
     t = time.perf_counter()
     save_pruned(pipe, report, a.out, a.model_dir, overwrite=a.overwrite)
     t_save = time.perf_counter() - t

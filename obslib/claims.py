@@ -2,7 +2,8 @@
 study's CSVs (reproduced / not reproduced / mixed). Run by ``make study`` after the notebooks.
 
 A difference counts only when it exceeds the seeds' spread: "a beats b" needs mean_a - mean_b greater
-than the larger of the two standard deviations.
+than the larger of the two standard deviations and, for prompt fidelity, 95% Wilson intervals (pooled over
+seeds x prompts) that do not overlap.
 """
 from __future__ import annotations
 
@@ -27,8 +28,10 @@ PRIMARY = "psnr"  # faithfulness to the dense model; prompt fidelity is reported
 
 
 def _beats(a, b, metric=PRIMARY, higher=True):
-    diff = (a[f"{metric}_mean"] - b[f"{metric}_mean"]) * (1 if higher else -1)
-    return diff > max(a[f"{metric}_std"], b[f"{metric}_std"], 1e-9)
+    """a ahead of b beyond the seeds' spread (and, for prompt fidelity, with disjoint 95% intervals)."""
+    from .experiments import separated
+
+    return separated(a, b, metric, higher) == 1
 
 
 def _peer_row(s) -> dict:
@@ -56,7 +59,7 @@ def _peer_row(s) -> dict:
                 elif _beats(t.loc["obs-diff"], t.loc[peer], metric):
                     trail.append(f"{peer} on {metric.replace('_', ' ')} at {sp:.0%}")
     verdict = ("OBS-Diff ahead of " + "; ".join(trail) if trail else "OBS-Diff ahead of neither peer") + \
-        (" — behind " + "; ".join(lead) if lead else "") + " (beyond the seeds' spread; elsewhere within it)"
+        (" — behind " + "; ".join(lead) if lead else "") + " (beyond the seeds' spread, for prompt fidelity also beyond the 95% intervals over prompts; elsewhere within them)"
     return {"claim": "Structured OBS-Diff against the peer methods (our reconstructions of SlimDiff and gradient flow)",
             "paper": "not compared in the OBS-Diff paper; SlimDiff reports near-dense quality at ~100M fewer parameters "
                      "(SD, UNet); gradient flow argues iterative soft pruning beats one-shot structural pruning",

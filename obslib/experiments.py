@@ -20,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .api import PruneConfig, prune
-from .evaluate import REAL_SEED_OFFSET, distribution_metrics, fidelity, generate, reconstruction_metrics, render_prompts
+from .evaluate import (REAL_SEED_OFFSET, distribution_metrics, fidelity, generate, reconstruction_metrics,
+                       render_prompts, wilson_interval)
 from .io import load_pipeline
 from .methods import METHODS
 from .shapes import prompts as world_prompts
@@ -92,6 +93,7 @@ class Evaluator:
 
     def score(self, images: np.ndarray, s: Setting, seed: int) -> dict:
         out = fidelity(images, self.prompts, self.classifier)
+        out["n_prompts"] = len(self.prompts)
         out["attribute_accuracy"] = float(np.mean([v for k, v in out.items() if k.startswith("acc_")]))
         out.update(distribution_metrics(images, self.real(seed), self.classifier, seed=seed))
         out.update(reconstruction_metrics(images, self.dense_images(s, seed)))
@@ -192,24 +194,66 @@ METRICS = ("prompt_fidelity", "attribute_accuracy", "fid", "kid", "psnr", "ssim"
 
 
 def summarize(df: pd.DataFrame, by: list[str], metrics=METRICS + ("prune_s",)) -> pd.DataFrame:
-    """Mean and standard deviation over seeds, one row per group; also the number of seeds."""
+    """Mean and standard deviation over seeds, one row per group; also the number of seeds, the 95% Wilson
+    interval of prompt fidelity pooled over seeds x prompts (``prompt_fidelity_lo/_hi``) and, where the rows
+    have it, the KID estimate's own standard error averaged over seeds (``kid_sd_mean``)."""
     metrics = [m for m in metrics if m in df]
+    if "kid" in metrics and "kid_sd" in df:
+        metrics.append("kid_sd")
     g = df.groupby(by, dropna=False)[list(metrics)]
     out = g.mean().add_suffix("_mean").join(g.std().add_suffix("_std"))
     out["seeds"] = df.groupby(by, dropna=False).size()
+    if "prompt_fidelity" in df:
+        trials = _n_prompts(df)
+        hits = (df["prompt_fidelity"] * trials).round()
+        pooled = pd.DataFrame({"hits": hits, "trials": trials}).join(df[by]).groupby(by, dropna=False)[["hits", "trials"]].sum()
+        ci = [wilson_interval(h / t, int(t)) if t > 0 else (np.nan, np.nan) for h, t in zip(pooled.hits, pooled.trials)]
+        out["prompt_fidelity_lo"] = [a for a, _ in ci]
+        out["prompt_fidelity_hi"] = [b for _, b in ci]
     return out.reset_index()
 
 
+def _n_prompts(df: pd.DataFrame) -> pd.Series:
+    """Evaluation prompts per row: the row's own count, else the one in its cache key (model/prompts/digest)."""
+    n = df["n_prompts"] if "n_prompts" in df else pd.Series(np.nan, index=df.index)
+    if "key" in df:
+        from_key = df["key"].astype(str).str.split("|").str[0].str.split("/").str[-2]
+        n = n.fillna(pd.to_numeric(from_key, errors="coerce"))
+    return n.fillna(0)
+
+
 def cell(row, metric: str, digits: int = 3) -> str:
-    """'mean ± std' of one summary row (the std is left out with a single seed)."""
+    """'mean ± std' of one summary row (the std is left out with a single seed); prompt fidelity adds its 95%
+    interval over prompts and seeds, KID its own standard error."""
     m, sd = row[f"{metric}_mean"], row.get(f"{metric}_std", np.nan)
-    return f"{m:.{digits}f} ± {sd:.{digits}f}" if np.isfinite(sd) else f"{m:.{digits}f} (one seed)"
+    text = f"{m:.{digits}f} ± {sd:.{digits}f}" if np.isfinite(sd) else f"{m:.{digits}f} (one seed)"
+    lo, hi = row.get(f"{metric}_lo", np.nan), row.get(f"{metric}_hi", np.nan)
+    if np.isfinite(lo) and np.isfinite(hi):
+        text += f" [95% {lo:.{digits}f}–{hi:.{digits}f}]"
+    if metric == "kid" and np.isfinite(row.get("kid_sd_mean", np.nan)):
+        text += f" (estimate's sd {row['kid_sd_mean']:.{digits}f})"
+    return text
+
+
+def separated(ra, rb, metric: str, higher: bool = True) -> int:
+    """+1 when row a is ahead of row b, -1 when behind, 0 when the evidence does not tell them apart: the gap
+    must exceed both seeds' standard deviations and, for prompt fidelity, the two 95% intervals over
+    prompts must not overlap (with 64 prompts a share is known to about ±0.1)."""
+    gap = (ra[f"{metric}_mean"] - rb[f"{metric}_mean"]) * (1 if higher else -1)
+    spread = max(ra.get(f"{metric}_std", np.nan), rb.get(f"{metric}_std", np.nan), 1e-9)
+    if not np.isfinite(spread) or abs(gap) <= spread:
+        return 0
+    lo_a, hi_a = ra.get(f"{metric}_lo", np.nan), ra.get(f"{metric}_hi", np.nan)
+    lo_b, hi_b = rb.get(f"{metric}_lo", np.nan), rb.get(f"{metric}_hi", np.nan)
+    if all(np.isfinite([lo_a, hi_a, lo_b, hi_b])) and not (lo_a > hi_b or lo_b > hi_a):
+        return 0
+    return 1 if gap > 0 else -1
 
 
 def versus(summary: pd.DataFrame, where: dict, col: str, a, b, metric: str = "prompt_fidelity",
            higher: bool = True) -> str:
     """A sentence comparing rows a and b of ``col`` (within the rows matching ``where``) on ``metric``, with the
-    verdict against the seeds' spread (a gap larger than both standard deviations counts)."""
+    verdict of ``separated`` (seeds' spread; for prompt fidelity also the 95% intervals over prompts)."""
     t = summary
     for k, v in where.items():
         t = t[np.isclose(t[k], v)] if isinstance(v, float) else t[t[k] == v]
@@ -217,26 +261,22 @@ def versus(summary: pd.DataFrame, where: dict, col: str, a, b, metric: str = "pr
     if a not in t.index or b not in t.index:
         return f"({a} or {b} not in this run)"
     ra, rb = t.loc[a], t.loc[b]
-    gap = (ra[f"{metric}_mean"] - rb[f"{metric}_mean"]) * (1 if higher else -1)
     spread = max(ra.get(f"{metric}_std", np.nan), rb.get(f"{metric}_std", np.nan))
+    what = "the seeds' spread" + (" and the 95% intervals" if f"{metric}_lo" in t else "")
     if not np.isfinite(spread):
         verdict = "one seed: no spread to judge by"
-    elif gap > spread:
-        verdict = f"{a} ahead beyond the seeds' spread"
-    elif -gap > spread:
-        verdict = f"{b} ahead beyond the seeds' spread"
     else:
-        verdict = "within the seeds' spread"
+        verdict = {1: f"{a} ahead beyond {what}", -1: f"{b} ahead beyond {what}", 0: f"within {what}"}[
+            separated(ra, rb, metric, higher)]
     return f"{metric.replace('_', ' ')}: {a} {cell(ra, metric)} vs {b} {cell(rb, metric)} — {verdict}"
 
 
 def format_table(summary: pd.DataFrame, by: list[str], metrics=("prompt_fidelity", "fid", "psnr")) -> pd.DataFrame:
-    """'mean ± std' strings for display."""
+    """'mean ± std' strings for display; prompt fidelity with its 95% interval, KID with its own sd."""
     out = summary[by].copy()
     for m in metrics:
         if f"{m}_mean" in summary:
-            out[m] = [f"{a:.3f} ± {b:.3f}" if np.isfinite(b) else f"{a:.3f}"
-                      for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_std"].fillna(np.nan))]
+            out[m] = [cell(r, m) for _, r in summary.iterrows()]
     return out
 
 

@@ -87,6 +87,7 @@ class CalibrationRunner:
         self.pipe, self.steps, self.guidance, self.seed, self.progress = pipe, steps, guidance, seed, progress
         self.call_kwargs = dict(call_kwargs or {})
         self.batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+        self.indices = list(range(len(self.batches)))  # global batch numbers (seeds); a rank keeps its share
         enc = PROMPT_ENCODERS.get(type(pipe).__name__)
         msl = self.call_kwargs.pop("max_sequence_length", 256)
         if enc is not None:
@@ -97,10 +98,16 @@ class CalibrationRunner:
             if "max_sequence_length" in _call_params(pipe):
                 self.call_kwargs["max_sequence_length"] = msl
 
+    def keep(self, indices: list[int]) -> None:
+        """Sample only these batches (torch.distributed: this rank's share), each with its own seed."""
+        self.indices = list(indices)
+        self.batches = [self.batches[i] for i in self.indices]
+        self.inputs = [self.inputs[i] for i in self.indices]
+
     def run(self, calib: Calibration, desc: str = "calibration") -> None:
         device = self.pipe._execution_device
         self.pipe.set_progress_bar_config(disable=not self.progress, leave=False, desc="steps")
-        for i, inp in enumerate(tqdm(self.inputs, desc=desc, leave=False, disable=not self.progress)):
+        for i, inp in zip(self.indices, tqdm(self.inputs, desc=desc, leave=False, disable=not self.progress)):
             gen = torch.Generator(device=device).manual_seed(self.seed + i)
             calib.begin_run()
             try:

@@ -55,7 +55,9 @@ def settings(mode: str) -> dict:
 def run_study(names=NOTEBOOKS, mode: str = "full", out_dir: str | None = None) -> dict:
     import papermill as pm
 
-    out_dir = out_dir or os.path.join(ROOT, "results", "notebooks")
+    # executed notebooks: results/notebooks for the study; quick runs never replace those
+    out_dir = out_dir or os.path.join(ROOT, "results", "notebooks") if resolve_mode(mode) == "full" else \
+        out_dir or os.path.join(ROOT, ".tmp", "quick", "notebooks")
     os.makedirs(out_dir, exist_ok=True)
     timing = {}
     t_all = time.perf_counter()

@@ -201,3 +201,51 @@ def test_evaluate_pipeline_tiny(clf):
     assert (res["num_prompts"], res["steps"], res["seed"]) == (4, 2, 0)
     for h in LABEL_HEADS:
         assert 0.0 <= res[f"acc_{h}"] <= 1.0
+
+
+def test_wilson_interval_closed_form():
+    from obslib.evaluate import wilson_interval
+
+    # 0 of 10: upper bound z^2 / (n + z^2); 10 of 10 its mirror; a known middle case (8 of 10)
+    z = 1.96
+    assert wilson_interval(0.0, 10) == pytest.approx((0.0, z * z / (10 + z * z)))
+    assert wilson_interval(1.0, 10) == pytest.approx((10 / (10 + z * z), 1.0))
+    assert wilson_interval(0.8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    lo, hi = wilson_interval(0.8, 64)
+    assert 0.68 < lo < 0.69 and 0.87 < hi < 0.89  # what 64 held-out prompts can tell apart
+    assert all(math.isnan(v) for v in wilson_interval(0.5, 0))
+
+
+def test_kid_standard_error_is_reported(clf, heldout):
+    ps, real = heldout
+    same = render_prompts(ps, TEST_SEED + 20_000)
+    noise = np.random.default_rng(0).integers(0, 256, real.shape, dtype=np.uint8)
+    a = distribution_metrics(same, real, clf, seed=0)
+    b = distribution_metrics(noise, real, clf, seed=0)
+    assert 0 < a["kid_sd"] < 0.05 and b["kid_sd"] > 0
+    assert abs(a["kid"]) < 3 * a["kid_sd"] + 1e-3  # renders of the same world: KID around 0, either sign
+    assert b["kid"] > 10 * b["kid_sd"]  # noise: far beyond its own error
+
+
+def test_summary_interval_and_verdicts_use_prompts_and_seeds():
+    import pandas as pd
+
+    from obslib.experiments import format_table, separated, summarize, versus
+
+    rows = []
+    for seed, (fa, fb) in enumerate([(0.80, 0.70), (0.82, 0.72), (0.78, 0.71)]):
+        rows += [{"method": "a", "seed": seed, "prompt_fidelity": fa, "psnr": 30 + seed, "n_prompts": 64},
+                 {"method": "b", "seed": seed, "prompt_fidelity": fb, "psnr": 20 + seed, "key": "m/64/d|x"}]
+    s = summarize(pd.DataFrame(rows), ["method"], ("prompt_fidelity", "psnr"))
+    ra, rb = s.set_index("method").loc["a"], s.set_index("method").loc["b"]
+    # pooled: 51+52+50 = 153 hits of 192 (a); b's prompt count comes from its cache key
+    from obslib.evaluate import wilson_interval
+
+    assert (ra.prompt_fidelity_lo, ra.prompt_fidelity_hi) == pytest.approx(wilson_interval(153 / 192, 192))
+    assert np.isfinite(rb.prompt_fidelity_lo)
+    # a 0.09 gap is beyond the seeds' spread (~0.01) but the 95% intervals over 192 trials overlap
+    assert ra.prompt_fidelity_mean - rb.prompt_fidelity_mean > max(ra.prompt_fidelity_std, rb.prompt_fidelity_std)
+    assert separated(ra, rb, "prompt_fidelity") == 0
+    assert "within the seeds' spread and the 95% intervals" in versus(s, {}, "method", "a", "b")
+    assert separated(ra, rb, "psnr") == 1 and separated(rb, ra, "psnr") == -1
+    assert "[95% " in format_table(s, ["method"], ("prompt_fidelity",)).prompt_fidelity.iloc[0]
