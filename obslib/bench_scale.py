@@ -182,7 +182,7 @@ def write_md(meas: dict, rows: list[dict], path: str) -> None:
               "(2432/1536)^2 for the forward and the Hessians, ^3 for the solves; Flux's 19 double-stream blocks counted "
               "as one single-stream block each); embeddings, the VAE and the text encoders are left out;",
               "- K packages multiply only the sampling (resample mode re-runs sampling per package); with --calibration "
-              "propagate (not built yet) they would not;",
+              "propagate each extra package costs a replay of its own blocks instead of a whole sampling pass (notebook 05);",
               "- N GPUs shard the prompts (sampling and accumulation / N) and the layer solves (/ N); the all-reduce is a "
               "ring over the package's Hessian sums (2 (N-1)/N of their size per GPU).",
               "- Sanity check against the paper: SD3-Medium at K = 1 took 572 s on one GPU with 512x512 calibration "

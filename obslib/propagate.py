@@ -69,9 +69,17 @@ class BlockRecord:
         self.device = torch.device("cpu")
 
     def add(self, run: int, step: int, kwargs: dict) -> None:
-        tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
-        self.device = next((v.device for v in kwargs.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
-        rest = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+        flat, rest = {}, {}
+        for k, v in kwargs.items():
+            if isinstance(v, torch.Tensor):
+                flat[k] = v
+            elif isinstance(v, (tuple, list)) and v and all(isinstance(x, torch.Tensor) for x in v):
+                flat.update({f"{k}.{i}": x for i, x in enumerate(v)})  # Flux's rotary (cos, sin) pair
+                rest[k] = _Seq(len(v))
+            else:
+                rest[k] = v
+        tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in flat.items()}
+        self.device = next((v.device for v in flat.values()), torch.device("cpu"))
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         if self.on_disk is None:
             self.projected = size * self.expected
@@ -93,7 +101,9 @@ class BlockRecord:
     def __iter__(self):
         for run, step, rest, t in self.entries:
             t = load_file(t) if isinstance(t, str) else t  # safetensors maps the file
-            yield run, step, {**rest, **{k: v.to(self.device) for k, v in t.items()}}
+            t = {k: v.to(self.device) for k, v in t.items()}
+            kw = {k: (tuple(t.pop(f"{k}.{i}") for i in range(v.n)) if isinstance(v, _Seq) else v) for k, v in rest.items()}
+            yield run, step, {**kw, **t}
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -103,6 +113,13 @@ class BlockRecord:
             if isinstance(t, str) and os.path.exists(t):
                 os.remove(t)
         self.entries.clear()
+
+
+class _Seq:
+    """Stands in the record for a tuple of tensors (stored flat as name.0, name.1, ...)."""
+
+    def __init__(self, n: int):
+        self.n = n
 
 
 def _bind(block: nn.Module, args: tuple, kwargs: dict) -> dict:
