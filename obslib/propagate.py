@@ -147,7 +147,9 @@ class Propagation:
         self.blocks, self.chain, self.calibrate, self.alphas = blocks, chain, calibrate, list(alphas)
         self.n_runs, self.progress = n_runs, progress
         self.ram_limit = available_ram_bytes() // 2 if ram_limit is None else ram_limit
-        self.spill_dir = tempfile.mkdtemp(prefix=".obslib-record-", dir=spill_parent)  # ours alone; removed by close
+        _remove_dead_records(spill_parent or tempfile.gettempdir())
+        # ours alone (the PID lets a later run remove it if this one is killed); removed by close
+        self.spill_dir = tempfile.mkdtemp(prefix=f".obslib-record-{os.getpid()}-", dir=spill_parent)
         self.say = say or (lambda s: tqdm.write(s) if progress else None)
         self.record: BlockRecord | None = None
         self.block_runs = 0  # block calls made by replays (the cost beyond the one sampling pass)
@@ -244,6 +246,18 @@ class Propagation:
         if self.record is not None:
             self.record.drop()
         shutil.rmtree(self.spill_dir, ignore_errors=True)
+
+
+def _remove_dead_records(parent: str) -> None:
+    """Spill directories that a killed run left in ``parent`` (named .obslib-record-PID-*, PID no longer alive)."""
+    import re
+
+    from .io import _pid_alive
+
+    for name in os.listdir(parent) if os.path.isdir(parent) else []:
+        m = re.fullmatch(r"\.obslib-record-(\d+)-\w+", name)
+        if m and not _pid_alive(int(m[1])) and os.path.isdir(os.path.join(parent, name)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
 def _in_block(block: nn.Module, module: nn.Module) -> bool:

@@ -243,3 +243,27 @@ def test_unet_cannot_propagate():
     with pytest.raises(UsageError, match="use resample"):
         prune_model(model, _calibrate(model, inputs), PruneConfig(calibration="propagate", progress=False), STEPS,
                     component="unet", calibration_runs=2)
+
+
+def test_a_killed_runs_spill_directory_is_removed_by_the_next_run(tmp_path):
+    from obslib.propagate import _remove_dead_records
+
+    dead = subprocess_dead_pid()
+    left = tmp_path / f".obslib-record-{dead}-abc123"
+    (left / "b0000").mkdir(parents=True)
+    (left / "b0000" / "x.safetensors").write_bytes(b"0")
+    alive = tmp_path / f".obslib-record-{os.getpid()}-zzz"
+    alive.mkdir()
+    user = tmp_path / ".obslib-record-notes"  # not ours by name: never touched
+    user.mkdir()
+    _remove_dead_records(str(tmp_path))
+    assert not left.exists() and alive.exists() and user.exists()
+
+
+def subprocess_dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
