@@ -25,12 +25,12 @@ test: install
 notebooks: install
 	$(VENV)/bin/jupytext --update --to ipynb notebooks/[0-9]*.py
 
-# five minutes: the walkthrough in quick mode, one prune, one evaluation (outputs under .tmp/tour)
+# five minutes: the walkthrough in quick mode, one prune, one evaluation (outputs under .tmp)
 tour: install
 	OBSLIB_MODE=quick MPLBACKEND=Agg $(PY) -m obslib.study 00_walkthrough.ipynb --mode quick
-	mkdir -p .tmp/tour
-	$(VENV)/bin/obslib prune models/shapes-sd3 --sparsity 0.5 --num-prompts 16 --out .tmp/tour/obs50 --overwrite
-	$(VENV)/bin/obslib evaluate .tmp/tour/obs50 --reference models/shapes-sd3 --num-prompts 64 --out .tmp/tour/obs50.json
+	mkdir -p .tmp
+	$(VENV)/bin/obslib prune models/shapes-sd3 --sparsity 0.5 --num-prompts 16 --out .tmp/obs50 --overwrite
+	$(VENV)/bin/obslib evaluate .tmp/obs50 --reference models/shapes-sd3 --num-prompts 64 --out .tmp/obs50.json
 
 # the whole study: every notebook with its full parameters through papermill
 study: install
