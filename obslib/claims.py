@@ -84,12 +84,13 @@ def claim_rows(results: str) -> list[dict]:
             if all(ahead.values()) and mag_last:
                 verdict = "reproduced"
             elif any(ahead.values()):
-                verdict = ("mixed: OBS-Diff is ahead of every baseline beyond the seeds' spread on "
+                verdict = ("mixed: OBS-Diff is ahead of every baseline beyond the seeds' spread (and intervals) on "
                            + " and ".join(k for k, v in ahead.items() if v)
                            + "".join(f", not on {k}" for k, v in ahead.items() if not v)
                            + ("" if mag_last else "; magnitude is not last on PSNR"))
             else:
-                verdict = "mixed (within seed spread)" if order.index[0] == "obs-diff" else "not reproduced"
+                verdict = ("mixed (OBS-Diff first, but not beyond the seeds' spread and the prompt-fidelity intervals of every baseline)"
+                           if order.index[0] == "obs-diff" else "not reproduced")
             paper = {0.5: "SD3-M IR: OBS-Diff .647 > Wanda −.108 > DSnoT −.594 > Magnitude −2.27",
                      0.6: "SD3-M IR: OBS-Diff .121 > Wanda −2.06 > DSnoT −2.23 > Magnitude −2.28"}[sp]
             rows.append({"claim": f"Method ordering at {sp:.0%} unstructured (OBS-Diff best, magnitude worst)",
