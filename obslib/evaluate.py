@@ -170,19 +170,19 @@ def distribution_metrics(fake: np.ndarray, real: np.ndarray, classifier, batch_s
     fid = FrechetInceptionDistance(feature=feat, normalize=False)
     with warnings.catch_warnings():  # "KID will save all extracted features in buffer" (they are 128-d)
         warnings.simplefilter("ignore", UserWarning)
-        kid = KernelInceptionDistance(feature=feat, subsets=kid_subsets, subset_size=min(1000, n), normalize=False)
-        kid_half = KernelInceptionDistance(feature=feat, subsets=kid_subsets, subset_size=max(2, n // 2), normalize=False)
+        kid = KernelInceptionDistance(feature=feat, subsets=kid_subsets, subset_size=min(1000, n), normalize=False,
+                                      compute_with_cache=False)  # computed twice below, at two subset sizes
     for imgs, is_real in ((real, True), (fake, False)):
         for i in range(0, len(imgs), batch_size):
             x = _nchw(imgs[i : i + batch_size])
             fid.update(x, real=is_real)
             kid.update(x, real=is_real)
-            kid_half.update(x, real=is_real)
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # KID draws random subsets
     try:
         kid_mean, _ = kid.compute()  # subsets of min(1000, n): with n <= 1000 the whole set, so no spread
-        _, half_sd = kid_half.compute()  # spread over random half-size subsets
+        kid.subset_size = max(2, n // 2)
+        _, half_sd = kid.compute()  # spread over random half-size subsets
     finally:
         torch.random.set_rng_state(state)
     # the KID estimate is a U-statistic (variance ~ 1/n): the half-set spread / sqrt(2) estimates its standard error
