@@ -558,14 +558,15 @@ def _targeted_layers(den, spec, units, structured) -> list[str]:
 
 
 def _solve_layers(den, unit, stats, sparsity, cfg, method, undo) -> list[dict]:
-    out = []
-    for name in unit.hessian_layers:
-        mod = den.get_submodule(name)
-        W_hat, err = _solve_one(den, name, stats, sparsity, cfg, method)
-        undo.weight(name)
-        mod.weight.data.copy_(W_hat.to(mod.weight.dtype).reshape(mod.weight.shape))
-        out.append({"name": name, "sparsity": float((mod.weight == 0).float().mean()), "rel_error": err})
-    return out
+    return [_apply(den, name, *_solve_one(den, name, stats, sparsity, cfg, method), undo) for name in unit.hessian_layers]
+
+
+def _apply(den, name, W_hat, err, undo) -> dict:
+    """Write one layer's solution (kept for a rollback) and return its report entry."""
+    mod = den.get_submodule(name)
+    undo.weight(name)
+    mod.weight.data.copy_(W_hat.to(mod.weight.dtype).reshape(mod.weight.shape))
+    return {"name": name, "sparsity": float((mod.weight == 0).float().mean()), "rel_error": err}
 
 
 def _solve_spread(den, package, stats, cfg, method, undo, n_blocks, dctx) -> list[dict]:
@@ -585,15 +586,11 @@ def _solve_spread(den, package, stats, cfg, method, undo, n_blocks, dctx) -> lis
         raise error or SolverError(f"another process (of {dctx.size}) could not solve a layer; see its message")
     out = []
     for (unit, name), owner, W in zip(jobs, owners, mats):
-        mod = den.get_submodule(name)
-        w_hat, err = mine.get(name, (torch.empty(W.shape, dtype=mod.weight.dtype, device=W.device), None))
-        w_hat = dctx.broadcast(w_hat.to(mod.weight.dtype), owner)
-        e = dctx.broadcast(torch.tensor([float("nan") if err is None else err], dtype=torch.float64), owner)
-        undo.weight(name)
-        mod.weight.data.copy_(w_hat.reshape(mod.weight.shape))
-        err = float(e.item())
-        out.append({"name": name, "sparsity": float((mod.weight == 0).float().mean()),
-                    "rel_error": None if math.isnan(err) else err})
+        dtype = den.get_submodule(name).weight.dtype
+        w_hat, err = mine.get(name, (torch.empty(W.shape, dtype=dtype, device=W.device), None))
+        w_hat = dctx.broadcast(w_hat.to(dtype), owner)
+        e = float(dctx.broadcast(torch.tensor([float("nan") if err is None else err], dtype=torch.float64), owner))
+        out.append(_apply(den, name, w_hat, None if math.isnan(e) else e, undo))
     return out
 
 
@@ -800,7 +797,7 @@ PRUNE_EPILOG = """examples:
   obslib prune /models/sd3.5-large --prompts calib.txt --steps 25 --guidance 7 --device cuda --dtype bfloat16 \\
       --out /models/sd35-obs50
   obslib prune models/shapes-sd3 --packages 24 --calibration propagate --out out/obs50-prop
-  torchrun --standalone --nproc-per-node 4 -m obslib prune /models/sd3-medium --prompts calib.txt --device cuda \
+  torchrun --standalone --nproc-per-node 4 -m obslib prune /models/sd3-medium --prompts calib.txt --device cuda \\
       --out /models/sd3m-obs50        (calibration sharded over 4 GPUs, nccl; gloo on CPU)
 an interrupted run continues with the same command plus --resume."""
 

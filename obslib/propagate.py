@@ -55,17 +55,15 @@ def available_ram_bytes() -> int:
 class BlockRecord:
     """The keyword inputs of one block at every step of every calibration run, in run order.
 
-    Tensors are kept on the CPU (a GPU run moves each entry back when it is replayed) until the projected size passes ``ram_limit`` bytes; from then on (decided at the
-    first entry, from its size times the number of entries expected) every entry's tensors go to
-    ``spill_dir`` as one safetensors file, loaded back memory-mapped when replayed. Non-tensor inputs
-    (None, flags, empty dicts) are kept in RAM."""
+    Tensors are kept on the CPU (a GPU run moves each entry back when it is replayed). When the projected
+    size (the first entry's size times the number of entries expected) passes ``ram_limit`` bytes, every
+    entry's tensors go to ``spill_dir`` as one safetensors file instead, loaded back memory-mapped when
+    replayed. Non-tensor inputs (None, flags, empty dicts) stay in RAM."""
 
     def __init__(self, block: int, expected: int, ram_limit: int, spill_dir: str | None, say=print):
         self.block, self.expected, self.ram_limit, self.spill_dir, self.say = block, expected, ram_limit, spill_dir, say
         self.entries: list[tuple[int, int, dict, dict | str]] = []  # (run, step, non-tensors, tensors or file)
         self.on_disk: bool | None = None
-        self.nbytes = 0
-        self.projected = 0
         self.device = torch.device("cpu")
 
     def add(self, run: int, step: int, kwargs: dict) -> None:
@@ -82,15 +80,14 @@ class BlockRecord:
         self.device = next((v.device for v in flat.values()), torch.device("cpu"))
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         if self.on_disk is None:
-            self.projected = size * self.expected
-            self.on_disk = self.projected > self.ram_limit
+            projected = size * self.expected
+            self.on_disk = projected > self.ram_limit
             where = (f"spilled to {self.spill_dir} (over the {self.ram_limit / 2**20:.0f} MiB RAM limit)"
                      if self.on_disk else "kept in RAM")
-            self.say(f"propagate: the record of block {self.block}'s inputs needs {self.projected / 2**20:.1f} MiB "
+            self.say(f"propagate: the record of block {self.block}'s inputs needs {projected / 2**20:.1f} MiB "
                      f"({self.expected} steps x {size / 2**20:.2f} MiB); {where}")
             if self.on_disk:
                 os.makedirs(self.spill_dir, exist_ok=True)
-        self.nbytes += size
         if self.on_disk:
             path = os.path.join(self.spill_dir, f"b{self.block:04d}-{len(self.entries):06d}.safetensors")
             save_file(tensors, path)
