@@ -10,6 +10,7 @@ import json
 import math
 import numbers
 import os
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -97,7 +98,7 @@ class PruneConfig:
         if self.calibration not in CALIBRATIONS:
             raise UsageError(f"calibration {self.calibration!r} is unknown; allowed: {', '.join(CALIBRATIONS)}")
         if self.record_ram_mb is not None and not 0 <= self.record_ram_mb <= 2**40:
-            raise UsageError(f"record RAM {self.record_ram_mb} MiB must be >= 0")
+            raise UsageError(f"record RAM {self.record_ram_mb:g} MiB is outside the allowed 0 to {2**40} MiB")
         if self.steps is not None and not 1 <= self.steps <= 10_000:
             raise UsageError(f"steps {self.steps} must be an integer in [1, 10000]")
         if self.guidance is not None and not 0 <= self.guidance <= 1000:
@@ -408,6 +409,8 @@ def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "
             check_finite("its weight", den.get_submodule(name).weight.detach())
         except SolverError as e:
             raise SolverError(f"layer {name}: {e}") from None
+    if structured and (method.heads is not None or method.needs_training):  # methods that remove whole heads
+        _check_head_rows(den, units, cfg, n_blocks)
     params_before = sum(p.numel() for p in den.parameters())
     t0 = time.perf_counter()
     if method.driver is not None:  # a whole-model method: it reports its own layers, timings and extras
@@ -434,6 +437,21 @@ def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "
             prop.close()
 
 
+def _check_head_rows(den, units, cfg, n_blocks) -> None:
+    """Removing a head takes head_dim rows from each of q, k, v: refuse (before any work) a block whose
+    projections no longer have heads x head_dim rows (a SlimDiff output, whose query/key rank was reduced)."""
+    for u in units:
+        if u.kind != "heads" or n_remove(head_layout(den, u)[0], _block_sparsity(cfg, u.block_index, n_blocks)) == 0:
+            continue
+        block = den.get_submodule(u.block)
+        hi = head_layout(den, u)[2]
+        for rel in u.group.inputs:
+            if has(block, rel) and weight_matrix(block.get_submodule(rel)).shape[0] != hi:
+                rows = weight_matrix(block.get_submodule(rel)).shape[0]
+                raise UsageError(f"{u.block}.{rel} has {rows} rows, not heads x head_dim = {hi} (its rank was reduced, "
+                                 "e.g. by slimdiff), so whole heads cannot be removed from it; prune the original model")
+
+
 def _package_loop(den, cfg, method, spec, units, packages, calibrate, prop, alphas, steps, ids, n_blocks, structured,
                   targeted, params_before, weighting, component, undo, t0, dctx=None) -> dict:
     """Calibrate (resample or propagate), solve and checkpoint package after package."""
@@ -446,11 +464,14 @@ def _package_loop(den, cfg, method, spec, units, packages, calibrate, prop, alph
         from .checkpoint import PackageCheckpoint, fingerprint
 
         ck = PackageCheckpoint(cfg.checkpoint_dir, fingerprint(cfg, units, steps))
-        if prop is not None and cfg.resume and ck.saved():  # the dense record, before pruned packages return
+        expected = [(_targeted_layers(den, spec, p, structured),
+                     [f"{u.block}.{u.group.attn}" for u in p if u.kind == "heads"]) for p in packages]
+        loaded = ck.load(den, expected, cfg.resume)  # every entry checked before any work
+        if prop is not None and loaded:  # the dense record, before pruned packages return
             t = time.perf_counter()
             prop.first(den, min(u.block_index for u in packages[0]), {})
             t_cal += time.perf_counter() - t
-        state = ck.restore(den, undo, cfg.resume)
+        state = ck.restore(den, undo, loaded)
         if state is not None:
             start, layers_report, package_mb = state["next"], state["layers"], state["package_mb"]
             t_cal, t_solve = state["calibration_s"], state["solve_s"]
@@ -876,25 +897,18 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def _cli_prune(a) -> None:
-    from .io import _tree_bytes, check_device, check_output_dir
+    """``obslib prune``: every flag and path is checked before the model is loaded, then prune and save.
+    Notes for flags the method ignores come only once the command is known to be valid."""
+    from . import distributed
+    from .checkpoint import CheckpointDir, PackageCheckpoint, config_fingerprint, kind_for
+    from .io import _tree_bytes, check_device, check_output_dir, ignored_pickles
+    from .methods import METHODS
+    from .obs import SolverError
 
     if a.dtype not in DTYPES:
-        raise UsageError(f"dtype {a.dtype!r} is unknown; allowed: {', '.join(DTYPES)}")
+        raise UsageError(f"--dtype {a.dtype!r} is unknown; allowed: {', '.join(DTYPES)}")
     if a.num_prompts is not None and a.num_prompts < 1:
         raise UsageError(f"--num-prompts {a.num_prompts} must be >= 1")
-    from .methods import METHODS
-
-    meth = METHODS.get(a.method)
-    for flag, field_ in (("--packages", "packages"), ("--calibration", "calibration")):
-        if meth is not None and getattr(a, field_) is not None and field_ in meth.ignores and not a.quiet:
-            print(f"obslib: note: {flag} is ignored by {a.method} (one calibration pass, one global allocation)",
-                  file=sys.stderr)
-    training = meth is not None and meth.needs_training
-    given = [f for f, v in (("--iterations", a.iterations), ("--lr", a.lr), ("--train-data", a.train_data))
-             if v is not None]
-    if given and meth is not None and not training and not a.quiet:
-        print(f"obslib: note: {', '.join(given)} only apply to methods that train (gradient-flow); ignored",
-              file=sys.stderr)
     real = os.path.realpath(a.out) if isinstance(a.out, str) and a.out.strip() else None
     ckdir = a.checkpoint_dir or (real and os.path.join(os.path.dirname(real), f".obslib-ckpt-{os.path.basename(real)}"))
     extra_cfg = {}
@@ -911,19 +925,55 @@ def _cli_prune(a) -> None:
                       record_ram_mb=a.record_ram_mb, progress=not a.quiet, prompts=["(validated)"], restore_on_failure=False,
                       measure_error=a.report_error)
     cfg.validate()
+    meth = METHODS[a.method]
     check_pipeline_dir(a.model_dir)
     check_device(a.device)
-    # everything about --out is settled before the (long) work starts
+    # everything about --out and the checkpoints is settled before the (long) work starts
     check_output_dir(a.out, [a.model_dir], a.overwrite, need_bytes=_tree_bytes(a.model_dir))
-    if ckdir and os.path.isdir(ckdir) and os.listdir(ckdir) and not a.resume:
-        raise UsageError(f"{ckdir!r} holds a checkpoint of an interrupted run; pass --resume to continue it, "
-                         "or delete that directory")
+    training = meth.needs_training
     if training:
+        if a.train_data is not None:
+            from .gradflow import ImageFolder
+
+            ImageFolder(a.train_data, 1, 1, 0)  # a folder that cannot be read is refused now, not after loading
         cfg.prompts = ["(training batches)"]
     else:
         cfg.prompts = (read_prompt_file(a.prompts) if a.prompts is not None
                        else default_calibration_prompts(a.model_dir, a.num_prompts or 100))
-    from . import distributed
+    kind = kind_for(meth)
+    command = "obslib " + shlex.join(getattr(a, "argv", None) or sys.argv[1:])
+    resume_cmd = command if a.resume else f"{command} --resume"
+    ck = None
+    if kind is not None:
+        ck = CheckpointDir(ckdir, kind)
+        ck.check(protect=[a.model_dir], out=a.out)
+        if kind == "packages":
+            PackageCheckpoint(ckdir, config_fingerprint(cfg)).check_config(a.resume, command)
+        elif ck.entries() and not a.resume:
+            raise UsageError(f"{ckdir!r} holds the checkpoint of an interrupted run; continue it: {resume_cmd}; "
+                             "or delete that directory to start over")
+    if not a.quiet:  # the command is valid: now say what it ignores
+        notes = []
+        for flag, field_ in (("--packages", "packages"), ("--calibration", "calibration")):
+            if getattr(a, field_) is not None and field_ in meth.ignores:
+                notes.append(f"{flag} is ignored by {a.method} (one calibration pass, one global allocation)")
+        given = [f for f, v in (("--iterations", a.iterations), ("--lr", a.lr), ("--train-data", a.train_data))
+                 if v is not None]
+        if given and not training:
+            notes.append(f"{', '.join(given)} only apply to methods that train (gradient-flow); ignored")
+        calibrates = meth.needs_calibration or (a.report_error and meth.driver is None)
+        if a.calibration == "propagate" and not calibrates and "calibration" not in meth.ignores:
+            notes.append(f"--calibration propagate is ignored: {a.method} needs no calibration (add --report-error "
+                         "to calibrate for the layer errors)")
+        if a.record_ram_mb is not None and (cfg.calibration != "propagate" or not calibrates
+                                            or "calibration" in meth.ignores):
+            notes.append("--record-ram-mb only applies to --calibration propagate; ignored")
+        if kind is None and (a.checkpoint_dir is not None or a.resume):
+            notes.append(f"{a.method} runs in one step and writes no checkpoints; --checkpoint-dir / --resume ignored")
+        notes += [f"{f} is a pickle file; obslib loads the safetensors beside it and never opens it"
+                  for f in ignored_pickles(a.model_dir)[:3]]
+        for n in notes:
+            print(f"obslib: note: {n}", file=sys.stderr)
 
     distributed.init_from_env(a.device)  # under torchrun: one process group, rank 0 writes (obslib/distributed.py)
     rank0 = not distributed.active() or distributed.dist.get_rank() == 0
@@ -932,16 +982,31 @@ def _cli_prune(a) -> None:
     pipe = load_pipeline(a.model_dir, device=distributed.rank_device(a.device), dtype=DTYPES[a.dtype],
                          progress=a.verbose and rank0)
     t_load = time.perf_counter() - t0
-    report = prune(pipe, cfg)
+    saved_before = len(ck.entries()) if ck is not None else 0
+    try:
+        report = prune(pipe, cfg)
+    except BaseException as e:
+        if ck is None or not rank0:
+            raise
+        n = len(ck.entries())
+        if n == 0:
+            ck.remove_if_empty()
+            raise
+        where = f"{n} finished step(s) are checkpointed in {ck.path}; continue with: {resume_cmd}"
+        if isinstance(e, (UsageError, SolverError)) and n > saved_before:
+            raise type(e)(f"{e} ({where})") from None
+        if isinstance(e, KeyboardInterrupt):
+            print(f"obslib: interrupted; {where}", file=sys.stderr)
+        elif not isinstance(e, (UsageError, SolverError)):
+            print(f"obslib: {where}", file=sys.stderr)
+        raise
     if not rank0:
         return
     t = time.perf_counter()
-    save_pruned(pipe, report, a.out, a.model_dir, overwrite=a.overwrite)
+    save_pruned(pipe, report, a.out, a.model_dir, overwrite=a.overwrite, flag="--out")
     t_save = time.perf_counter() - t
-    if ckdir and os.path.isdir(ckdir):
-        import shutil
-
-        shutil.rmtree(ckdir, ignore_errors=True)  # the run is complete: its checkpoints are no longer needed
+    if ck is not None:
+        ck.remove()  # the run is complete: its checkpoints (obslib's files only) are no longer needed
     if not a.quiet:
         print(closing_line(a.out, report, pipe, t_load, t_save, time.perf_counter() - t0))
 
@@ -963,7 +1028,8 @@ def closing_line(out: str, report: dict, pipe, t_load: float, t_save: float, wal
             f"save {t_save:.1f} s)")
 
 
-def save_pruned(pipe, report: dict, out: str, model_dir: str | None = None, overwrite: bool = False) -> None:
+def save_pruned(pipe, report: dict, out: str, model_dir: str | None = None, overwrite: bool = False,
+                flag: str = "out") -> None:
     """Write the pruned pipeline, its report and (when shapes changed) its manifest atomically.
 
     The same rules as the command line: ``out`` may not be, contain or lie inside the model directory
@@ -989,7 +1055,7 @@ def save_pruned(pipe, report: dict, out: str, model_dir: str | None = None, over
         except (OSError, ValueError) as e:
             raise UsageError(f"{src!r} cannot be carried over: {' '.join(str(e).split())[:120]}") from None
     save_pipeline(pipe, out, manifest=report.get("manifest"), extra_json=extra,
-                  protect=[source] if source else [], overwrite=overwrite)
+                  protect=[source] if source else [], overwrite=overwrite, flag=flag)
 
 
 def _version() -> str:

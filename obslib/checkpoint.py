@@ -1,82 +1,350 @@
-"""Resumable package-by-package pruning.
+"""Resumable pruning: checkpoint directories that obslib owns, and the package checkpoints of ``prune_model``.
+
+A checkpoint directory (``--checkpoint-dir``, default ``.obslib-ckpt-OUT`` beside ``--out``) is obslib's
+only when it holds the marker ``obslib_checkpoint.json`` and nothing but checkpoint entries: folders named
+``pkg-NNNN`` (package checkpoints) or ``it-NNNNNNN`` (gradient flow), each with exactly one safetensors
+file and one ``meta.json``, and the ``*.tmp-PID`` folders of an entry being written. Anything else makes
+it someone else's: it is refused before any work and never deleted. Removal after a successful run goes
+file by file through that list, so a file a user put there keeps the directory (and itself) in place.
 
 After each package, the layers it changed (their weights and biases, whatever their new shapes) and the
-head counts it changed go to ``checkpoint_dir/pkg-NNNN`` (safetensors + JSON, written under a temporary
-name and renamed, so a directory that exists is complete), with the report so far and a fingerprint of
-the configuration. A resumed run checks the fingerprint, re-applies the saved packages in order and
-continues with the next one; calibration is a pure function of the model and the configuration, so the
-result is bit-identical to an uninterrupted run.
+head counts it changed go to ``pkg-NNNN`` (written under a temporary name and renamed, so an entry that
+exists is complete), with the report so far and a fingerprint of the configuration. A resumed run checks
+every entry before using any (marker, fingerprint, JSON fields and types, tensor names, shapes, dtypes and
+finite values against the model), re-applies them in order and continues with the next package;
+calibration is a pure function of the model and the configuration, so the result is bit-identical to an
+uninterrupted run.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import shutil
+import re
+import tempfile
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from .io import UsageError
+from . import owned
+from .io import UsageError, write_json
 
+MARKER = "obslib_checkpoint.json"
+KINDS = {  # kind -> (entry prefix, digits, the files of one entry)
+    "packages": ("pkg-", 4, ("weights.safetensors", "meta.json")),
+    "gradient-flow": ("it-", 7, ("state.safetensors", "meta.json")),
+}
 _KEYS = ("method", "pattern", "sparsity", "weighting", "alpha_min", "alpha_max", "packages", "calibration", "steps", "guidance",
          "seed", "batch_size", "blocksize", "percdamp", "solver_dtype", "block_range", "block_sparsity",
          "exclude_first_last", "head_saliency", "neuron_batch")
+DELETE_HINT = "delete that directory, or run without --resume"
 
 
+def kind_for(method) -> str | None:
+    """Which checkpoints a method writes: package checkpoints (the package driver), gradient flow's, or none."""
+    if method.needs_training:
+        return "gradient-flow"
+    return "packages" if method.driver is None else None
+
+
+class CheckpointDir:
+    """One checkpoint directory: checked before any work, written entry by entry, removed file by file."""
+
+    def __init__(self, path: str, kind: str, flag: str = "--checkpoint-dir"):
+        self.given = os.fspath(path)
+        self.path, self.kind, self.flag = os.path.abspath(self.given), kind, flag
+        self.prefix, digits, self.files = KINDS[kind]
+        self._entry = re.compile(rf"^{re.escape(self.prefix)}\d{{{digits}}}$")
+        self._tmp = re.compile(rf"^{re.escape(self.prefix)}\d{{{digits}}}\.tmp-\d+$")
+
+    # ------------------------------------------------------------------ checks (before any work)
+    def check(self, protect=(), out: str | None = None) -> None:
+        """Refuse a path that could lose a user's files: a file, a link, the model (or inside it, or holding
+        it), ``--out`` (or inside it), a folder whose parent is missing or not writable, or an existing
+        folder that is not an obslib checkpoint of this kind."""
+        p, flag, shown = self.path, self.flag, self.given
+        if os.path.islink(p):
+            raise UsageError(f"{flag} {shown!r} is a symbolic link; give a real path")
+        for d in protect:
+            how = d and os.path.exists(d) and owned.overlap(p, d)
+            if how == "is":
+                raise UsageError(f"{flag} {shown!r} is the model directory; choose a new directory outside it")
+            if how == "inside":
+                raise UsageError(f"{flag} {shown!r} lies inside the model directory {d!r}; choose a directory outside it")
+            if how == "contains":
+                raise UsageError(f"{flag} {shown!r} contains the model directory {d!r}; choose a new directory")
+        if out:
+            real_out = os.path.realpath(out)
+            real = os.path.realpath(p)
+            if real == real_out or owned.inside(real, real_out):
+                raise UsageError(f"{flag} {shown!r} is --out or lies inside it; checkpoints go beside the output, "
+                                 "not in it")
+            if owned.inside(real_out, real):
+                raise UsageError(f"{flag} {shown!r} contains --out {out!r}; choose a separate directory")
+        if os.path.lexists(p) and not os.path.isdir(p):
+            raise UsageError(f"{flag} {shown!r} is an existing file; give a directory path that does not exist yet")
+        parent = os.path.dirname(p)
+        if not os.path.isdir(parent):
+            raise UsageError(f"{flag} {shown!r}: its parent directory {parent!r} does not exist")
+        if os.path.isdir(p):
+            problem = self._not_ours()
+            if problem:
+                raise UsageError(f"{flag} {shown!r} is an existing directory that is not an obslib checkpoint ({problem}); "
+                                 "give a path that does not exist yet (obslib creates it)")
+        try:  # permission bits do not bind root, and a file system may be read-only: try it
+            target = p if os.path.isdir(p) else parent
+            os.rmdir(tempfile.mkdtemp(prefix=".obslib-probe-", dir=target))
+        except OSError as e:
+            raise UsageError(f"{flag} {shown!r}: cannot write in {target!r} ({e.strerror or e})") from None
+
+    def _not_ours(self) -> str | None:
+        """Why the existing directory is not an obslib checkpoint of this kind, or None when it is."""
+        marker = os.path.join(self.path, MARKER)
+        if not os.path.isfile(marker) or os.path.islink(marker):
+            return f"no {MARKER}" if os.listdir(self.path) else "it is empty but obslib did not create it"
+        try:
+            with open(marker, encoding="utf-8") as f:
+                meta = json.load(f)
+        except (OSError, ValueError):
+            return f"its {MARKER} is not valid JSON"
+        if not isinstance(meta, dict) or meta.get("written_by") != owned.WRITTEN_BY or meta.get("kind") not in KINDS:
+            return f"its {MARKER} is not obslib's"
+        if meta["kind"] != self.kind:
+            return f"it holds {meta['kind']} checkpoints; this method writes {self.kind} checkpoints"
+        for name in sorted(os.listdir(self.path)):
+            full = os.path.join(self.path, name)
+            if name == MARKER:
+                continue
+            if os.path.islink(full) or not os.path.isdir(full) or not (self._entry.match(name) or self._tmp.match(name)):
+                return f"it holds {name!r}"
+            for f in os.listdir(full):
+                if f not in self.files or os.path.islink(os.path.join(full, f)) \
+                        or not os.path.isfile(os.path.join(full, f)):
+                    return f"it holds {os.path.join(name, f)!r}"
+        return None
+
+    # ------------------------------------------------------------------ entries
+    def entries(self) -> list[str]:
+        """Complete entries, oldest first."""
+        if not os.path.isdir(self.path):
+            return []
+        return sorted(d for d in os.listdir(self.path)
+                      if self._entry.match(d) and all(os.path.isfile(os.path.join(self.path, d, f)) for f in self.files))
+
+    def entry_name(self, index: int) -> str:
+        digits = KINDS[self.kind][1]
+        return f"{self.prefix}{index:0{digits}d}"
+
+    def write(self, index: int, tensors: dict, meta: dict) -> str:
+        """Write one entry atomically (temporary name, then rename); creates the directory and its marker."""
+        from safetensors.torch import save_file
+
+        if not os.path.isdir(self.path):
+            os.makedirs(self.path)
+            write_json(os.path.join(self.path, MARKER), {"written_by": owned.WRITTEN_BY, "kind": self.kind})
+        final = os.path.join(self.path, self.entry_name(index))
+        tmp = f"{final}.tmp-{os.getpid()}"
+        if os.path.isdir(tmp):
+            self._remove_entry(tmp)
+        os.makedirs(tmp)
+        save_file(tensors, os.path.join(tmp, self.files[0]))
+        with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
+            json.dump(meta, f)
+        os.replace(tmp, final)
+        return final
+
+    def read(self, name: str, expect_fields: dict) -> tuple[dict, dict]:
+        """(tensors, meta) of one entry; anything unreadable or missing is one line naming the file."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        mf = os.path.join(self.path, name, "meta.json")
+        try:
+            with open(mf, encoding="utf-8") as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"checkpoint file {mf!r} is unreadable ({' '.join(str(e).split())[:80]}); "
+                             f"{DELETE_HINT}") from None
+        if not isinstance(meta, dict):
+            raise UsageError(f"checkpoint file {mf!r} does not hold a JSON object; {DELETE_HINT}")
+        for key, check in expect_fields.items():
+            if key not in meta or not check(meta[key]):
+                raise UsageError(f"checkpoint file {mf!r}: field {key!r} is missing or malformed; {DELETE_HINT}")
+        tf = os.path.join(self.path, name, self.files[0])
+        try:
+            tensors = load_file(tf)
+        except (OSError, SafetensorError, ValueError, RuntimeError) as e:
+            raise UsageError(f"checkpoint file {tf!r} is unreadable ({' '.join(str(e).split())[:80]}); "
+                             f"{DELETE_HINT}") from None
+        for k, t in tensors.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise UsageError(f"checkpoint file {tf!r}: tensor {k!r} holds NaN or infinite values; {DELETE_HINT}")
+        return tensors, meta
+
+    def keep_only(self, name: str) -> None:
+        """Remove every entry but ``name`` (gradient flow keeps its newest checkpoint only)."""
+        for d in os.listdir(self.path):
+            if (self._entry.match(d) or self._tmp.match(d)) and d != name:
+                self._remove_entry(os.path.join(self.path, d))
+
+    def _remove_entry(self, full: str) -> None:
+        owned.remove_tree_of(full, lambda rel: rel in self.files)
+
+    def remove(self) -> bool:
+        """Remove the directory after a successful run: only obslib's files, only if it is still ours."""
+        if not os.path.isdir(self.path) or self._not_ours():
+            return False
+        for d in os.listdir(self.path):
+            if d != MARKER:
+                self._remove_entry(os.path.join(self.path, d))
+        if sorted(os.listdir(self.path)) == [MARKER]:
+            os.remove(os.path.join(self.path, MARKER))
+            os.rmdir(self.path)
+            return True
+        return False
+
+    def remove_if_empty(self) -> None:
+        """After a failure before any entry was written: the directory (marker only) goes."""
+        if os.path.isdir(self.path) and not self.entries() and not self._not_ours():
+            self.remove()
+
+
+# ---------------------------------------------------------------------- package checkpoints
 def fingerprint(cfg, units, steps: int) -> dict:
-    d = {k: getattr(cfg, k) for k in _KEYS}
+    d = config_fingerprint(cfg)
     d["steps_used"] = steps
-    d["prompts_sha256"] = hashlib.sha256("\n".join(cfg.prompts or []).encode()).hexdigest()
     d["units"] = [[u.kind, *u.hessian_layers] for u in units]
     return json.loads(json.dumps(d))
 
 
+def config_fingerprint(cfg) -> dict:
+    """The part of the fingerprint known before the model is loaded."""
+    d = {k: getattr(cfg, k) for k in _KEYS}
+    d["prompts_sha256"] = hashlib.sha256("\n".join(cfg.prompts or []).encode()).hexdigest()
+    return json.loads(json.dumps(d))
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+PACKAGE_FIELDS = {
+    "fingerprint": lambda v: isinstance(v, dict),
+    "package": _is_int,
+    "heads": lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_int(h) for k, h in v.items()),
+    "state": lambda v: isinstance(v, dict) and _is_int(v.get("next")) and isinstance(v.get("layers"), list)
+    and isinstance(v.get("package_mb"), list) and _is_num(v.get("calibration_s")) and _is_num(v.get("solve_s")),
+}
+
+
 class PackageCheckpoint:
     def __init__(self, path: str, fp: dict):
-        self.path, self.fp = path, fp
+        self.dir = CheckpointDir(path, "packages")
+        self.path, self.fp = self.dir.path, fp
 
     def saved(self) -> list[str]:
-        if not os.path.isdir(self.path):
-            return []
-        return sorted(d for d in os.listdir(self.path)
-                      if d.startswith("pkg-") and os.path.isfile(os.path.join(self.path, d, "meta.json")))
+        return self.dir.entries()
 
-    def restore(self, den, undo, resume: bool) -> dict | None:
-        """Re-apply the saved packages (with ``resume``); returns the saved state of the last one, or None."""
+    def check_config(self, resume: bool, command: str | None = None) -> None:
+        """Before the model is loaded: a checkpoint without ``resume`` is refused (with the command that
+        continues it), and one of another configuration is refused either way."""
         entries = self.saved()
         if not entries:
-            return None
+            return
+        _, meta = self.dir.read(entries[-1], PACKAGE_FIELDS)
+        mf = os.path.join(self.path, entries[-1], "meta.json")
+        theirs = meta["fingerprint"]
+        diff = [k for k in self.fp if k in theirs and theirs[k] != self.fp[k]]
+        diff += [k for k in self.fp if k not in theirs]
+        if diff:
+            k = diff[0]
+            raise UsageError(f"the checkpoint in {self.path!r} belongs to a different configuration ({k} "
+                             f"{theirs.get(k)!r} there, {self.fp[k]!r} here; see {mf!r}); rerun with the same "
+                             "settings or delete that directory")
         if not resume:
-            raise UsageError(f"{self.path!r} holds the checkpoint of an interrupted run; pass --resume (resume=True) "
-                             "to continue it, or delete that directory")
+            cont = f"continue it: {command} --resume" if command else "pass --resume (resume=True) to continue it"
+            raise UsageError(f"{self.dir.given!r} holds the checkpoint of an interrupted run of these settings "
+                             f"({len(entries)} package(s) done); {cont}; or delete that directory to start over")
+
+    def load(self, den, expected: list[tuple[list[str], list[str]]], resume: bool) -> list[tuple]:
+        """Read and check every saved entry against the model before any is applied. ``expected[i]`` are
+        package i's (layer names, attention modules). Returns [(tensors, heads, state)] in order."""
+        self.check_config(resume)
+        out = []
+        for i, e in enumerate(self.saved()):
+            tensors, meta = self.dir.read(e, PACKAGE_FIELDS)
+            tf = os.path.join(self.path, e, self.dir.files[0])
+            mf = os.path.join(self.path, e, "meta.json")
+            if meta["fingerprint"] != self.fp:
+                raise UsageError(f"the checkpoint in {self.path!r} belongs to a different configuration or model "
+                                 f"(see {mf!r}); rerun with the same settings or delete that directory")
+            if e != self.dir.entry_name(i) or meta["package"] != i or meta["state"]["next"] != i + 1 \
+                    or i >= len(expected):
+                raise UsageError(f"checkpoint {os.path.join(self.path, e)!r} is out of sequence (expected "
+                                 f"{self.dir.entry_name(i)}); {DELETE_HINT}")
+            layers, attns = expected[i]
+            _check_layers(den, tensors, layers, tf)
+            if set(meta["heads"]) - set(attns):
+                raise UsageError(f"checkpoint file {mf!r} sets head counts of modules outside its package; "
+                                 f"{DELETE_HINT}")
+            for name, h in meta["heads"].items():
+                now = den.get_submodule(name).heads
+                if not 1 <= h <= now:
+                    raise UsageError(f"checkpoint file {mf!r}: {name} has {h} heads; allowed 1 to {now}; "
+                                     f"{DELETE_HINT}")
+            out.append((tensors, meta["heads"], meta["state"]))
+        return out
+
+    def restore(self, den, undo, loaded: list[tuple]) -> dict | None:
+        """Re-apply the checked entries (see ``load``); returns the saved state of the last one, or None."""
         state = None
-        for e in entries:
-            with open(os.path.join(self.path, e, "meta.json"), encoding="utf-8") as f:
-                meta = json.load(f)
-            if meta.get("fingerprint") != self.fp:
-                raise UsageError(f"the checkpoint in {self.path!r} belongs to a different configuration or model; "
-                                 "rerun with the same settings or delete it")
-            _apply(den, load_file(os.path.join(self.path, e, "weights.safetensors")), meta["heads"], undo)
-            state = meta["state"]
+        for i, (tensors, heads, st) in enumerate(loaded):
+            try:
+                _apply(den, tensors, heads, undo)
+            except (RuntimeError, ValueError, IndexError) as e:
+                raise UsageError(f"checkpoint {os.path.join(self.path, self.dir.entry_name(i))!r} does not fit the "
+                                 f"model ({' '.join(str(e).split())[:100]}); {DELETE_HINT}") from None
+            state = st
         return state
 
     def save(self, index: int, den, names: list[str], heads: dict[str, int], state: dict) -> None:
-        os.makedirs(self.path, exist_ok=True)
-        final = os.path.join(self.path, f"pkg-{index:04d}")
-        tmp = f"{final}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
         tensors = {}
         for n in names:
             m = den.get_submodule(n)
             tensors[f"{n}.weight"] = m.weight.detach().contiguous().cpu()
             if getattr(m, "bias", None) is not None:
                 tensors[f"{n}.bias"] = m.bias.detach().contiguous().cpu()
-        save_file(tensors, os.path.join(tmp, "weights.safetensors"))
-        with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
-            json.dump({"fingerprint": self.fp, "package": index, "heads": heads, "state": state}, f)
-        os.replace(tmp, final)
+        self.dir.write(index, tensors, {"fingerprint": self.fp, "package": index, "heads": heads, "state": state})
+
+
+def _check_layers(den, tensors: dict, layers: list[str], tf: str) -> None:
+    """Tensor names, shapes and dtypes of one package entry against the (not yet pruned) model."""
+    want = set()
+    for name in layers:
+        m = den.get_submodule(name)
+        want.add(f"{name}.weight")
+        if getattr(m, "bias", None) is not None:
+            want.add(f"{name}.bias")
+    if set(tensors) != want:
+        odd = sorted(set(tensors) ^ want)[0]
+        raise UsageError(f"checkpoint file {tf!r} does not hold this package's layers (e.g. {odd!r}); {DELETE_HINT}")
+    for name in layers:
+        m = den.get_submodule(name)
+        w = tensors[f"{name}.weight"]
+        cur = tuple(m.weight.shape)
+        ok = w.dim() == 2 and all(0 < a <= b for a, b in zip(w.shape, cur)) and (w.shape[0] == cur[0]
+                                                                                 or w.shape[1] == cur[1])
+        if not ok or w.dtype != m.weight.dtype:
+            raise UsageError(f"checkpoint file {tf!r}: {name}.weight is {w.dtype} {tuple(w.shape)}, the model's "
+                             f"layer is {m.weight.dtype} {cur} (a different model or --dtype?); {DELETE_HINT}")
+        b = tensors.get(f"{name}.bias")
+        if b is not None and (b.dim() != 1 or b.shape[0] != w.shape[0] or b.dtype != m.bias.dtype):
+            raise UsageError(f"checkpoint file {tf!r}: {name}.bias {tuple(b.shape)} does not fit its weight; "
+                             f"{DELETE_HINT}")
 
 
 def _apply(den, tensors: dict, heads: dict, undo) -> None:
@@ -98,3 +366,4 @@ def _apply(den, tensors: dict, heads: dict, undo) -> None:
         attn = den.get_submodule(name)
         undo.attrs(attn, ("heads", "inner_dim", "inner_kv_dim"))
         set_heads(attn, int(h))
+

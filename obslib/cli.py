@@ -5,12 +5,19 @@ Bad input is reported as one line on stderr with exit code 2; nothing is written
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from .io import UsageError
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # a value such as -1e-5 or -inf is a (bad) number, not an unknown option: let the range check name it
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$",
+                                                   re.IGNORECASE)
+
     def error(self, message):  # one line, exit 2 (argparse prints usage otherwise)
         raise UsageError(message)
 
@@ -39,8 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from .obs import SolverError
 
+    argv = sys.argv[1:] if argv is None else [str(x) for x in argv]
     try:
         args = build_parser().parse_args(argv)
+        args.argv = argv  # the command as typed: an interrupted run's closing line repeats it with --resume
         args.func(args)
     except (UsageError, SolverError) as e:
         print(f"obslib: error: {' '.join(str(e).split())}", file=sys.stderr)

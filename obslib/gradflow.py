@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import time
 
 import torch
@@ -115,19 +114,26 @@ class ImageFolder:
             raise UsageError(f"--train-data {path!r}: expected a folder with images and metadata.jsonl "
                              "(one JSON object per line with file_name and text)")
         self.items = []
-        with open(meta, encoding="utf-8") as f:
-            for ln, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    d = json.loads(line)
-                    fn, text = d["file_name"], d["text"]
-                    assert isinstance(fn, str) and isinstance(text, str)
-                except (ValueError, KeyError, TypeError, AssertionError):
-                    raise UsageError(f"{meta}: line {ln} is not a JSON object with string file_name and text") from None
-                if not os.path.isfile(os.path.join(path, fn)):
-                    raise UsageError(f"{meta}: line {ln} names {fn!r}, which is not in {path!r}")
-                self.items.append((os.path.join(path, fn), text))
+        try:
+            with open(meta, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{meta}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it "
+                             "as UTF-8") from None
+        except OSError as e:
+            raise UsageError(f"{meta}: cannot be read ({e.strerror or e})") from None
+        for ln, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                fn, text = d["file_name"], d["text"]
+                assert isinstance(fn, str) and isinstance(text, str)
+            except (ValueError, KeyError, TypeError, AssertionError):
+                raise UsageError(f"{meta}: line {ln} is not a JSON object with string file_name and text") from None
+            if not os.path.isfile(os.path.join(path, fn)):
+                raise UsageError(f"{meta}: line {ln} names {fn!r}, which is not in {path!r}")
+            self.items.append((os.path.join(path, fn), text))
         if not self.items:
             raise UsageError(f"{meta} lists no images")
         self.path, self.size, self.batch, self.seed = path, size, batch, seed
@@ -262,49 +268,68 @@ def _fingerprint(cfg, units) -> dict:
     return {**{k: getattr(cfg, k) for k in keys}, "units": [u.hessian_layers for u in units]}
 
 
+def _ckpt(ckdir: str):
+    from .checkpoint import CheckpointDir
+
+    return CheckpointDir(ckdir, "gradient-flow")
+
+
 def _latest(ckdir: str | None):
-    if not ckdir or not os.path.isdir(ckdir):
+    if not ckdir:
         return None
-    its = sorted(d for d in os.listdir(ckdir) if d.startswith("it-") and os.path.isfile(os.path.join(ckdir, d, "meta.json")))
-    return os.path.join(ckdir, its[-1]) if its else None
+    entries = _ckpt(ckdir).entries()
+    return entries[-1] if entries else None
 
 
 def _save(ckdir: str, it: int, params: dict, opt, ema, chosen, log, fp) -> None:
-    from safetensors.torch import save_file
-
     from .shapes.train import _optim_tensors
 
-    os.makedirs(ckdir, exist_ok=True)
-    final = os.path.join(ckdir, f"it-{it:07d}")
-    tmp = final + f".tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     ot, groups = _optim_tensors(opt, "opt")
     tensors = {**{f"param.{k}": v.detach().contiguous() for k, v in params.items()}, **ot, "ema": ema.contiguous()}
-    save_file(tensors, os.path.join(tmp, "state.safetensors"))
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump({"iteration": it, "chosen": chosen, "loss": log, "optim": groups, "fingerprint": fp}, f)
-    os.replace(tmp, final)
-    for d in os.listdir(ckdir):  # keep the newest complete checkpoint only
-        if d.startswith("it-") and os.path.join(ckdir, d) != final:
-            shutil.rmtree(os.path.join(ckdir, d), ignore_errors=True)
+    ck = _ckpt(ckdir)
+    final = ck.write(it, tensors, {"iteration": it, "chosen": chosen, "loss": log, "optim": groups, "fingerprint": fp})
+    ck.keep_only(os.path.basename(final))  # the newest complete checkpoint only
 
 
-def _restore(path: str, params: dict, opt, fp):
-    from safetensors.torch import load_file
+_FIELDS = {"iteration": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+           "chosen": lambda v: isinstance(v, list) and all(isinstance(g, list) and all(
+               isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in g) for g in v),
+           "loss": lambda v: isinstance(v, list),
+           "optim": lambda v: isinstance(v, dict) and isinstance(v.get("param_groups"), list),
+           "fingerprint": lambda v: isinstance(v, dict)}
 
+
+def _restore(ckdir: str, name: str, params: dict, opt, fp, ema_like: torch.Tensor, sizes: list[int], n_iter: int):
+    from .checkpoint import DELETE_HINT
     from .shapes.train import _optim_restore
 
-    with open(os.path.join(path, "meta.json")) as f:
-        meta = json.load(f)
+    ck = _ckpt(ckdir)
+    state, meta = ck.read(name, _FIELDS)
+    where = os.path.join(ck.path, name)
     if json.loads(json.dumps(fp)) != meta["fingerprint"]:
-        raise UsageError(f"the checkpoint in {os.path.dirname(path)!r} belongs to a different configuration; "
-                         "rerun with the same settings or delete it")
-    state = load_file(os.path.join(path, "state.safetensors"))
+        raise UsageError(f"the checkpoint in {ckdir!r} belongs to a different configuration (see {where!r}); "
+                         "rerun with the same settings or delete that directory")
+    bad = None
+    if meta["iteration"] > n_iter or len(meta["chosen"]) != len(sizes) or any(
+            any(i >= s for i in g) for g, s in zip(meta["chosen"], sizes)):
+        bad = "its iteration or chosen groups do not fit this model"
+    for k, p in params.items():
+        t = state.get(f"param.{k}")
+        if bad is None and (t is None or t.shape != p.shape or t.dtype != p.dtype):
+            bad = f"tensor param.{k} is missing or has the wrong shape or dtype"
+    e = state.get("ema")
+    if bad is None and (e is None or e.shape != ema_like.shape):
+        bad = "tensor ema is missing or has the wrong shape"
+    if bad is not None:
+        raise UsageError(f"checkpoint {where!r}: {bad}; {DELETE_HINT}")
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(state[f"param.{k}"])
-    _optim_restore(opt, state, meta["optim"], "opt")
+    try:
+        _optim_restore(opt, state, meta["optim"], "opt")
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+        raise UsageError(f"checkpoint {where!r}: its optimiser state does not fit ({' '.join(str(e).split())[:80]}); "
+                         f"{DELETE_HINT}") from None
     return meta["iteration"], state["ema"], meta["chosen"], meta["loss"]
 
 
@@ -361,8 +386,9 @@ def gradient_flow_prune(den, cfg, steps: int, component: str, undo, block_ids: l
     if latest is not None:
         if not cfg.resume:
             raise UsageError(f"{cfg.checkpoint_dir!r} holds a checkpoint of an interrupted run; pass --resume "
-                             "(resume=True) to continue it, or delete it")
-        start, ema, chosen, log = _restore(latest, params, opt, fp)
+                             "(resume=True) to continue it, or delete that directory")
+        start, ema, chosen, log = _restore(cfg.checkpoint_dir, latest, params, opt, fp, masks.m,
+                                           [masks.size(ui) for ui in range(len(units))], cfg.iterations)
     n = cfg.iterations
     ramp_end = max(1, round(RAMP * n))
     t0 = time.perf_counter()

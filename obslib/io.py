@@ -18,6 +18,8 @@ import tempfile
 
 import torch
 
+from . import owned
+
 MANIFEST = "obslib_manifest.json"
 
 
@@ -50,69 +52,14 @@ def quiet_diffusers():
 # and a run killed between them is repaired by the next run to the same destination. Temporary
 # directories whose process is gone are recognised by name and removed by that next run.
 
-OWN_MARKERS = ("pruning_report.json", "obslib_training.json")  # files that say "obslib wrote this directory"
 WRITTEN_BY = "obslib"
 _SCRATCH = re.compile(r"^\.obslib-(tmp|old)-(?P<base>.+)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
 
 
-def _inside(child: str, parent: str) -> bool:
-    return os.path.commonpath([child, parent]) == parent and child != parent
-
-
-def _own_report(path: str) -> bool:
-    for name in OWN_MARKERS:
-        f = os.path.join(path, name)
-        if not os.path.isfile(f) or os.path.islink(f):
-            continue
-        try:
-            with open(f, encoding="utf-8") as fh:
-                obj = json.load(fh)
-        except (OSError, ValueError):
-            continue
-        if name == "obslib_training.json" and isinstance(obj, list) and obj and all(
-                isinstance(x, dict) and {"steps", "seed"} <= set(x) for x in obj):
-            return True
-        if isinstance(obj, dict) and (obj.get("written_by") == WRITTEN_BY
-                                      or {"method", "pattern", "sparsity_target", "sparsity_actual", "layers"} <= set(obj)):
-            return True
-    return False
-
-
-def foreign_entries(path: str) -> list[str]:
-    """Top-level entries of ``path`` that an obslib output directory never holds: anything but
-    model_index.json, the component folders it names, obslib's JSON files and the pruning report."""
-    try:
-        with open(os.path.join(path, "model_index.json"), encoding="utf-8") as f:
-            index = json.load(f)
-    except (OSError, ValueError):
-        index = {}
-    comps = {k for k, v in index.items() if not k.startswith("_")} if isinstance(index, dict) else set()
-    out = []
-    for name in sorted(os.listdir(path)):
-        full = os.path.join(path, name)
-        ok = (name == "model_index.json" or (name.startswith("obslib_") and name.endswith(".json"))
-              or name == "pruning_report.json" or (name in comps and os.path.isdir(full)))
-        if not ok or os.path.islink(full):
-            out.append(name)
-    return out
-
-
 def written_by_obslib(path: str) -> bool:
-    """True when ``path`` holds obslib's report (a pruning report or a training history) and nothing that
-    an obslib output never holds (so a copied report cannot get a user's folder replaced)."""
-    return _own_report(path) and not foreign_entries(path)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    """True when every file under ``path``, at every depth, is one obslib wrote there and has not changed
+    since (its ``obslib_files.json`` file list; see ``obslib/owned.py``)."""
+    return owned.not_ours(path) == []
 
 
 def clean_stale(out: str) -> list[str]:
@@ -123,16 +70,16 @@ def clean_stale(out: str) -> list[str]:
     if not os.path.isdir(parent):
         return []
     done = []
-    for name in sorted(os.listdir(parent)):
+    for name in owned.dead_leftovers(parent, _SCRATCH):
         m = _SCRATCH.match(name)
-        if not m or m["base"] != base or _pid_alive(int(m["pid"])):
+        if m["base"] != base:
             continue
         path = os.path.join(parent, name)
         if m.group(1) == "old" and not os.path.lexists(out):
             os.replace(path, out)  # the replacement never completed: the old output is the last good one
             done.append(f"restored {out} from {name}")
         else:
-            shutil.rmtree(path, ignore_errors=True)
+            owned.rmtree_scratch(path)
             done.append(f"removed {name}")
     return done
 
@@ -180,9 +127,9 @@ def check_output_dir(out, protect=(), overwrite: bool = False, need_bytes: int =
         pr = os.path.realpath(p)
         if real == pr:
             raise UsageError(f"{flag} {out!r} is the model directory itself; choose a new directory")
-        if _inside(real, pr):
+        if owned.inside(real, pr):
             raise UsageError(f"{flag} {out!r} lies inside the model directory {p!r}; choose a directory outside it")
-        if _inside(pr, real):
+        if owned.inside(pr, real):
             raise UsageError(f"{flag} {out!r} contains the model directory {p!r} (replacing it would delete the model); "
                              "choose a new directory")
     parent = os.path.dirname(real)
@@ -196,12 +143,13 @@ def check_output_dir(out, protect=(), overwrite: bool = False, need_bytes: int =
             if not overwrite:
                 raise UsageError(f"{flag} {out!r} exists and is not empty; choose a new directory, or pass --overwrite "
                                  "to replace an earlier obslib output")
-            if not _own_report(real):
-                raise UsageError(f"{flag} {out!r} was not written by obslib (it has no obslib report); refusing to "
-                                 "replace it, even with --overwrite")
-            extra = foreign_entries(real)
+            extra = owned.not_ours(real)
+            if extra is None:
+                raise UsageError(f"{flag} {out!r} was not written by obslib (it has no {owned.FILE_LIST} list of "
+                                 "the files obslib wrote); refusing to replace it, even with --overwrite")
             if extra:
-                raise UsageError(f"{flag} {out!r} holds files obslib does not write ({', '.join(extra[:3])}); "
+                more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+                raise UsageError(f"{flag} {out!r} holds files obslib did not write ({', '.join(extra[:3])}{more}); "
                                  "refusing to replace it, even with --overwrite")
     try:  # permission bits do not bind root, and a file system may be read-only: try it (with the real name length)
         os.rmdir(tempfile.mkdtemp(prefix=f".obslib-tmp-{os.path.basename(real)}-{os.getpid()}-", dir=parent))
@@ -263,14 +211,14 @@ def _finish(out: str, tmp: str, overwrite: bool) -> None:
         raise UsageError(f"--out {out!r} was written by another process while this one worked; nothing was "
                          "replaced (this run's result is discarded)")
     if _exchange(tmp, out):
-        shutil.rmtree(tmp, ignore_errors=True)  # now holds the old contents
+        owned.rmtree_scratch(tmp)  # now holds the old contents (checked above: every file obslib's)
         return
     parent, base = os.path.dirname(out), os.path.basename(out)
     old = tempfile.mkdtemp(prefix=f".obslib-old-{base}-{os.getpid()}-", dir=parent)
     os.rmdir(old)
     os.replace(out, old)
     os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    owned.rmtree_scratch(old)
 
 
 def atomic_dir(out: str, overwrite: bool = False):
@@ -289,13 +237,13 @@ def atomic_dir(out: str, overwrite: bool = False):
 
         def __exit__(self, exc_type, exc, tb):
             if exc_type is not None:
-                shutil.rmtree(self.tmp, ignore_errors=True)
+                owned.rmtree_scratch(self.tmp)
                 return False
             out, tmp = self.out, self.tmp
             try:
                 _finish(out, tmp, overwrite)
             except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
+                owned.rmtree_scratch(tmp)
                 raise
             return False
 
@@ -337,20 +285,21 @@ def pipeline_bytes(pipe) -> int:
 
 
 def save_pipeline(pipe, out: str, manifest: dict | None = None, extra_json: dict[str, object] | None = None,
-                  protect=(), overwrite: bool = False) -> None:
+                  protect=(), overwrite: bool = False, flag: str = "out") -> None:
     """Save a pipeline with safetensors; optional structured-pruning manifest and extra JSON files.
 
     ``out`` is checked first (``check_output_dir``): the pipeline's own source directory and ``protect``
     survive, an existing non-obslib directory is never replaced, and the write is atomic."""
     source = getattr(pipe, "name_or_path", None)
     protect = [p for p in (source, *protect) if p and os.path.isdir(p)]
-    check_output_dir(out, protect, overwrite, need_bytes=pipeline_bytes(pipe))
+    check_output_dir(out, protect, overwrite, need_bytes=pipeline_bytes(pipe), flag=flag)
     with atomic_dir(out, overwrite) as tmp, quiet_loading():  # no "Writing model shards" bars
         pipe.save_pretrained(tmp, safe_serialization=True)
         if manifest is not None:
             write_json(os.path.join(tmp, MANIFEST), manifest)
         for name, obj in (extra_json or {}).items():
             write_json(os.path.join(tmp, name), obj)
+        owned.write_file_list(tmp)  # last: what --overwrite may later replace, file by file
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -366,6 +315,8 @@ def check_pipeline_dir(path) -> dict:
     if not isinstance(path, (str, os.PathLike)):
         raise UsageError(f"model directory {path!r}: expected a path")
     path = os.fspath(path)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise UsageError(f"model directory {path!r} is a file, not a directory; give a diffusers pipeline directory")
     if not os.path.isdir(path):
         raise UsageError(f"model directory {path!r} does not exist")
     f = os.path.join(path, "model_index.json")
@@ -396,6 +347,32 @@ def check_pipeline_dir(path) -> dict:
             raise UsageError(f"{os.path.join(path, k)!r} holds pickle-format weights ({pickled[0]}); obslib loads "
                              "safetensors only (convert with save_pretrained(..., safe_serialization=True))")
     return index
+
+
+def ignored_pickles(path) -> list[str]:
+    """Pickle-format weight files beside safetensors in a pipeline's component folders: obslib never loads
+    them (the command line says so)."""
+    out = []
+    for k in sorted(os.listdir(path)):
+        d = os.path.join(path, k)
+        if os.path.isdir(d) and not os.path.islink(d):
+            files = os.listdir(d)
+            if any(x.endswith(".safetensors") for x in files):
+                out += [os.path.join(k, x) for x in sorted(files) if x.endswith(PICKLE_SUFFIXES)]
+    return out
+
+
+def check_finite_weights(pipe, path) -> None:
+    """A damaged weights file (bytes changed in its data section) loads without complaint: refuse NaN or
+    infinite weights in any component, naming it, before they turn into NaN Hessians."""
+    for name, comp in pipe.components.items():
+        if not isinstance(comp, torch.nn.Module):
+            continue
+        for pname, p in comp.named_parameters():
+            if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+                bad = int((~torch.isfinite(p)).sum())
+                raise UsageError(f"{os.path.join(os.fspath(path), name)!r}: {bad} of the {p.numel()} weights of "
+                                 f"{pname} are NaN or infinite (a damaged weights file, or values too large for this dtype)")
 
 
 def check_device(device) -> str:
@@ -459,8 +436,11 @@ def load_pipeline(path: str, device: str = "cpu", dtype: torch.dtype = torch.flo
     check_pipeline_dir(path)
     check_device(device)
     if os.path.exists(os.path.join(path, MANIFEST)):
-        return load_pruned(path, device=device, dtype=dtype, progress=progress)
-    return _ready(_from_pretrained(path, progress, dtype=dtype), device)
+        pipe = load_pruned(path, device=device, dtype=dtype, progress=progress)
+    else:
+        pipe = _ready(_from_pretrained(path, progress, dtype=dtype), device)
+    check_finite_weights(pipe, path)
+    return pipe
 
 
 def _ready(pipe, device):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import inspect
 import os
-import shutil
+import re
 import tempfile
 
 import torch
@@ -33,6 +33,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from . import owned
 from .hessian import Calibration
 from .io import UsageError
 
@@ -146,7 +147,13 @@ class Propagation:
         self.ram_limit = available_ram_bytes() // 2 if ram_limit is None else ram_limit
         _remove_dead_records(spill_parent or tempfile.gettempdir())
         # ours alone (the PID lets a later run remove it if this one is killed); removed by close
-        self.spill_dir = tempfile.mkdtemp(prefix=f".obslib-record-{os.getpid()}-", dir=spill_parent)
+        try:
+            self.spill_dir = tempfile.mkdtemp(prefix=f".obslib-record-{os.getpid()}-", dir=spill_parent)
+            with open(os.path.join(self.spill_dir, RECORD_MARKER), "w", encoding="utf-8") as f:
+                f.write('{"written_by": "obslib", "kind": "propagate-record"}\n')
+        except OSError as e:
+            raise UsageError(f"cannot create the propagate record's spill directory in {spill_parent!r} "
+                             f"({e.strerror or e}); give a writable --checkpoint-dir location") from None
         self.say = say or (lambda s: tqdm.write(s) if progress else None)
         self.record: BlockRecord | None = None
         self.block_runs = 0  # block calls made by replays (the cost beyond the one sampling pass)
@@ -242,19 +249,21 @@ class Propagation:
     def close(self) -> None:
         if self.record is not None:
             self.record.drop()
-        shutil.rmtree(self.spill_dir, ignore_errors=True)
+        owned.rmtree_scratch(self.spill_dir)
+
+
+RECORD_MARKER = "obslib_record.json"
+_RECORD = re.compile(r"^\.obslib-record-(?P<pid>\d+)-\w+$")
 
 
 def _remove_dead_records(parent: str) -> None:
-    """Spill directories that a killed run left in ``parent`` (named .obslib-record-PID-*, PID no longer alive)."""
-    import re
-
-    from .io import _pid_alive
-
-    for name in os.listdir(parent) if os.path.isdir(parent) else []:
-        m = re.fullmatch(r"\.obslib-record-(\d+)-\w+", name)
-        if m and not _pid_alive(int(m[1])) and os.path.isdir(os.path.join(parent, name)):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    """Spill directories that a killed run left in ``parent`` (named .obslib-record-PID-*, PID no longer
+    alive, holding the record marker and nothing but recorded safetensors files)."""
+    for name in owned.dead_leftovers(parent, _RECORD):
+        full = os.path.join(parent, name)
+        if os.path.isfile(os.path.join(full, RECORD_MARKER)):
+            owned.remove_tree_of(full, lambda rel: rel == RECORD_MARKER or (rel.endswith(".safetensors")
+                                                                            and rel.startswith("b")))
 
 
 def _in_block(block: nn.Module, module: nn.Module) -> bool:

@@ -210,18 +210,52 @@ def plan_groups(den, spec, units, notices: list[str]):
     return attns, ffns, layers
 
 
-def _ffn_group(den, f, stats) -> Group:
+def _ffn_sizes(den, f) -> tuple[int, list[int], int]:
+    """(width, keep-count levels, parameters per neuron) of one FFN: what the allocator can choose from."""
     down = den.get_submodule(f["down"])
     h = down.in_features
     ups = [den.get_submodule(n) for n in f["ups"]]
     per_neuron = down.out_features + sum((2 if u.out_features == 2 * h else 1) * (u.in_features + (u.bias is not None))
                                          for u in ups)
+    levels = sorted({max(1, round(h * (1 - j / FFN_LEVELS))) for j in range(FFN_LEVELS)}, reverse=True)
+    return h, levels, per_neuron
+
+
+def _attn_sizes(den, a) -> list[tuple[str, int, int]]:
+    """(kind, head dim, parameters per rank) of the value-output and (without QK-norm) query-key groups."""
+    attn, blk, lin = a["attn"], a["block"], den.get_submodule
+    heads = attn.heads
+    vn = [f"{blk}.{v}" for _, _, v in a["streams"]]
+    on = [f"{blk}.{o}" for o in a["outs"]]
+    qk = [f"{blk}.{x}" for q, k, _ in a["streams"] for x in (q, k)]
+    hd_qk = lin(f"{blk}.{a['streams'][0][0]}").out_features // heads
+    hd_v = lin(vn[0]).out_features // heads
+    per_vo = heads * (sum(lin(n).in_features + (lin(n).bias is not None) for n in vn) + sum(lin(n).out_features for n in on))
+    out = [("vo", hd_v, per_vo)]
+    if a["qk"]:
+        out.append(("qk", hd_qk, heads * sum(lin(n).in_features + (lin(n).bias is not None) for n in qk)))
+    return out
+
+
+def max_removable(den, attns, ffns) -> int:
+    """The most parameters slimdiff can remove here (every group at its lowest level): known before calibration."""
+    total = 0
+    for f in ffns:
+        h, levels, per_neuron = _ffn_sizes(den, f)
+        total += (h - levels[-1]) * per_neuron
+    for a in attns:
+        total += sum((hd - 1) * per_rank for _, hd, per_rank in _attn_sizes(den, a))
+    return total
+
+
+def _ffn_group(den, f, stats) -> Group:
+    down = den.get_submodule(f["down"])
+    h, levels, per_neuron = _ffn_sizes(den, f)
     st = stats[f["down"]]
     has_bias = down.bias is not None
     Ct = second_moment(st, has_bias)
     order = ridge_leverage_order(Ct[:h, :h])
     W = _aug(down, slice(None)) if has_bias else down.weight.detach().double()
-    levels = sorted({max(1, round(h * (1 - j / FFN_LEVELS))) for j in range(FFN_LEVELS)}, reverse=True)
     errors = [nystrom_refit(W, Ct, torch.sort(order[:k]).values, has_bias)[1] if k < h else 0.0 for k in levels]
     return Group(f["name"], "ffn", levels, errors, [k * per_neuron for k in levels],
                  dict(f, order=order, Ct=Ct, W=W, has_bias=has_bias, h=h))
@@ -271,12 +305,8 @@ def _attn_groups(den, a, stats) -> list[Group]:
         return Group(f"{a['name']}:{kind}", kind, levels, errors, [r * per_rank for r in levels],
                      dict(a, pairs=pairs, hd=hd, q=qn, k=kn, v=vn, o=on))
 
-    lin = den.get_submodule
-    per_vo = heads * (sum(lin(n).in_features + (lin(n).bias is not None) for n in vn) + sum(lin(n).out_features for n in on))
-    groups.append(group("vo", vo_pairs, hd_v, per_vo))
-    if a["qk"]:
-        per_qk = heads * sum(lin(n).in_features + (lin(n).bias is not None) for n in qn + kn)
-        groups.append(group("qk", qk_pairs, hd_qk, per_qk))
+    for kind, hd, per_rank in _attn_sizes(den, a):
+        groups.append(group(kind, vo_pairs if kind == "vo" else qk_pairs, hd, per_rank))
     return groups
 
 
@@ -378,6 +408,11 @@ def slimdiff_prune(den, cfg, steps: int, component: str, undo, block_ids: list[i
                       | {f"{a['block']}.{o}" for a in attns for o in a["outs"]}
                       | {n for f in ffns for n in f["ups"] + [f["down"]]})
     target_before = sum(sum(p.numel() for p in den.get_submodule(n).parameters()) for n in targeted)
+    budget, possible = int(round(cfg.sparsity * target_before)), max_removable(den, attns, ffns)
+    if budget > possible:  # before the calibration, not after it
+        raise UsageError(f"--sparsity {cfg.sparsity}: the budget of {budget} parameters cannot be met; slimdiff can "
+                         f"remove at most {possible} of the {target_before} here ({possible / target_before:.3f}); "
+                         "lower --sparsity")
     t0 = time.perf_counter()
     calib = Calibration(den, layers, alphas)
     mb = sum(s.xtx.numel() * 4 for s in calib.stats.values()) / 2**20
@@ -394,7 +429,6 @@ def slimdiff_prune(den, cfg, steps: int, component: str, undo, block_ids: list[i
         groups.append(_ffn_group(den, f, stats))
     for a in tqdm(attns, desc="slimdiff attention spectra", disable=not cfg.progress, leave=False):
         groups += _attn_groups(den, a, stats)
-    budget = int(round(cfg.sparsity * target_before))
     allocate(groups, budget)
     layers_report = [apply_group(den, g, undo) for g in groups if g.choice > 0]
     t_solve = time.perf_counter() - t

@@ -166,7 +166,7 @@ def test_interrupted_propagate_resumes_to_identical_weights(tiny_pipe_dir, tmp_p
     with pytest.raises(KeyboardInterrupt):
         obslib.prune(pipe, PruneConfig(**cfg))
     monkeypatch.setattr(pr.Propagation, "package", real)
-    assert sorted(os.listdir(tmp_path / "ck")) == ["pkg-0000", "pkg-0001", "pkg-0002"]
+    assert sorted(os.listdir(tmp_path / "ck")) == ["obslib_checkpoint.json", "pkg-0000", "pkg-0001", "pkg-0002"]
     with pytest.raises(UsageError, match="different configuration"):
         obslib.prune(pipe, PruneConfig(**{**cfg, "calibration": "resample"}, resume=True))
     obslib.prune(pipe, PruneConfig(**cfg, resume=True))
@@ -252,12 +252,18 @@ def test_a_killed_runs_spill_directory_is_removed_by_the_next_run(tmp_path):
     left = tmp_path / f".obslib-record-{dead}-abc123"
     (left / "b0000").mkdir(parents=True)
     (left / "b0000" / "x.safetensors").write_bytes(b"0")
+    (left / "obslib_record.json").write_text("{}")
+    mine = tmp_path / f".obslib-record-{dead}-def456"  # a dead PID's name, but a user's file in it: kept
+    (mine / "b0000").mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    (mine / "obslib_record.json").write_text("{}")
     alive = tmp_path / f".obslib-record-{os.getpid()}-zzz"
     alive.mkdir()
     user = tmp_path / ".obslib-record-notes"  # not ours by name: never touched
     user.mkdir()
     _remove_dead_records(str(tmp_path))
     assert not left.exists() and alive.exists() and user.exists()
+    assert (mine / "notes.txt").read_text() == "mine"
 
 
 def subprocess_dead_pid() -> int:

@@ -44,7 +44,7 @@ def test_interrupted_prune_resumes_to_identical_weights(tiny_pipe_dir, tmp_path,
         obslib.prune(pipe, PruneConfig(**cfg))
     monkeypatch.setattr(packages.CalibrationRunner, "run", real)
     assert {k: torch.equal(v, before[k]) for k, v in _weights(pipe).items()} == {k: True for k in before}
-    assert sorted(os.listdir(ck)) == ["pkg-0000", "pkg-0001"]
+    assert sorted(os.listdir(ck)) == ["obslib_checkpoint.json", "pkg-0000", "pkg-0001"]
     with pytest.raises(UsageError, match="pass --resume"):
         obslib.prune(pipe, PruneConfig(**cfg))
     with pytest.raises(UsageError, match="different configuration"):
@@ -84,7 +84,7 @@ def test_sigkill_at_chosen_points_then_resume_gives_identical_bytes(tiny_pipe_di
         out, ck = tmp_path / f"cut{kill_at}", tmp_path / f".obslib-ckpt-cut{kill_at}"
         r = _cli(args + ["--out", out], kill_at=kill_at)
         assert r.returncode == -signal.SIGKILL and not out.exists()
-        assert sorted(os.listdir(ck)) == [f"pkg-{i:04d}" for i in range(kill_at - 1)]
+        assert sorted(os.listdir(ck)) == ["obslib_checkpoint.json"] + [f"pkg-{i:04d}" for i in range(kill_at - 1)]
         r = _cli(args + ["--out", out])
         assert r.returncode == 2 and "--resume" in r.stderr
         r = _cli(args + ["--out", out, "--resume"])

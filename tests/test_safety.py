@@ -14,6 +14,7 @@ import obslib
 from obslib.api import PruneConfig
 from obslib.io import UsageError, check_output_dir, clean_stale, write_json
 from obslib.obs import SolverError, damped_inverse, obs_prune
+from obslib.owned import write_file_list
 from obslib.shapes import prompts
 from obslib.structured import prune_neurons
 
@@ -105,7 +106,11 @@ def test_a_copied_report_does_not_make_a_user_folder_replaceable(model_copy, tmp
     (folder / "notes.txt").write_text("mine")
     write_json(str(folder / "pruning_report.json"), {"written_by": "obslib", "method": "x"})
     one_line(*cli(["prune", model_copy, "--num-prompts", "2", "--out", folder, "--overwrite"], capsys),
-             "holds files obslib does not write (notes.txt)")
+             "was not written by obslib (it has no obslib_files.json")
+    write_json(str(folder / "obslib_files.json"), {"written_by": "obslib", "files": {
+        "pruning_report.json": {"bytes": os.path.getsize(folder / "pruning_report.json"), "sha256": None}}})
+    one_line(*cli(["prune", model_copy, "--num-prompts", "2", "--out", folder, "--overwrite"], capsys),
+             "holds files obslib did not write (notes.txt)")
     trained = tmp_path / "trained"
     trained.mkdir()
     (trained / "obslib_training.json").write_text("[]")
@@ -213,6 +218,7 @@ def test_sigkill_while_saving_leaves_out_untouched_and_next_run_cleans(tiny_pipe
     out = tmp_path / "out"
     out.mkdir()
     write_json(str(out / "pruning_report.json"), {"written_by": "obslib", "marker": 1})
+    write_file_list(str(out))  # an earlier obslib output: every file on its list
     script = f"""
 import os, signal, obslib
 pipe = obslib.load_pipeline({tiny_pipe_dir!r})
@@ -239,6 +245,7 @@ def test_failed_save_and_exchange_fallback(tiny_pipe, tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     write_json(str(out / "pruning_report.json"), {"written_by": "obslib", "marker": 1})
+    write_file_list(str(out))  # an earlier obslib output: every file on its list
 
     def broken(self, d, **kw):
         open(os.path.join(d, "half.safetensors"), "wb").write(b"x")
