@@ -257,6 +257,13 @@ def prune(pipe, config: PruneConfig) -> dict:
     cfg.validate()
     if cfg.prompts is None:
         raise UsageError("no calibration prompts given (PruneConfig.prompts: a list of strings)")
+    if cfg.checkpoint_dir is not None:  # a path that could lose a user's files is refused before any work
+        from .checkpoint import CheckpointDir, kind_for
+
+        kind = kind_for(METHODS[cfg.method])
+        if kind is not None:
+            source = getattr(pipe, "name_or_path", None)
+            CheckpointDir(cfg.checkpoint_dir, kind, "checkpoint_dir").check(protect=[source] if source else [])
     defaults = sampling_defaults(pipe)
     steps = cfg.steps or defaults["num_inference_steps"]
     guidance = cfg.guidance if cfg.guidance is not None else defaults["guidance_scale"]

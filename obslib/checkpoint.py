@@ -343,8 +343,9 @@ def _check_layers(den, tensors: dict, layers: list[str], tf: str) -> None:
                              f"layer is {m.weight.dtype} {cur} (a different model or --dtype?); {DELETE_HINT}")
         b = tensors.get(f"{name}.bias")
         if b is not None and (b.dim() != 1 or b.shape[0] != w.shape[0] or b.dtype != m.bias.dtype):
-            raise UsageError(f"checkpoint file {tf!r}: {name}.bias {tuple(b.shape)} does not fit its weight; "
-                             f"{DELETE_HINT}")
+            raise UsageError(f"checkpoint file {tf!r}: {name}.bias is {b.dtype} {tuple(b.shape)}, its weight has "
+                             f"{w.shape[0]} rows and the model's bias is {m.bias.dtype} (a different model or "
+                             f"--dtype?); {DELETE_HINT}")
 
 
 def _apply(den, tensors: dict, heads: dict, undo) -> None:

@@ -124,7 +124,10 @@ def not_ours(root: str) -> list[str] | None:
             bad.append(f"{rel} (changed)")
     needed = {os.path.dirname(k) for k in listed}
     needed |= {p for k in needed for p in _parents(k)}
-    bad += [d for d in dirs if d.replace(os.sep, "/") not in needed]
+    extra_dirs = [d for d in dirs if d.replace(os.sep, "/") not in needed]
+    shown = [b.split(" (")[0] for b in bad]  # a foreign folder is named only when nothing in it is already named
+    bad += [d for d in extra_dirs if not any(inside(os.path.join("/", x), os.path.join("/", d)) for x in shown)
+            and not any(inside(os.path.join("/", e), os.path.join("/", d)) for e in extra_dirs)]
     return sorted(bad)
 
 

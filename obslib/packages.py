@@ -92,7 +92,8 @@ class CalibrationRunner:
         msl = self.call_kwargs.pop("max_sequence_length", 256)
         if enc is not None:
             with torch.no_grad(), quiet_diffusers():
-                self.inputs = [enc(pipe, b, guidance, msl) for b in self.batches]
+                self.inputs = [enc(pipe, b, guidance, msl) for b in tqdm(
+                    self.batches, desc=f"encode {len(prompts)} prompts", leave=False, disable=not progress)]
         else:
             self.inputs = [{"prompt": b} for b in self.batches]
             if "max_sequence_length" in _call_params(pipe):
