@@ -371,6 +371,7 @@ def _slim_output(tiny_pipe_dir, tmp_path):
     (["--method", "slimdiff", "--pattern", "structured", "--iterations", "0"], "iterations 0 must be"),
     (["--method", "slimdiff", "--pattern", "structured", "--sparsity", "0.99"], "cannot be met"),
     (["--checkpoint-dir", "FILE"], "is an existing file"),
+    (["DEFAULT-CK-FILE"], "/.obslib-ckpt-out' is an existing file"),
     (["--checkpoint-dir", "/proc/obslib-x/ck"], "its parent directory '/proc/obslib-x' does not exist"),
     (["SLIM", "--pattern", "structured", "--sparsity", "0.3"], "whole heads cannot be removed from it"),
     (["--method", "gradient-flow", "--pattern", "structured", "--train-data", "LATIN1"], "not UTF-8 text (byte 0xe9"),
@@ -387,6 +388,9 @@ def test_bad_flags_are_one_line_before_the_work(tiny_pipe_dir, tmp_path, capsys,
         d.mkdir()
         (d / "metadata.jsonl").write_bytes('{"file_name": "a.png", "text": "caf\xe9"}\n'.encode("latin-1"))
         args[args.index("LATIN1")] = str(d)
+    if "DEFAULT-CK-FILE" in args:  # the default checkpoint path beside --out is taken by a file
+        args.remove("DEFAULT-CK-FILE")
+        (tmp_path / ".obslib-ckpt-out").write_text("mine")
     if "SLIM" in args:
         args.remove("SLIM")
         model = str(_slim_output(tiny_pipe_dir, tmp_path))
@@ -403,7 +407,7 @@ def test_bad_flags_are_one_line_before_the_work(tiny_pipe_dir, tmp_path, capsys,
     rc, err = cli(["prune", model, *FAST, *args, "--out", tmp_path / "out"], capsys)
     one_line(rc, err, needle)
     assert tree(tmp_path) == before[tmp_path]
-    assert not [n for n in os.listdir(tmp_path) if n.startswith(".obslib")]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".obslib") and n not in before[tmp_path]]
 
 
 def test_ignored_flags_get_notes_and_the_run_succeeds(tiny_pipe_dir, tmp_path, capsys):
@@ -432,3 +436,13 @@ def test_prompt_encoding_shows_progress(tiny_pipe, capsys):
 
     CalibrationRunner(tiny_pipe, prompts("train", 6), 2, 4.0, 0, 2, {}, progress=True)
     assert "encode 6 prompts" in capsys.readouterr().err
+
+
+def test_a_spill_directory_that_cannot_be_created_is_one_line(tiny_pipe):
+    from obslib.archs import iter_blocks, spec_for
+    from obslib.propagate import Propagation
+
+    den = tiny_pipe.transformer
+    spec = spec_for(den)
+    with pytest.raises(UsageError, match="cannot create the propagate record's spill directory in '/proc'"):
+        Propagation([b for _, b in iter_blocks(den, spec)], spec.chain, None, [1.0], 1, 0, "/proc")
