@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
-import math
 import os
 import re
 import shutil
@@ -19,6 +18,7 @@ import tempfile
 import torch
 
 from . import owned
+from .owned import write_json  # noqa: F401  (obslib.io.write_json, as before)
 
 MANIFEST = "obslib_manifest.json"
 
@@ -248,31 +248,6 @@ def atomic_dir(out: str, overwrite: bool = False):
             return False
 
     return _Atomic()
-
-
-def _finite(obj):
-    """JSON-safe copy: non-finite floats become null (strict JSON has no NaN or Infinity)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def write_json(path: str, obj) -> None:
-    """Write strict JSON atomically (non-finite floats as null)."""
-    text = json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n"
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
 
 
 def pipeline_bytes(pipe) -> int:

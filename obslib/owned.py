@@ -13,8 +13,10 @@ refused the same way when it is, contains or lies inside a directory that must s
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -81,8 +83,6 @@ def describe(root: str) -> dict:
 
 def write_file_list(root: str) -> None:
     """Record every file under ``root`` (call it last, when the directory is complete)."""
-    from .io import write_json
-
     write_json(os.path.join(root, FILE_LIST), {"written_by": WRITTEN_BY, "files": describe(root)})
 
 
@@ -136,6 +136,31 @@ def _parents(rel: str):
         rel = os.path.dirname(rel)
         if rel:
             yield rel
+
+
+def _finite(obj):
+    """JSON-safe copy: non-finite floats become null (strict JSON has no NaN or Infinity)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write_json(path: str, obj) -> None:
+    """Write strict JSON atomically (non-finite floats as null)."""
+    text = json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n"
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def pid_alive(pid: int) -> bool:
