@@ -44,7 +44,7 @@ print(S["mode"], "->", S["results"])
 # %%
 pipe = obslib.load_pipeline(model_dir or S["model_dir"])
 defaults = obslib.sampling_defaults(pipe)
-calib = obslib.api.read_prompt_file(calib_prompts_file) if calib_prompts_file else prompts("train", S["num_calib"])
+calib = obslib.sampling.read_prompt_file(calib_prompts_file) if calib_prompts_file else prompts("train", S["num_calib"])
 T = defaults["num_inference_steps"]
 print(defaults, len(calib), "calibration prompts")
 
@@ -69,7 +69,7 @@ plots.save(fig, f"{S['figures']}/00_weighting_curves.png")
 # step. The input energy changes along the trajectory, which is why the weighting matters at all.
 
 # %%
-stats = obslib.api.collect_stats(pipe, [layer], calib, weighting="log-decrease")[layer]
+stats = obslib.sampling.collect_stats(pipe, [layer], calib, weighting="log-decrease")[layer]
 energy = pd.DataFrame([(t, e / n) for t, (e, n) in sorted(stats.step_energy.items())], columns=["step", "mean ‖x‖²"])
 ax = energy.plot(x="step", y="mean ‖x‖²", marker="o", figsize=(6, 3), legend=False)
 ax.set_ylabel("mean squared input norm")

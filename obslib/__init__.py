@@ -3,8 +3,10 @@
     pipe = obslib.load_pipeline("models/shapes-sd3")
     report = obslib.prune(pipe, obslib.PruneConfig(pattern="2:4", sparsity=0.5, prompts=[...]))
 """
-from .api import PruneConfig, prune, sampling_defaults, save_pruned  # noqa: F401
-from .io import load_pipeline, load_pruned  # noqa: F401
+from .config import PruneConfig  # noqa: F401
+from .io import load_pipeline, load_pruned, save_pruned  # noqa: F401
+from .prune import prune  # noqa: F401
+from .sampling import sampling_defaults  # noqa: F401
 from .weighting import SCHEMES, timestep_weights  # noqa: F401
 
 __version__ = "0.1.0"

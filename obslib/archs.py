@@ -129,7 +129,7 @@ ARCHS: dict[str, ArchSpec] = {
 def spec_for(denoiser: nn.Module) -> ArchSpec:
     cls = type(denoiser).__name__
     if cls not in ARCHS:
-        from .io import UsageError
+        from .errors import UsageError
 
         raise UsageError(f"denoiser class {cls!r} has no layer map; supported: {', '.join(sorted(ARCHS))}")
     return ARCHS[cls]
@@ -140,7 +140,7 @@ def find_denoiser(pipe) -> tuple[str, nn.Module]:
         m = getattr(pipe, name, None)
         if m is not None and type(m).__name__ in ARCHS:
             return name, m
-    from .io import UsageError
+    from .errors import UsageError
 
     raise UsageError(f"pipeline {type(pipe).__name__} has no supported denoiser; supported: {', '.join(sorted(ARCHS))}")
 

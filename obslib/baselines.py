@@ -9,13 +9,13 @@
   compensation.
 - flap (structured): fluctuation score Var(X_j) ||W_:,j||^2 with bias compensation W_:,pruned E[X_pruned].
 
-``sparsegpt`` (OBS-Diff's solver with uniform timestep weights) is registered in ``obslib.methods``.
+The method table (``obslib.methods``) names these functions; ``sparsegpt`` is OBS-Diff's solver with uniform
+timestep weights.
 """
 from __future__ import annotations
 
 import torch
 
-from .methods import Method, register
 from .structured import rrf_fuse
 
 
@@ -53,7 +53,7 @@ def _apply(W, mask):
     return W, mask
 
 
-def _magnitude(W, stats, sparsity, n, m, cfg):
+def magnitude_prune(W, stats, sparsity, n, m, cfg):
     score = W.detach().double().abs()
     return _apply(W, nm_mask(score, n, m) if n else global_mask(score, sparsity))
 
@@ -63,7 +63,7 @@ def wanda_score(W, stats) -> torch.Tensor:
     return W.detach().double().abs() * stats.H.double().diagonal().clamp_min(0).sqrt().unsqueeze(0)
 
 
-def _wanda(W, stats, sparsity, n, m, cfg):
+def wanda_prune(W, stats, sparsity, n, m, cfg):
     score = wanda_score(W, stats)
     return _apply(W, nm_mask(score, n, m) if n else row_mask(score, sparsity))
 
@@ -107,8 +107,8 @@ def dsnot_refine(W, stats, mask, m: int = 0, cycles: int = 50):
     return mask, history
 
 
-def _dsnot(W, stats, sparsity, n, m, cfg):
-    _, mask = _wanda(W, stats, sparsity, n, m, cfg)
+def dsnot_prune(W, stats, sparsity, n, m, cfg):
+    _, mask = wanda_prune(W, stats, sparsity, n, m, cfg)
     mask, _ = dsnot_refine(W, stats, mask, m if n else 0, cycles=cfg.extra.get("dsnot_cycles", 50) if cfg else 50)
     return _apply(W, mask)
 
@@ -133,13 +133,13 @@ def _head_cols(heads, head_dim):
     return [c for h in heads for c in range(h * head_dim, (h + 1) * head_dim)]
 
 
-def _l1_heads(Ws, stats, head_dim, n_remove, cfg):
+def l1_heads(Ws, stats, head_dim, n_remove, cfg):
     scores = [W.double().abs().sum(0).reshape(-1, head_dim).sum(1) for W in Ws]
     removed = _pick_heads(scores, n_remove)
     return _zero_cols(Ws, _head_cols(removed, head_dim)), removed, None
 
 
-def _l1_neurons(W, stats, n_remove, cfg):
+def l1_neurons(W, stats, n_remove, cfg):
     removed = sorted(torch.topk(W.double().abs().sum(0), n_remove, largest=False).indices.tolist())
     return _zero_cols([W], removed)[0], removed, None
 
@@ -152,23 +152,13 @@ def _flap_bias(W, st, cols):
     return W.double()[:, cols] @ st.mean.double()[cols]
 
 
-def _flap_heads(Ws, stats, head_dim, n_remove, cfg):
+def flap_heads(Ws, stats, head_dim, n_remove, cfg):
     scores = [_flap_score(W, st).reshape(-1, head_dim).sum(1) for W, st in zip(Ws, stats)]
     removed = _pick_heads(scores, n_remove)
     cols = _head_cols(removed, head_dim)
     return _zero_cols(Ws, cols), removed, [_flap_bias(W, st, cols) for W, st in zip(Ws, stats)]
 
 
-def _flap_neurons(W, st, n_remove, cfg):
+def flap_neurons(W, st, n_remove, cfg):
     removed = sorted(torch.topk(_flap_score(W, st), n_remove, largest=False).indices.tolist())
     return _zero_cols([W], removed)[0], removed, _flap_bias(W, st, removed)
-
-
-register(Method("magnitude", needs_calibration=False, unstructured=_magnitude,
-                description="|W| per layer; no calibration, no compensation"))
-register(Method("wanda", unstructured=_wanda, description="|W|*||X|| per output row; no compensation"))
-register(Method("dsnot", unstructured=_dsnot, description="Wanda mask refined by training-free swaps"))
-register(Method("l1-norm", needs_calibration=False, heads=_l1_heads, neurons=_l1_neurons,
-                description="structured: L1 norm of output-projection columns; no compensation"))
-register(Method("flap", heads=_flap_heads, neurons=_flap_neurons,
-                description="structured: fluctuation score with bias compensation"))

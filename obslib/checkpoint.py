@@ -23,20 +23,19 @@ import math
 import os
 import re
 import tempfile
+from dataclasses import fields
 
 import torch
 
 from . import owned
-from .io import UsageError, write_json
+from .errors import UsageError
+from .owned import write_json
 
 MARKER = "obslib_checkpoint.json"
 KINDS = {  # kind -> (entry prefix, digits, the files of one entry)
     "packages": ("pkg-", 4, ("weights.safetensors", "meta.json")),
     "gradient-flow": ("it-", 7, ("state.safetensors", "meta.json")),
 }
-_KEYS = ("method", "pattern", "sparsity", "weighting", "alpha_min", "alpha_max", "packages", "calibration", "steps", "guidance",
-         "seed", "batch_size", "blocksize", "percdamp", "solver_dtype", "block_range", "block_sparsity",
-         "exclude_first_last", "head_saliency", "neuron_batch")
 DELETE_HINT = "delete that directory, or run without --resume"
 
 
@@ -219,7 +218,7 @@ def fingerprint(cfg, units, steps: int) -> dict:
 
 def config_fingerprint(cfg) -> dict:
     """The part of the fingerprint known before the model is loaded."""
-    d = {k: getattr(cfg, k) for k in _KEYS}
+    d = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.metadata.get("fingerprint")}
     d["prompts_sha256"] = hashlib.sha256("\n".join(cfg.prompts or []).encode()).hexdigest()
     return json.loads(json.dumps(d))
 
@@ -349,7 +348,7 @@ def _check_layers(den, tensors: dict, layers: list[str], tf: str) -> None:
 
 
 def _apply(den, tensors: dict, heads: dict, undo) -> None:
-    from .structured import _linear_like, _set, set_heads
+    from .surgery import linear_like, replace_module, set_heads
 
     for name in sorted({k.rsplit(".", 1)[0] for k in tensors}):
         w, b = tensors[f"{name}.weight"], tensors.get(f"{name}.bias")
@@ -362,7 +361,7 @@ def _apply(den, tensors: dict, heads: dict, undo) -> None:
                     m.bias.copy_(b.to(m.bias.device))
             else:  # a structurally pruned layer: a smaller module takes its place
                 undo.module(name)
-                _set(den, name, _linear_like(m, w.to(m.weight.device), None if b is None else b.to(m.weight.device)))
+                replace_module(den, name, linear_like(m, w.to(m.weight.device), None if b is None else b.to(m.weight.device)))
     for name, h in heads.items():
         attn = den.get_submodule(name)
         undo.attrs(attn, ("heads", "inner_dim", "inner_kv_dim"))

@@ -1,14 +1,29 @@
-"""Command line: ``obslib evaluate``, ``obslib prune``, ``obslib train-default-model``.
+"""Command line: ``obslib prune`` (its flags, up-front checks and closing line), ``obslib evaluate``,
+``obslib train-default-model``.
 
 Bad input is reported as one line on stderr with exit code 2; nothing is written in that case.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import shlex
 import sys
+import time
 
-from .io import UsageError
+import torch
+
+from .archs import find_denoiser
+from .checkpoint import CheckpointDir, PackageCheckpoint, config_fingerprint, kind_for
+from .config import CALIBRATIONS, PATTERNS, PruneConfig
+from .errors import SolverError, UsageError
+from .io import (check_device, check_output_dir, check_pipeline_dir, ignored_pickles, load_pipeline, save_pruned,
+                 tree_bytes)
+from .methods import METHODS
+from .prune import prune
+from .sampling import default_calibration_prompts, read_prompt_file
+from .weighting import SCHEMES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,21 +46,227 @@ def build_parser() -> argparse.ArgumentParser:
     from . import evaluate as _evaluate
 
     _evaluate.add_cli(sub)
-    try:
-        from . import api as _api
-
-        _api.add_cli(sub)
-    except ImportError:  # pragma: no cover - during bootstrap only
-        pass
+    add_prune_cli(sub)
     t = sub.add_parser("train-default-model", help="train the embedded shapes-sd3 model (resumable)")
     t.set_defaults(func=lambda a: __import__("obslib.shapes.train", fromlist=["main"]).main(a.rest))
     t.add_argument("rest", nargs=argparse.REMAINDER)
     return p
 
 
-def main(argv=None) -> int:
-    from .obs import SolverError
+PRUNE_EPILOG = """examples:
+  obslib prune models/shapes-sd3 --sparsity 0.5 --num-prompts 16 --out out/obs50
+  obslib prune models/shapes-sd3 --pattern 2:4 --sparsity 0.5 --method wanda --out out/wanda24
+  obslib prune models/shapes-sd3 --method slimdiff --pattern structured --sparsity 0.2 --out out/slim20
+  obslib prune /models/sd3.5-large --prompts calib.txt --steps 25 --guidance 7 --device cuda --dtype bfloat16 \\
+      --out /models/sd35-obs50
+  obslib prune models/shapes-sd3 --packages 24 --calibration propagate --out out/obs50-prop
+  torchrun --standalone --nproc-per-node 4 -m obslib prune /models/sd3-medium --prompts calib.txt --device cuda \\
+      --out /models/sd3m-obs50        (calibration sharded over 4 GPUs, nccl; gloo on CPU)
+an interrupted run continues with the same command plus --resume."""
 
+
+def add_prune_cli(sub) -> None:
+    d = PruneConfig()  # the defaults the help states are the library's
+    p = sub.add_parser("prune", help="prune a diffusers pipeline directory", epilog=PRUNE_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Prune the denoiser of a local diffusers pipeline and write a complete pipeline "
+                                   "directory with pruning_report.json. Bad input is one line on stderr, exit code 2.")
+    m = p.add_argument_group("model")
+    m.add_argument("model_dir", help="a local diffusers pipeline directory (safetensors weights)")
+    m.add_argument("--device", default="cpu", help="where the pipeline runs: cpu, cuda, cuda:N (default: cpu)")
+    m.add_argument("--dtype", default="float32",
+                   help="weights' dtype: float32, float16 or bfloat16; Hessians stay float32 (default: float32)")
+    m.add_argument("--block-range", type=int, nargs=2, metavar=("START", "END"),
+                   help="prune blocks START..END-1 only (default: every block)")
+    g = p.add_argument_group("method")
+    g.add_argument("--method", default=d.method, help=f"one of: {', '.join(METHODS)} (default: {d.method})")
+    g.add_argument("--pattern", default=d.pattern,
+                   help=f"one of: {', '.join(PATTERNS)}; slimdiff and gradient-flow need structured (default: {d.pattern})")
+    g.add_argument("--sparsity", type=float, default=d.sparsity,
+                   help="share removed from the targeted layers, in [0, 1); N:M needs N/M; structured: share of heads "
+                        f"and FFN neurons per block (slimdiff: of their parameters) (default: {d.sparsity})")
+    g.add_argument("--head-saliency", default=d.head_saliency,
+                   help=f"structured OBS head cost: exact or diag (default: {d.head_saliency})")
+    g.add_argument("--solver-dtype", default=d.solver_dtype, choices=("float32", "float64"),
+                   help=f"OBS solver precision; float64 is used per layer where float32 fails (default: {d.solver_dtype})")
+    c = p.add_argument_group("calibration")
+    x = c.add_mutually_exclusive_group()
+    x.add_argument("--num-prompts", type=int,
+                   help=f"the first N of the embedded model's training prompts (default: {DEFAULT_NUM_PROMPTS}; other "
+                        "models need --prompts)")
+    x.add_argument("--prompts", metavar="FILE", help="calibration prompts, one per line (UTF-8)")
+    c.add_argument("--steps", type=int, help="sampling steps per calibration run (default: the model's own, else 25)")
+    c.add_argument("--guidance", type=float, help="CFG scale of calibration runs (default: the model's own, else 7.0)")
+    c.add_argument("--weighting", default=d.weighting,
+                   help=f"timestep weights, one of: {', '.join(SCHEMES)} (default: {d.weighting})")
+    c.add_argument("--packages", type=int, default=None,
+                   help=f"K module packages, each calibrated through the already-pruned model (default: {d.packages})")
+    c.add_argument("--calibration", default=None, choices=CALIBRATIONS,
+                   help="resample: full sampling through the partly pruned model for every package (the paper's); "
+                        "propagate: dense sampling once, then each package replays the recorded inputs through its "
+                        f"own blocks only, so the cost barely grows with --packages (default: {d.calibration})")
+    c.add_argument("--record-ram-mb", type=float, default=None, metavar="MIB",
+                   help="propagate: RAM the recorded block inputs may take before they go to disk beside --out "
+                        "(default: half of the free memory)")
+    c.add_argument("--seed", type=int, default=d.seed, help=f"calibration seed (default: {d.seed})")
+    c.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"prompts per calibration (or training) batch (default: {d.batch_size})")
+    c.add_argument("--report-error", action="store_true",
+                   help="calibration-free methods (magnitude, l1-norm) calibrate anyway to report each layer's error")
+    t = p.add_argument_group("training (gradient-flow)")
+    t.add_argument("--iterations", type=int, default=None, help=f"training iterations (default: {d.iterations})")
+    t.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default: {d.lr:g})")
+    t.add_argument("--train-data", metavar="DIR", default=None,
+                   help="images + metadata.jsonl (file_name, text) (default: the embedded model's shapes world)")
+    t.add_argument("--gradient-criterion", choices=("raise", "lower"), default=d.gradient_criterion,
+                   help="prune the groups whose removal raises (the paper's rule) or lowers the gradient norm "
+                        f"(default: {d.gradient_criterion})")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", required=True, metavar="DIR",
+                   help="the new pipeline directory (never the model's, never inside or above it)")
+    o.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it holds an earlier obslib output (never anything else)")
+    o.add_argument("--checkpoint-dir", metavar="DIR", default=None,
+                   help="checkpoints after each package / 25 training iterations (default: .obslib-ckpt-OUT beside "
+                        "--out; removed after success)")
+    o.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    o.add_argument("--quiet", action="store_true", help="no progress bars, notes or closing line")
+    o.add_argument("--verbose", action="store_true", help="show the libraries' own loading bars and warnings")
+    p.set_defaults(func=_cli_prune)
+
+
+DEFAULT_NUM_PROMPTS = 100  # the embedded model's calibration set without --num-prompts
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _cli_prune(a) -> None:
+    """``obslib prune``: every flag and path is checked before the model is loaded, then prune and save.
+    Notes for flags the method ignores come only once the command is known to be valid."""
+    from . import distributed
+
+    d = PruneConfig()  # the library's defaults for the flags left out
+    if a.dtype not in DTYPES:
+        raise UsageError(f"--dtype {a.dtype!r} is unknown; allowed: {', '.join(DTYPES)}")
+    if a.num_prompts is not None and a.num_prompts < 1:
+        raise UsageError(f"--num-prompts {a.num_prompts} must be >= 1")
+    real = os.path.realpath(a.out) if isinstance(a.out, str) and a.out.strip() else None
+    ckdir = a.checkpoint_dir or (real and os.path.join(os.path.dirname(real), f".obslib-ckpt-{os.path.basename(real)}"))
+    extra_cfg = {}
+    if a.iterations is not None:
+        extra_cfg["iterations"] = a.iterations
+    if a.lr is not None:
+        extra_cfg["lr"] = a.lr
+    cfg = PruneConfig(method=a.method, pattern=a.pattern, sparsity=a.sparsity, weighting=a.weighting,
+                      train_data=a.train_data, checkpoint_dir=ckdir, resume=a.resume, **extra_cfg,
+                      gradient_criterion=a.gradient_criterion,
+                      packages=d.packages if a.packages is None else a.packages, steps=a.steps, guidance=a.guidance, seed=a.seed, batch_size=a.batch_size,
+                      block_range=tuple(a.block_range) if a.block_range else None, head_saliency=a.head_saliency,
+                      solver_dtype=a.solver_dtype, calibration=a.calibration or d.calibration,
+                      record_ram_mb=a.record_ram_mb, progress=not a.quiet, restore_on_failure=False,
+                      measure_error=a.report_error).validate()  # every flag, before any path is looked at
+    meth = METHODS[a.method]
+    check_pipeline_dir(a.model_dir)
+    check_device(a.device)
+    # everything about --out and the checkpoints is settled before the (long) work starts
+    check_output_dir(a.out, [a.model_dir], a.overwrite, need_bytes=tree_bytes(a.model_dir))
+    training = meth.needs_training
+    if training:
+        if a.train_data is not None:
+            from .gradflow import ImageFolder
+
+            ImageFolder(a.train_data, 1, 1, 0)  # a folder that cannot be read is refused now, not after loading
+    else:
+        cfg = cfg.with_prompts(read_prompt_file(a.prompts) if a.prompts is not None
+                               else default_calibration_prompts(a.model_dir, a.num_prompts or DEFAULT_NUM_PROMPTS))
+    kind = kind_for(meth)
+    command = "obslib " + shlex.join(getattr(a, "argv", None) or sys.argv[1:])
+    resume_cmd = command if a.resume else f"{command} --resume"
+    ck = None
+    if kind is not None:
+        ck = CheckpointDir(ckdir, kind)
+        ck.check(protect=[a.model_dir], out=a.out)
+        if kind == "packages":
+            PackageCheckpoint(ckdir, config_fingerprint(cfg)).check_config(a.resume, command)
+        elif ck.entries() and not a.resume:
+            raise UsageError(f"{ckdir!r} holds the checkpoint of an interrupted run; continue it: {resume_cmd}; "
+                             "or delete that directory to start over")
+    if not a.quiet:  # the command is valid: now say what it ignores
+        notes = []
+        for flag, field_ in (("--packages", "packages"), ("--calibration", "calibration")):
+            if getattr(a, field_) is not None and field_ in meth.ignores:
+                notes.append(f"{flag} is ignored by {a.method} (one calibration pass, one global allocation)")
+        given = [f for f, v in (("--iterations", a.iterations), ("--lr", a.lr), ("--train-data", a.train_data))
+                 if v is not None]
+        if given and not training:
+            notes.append(f"{', '.join(given)} only apply to methods that train (gradient-flow); ignored")
+        calibrates = meth.needs_calibration or (a.report_error and meth.driver is None)
+        if a.calibration == "propagate" and not calibrates and "calibration" not in meth.ignores:
+            notes.append(f"--calibration propagate is ignored: {a.method} needs no calibration (add --report-error "
+                         "to calibrate for the layer errors)")
+        if a.record_ram_mb is not None and (cfg.calibration != "propagate" or not calibrates
+                                            or "calibration" in meth.ignores):
+            notes.append("--record-ram-mb only applies to --calibration propagate; ignored")
+        if kind is None and (a.checkpoint_dir is not None or a.resume):
+            notes.append(f"{a.method} runs in one step and writes no checkpoints; --checkpoint-dir / --resume ignored")
+        notes += [f"{f} is a pickle file; obslib loads the safetensors beside it and never opens it"
+                  for f in ignored_pickles(a.model_dir)[:3]]
+        for n in notes:
+            print(f"obslib: note: {n}", file=sys.stderr)
+
+    distributed.init_from_env(a.device)  # under torchrun: one process group, rank 0 writes (obslib/distributed.py)
+    rank0 = not distributed.active() or distributed.dist.get_rank() == 0
+    cfg.progress = cfg.progress and rank0
+    t0 = time.perf_counter()
+    pipe = load_pipeline(a.model_dir, device=distributed.rank_device(a.device), dtype=DTYPES[a.dtype],
+                         progress=a.verbose and rank0)
+    t_load = time.perf_counter() - t0
+    saved_before = len(ck.entries()) if ck is not None else 0
+    try:
+        report = prune(pipe, cfg)
+    except BaseException as e:
+        if ck is None or not rank0:
+            raise
+        n = len(ck.entries())
+        if n == 0:
+            ck.remove_if_empty()
+            raise
+        where = f"{n} finished step(s) are checkpointed in {ck.path}; continue with: {resume_cmd}"
+        if isinstance(e, (UsageError, SolverError)) and n > saved_before:
+            raise type(e)(f"{e} ({where})") from None
+        if isinstance(e, KeyboardInterrupt):
+            print(f"obslib: interrupted; {where}", file=sys.stderr)
+        elif not isinstance(e, (UsageError, SolverError)):
+            print(f"obslib: {where}", file=sys.stderr)
+        raise
+    if not rank0:
+        return
+    t = time.perf_counter()
+    save_pruned(pipe, report, a.out, a.model_dir, overwrite=a.overwrite, flag="--out")
+    t_save = time.perf_counter() - t
+    if ck is not None:
+        ck.remove()  # the run is complete: its checkpoints (obslib's files only) are no longer needed
+    if not a.quiet:
+        print(closing_line(a.out, report, pipe, t_load, t_save, time.perf_counter() - t0))
+
+
+def closing_line(out: str, report: dict, pipe, t_load: float, t_save: float, wall: float) -> str:
+    """What was written, in words: sparsity of the targeted layers and of the whole denoiser, zeros versus
+    removed parameters, and the wall time with loading and saving."""
+    _, den = find_denoiser(pipe)
+    total = sum(p.numel() for p in den.parameters())
+    zeros = sum(int((p == 0).sum()) for p in den.parameters())
+    before, after = report["params_before"], report["params_after"]
+    if after < before:
+        what = (f"removed {before - after:,} of the denoiser's {before:,} parameters ({1 - after / before:.1%}; "
+                f"{report['sparsity_actual']:.1%} of the targeted layers)")
+    else:
+        what = (f"{report['sparsity_actual']:.1%} of the targeted layers' weights are zero = {zeros / total:.1%} of "
+                f"the denoiser's {total:,} parameters (zeros: the parameter count is unchanged)")
+    return (f"wrote {out}: {what}; {wall:.1f} s wall (load {t_load:.1f} s, prune {report['timings']['total_s']:.1f} s, "
+            f"save {t_save:.1f} s)")
+
+
+def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(x) for x in argv]
     try:
         args = build_parser().parse_args(argv)

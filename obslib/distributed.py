@@ -25,7 +25,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from .io import UsageError
+from .errors import UsageError
 
 
 def active() -> bool:

@@ -19,12 +19,13 @@ import os
 
 import numpy as np
 
-from .io import UsageError, check_pipeline_dir, quiet_diffusers, write_json
+from .errors import UsageError
+from .io import check_pipeline_dir, quiet_diffusers, write_json
+from .shapes.classifier import fidelity  # noqa: F401  (obslib.evaluate.fidelity, as before)
 from .shapes.model import DEFAULT_SAMPLING
-from .shapes.world import BACKGROUNDS, LABEL_HEADS, SPLITS, Obj, parse_caption, prompts, render
+from .shapes.world import SPLITS, parse_caption, prompts, render
 
 REAL_SEED_OFFSET = 1_000_003  # renders used as the "real" set are seeded seed + offset + i
-_ATTRS = ("shape", "colour", "size")
 
 
 # ----------------------------------------------------------------------------------------- generate
@@ -58,55 +59,6 @@ def render_prompts(prompts, seed: int) -> np.ndarray:
     return np.stack([render(parse_caption(p), seed=int(seed) + i) for i, p in enumerate(prompts)])
 
 
-# ----------------------------------------------------------------------------------------- fidelity
-def _obj_code(obj: Obj) -> tuple[int, int, int]:
-    from .shapes.classifier import ATTRS
-
-    return tuple(list(ATTRS[a]).index(getattr(obj, a)) for a in _ATTRS)
-
-
-def fidelity(images: np.ndarray, prompts, classifier) -> dict[str, float]:
-    """GenEval-style prompt fidelity of ``images`` (uint8 N,H,W,3) for ``prompts``.
-
-    An image is correct when every attribute of ``parse_caption(p).labels()`` is found: count,
-    background, slot A's (and B's) shape/colour/size and, for two objects, the relation. The classifier
-    reads objects by position (left/right and top/bottom object), so for "A <rel> B" in canonical form
-    (slot A = left or top) slot A is compared with the left (horizontal) or top (vertical) object and
-    slot B with the other one. ``acc_arrangement`` counts the relation as held when the two objects
-    found on the prompt's axis agree with (A, B) in more attributes than with (B, A) — i.e. they are
-    not in swapped order. A single object is read from the ``left_*`` heads.
-    """
-    prompts = list(prompts)
-    if len(images) != len(prompts):
-        raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
-    pred = classifier.predict(images)
-    hits: dict[str, list[bool]] = {k: [] for k in LABEL_HEADS}
-    correct = []
-    for i, p in enumerate(prompts):
-        scene = parse_caption(p)
-        arrangement, a, b = scene.canonical()
-        ok = {"count": int(pred["count"][i]) == len(scene.objects) - 1,
-              "background": int(pred["background"][i]) == list(BACKGROUNDS).index(scene.background)}
-        first, second = ("left", "right") if arrangement in (None, "horizontal") else ("top", "bottom")
-        got_a = tuple(int(pred[f"{first}_{k}"][i]) for k in _ATTRS)
-        want_a = _obj_code(a)
-        for k, g, w in zip(_ATTRS, got_a, want_a):
-            ok[f"a_{k}"] = g == w
-        if b is not None:
-            got_b = tuple(int(pred[f"{second}_{k}"][i]) for k in _ATTRS)
-            want_b = _obj_code(b)
-            for k, g, w in zip(_ATTRS, got_b, want_b):
-                ok[f"b_{k}"] = g == w
-            agree = sum(map(int.__eq__, got_a, want_a)) + sum(map(int.__eq__, got_b, want_b))
-            swapped = sum(map(int.__eq__, got_a, want_b)) + sum(map(int.__eq__, got_b, want_a))
-            ok["arrangement"] = agree > swapped
-        for k, v in ok.items():
-            hits[k].append(bool(v))
-        correct.append(all(ok.values()))
-    out = {"prompt_fidelity": float(np.mean(correct)) if correct else float("nan")}
-    for k in LABEL_HEADS:
-        out[f"acc_{k}"] = float(np.mean(hits[k])) if hits[k] else float("nan")
-    return out
 
 
 def wilson_interval(share: float, n: int, z: float = 1.96) -> tuple[float, float]:

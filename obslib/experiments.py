@@ -19,7 +19,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .api import PruneConfig, prune
+from .config import PruneConfig
+from .prune import prune
 from .evaluate import (REAL_SEED_OFFSET, distribution_metrics, fidelity, generate, reconstruction_metrics,
                        render_prompts, wilson_interval)
 from .io import load_pipeline

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .archs import iter_blocks, spec_for
-from .io import UsageError
+from .errors import UsageError
 
 SCORE_EVERY = 4
 EMA = 0.7  # weight of the previous score average
@@ -60,7 +60,7 @@ class SoftMasks:
     """Gates on the heads and neurons of the structured units, applied by forward pre-hooks."""
 
     def __init__(self, den, units):
-        from .api import head_layout, neuron_layout
+        from .surgery import head_layout, neuron_layout
 
         self.den, self.units, self.slices, self._handles = den, units, [], []
         self.hooks = []  # (module name, unit index, first column, columns per group)
@@ -155,9 +155,9 @@ class ImageFolder:
 
 
 def _shapes_world(batch: int, seed: int):
-    from .shapes.train import _Batches
+    from .shapes.train import TrainBatches
 
-    data = _Batches(seed + 17, batch)
+    data = TrainBatches(seed + 17, batch)
     return data.get
 
 
@@ -263,9 +263,10 @@ def training_batches(pipe, cfg, defaults: dict):
 
 # ---------------------------------------------------------------------------------------- checkpoint
 def _fingerprint(cfg, units) -> dict:
-    keys = ("method", "pattern", "sparsity", "seed", "batch_size", "iterations", "lr", "block_range", "train_data",
-            "exclude_first_last", "gradient_criterion")
-    return {**{k: getattr(cfg, k) for k in keys}, "units": [u.hessian_layers for u in units]}
+    """The configuration fields that change the result (``PruneConfig`` metadata) and the units."""
+    from .checkpoint import config_fingerprint
+
+    return {**config_fingerprint(cfg), "units": [u.hessian_layers for u in units]}
 
 
 def _ckpt(ckdir: str):
@@ -282,9 +283,9 @@ def _latest(ckdir: str | None):
 
 
 def _save(ckdir: str, it: int, params: dict, opt, ema, chosen, log, fp) -> None:
-    from .shapes.train import _optim_tensors
+    from .shapes.train import optim_tensors
 
-    ot, groups = _optim_tensors(opt, "opt")
+    ot, groups = optim_tensors(opt, "opt")
     tensors = {**{f"param.{k}": v.detach().contiguous() for k, v in params.items()}, **ot, "ema": ema.contiguous()}
     ck = _ckpt(ckdir)
     final = ck.write(it, tensors, {"iteration": it, "chosen": chosen, "loss": log, "optim": groups, "fingerprint": fp})
@@ -301,7 +302,7 @@ _FIELDS = {"iteration": lambda v: isinstance(v, int) and not isinstance(v, bool)
 
 def _restore(ckdir: str, name: str, params: dict, opt, fp, ema_like: torch.Tensor, sizes: list[int], n_iter: int):
     from .checkpoint import DELETE_HINT
-    from .shapes.train import _optim_restore
+    from .shapes.train import optim_restore
 
     ck = _ckpt(ckdir)
     state, meta = ck.read(name, _FIELDS)
@@ -326,7 +327,7 @@ def _restore(ckdir: str, name: str, params: dict, opt, fp, ema_like: torch.Tenso
         for k, p in params.items():
             p.copy_(state[f"param.{k}"])
     try:
-        _optim_restore(opt, state, meta["optim"], "opt")
+        optim_restore(opt, state, meta["optim"], "opt")
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
         raise UsageError(f"checkpoint {where!r}: its optimiser state does not fit ({' '.join(str(e).split())[:80]}); "
                          f"{DELETE_HINT}") from None
@@ -359,7 +360,7 @@ def _set_gates(masks: SoftMasks, chosen, value: float) -> None:
 def gradient_flow_prune(den, cfg, steps: int, component: str, undo, block_ids: list[int], train_batches=None,
                         **_) -> dict:
     """Train with soft gates, score by GraSP on the gates, hard-prune; returns the method's report fields."""
-    from .api import n_remove, remove_heads, remove_neurons, _targeted_layers
+    from .surgery import n_remove, remove_heads, remove_neurons, targeted_layers
     from .packages import structured_units
 
     if train_batches is None:
@@ -368,7 +369,7 @@ def gradient_flow_prune(den, cfg, steps: int, component: str, undo, block_ids: l
     units = [u for u in structured_units(den, spec, block_ids)]
     masks = SoftMasks(den, units)
     counts = [n_remove(masks.size(ui), cfg.sparsity) for ui in range(len(units))]
-    targeted = _targeted_layers(den, spec, units, True)
+    targeted = targeted_layers(den, spec, units, True)
     target_before = sum(den.get_submodule(n).weight.numel() for n in targeted)
     blocks = dict(iter_blocks(den, spec))
     names = [name for bi, (name, _) in enumerate(iter_blocks(den, spec)) if bi in set(u.block_index for u in units)]

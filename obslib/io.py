@@ -18,13 +18,28 @@ import tempfile
 import torch
 
 from . import owned
+from .errors import UsageError
 from .owned import write_json  # noqa: F401  (obslib.io.write_json, as before)
 
 MANIFEST = "obslib_manifest.json"
 
 
-class UsageError(ValueError):
-    """Bad user input: reported as one line with exit code 2 on the command line (a ValueError in the library)."""
+DEFAULTS_FILE = "obslib_defaults.json"  # a model's own sampling defaults and calibration set
+
+
+def read_defaults(model_dir) -> dict | None:
+    """The model's ``obslib_defaults.json`` as a dict, or None when it has none; unreadable is one line."""
+    f = os.path.join(os.fspath(model_dir), DEFAULTS_FILE)
+    if not os.path.exists(f):
+        return None
+    try:
+        with open(f, encoding="utf-8") as fh:
+            d = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{f!r} is not valid JSON ({' '.join(str(e).split())[:120]})") from None
+    if not isinstance(d, dict):
+        raise UsageError(f"{f!r} must hold a JSON object")
+    return d
 
 
 @contextlib.contextmanager
@@ -84,7 +99,7 @@ def clean_stale(out: str) -> list[str]:
     return done
 
 
-def _tree_bytes(path: str) -> int:
+def tree_bytes(path: str) -> int:
     total = 0
     for root, _, files in os.walk(path):
         for f in files:
@@ -277,6 +292,38 @@ def save_pipeline(pipe, out: str, manifest: dict | None = None, extra_json: dict
         owned.write_file_list(tmp)  # last: what --overwrite may later replace, file by file
 
 
+def save_pruned(pipe, report: dict, out: str, model_dir: str | None = None, overwrite: bool = False,
+                flag: str = "out") -> None:
+    """Write the pruned pipeline, its report and (when shapes changed) its manifest atomically.
+
+    The same rules as the command line: ``out`` may not be, contain or lie inside the model directory
+    (``model_dir``, default the directory the pipeline was loaded from); an existing non-empty ``out`` is
+    replaced only with ``overwrite=True`` and only if obslib wrote it. The model's ``obslib_defaults.json``
+    (sampling defaults) is carried over."""
+    if not isinstance(report, dict) or "method" not in report:
+        raise UsageError("report must be the dict returned by obslib.prune")
+    if not hasattr(pipe, "save_pretrained") or not hasattr(pipe, "components"):
+        raise UsageError(f"pipe must be a diffusers pipeline, got {type(pipe).__name__}")
+    if model_dir is not None and not isinstance(model_dir, (str, os.PathLike)):
+        raise UsageError(f"model_dir={model_dir!r}: expected a directory path or None")
+    if not isinstance(overwrite, bool):
+        raise UsageError(f"overwrite={overwrite!r}: expected True or False")
+    source = os.fspath(model_dir) if model_dir is not None else getattr(pipe, "name_or_path", None)
+    extra = {"pruning_report.json": {"written_by": WRITTEN_BY, "obslib_version": _version(),
+                                     **{k: v for k, v in report.items() if k != "manifest"}}}
+    carried = read_defaults(source) if source and os.path.isdir(source) else None
+    if carried is not None:
+        extra[DEFAULTS_FILE] = carried
+    save_pipeline(pipe, out, manifest=report.get("manifest"), extra_json=extra,
+                  protect=[source] if source else [], overwrite=overwrite, flag=flag)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 # ---------------------------------------------------------------------------------------------------
 # Loading: local directories only, safetensors only; anything broken is bad input, not a crash.
 
@@ -449,7 +496,7 @@ def load_pruned_model(model_dir: str, cls, manifest: dict, dtype: torch.dtype = 
     """Build ``cls`` from the config in ``model_dir``, resize it to the manifest, then load its weights."""
     from safetensors.torch import load_file
 
-    from .structured import apply_manifest
+    from .manifest import apply_manifest
 
     model = cls.from_config(cls.load_config(model_dir))
     apply_manifest(model, manifest)

@@ -3,7 +3,7 @@
 A method supplies, per granularity, a function that turns a layer's weight and calibration statistics
 into pruned weights. Unstructured / N:M functions take (W, stats, sparsity, n, m, cfg) and return
 (W_hat, mask); structured ones return compensated output-projection weights, the removed heads or
-neurons and optional bias deltas (added where the layer has a bias). The driver (``obslib.api``) is the same for every method.
+neurons and optional bias deltas (added where the layer has a bias). The driver (``obslib.prune``) is the same for every method.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from . import baselines
 from .obs import obs_prune
 from .structured import prune_heads, prune_neurons
 
@@ -48,22 +49,6 @@ def _obs_neurons(W, stats, n_remove, cfg):
     return new, removed, None
 
 
-METHODS: dict[str, Method] = {}
-
-
-def register(method: Method) -> Method:
-    METHODS[method.name] = method
-    return method
-
-
-register(Method("obs-diff", unstructured=_obs_unstructured, heads=_obs_heads, neurons=_obs_neurons,
-                description="OBS with the timestep-aware Hessian (the paper's method)"))
-register(Method("sparsegpt", forced_weighting="uniform", unstructured=_obs_unstructured, heads=_obs_heads,
-                neurons=_obs_neurons, description="OBS-Diff's solver with uniform timestep weights"))
-
-from . import baselines  # noqa: E402,F401  (registers the baselines)
-
-
 def _slimdiff(*args, **kwargs):
     from .slimdiff import slimdiff_prune
 
@@ -76,8 +61,23 @@ def _gradient_flow(*args, **kwargs):
     return gradient_flow_prune(*args, **kwargs)
 
 
-register(Method("slimdiff", driver=_slimdiff, patterns=("structured",), ignores=("packages", "calibration"),
-                description="SlimDiff reconstruction: spectral QK / VO / FFN slimming with a global rank allocator"))
-register(Method("gradient-flow", needs_calibration=False, needs_training=True, driver=_gradient_flow,
-                patterns=("structured",), ignores=("packages", "weighting", "calibration"),
-                description="gradient-flow reconstruction: soft gates on heads / neurons, GraSP criterion, training"))
+_TABLE = [
+    Method("obs-diff", unstructured=_obs_unstructured, heads=_obs_heads, neurons=_obs_neurons,
+           description="OBS with the timestep-aware Hessian (the paper's method)"),
+    Method("sparsegpt", forced_weighting="uniform", unstructured=_obs_unstructured, heads=_obs_heads,
+           neurons=_obs_neurons, description="OBS-Diff's solver with uniform timestep weights"),
+    Method("magnitude", needs_calibration=False, unstructured=baselines.magnitude_prune,
+           description="|W| per layer; no calibration, no compensation"),
+    Method("wanda", unstructured=baselines.wanda_prune, description="|W|*||X|| per output row; no compensation"),
+    Method("dsnot", unstructured=baselines.dsnot_prune, description="Wanda mask refined by training-free swaps"),
+    Method("l1-norm", needs_calibration=False, heads=baselines.l1_heads, neurons=baselines.l1_neurons,
+           description="structured: L1 norm of output-projection columns; no compensation"),
+    Method("flap", heads=baselines.flap_heads, neurons=baselines.flap_neurons,
+           description="structured: fluctuation score with bias compensation"),
+    Method("slimdiff", driver=_slimdiff, patterns=("structured",), ignores=("packages", "calibration"),
+           description="SlimDiff reconstruction: spectral QK / VO / FFN slimming with a global rank allocator"),
+    Method("gradient-flow", needs_calibration=False, needs_training=True, driver=_gradient_flow,
+           patterns=("structured",), ignores=("packages", "weighting", "calibration"),
+           description="gradient-flow reconstruction: soft gates on heads / neurons, GraSP criterion, training"),
+]
+METHODS: dict[str, Method] = {m.name: m for m in _TABLE}

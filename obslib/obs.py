@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import torch
 
+from .errors import SolverError  # noqa: F401  (obslib.obs.SolverError, as before)
 
-class SolverError(ValueError):
-    """A layer cannot be solved: non-finite weights or statistics, or a Hessian that stays singular."""
+
 
 
 def check_finite(name: str, T: torch.Tensor) -> None:

@@ -9,13 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from .archs import ArchSpec, attr_truthy, block_units, has, iter_blocks
-from .hessian import Calibration
-from .io import quiet_diffusers
 
 
 @dataclass
@@ -65,69 +61,6 @@ def split_packages(units: list, k: int) -> list[list]:
     return out
 
 
-# Per pipeline class: how to encode prompts once, returning the keyword arguments of a pipeline call.
-def _sd3_embeds(pipe, prompts, guidance, max_sequence_length):
-    pe, npe, pooled, npooled = pipe.encode_prompt(
-        prompts, None, None, device=pipe._execution_device, do_classifier_free_guidance=guidance > 1,
-        max_sequence_length=max_sequence_length)
-    out = {"prompt_embeds": pe, "pooled_prompt_embeds": pooled}
-    if guidance > 1:
-        out.update(negative_prompt_embeds=npe, negative_pooled_prompt_embeds=npooled)
-    return out
-
-
-PROMPT_ENCODERS = {"StableDiffusion3Pipeline": _sd3_embeds}
-
-
-class CalibrationRunner:
-    """Runs the pipeline's own sampling loop over the calibration prompts, to latents only."""
-
-    def __init__(self, pipe, prompts: list[str], steps: int, guidance: float, seed: int, batch_size: int,
-                 call_kwargs: dict | None = None, progress: bool = True):
-        self.pipe, self.steps, self.guidance, self.seed, self.progress = pipe, steps, guidance, seed, progress
-        self.call_kwargs = dict(call_kwargs or {})
-        self.batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
-        self.indices = list(range(len(self.batches)))  # global batch numbers (seeds); a rank keeps its share
-        enc = PROMPT_ENCODERS.get(type(pipe).__name__)
-        msl = self.call_kwargs.pop("max_sequence_length", 256)
-        if enc is not None:
-            with torch.no_grad(), quiet_diffusers():
-                self.inputs = [enc(pipe, b, guidance, msl) for b in tqdm(
-                    self.batches, desc=f"encode {len(prompts)} prompts", leave=False, disable=not progress)]
-        else:
-            self.inputs = [{"prompt": b} for b in self.batches]
-            if "max_sequence_length" in _call_params(pipe):
-                self.call_kwargs["max_sequence_length"] = msl
-
-    def keep(self, indices: list[int]) -> None:
-        """Sample only these batches (torch.distributed: this rank's share), each with its own seed."""
-        self.indices = list(indices)
-        self.batches = [self.batches[i] for i in self.indices]
-        self.inputs = [self.inputs[i] for i in self.indices]
-
-    def run(self, calib: Calibration, desc: str = "calibration") -> None:
-        device = self.pipe._execution_device
-        self.pipe.set_progress_bar_config(disable=not self.progress, leave=False, desc="steps")
-        for i, inp in zip(self.indices, tqdm(self.inputs, desc=desc, leave=False, disable=not self.progress)):
-            gen = torch.Generator(device=device).manual_seed(self.seed + i)
-            calib.begin_run()
-            try:
-                with torch.no_grad(), quiet_diffusers():
-                    self.pipe(**inp, num_inference_steps=self.steps, guidance_scale=self.guidance, generator=gen,
-                              output_type="latent", **self.call_kwargs)
-            except (AttributeError, TypeError, IndexError, KeyError) as e:  # a pipeline whose parts do not fit
-                from .io import UsageError
-
-                msg = " ".join(str(e).split())[:200]
-                raise UsageError(f"{type(self.pipe).__name__} could not sample for calibration ({type(e).__name__}: "
-                                 f"{msg}); is model_index.json's pipeline class right for its components?") from None
-            calib.end_run()
-
-
-def _call_params(pipe) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(type(pipe).__call__).parameters)
 
 
 def package_layers(denoiser: nn.Module, package: list[Unit]) -> dict[str, nn.Module]:

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from . import owned
 from .hessian import Calibration
-from .io import UsageError
+from .errors import UsageError
 
 
 class _Stop(Exception):

@@ -54,10 +54,10 @@ from tqdm.auto import tqdm
 
 from .archs import has, spec_for
 from .hessian import Calibration, LayerStats, check_stats
-from .io import UsageError
+from .errors import UsageError
 from .obs import SolverError, check_finite
 from .processors import reshaped_processor
-from .structured import _linear_like, _set, keep_rows
+from .surgery import keep_rows, linear_like, replace_module
 
 FFN_LEVELS = 16  # FFN keep-counts offered to the allocator: width x (1 - j/16), j = 0..15
 RIDGE = 1e-3  # ridge of the leverage scores, relative to the mean diagonal
@@ -340,7 +340,7 @@ def allocate(groups: list[Group], budget: int) -> int:
 def _replace(den, name, weight, bias, undo) -> None:
     undo.module(name)
     old = den.get_submodule(name)
-    _set(den, name, _linear_like(old, weight.to(old.weight.dtype), None if bias is None else bias.to(old.weight.dtype)))
+    replace_module(den, name, linear_like(old, weight.to(old.weight.dtype), None if bias is None else bias.to(old.weight.dtype)))
 
 
 def _project_rows(den, name, Ps, hd, undo) -> None:
@@ -391,7 +391,7 @@ def apply_group(den, g: Group, undo) -> dict:
 # ------------------------------------------------------------------------------------------ driver
 def slimdiff_prune(den, cfg, steps: int, component: str, undo, block_ids: list[int], calibrate=None, **_) -> dict:
     """Calibrate once, score every group's levels, allocate the budget, slim in place; returns the report
-    fields particular to SlimDiff (the driver in ``obslib.api`` adds the common ones)."""
+    fields particular to SlimDiff (the driver in ``obslib.prune`` adds the common ones)."""
     from .packages import structured_units
     from .weighting import timestep_weights
 

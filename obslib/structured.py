@@ -15,7 +15,6 @@ Hessians: heads are ranked in each and fused with Reciprocal Rank Fusion, S_j = 
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from .obs import check_finite, damped_inverse
 
@@ -133,98 +132,3 @@ def prune_heads(Ws: list[torch.Tensor], Hs: list[torch.Tensor], head_dim: int, n
             W[:, cols] = group_update(W[:, cols], Hinv, groups[pick])
         removed.append(alive.pop(pick))
     return Ws, sorted(removed)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Physical removal and the manifest that lets a pruned model be rebuilt before loading its weights.
-
-def _resolve(root: nn.Module, name: str) -> nn.Module:
-    return root.get_submodule(name)
-
-
-def _set(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
-
-
-def _linear_like(old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=old.weight.dtype)
-    new.weight.data.copy_(weight)
-    if bias is not None:
-        new.bias.data.copy_(bias)
-    return new
-
-
-def keep_rows(root: nn.Module, name: str, keep: torch.Tensor) -> None:
-    m = _resolve(root, name)
-    _set(root, name, _linear_like(m, m.weight.data[keep], None if m.bias is None else m.bias.data[keep]))
-
-
-def keep_cols(root: nn.Module, name: str, keep: torch.Tensor, weight: torch.Tensor | None = None) -> None:
-    m = _resolve(root, name)
-    w = (m.weight.data if weight is None else weight.to(m.weight.dtype))[:, keep]
-    _set(root, name, _linear_like(m, w, None if m.bias is None else m.bias.data))
-
-
-def kept_index(n: int, removed: list[int], group: int = 1) -> torch.Tensor:
-    gone = {c for r in removed for c in range(r * group, (r + 1) * group)}
-    return torch.tensor([i for i in range(n * group) if i not in gone], dtype=torch.long)
-
-
-def linear_shapes(model: nn.Module) -> dict[str, list[int]]:
-    return {n: [m.out_features, m.in_features] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-
-
-def head_counts(model: nn.Module) -> dict[str, int]:
-    return {n: int(m.heads) for n, m in model.named_modules() if hasattr(m, "heads") and isinstance(getattr(m, "heads"), int)}
-
-
-def make_manifest(component: str, model: nn.Module, reference_shapes: dict, reference_heads: dict) -> dict:
-    """Shapes and head counts that differ from the unpruned model built from the same config."""
-    from .processors import BY_KIND
-
-    shapes = {n: s for n, s in linear_shapes(model).items() if reference_shapes.get(n) != s}
-    heads = {n: h for n, h in head_counts(model).items() if reference_heads.get(n) != h}
-    attention = {n: {"processor": m.processor.kind, "scale": m.processor.scale} for n, m in model.named_modules()
-                 if isinstance(getattr(m, "processor", None), tuple(BY_KIND.values()))}
-    out = {"format": "obslib-structured-v1", "component": component, "linear_shapes": shapes, "heads": heads}
-    if attention:  # reshaped Q/K/V head dimensions (SlimDiff): processors and the original softmax scales
-        out["attention"] = attention
-    return out
-
-
-def apply_manifest(model: nn.Module, manifest: dict) -> None:
-    """Resize a freshly built model to the manifest's shapes (weights are loaded afterwards)."""
-    from .io import UsageError
-
-    shapes, heads = manifest.get("linear_shapes"), manifest.get("heads")
-    if not isinstance(shapes, dict) or not isinstance(heads, dict) or not all(
-            isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and x > 0 for x in v) for v in shapes.values()) \
-            or not all(isinstance(h, int) and h > 0 for h in heads.values()):
-        raise UsageError("the manifest's linear_shapes must map names to [out, in] positive integers and its heads "
-                         "to positive integers")
-    names = dict(model.named_modules())
-    missing = [n for n in list(shapes) + list(heads) + list(manifest.get("attention", {})) if n not in names]
-    if missing:
-        raise UsageError(f"the manifest names modules the model does not have ({', '.join(missing[:3])})")
-    for name, (out_f, in_f) in manifest["linear_shapes"].items():
-        old = _resolve(model, name)
-        _set(model, name, nn.Linear(in_f, out_f, bias=old.bias is not None, dtype=old.weight.dtype))
-    for name, h in manifest["heads"].items():
-        set_heads(_resolve(model, name), h)
-    if manifest.get("attention"):
-        from .processors import BY_KIND
-
-        for name, a in manifest["attention"].items():
-            if not isinstance(a, dict) or a.get("processor") not in BY_KIND or not isinstance(a.get("scale"), float):
-                raise UsageError(f"the manifest's attention entry for {name} is malformed")
-            _resolve(model, name).set_processor(BY_KIND[a["processor"]](a["scale"]))
-
-
-def set_heads(attn: nn.Module, heads: int) -> None:
-    head_dim = attn.inner_dim // attn.heads if getattr(attn, "inner_dim", None) else None
-    attn.heads = heads
-    if head_dim is not None:
-        attn.inner_dim = heads * head_dim
-    if hasattr(attn, "inner_kv_dim") and head_dim is not None:
-        attn.inner_kv_dim = heads * head_dim

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from .io import UsageError
+from .errors import UsageError
 
 EXP_GAMMA = 3.0
 

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import obslib
-from obslib.api import PruneConfig, _NoUndo, prune_model, remove_heads, remove_neurons
+from obslib.config import PruneConfig
+from obslib.prune import prune_model
+from obslib.surgery import NoUndo as _NoUndo, remove_heads, remove_neurons
 from obslib.archs import spec_for
 from obslib.gradflow import ImageFolder, SoftMasks, hessian_gradient
 from obslib.io import UsageError, load_pruned_model

@@ -55,7 +55,7 @@ def test_step_count_mismatch_is_reported():
 
 
 def test_pipeline_calibration_counts_cfg_tokens(tiny_pipe):
-    from obslib.packages import CalibrationRunner
+    from obslib.sampling import CalibrationRunner
 
     den = tiny_pipe.transformer
     layer = den.transformer_blocks[0].attn.to_q

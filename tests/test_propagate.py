@@ -11,7 +11,8 @@ from obslib.api import PruneConfig, find_denoiser, sampling_defaults
 from obslib.archs import iter_blocks, spec_for
 from obslib.hessian import Calibration
 from obslib.io import UsageError
-from obslib.packages import CalibrationRunner, layer_units, package_layers, split_packages, structured_units
+from obslib.packages import layer_units, package_layers, split_packages, structured_units
+from obslib.sampling import CalibrationRunner
 from obslib.propagate import Propagation
 from obslib.shapes import prompts
 from obslib.weighting import timestep_weights

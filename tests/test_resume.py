@@ -23,7 +23,7 @@ def _weights(pipe):
 
 @pytest.mark.parametrize("pattern, sparsity", [("unstructured", 0.5), ("structured", 0.25)])
 def test_interrupted_prune_resumes_to_identical_weights(tiny_pipe_dir, tmp_path, monkeypatch, pattern, sparsity):
-    import obslib.packages as packages
+    import obslib.sampling as packages
 
     whole = obslib.load_pipeline(tiny_pipe_dir)
     rep_whole = obslib.prune(whole, PruneConfig(**BASE, pattern=pattern, sparsity=sparsity))
@@ -60,7 +60,7 @@ def test_interrupted_prune_resumes_to_identical_weights(tiny_pipe_dir, tmp_path,
 def _cli(args, kill_at=None):
     code = f"""
 import os, signal, sys
-import obslib.packages as packages
+import obslib.sampling as packages
 real, calls = packages.CalibrationRunner.run, [0]
 def run(self, calib, desc="calibration"):
     calls[0] += 1

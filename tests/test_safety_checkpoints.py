@@ -158,7 +158,7 @@ def test_overwrite_of_an_untouched_output_works_and_the_file_list_is_exact(earli
 def _cli_sub(args, kill_at=None, sig=signal.SIGKILL):
     code = f"""
 import os, signal, sys
-import obslib.packages as packages
+import obslib.sampling as packages
 real, calls = packages.CalibrationRunner.run, [0]
 def run(self, calib, desc="calibration"):
     calls[0] += 1
@@ -314,7 +314,7 @@ def test_sigint_before_any_package_leaves_nothing(tiny_pipe_dir, tmp_path):
 
 
 def test_an_error_after_a_finished_package_names_the_resume_command(tiny_pipe_dir, tmp_path, capsys, monkeypatch):
-    import obslib.api as api
+    import obslib.prune as api
     from obslib.obs import SolverError
 
     real, calls = api._solve_group, [0]
@@ -432,7 +432,7 @@ def test_save_pruned_names_its_own_argument(tiny_pipe_dir):
 
 
 def test_prompt_encoding_shows_progress(tiny_pipe, capsys):
-    from obslib.packages import CalibrationRunner
+    from obslib.sampling import CalibrationRunner
 
     CalibrationRunner(tiny_pipe, prompts("train", 6), 2, 4.0, 0, 2, {}, progress=True)
     assert "encode 6 prompts" in capsys.readouterr().err

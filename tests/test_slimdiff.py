@@ -124,7 +124,7 @@ def test_sparsity_zero_changes_nothing_and_full_rank_apply_is_exact(tiny_pipe, t
     from obslib.slimdiff import _attn_groups, _ffn_group, apply_group, plan_groups
     from obslib.packages import structured_units
     from obslib.hessian import Calibration
-    from obslib.packages import CalibrationRunner
+    from obslib.sampling import CalibrationRunner
 
     den = tiny_pipe.transformer
     gen = lambda: tiny_pipe("a red circle", num_inference_steps=2, max_sequence_length=8, output_type="np",  # noqa: E731
@@ -140,7 +140,7 @@ def test_sparsity_zero_changes_nothing_and_full_rank_apply_is_exact(tiny_pipe, t
     with calib:
         CalibrationRunner(tiny_pipe, prompts("train", 2), 2, 4.0, 0, 2, {"max_sequence_length": 8}, False).run(calib)
     groups = [_ffn_group(den, f, calib.stats) for f in ffns] + [g for a in attns for g in _attn_groups(den, a, calib.stats)]
-    from obslib.api import _NoUndo
+    from obslib.surgery import NoUndo as _NoUndo
 
     for g in groups:
         apply_group(den, g, _NoUndo())

@@ -10,7 +10,7 @@ so the canonical ``arrangement`` label is not a function of the image (the world
 is unambiguous, but a generated image need not be). The evaluator instead reads what *is* in the image: per object
 slot ordered by position, i.e. the left/right object (by centre x) and the top/bottom object (by
 centre y). A prompt "A left of B" is satisfied when left = A and right = B; "A above B" when top = A
-and bottom = B (``obslib.evaluate.fidelity``). For one object all four slots hold that object.
+and bottom = B (``fidelity`` below). For one object all four slots hold that object.
 Left/right labels exist only where the two centres lie in different halves along x (as both layouts
 place them for a horizontal relation, i.e. where "X left of Y" is a true caption); top/bottom likewise
 along y. Elsewhere they are -1 (ignored): that order is not asked about.
@@ -38,7 +38,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .world import BACKGROUNDS, COLOURS, IMAGE_SIZE, SHAPES, SIZES, Scene, all_scenes, layout, render, splits
+from .world import (BACKGROUNDS, COLOURS, IMAGE_SIZE, LABEL_HEADS, SHAPES, SIZES, Obj, Scene, all_scenes, layout,
+                    parse_caption, render, splits)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DIR = REPO_ROOT / "models" / "shapes-classifier"
@@ -334,11 +335,61 @@ def main(argv=None) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- prompt fidelity
+_ATTRS = ("shape", "colour", "size")
+
+
+def _obj_code(obj: Obj) -> tuple[int, int, int]:
+    return tuple(list(ATTRS[a]).index(getattr(obj, a)) for a in _ATTRS)
+
+
+def fidelity(images: np.ndarray, prompts, classifier) -> dict[str, float]:
+    """GenEval-style prompt fidelity of ``images`` (uint8 N,H,W,3) for ``prompts``.
+
+    An image is correct when every attribute of ``parse_caption(p).labels()`` is found: count,
+    background, slot A's (and B's) shape/colour/size and, for two objects, the relation. The classifier
+    reads objects by position (left/right and top/bottom object), so for "A <rel> B" in canonical form
+    (slot A = left or top) slot A is compared with the left (horizontal) or top (vertical) object and
+    slot B with the other one. ``acc_arrangement`` counts the relation as held when the two objects
+    found on the prompt's axis agree with (A, B) in more attributes than with (B, A) — i.e. they are
+    not in swapped order. A single object is read from the ``left_*`` heads.
+    """
+    prompts = list(prompts)
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+    pred = classifier.predict(images)
+    hits: dict[str, list[bool]] = {k: [] for k in LABEL_HEADS}
+    correct = []
+    for i, p in enumerate(prompts):
+        scene = parse_caption(p)
+        arrangement, a, b = scene.canonical()
+        ok = {"count": int(pred["count"][i]) == len(scene.objects) - 1,
+              "background": int(pred["background"][i]) == list(BACKGROUNDS).index(scene.background)}
+        first, second = ("left", "right") if arrangement in (None, "horizontal") else ("top", "bottom")
+        got_a = tuple(int(pred[f"{first}_{k}"][i]) for k in _ATTRS)
+        want_a = _obj_code(a)
+        for k, g, w in zip(_ATTRS, got_a, want_a):
+            ok[f"a_{k}"] = g == w
+        if b is not None:
+            got_b = tuple(int(pred[f"{second}_{k}"][i]) for k in _ATTRS)
+            want_b = _obj_code(b)
+            for k, g, w in zip(_ATTRS, got_b, want_b):
+                ok[f"b_{k}"] = g == w
+            agree = sum(map(int.__eq__, got_a, want_a)) + sum(map(int.__eq__, got_b, want_b))
+            swapped = sum(map(int.__eq__, got_a, want_b)) + sum(map(int.__eq__, got_b, want_a))
+            ok["arrangement"] = agree > swapped
+        for k, v in ok.items():
+            hits[k].append(bool(v))
+        correct.append(all(ok.values()))
+    out = {"prompt_fidelity": float(np.mean(correct)) if correct else float("nan")}
+    for k in LABEL_HEADS:
+        out[f"acc_{k}"] = float(np.mean(hits[k])) if hits[k] else float("nan")
+    return out
+
+
 def accuracy_report(model: ShapesClassifier, eval_n: int) -> dict:
     """Held-out accuracy of ``model`` on fresh renders: per head on the world's lattice layout and on the free
     (off-lattice) placement, and the prompt-level (GenEval-style) view of the lattice renders."""
-    from ..evaluate import fidelity
-
     scenes, seeds = heldout_eval_set(eval_n)
     imgs, labels = make_batch(scenes, seeds)
     acc = head_accuracy(model, imgs, labels)
@@ -347,7 +398,7 @@ def accuracy_report(model: ShapesClassifier, eval_n: int) -> dict:
     return {
         "eval": {"split": "heldout", "renders": eval_n, "seeds": f"{EVAL_SEED_BASE}+i",
                  "note": "head accuracy over entries whose label is present; prompt fidelity and acc_* as in "
-                         "obslib.evaluate.fidelity (real renders scored as if generated)"},
+                         "obslib.shapes.classifier.fidelity (real renders scored as if generated)"},
         "head_accuracy": acc,
         "min_head_accuracy": min(acc.values()),
         "head_accuracy_off_lattice": free,

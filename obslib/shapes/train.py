@@ -31,7 +31,7 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-class _Batches:
+class TrainBatches:
     """Endless seeded stream of (captions, images) from the training split."""
 
     def __init__(self, seed: int, batch: int, p_single: float = 0.4, scenes=None, free: bool = False):
@@ -63,7 +63,7 @@ def _load_ckpt(path: str):
         return load_file(os.path.join(path, "state.safetensors")), json.load(f)
 
 
-def _optim_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:
+def optim_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:
     sd = opt.state_dict()
     tensors = {}
     for idx, st in sd["state"].items():
@@ -72,7 +72,7 @@ def _optim_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]
     return tensors, {"param_groups": sd["param_groups"]}
 
 
-def _optim_restore(opt: torch.optim.Optimizer, tensors: dict, groups: dict, prefix: str) -> None:
+def optim_restore(opt: torch.optim.Optimizer, tensors: dict, groups: dict, prefix: str) -> None:
     state: dict[int, dict] = {}
     for key, v in tensors.items():
         if key.startswith(prefix + "."):
@@ -97,9 +97,9 @@ def train_vae(pipe, steps: int, batch: int, ckpt: str, log: str, seed: int = 0, 
     start = 0
     if meta is not None:
         vae.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("vae.")})
-        _optim_restore(opt, state, meta["optim"], "opt")
+        optim_restore(opt, state, meta["optim"], "opt")
         start = meta["step"]
-    data = _Batches(seed, batch, free=free)
+    data = TrainBatches(seed, batch, free=free)
     vae.train()
     for step in tqdm(range(start, steps), initial=start, total=steps, desc="vae"):
         _, x = data.get(step)
@@ -114,7 +114,7 @@ def train_vae(pipe, steps: int, batch: int, ckpt: str, log: str, seed: int = 0, 
         if step % 20 == 0:
             _log(log, {"stage": "vae", "step": step, "loss": f"{mse.item():.5f}", "kl": f"{kl.item():.4f}"})
         if (step + 1) % ckpt_every == 0 or step + 1 == steps:
-            t, g = _optim_tensors(opt, "opt")
+            t, g = optim_tensors(opt, "opt")
             _save_ckpt(ckpt, {**{f"vae.{k}": v for k, v in vae.state_dict().items()}, **t}, {"step": step + 1, "optim": g})
     vae.eval()
     # latent statistics -> the pipeline's shift/scale (as SD3's VAE config carries them)
@@ -141,11 +141,11 @@ def train_denoiser(pipe, steps: int, batch: int, ckpt: str, log: str, seed: int 
         for n, m in modules.items():
             m.load_state_dict({k[len(n) + 1:]: v for k, v in state.items() if k.startswith(n + ".")})
             ema[n].load_state_dict({k[len(n) + 5:]: v for k, v in state.items() if k.startswith(f"ema_{n}.")})
-        _optim_restore(opt, state, meta["optim"], "opt")
+        optim_restore(opt, state, meta["optim"], "opt")
         start = meta["step"]
     vae = pipe.vae
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
-    data = _Batches(seed + 1, batch, free=free)
+    data = TrainBatches(seed + 1, batch, free=free)
     for m in modules.values():
         m.train()
     msl = DEFAULT_SAMPLING["max_sequence_length"]
@@ -187,7 +187,7 @@ def train_denoiser(pipe, steps: int, batch: int, ckpt: str, log: str, seed: int 
             for n, m in modules.items():
                 tensors.update({f"{n}.{k}": v for k, v in m.state_dict().items()})
                 tensors.update({f"ema_{n}.{k}": v for k, v in ema[n].state_dict().items()})
-            t, g = _optim_tensors(opt, "opt")
+            t, g = optim_tensors(opt, "opt")
             _save_ckpt(ckpt, {**tensors, **t}, {"step": step + 1, "optim": g})
     for n, m in modules.items():
         m.load_state_dict(ema[n].state_dict())
@@ -214,9 +214,9 @@ def train_decoder(pipe, steps: int, batch: int, ckpt: str, log: str, seed: int =
     start = 0
     if meta is not None:
         vae.decoder.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("decoder.")})
-        _optim_restore(opt, state, meta["optim"], "opt")
+        optim_restore(opt, state, meta["optim"], "opt")
         start = meta["step"]
-    data = _Batches(seed + 2, batch, scenes=all_scenes(), free=free)
+    data = TrainBatches(seed + 2, batch, scenes=all_scenes(), free=free)
     vae.decoder.train()
     for step in tqdm(range(start, steps), initial=start, total=steps, desc="decoder (whole world)"):
         gen = torch.Generator().manual_seed(seed * 31 + step)
@@ -230,7 +230,7 @@ def train_decoder(pipe, steps: int, batch: int, ckpt: str, log: str, seed: int =
         if step % 20 == 0:
             _log(log, {"stage": "decoder", "step": step, "loss": f"{loss.item():.5f}", "kl": ""})
         if (step + 1) % ckpt_every == 0 or step + 1 == steps:
-            t, g = _optim_tensors(opt, "opt")
+            t, g = optim_tensors(opt, "opt")
             _save_ckpt(ckpt, {**{f"decoder.{k}": v for k, v in vae.decoder.state_dict().items()}, **t},
                        {"step": step + 1, "optim": g})
     vae.eval()

@@ -1,0 +1,431 @@
+"""The pruning driver: ``prune(pipe, config) -> report`` and ``prune_model(denoiser, calibrate, config)``.
+
+The one driver for every method and granularity: resolve the denoiser's layer map, form basic units and K
+packages, calibrate each package through the already-pruned model (``obslib.sampling``, or replays in
+``obslib.propagate``), solve each unit with the chosen method (``obslib.methods``), write the solution
+(``obslib.surgery``), checkpoint, and report per-layer sparsity and reconstruction error.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .archs import find_denoiser, has, iter_blocks, spec_for
+from .config import PruneConfig
+from .errors import SolverError, UsageError
+from .hessian import Calibration, check_stats, weight_matrix
+from .manifest import with_manifest
+from .methods import METHODS
+from .obs import check_finite, output_energy, reconstruction_error
+from .packages import layer_units, package_layers, split_packages, structured_units
+from .sampling import CalibrationRunner, sampling_defaults
+from .surgery import NoUndo, Undo, head_layout, n_remove, neuron_layout, remove_heads, remove_neurons, targeted_layers
+from .weighting import timestep_weights
+
+
+def prune(pipe, config: PruneConfig) -> dict:
+    """Prune the pipeline's denoiser in place; returns the report (see README for its keys).
+
+    Bad input raises ``UsageError`` before anything changes. If the prune fails or is interrupted later
+    (a layer that cannot be solved, Ctrl-C), the denoiser is put back exactly as it was
+    (``restore_on_failure``, the default; it keeps a CPU copy of each layer before changing it), so the
+    same pipeline can be pruned again with a corrected config. ``config`` is checked once and never changed."""
+    if not hasattr(pipe, "components") or not hasattr(pipe, "config"):
+        raise UsageError(f"pipe must be a diffusers pipeline (obslib.load_pipeline(path)), got {type(pipe).__name__}")
+    if not isinstance(config, PruneConfig):
+        raise UsageError(f"config must be an obslib.PruneConfig, got {type(config).__name__}")
+    cfg = _checked(config)
+    method = METHODS[cfg.method]
+    calibrates = method.needs_calibration or (cfg.measure_error and method.driver is None)
+    if cfg.prompts is None and calibrates:
+        raise UsageError("no calibration prompts given (PruneConfig.prompts: a list of strings)")
+    if cfg.checkpoint_dir is not None:  # a path that could lose a user's files is refused before any work
+        from .checkpoint import CheckpointDir, kind_for
+
+        kind = kind_for(method)
+        if kind is not None:
+            source = getattr(pipe, "name_or_path", None)
+            CheckpointDir(cfg.checkpoint_dir, kind, "checkpoint_dir").check(protect=[source] if source else [])
+    defaults = sampling_defaults(pipe)
+    steps = cfg.steps or defaults["num_inference_steps"]
+    guidance = cfg.guidance if cfg.guidance is not None else defaults["guidance_scale"]
+    comp, den = find_denoiser(pipe)
+    dctx = None
+    from . import distributed
+
+    if distributed.active():  # torchrun / an initialised process group: see obslib/distributed.py
+        if method.driver is not None:
+            raise UsageError(f"method {cfg.method!r} runs in one process; start it without torchrun")
+        dctx = distributed.Context()
+        dctx.check_agreement({k: v for k, v in asdict(cfg).items() if k not in ("progress", "checkpoint_dir")}, den)
+    undo = Undo(den) if cfg.restore_on_failure else None
+    try:
+        calibrate = None
+        if calibrates:
+            msl = {k: v for k, v in defaults.items() if k == "max_sequence_length"}
+            runner = CalibrationRunner(pipe, cfg.prompts, steps, guidance, cfg.seed, cfg.batch_size, msl, cfg.progress)
+            if dctx is not None:
+                if len(runner.batches) < dctx.size:
+                    raise UsageError(f"{dctx.size} processes but only {len(runner.batches)} calibration batches of "
+                                     f"{cfg.batch_size} prompts; give each process at least one (more prompts or a "
+                                     "smaller --batch-size)")
+                runner.keep(dctx.shard(len(runner.batches)))
+            calibrate = runner.run
+        train_batches = None
+        if method.needs_training:
+            from .gradflow import training_batches
+
+            train_batches = training_batches(pipe, cfg, defaults)
+        report = prune_model(den, calibrate, cfg, steps, component=comp, undo=undo, train_batches=train_batches,
+                             calibration_runs=len(runner.batches) if calibrate is not None else None, dist_ctx=dctx)
+    except BaseException:
+        if undo is not None:
+            undo.rollback()
+        raise
+    report.update(num_calibration_prompts=len(cfg.prompts) if calibrates else 0, guidance=guidance)
+    return report
+
+
+def _checked(cfg: PruneConfig) -> PruneConfig:
+    """``cfg`` checked (a copy; once per prune: a config ``PruneConfig.validate`` returned is taken as it is)."""
+    return cfg if getattr(cfg, "_validated", False) else cfg.validate()
+
+
+def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "transformer",
+                undo: Undo | None = None, train_batches=None, calibration_runs: int | None = None,
+                dist_ctx=None) -> dict:
+    """Prune a denoiser in place. ``calibrate(calibration, desc)`` must run ``steps`` denoiser calls per
+    sampling run over the calibration data, calling ``calibration.begin_run()/end_run()`` around each run
+    (``CalibrationRunner.run`` does this with a real pipeline); None for calibration-free methods.
+    ``undo`` records every change for a rollback (``prune`` rolls back on failure). With
+    ``cfg.calibration == "propagate"`` ``calibrate`` runs once (dense, recording) and ``calibration_runs``
+    (the number of sampling runs it makes) sizes the record. ``dist_ctx`` (an ``obslib.distributed.Context``)
+    all-reduces each package's statistics and spreads its layer solves over the ranks."""
+    cfg = _checked(cfg)
+    method = METHODS[cfg.method]
+    spec = spec_for(den)
+    n_blocks = len(iter_blocks(den, spec))
+    ids = _block_ids(n_blocks, cfg)
+    structured = cfg.pattern == "structured"
+    units = structured_units(den, spec, ids) if structured else layer_units(den, spec, ids)
+    if not units:
+        raise UsageError(f"no prunable layers in block range {cfg.block_range}")
+    if method.needs_calibration and calibrate is None:
+        raise UsageError(f"method {cfg.method!r} needs calibration data")
+    if cfg.packages > len(units) and "packages" not in method.ignores:
+        raise UsageError(f"packages K={cfg.packages} exceeds the {len(units)} basic units of this model for pattern "
+                         f"{cfg.pattern!r}; allowed: 1 to {len(units)}")
+    for bi in ids:
+        _block_sparsity(cfg, bi, n_blocks)  # a block sparsity list of the wrong length fails before any work
+    undo = undo or NoUndo()
+    weighting = None if "weighting" in method.ignores else method.forced_weighting or cfg.weighting
+    targeted = targeted_layers(den, spec, units, structured)
+    for name in targeted:  # a broken model is refused before anything changes
+        try:
+            check_finite("its weight", den.get_submodule(name).weight.detach())
+        except SolverError as e:
+            raise SolverError(f"layer {name}: {e}") from None
+    if structured and (method.heads is not None or method.needs_training):  # methods that remove whole heads
+        _check_head_rows(den, units, cfg, n_blocks)
+    params_before = sum(p.numel() for p in den.parameters())
+    t0 = time.perf_counter()
+    if method.driver is not None:  # a whole-model method: it reports its own layers, timings and extras
+        part = method.driver(den, cfg, steps, component, undo, ids, calibrate=calibrate, train_batches=train_batches)
+        report = _report_frame(cfg, weighting, steps, ids, params_before, den, component)
+        report.update(part, packages=part.get("packages", 1))
+        report["timings"]["total_s"] = time.perf_counter() - t0
+        return with_manifest(report, den, component)
+    packages = split_packages(units, cfg.packages)
+    alphas = timestep_weights(weighting, steps, cfg.alpha_min, cfg.alpha_max)
+    prop = None
+    if cfg.calibration == "propagate" and calibrate is not None:
+        from .propagate import Propagation
+
+        spill = os.path.dirname(os.path.abspath(cfg.checkpoint_dir)) if cfg.checkpoint_dir else None
+        prop = Propagation([b for _, b in iter_blocks(den, spec)], spec.chain, calibrate, alphas,
+                           calibration_runs or 1, None if cfg.record_ram_mb is None else int(cfg.record_ram_mb * 2**20),
+                           spill, progress=cfg.progress)
+    try:
+        return PackageRun(den, cfg, method, spec, units, packages, calibrate, prop, alphas, steps, ids, n_blocks,
+                          structured, targeted, params_before, weighting, component, undo, t0, dist_ctx).run()
+    finally:
+        if prop is not None:
+            prop.close()
+
+
+def _block_ids(n_blocks: int, cfg: PruneConfig) -> list[int]:
+    lo, hi = cfg.block_range or (0, n_blocks)
+    if not (0 <= lo < hi <= n_blocks):
+        raise UsageError(f"block range {cfg.block_range} is outside [0, {n_blocks})")
+    ids = list(range(lo, hi))
+    if cfg.pattern == "structured" and cfg.exclude_first_last:
+        ids = [i for i in ids if i not in (0, n_blocks - 1)]
+    return ids
+
+
+def _block_sparsity(cfg: PruneConfig, bi: int, n_blocks: int) -> float:
+    if cfg.block_sparsity is None:
+        return cfg.sparsity
+    if len(cfg.block_sparsity) != n_blocks:
+        raise UsageError(f"block sparsity list has {len(cfg.block_sparsity)} entries; the model has {n_blocks} blocks")
+    return cfg.block_sparsity[bi]
+
+
+def _check_head_rows(den, units, cfg, n_blocks) -> None:
+    """Removing a head takes head_dim rows from each of q, k, v: refuse (before any work) a block whose
+    projections no longer have heads x head_dim rows (a SlimDiff output, whose query/key rank was reduced)."""
+    for u in units:
+        if u.kind != "heads" or n_remove(head_layout(den, u)[0], _block_sparsity(cfg, u.block_index, n_blocks)) == 0:
+            continue
+        block = den.get_submodule(u.block)
+        hi = head_layout(den, u)[2]
+        for rel in u.group.inputs:
+            if has(block, rel) and weight_matrix(block.get_submodule(rel)).shape[0] != hi:
+                rows = weight_matrix(block.get_submodule(rel)).shape[0]
+                raise UsageError(f"{u.block}.{rel} has {rows} rows, not heads x head_dim = {hi} (its rank was reduced, "
+                                 "e.g. by slimdiff), so whole heads cannot be removed from it; prune the original model")
+
+
+@dataclass
+class PackageRun:
+    """What one ``prune_model`` call in the package driver carries from package to package."""
+
+    den: torch.nn.Module
+    cfg: PruneConfig
+    method: object
+    spec: object
+    units: list
+    packages: list
+    calibrate: object  # None for calibration-free methods
+    prop: object  # a Propagation in propagate mode, else None
+    alphas: list
+    steps: int
+    ids: list
+    n_blocks: int
+    structured: bool
+    targeted: list
+    params_before: int
+    weighting: str | None
+    component: str
+    undo: Undo
+    t0: float
+    dctx: object = None  # an obslib.distributed.Context under torchrun
+
+    def run(self) -> dict:
+        """Calibrate (resample or propagate), solve and checkpoint package after package."""
+        return _package_loop(self)
+
+
+def _package_loop(r: PackageRun) -> dict:
+    den, cfg, method, spec, units, packages = r.den, r.cfg, r.method, r.spec, r.units, r.packages
+    calibrate, prop, alphas, steps, ids, n_blocks = r.calibrate, r.prop, r.alphas, r.steps, r.ids, r.n_blocks
+    structured, targeted, params_before, weighting = r.structured, r.targeted, r.params_before, r.weighting
+    component, undo, t0, dctx = r.component, r.undo, r.t0, r.dctx
+    target_before = sum(den.get_submodule(n).weight.numel() for n in targeted)
+    t_cal = t_solve = 0.0
+    layers_report = []
+    package_mb = []
+    ck, start = None, 0
+    if cfg.checkpoint_dir:  # resumable: each finished package is saved; a resumed run re-applies them
+        from .checkpoint import PackageCheckpoint, fingerprint
+
+        ck = PackageCheckpoint(cfg.checkpoint_dir, fingerprint(cfg, units, steps))
+        expected = [(targeted_layers(den, spec, p, structured),
+                     [f"{u.block}.{u.group.attn}" for u in p if u.kind == "heads"]) for p in packages]
+        loaded = ck.load(den, expected, cfg.resume)  # every entry checked before any work
+        if prop is not None and loaded:  # the dense record, before pruned packages return
+            t = time.perf_counter()
+            prop.first(den, min(u.block_index for u in packages[0]), {})
+            t_cal += time.perf_counter() - t
+        state = ck.restore(den, undo, loaded)
+        if state is not None:
+            start, layers_report, package_mb = state["next"], state["layers"], state["package_mb"]
+            t_cal, t_solve = state["calibration_s"], state["solve_s"]
+    bar = tqdm(packages, desc=f"{cfg.method} packages", disable=not cfg.progress, initial=start)
+    sent_per_package = []
+    for pi, package in enumerate(bar):
+        if pi < start:
+            continue
+        sent0 = dctx.sent if dctx is not None else 0
+        stats = {}
+        if calibrate is not None:
+            t = time.perf_counter()
+            layers = package_layers(den, package)
+            mb = sum(weight_matrix(m).shape[1] ** 2 * 4 for m in layers.values()) / 2**20
+            package_mb.append(mb)
+            if cfg.progress:
+                bar.write(f"package {pi + 1}/{len(packages)}: {len(layers)} layers, Hessians need {mb:.1f} MiB (float32)")
+            desc = f"calibrate package {pi + 1}/{len(packages)}"
+            b0, b1 = min(u.block_index for u in package), max(u.block_index for u in package)
+            if prop is None:
+                calib = Calibration(den, layers, alphas)
+                with calib:
+                    calibrate(calib, desc)
+                stats = calib.stats
+            elif prop.record is None:
+                stats = prop.first(den, b0, layers)
+            else:
+                stats = prop.package(b0, b1, layers, desc)
+            if dctx is not None:
+                dctx.allreduce_stats(stats)
+            check_stats(stats)
+            t_cal += time.perf_counter() - t
+        t = time.perf_counter()
+        if dctx is not None and not structured:
+            layers_report += _solve_spread(den, package, stats, cfg, method, undo, n_blocks, dctx)
+        else:
+            for unit in package:
+                s = _block_sparsity(cfg, unit.block_index, n_blocks)
+                solve = _solve_structured if structured else _solve_layers
+                layers_report += solve(den, unit, stats, s, cfg, method, undo)
+        t_solve += time.perf_counter() - t
+        del stats
+        if dctx is not None:
+            sent_per_package.append(dctx.sent - sent0)
+        if ck is not None and (dctx is None or dctx.rank == 0):
+            heads = {f"{u.block}.{u.group.attn}": den.get_submodule(f"{u.block}.{u.group.attn}").heads
+                     for u in package if u.kind == "heads"}
+            ck.save(pi, den, targeted_layers(den, spec, package, structured), heads,
+                    {"next": pi + 1, "layers": layers_report, "package_mb": package_mb, "calibration_s": t_cal,
+                     "solve_s": t_solve})
+
+    target_after = sum(_nonzero_or_size(den.get_submodule(n), structured) for n in targeted)
+    report = _report_frame(cfg, weighting, steps, ids, params_before, den, component)
+    report.update(sparsity_actual=1 - target_after / target_before, packages=len(packages),
+                  calibration=None if calibrate is None else cfg.calibration,
+                  replay_block_calls=None if prop is None else prop.block_runs,
+                  distributed=None if dctx is None else {"world_size": dctx.size, "backend": dctx.backend,
+                                                         "bytes_sent_per_package": sent_per_package},
+                  hessian_mb_per_package=package_mb, layers=layers_report,
+                  timings={"calibration_s": t_cal, "solve_s": t_solve, "total_s": time.perf_counter() - t0})
+    return with_manifest(report, den, component)
+
+
+def _report_frame(cfg, weighting, steps, ids, params_before, den, component) -> dict:
+    """The keys every method's report has (methods fill sparsity_actual, packages, timings, layers)."""
+    return {
+        "method": cfg.method, "pattern": cfg.pattern, "sparsity_target": cfg.sparsity, "sparsity_actual": None,
+        "weighting": weighting, "packages": None, "steps": steps, "seed": cfg.seed, "blocks": ids,
+        "params_before": params_before, "params_after": sum(p.numel() for p in den.parameters()),
+        "hessian_mb_per_package": [], "timings": {}, "layers": [],
+        "config": {k: v for k, v in asdict(cfg).items() if k != "prompts"},
+    }
+
+
+def _nonzero_or_size(m, structured: bool) -> int:
+    return m.weight.numel() if structured else int((m.weight != 0).sum())
+
+
+def _solve_layers(den, unit, stats, sparsity, cfg, method, undo) -> list[dict]:
+    return [_write_solution(den, name, *_solve_one(den, name, stats, sparsity, cfg, method), undo) for name in unit.hessian_layers]
+
+
+def _write_solution(den, name, W_hat, err, undo) -> dict:
+    """Write one layer's solution (kept for a rollback) and return its report entry."""
+    mod = den.get_submodule(name)
+    undo.weight(name)
+    mod.weight.data.copy_(W_hat.to(mod.weight.dtype).reshape(mod.weight.shape))
+    return {"name": name, "sparsity": float((mod.weight == 0).float().mean()), "rel_error": err}
+
+
+def _solve_spread(den, package, stats, cfg, method, undo, n_blocks, dctx) -> list[dict]:
+    """Unstructured / N:M over torch.distributed: each rank solves the layers it owns, then every solution is
+    broadcast from its owner, in package order (layers are independent given their H)."""
+    jobs = [(unit, name) for unit in package for name in unit.hessian_layers]
+    mats = [weight_matrix(den.get_submodule(name)) for _, name in jobs]
+    owners = dctx.assign([float(w.shape[0]) * w.shape[1] ** 2 for w in mats])
+    mine, error = {}, None
+    for (unit, name), owner in zip(jobs, owners):
+        if owner == dctx.rank and error is None:
+            try:
+                mine[name] = _solve_one(den, name, stats, _block_sparsity(cfg, unit.block_index, n_blocks), cfg, method)
+            except SolverError as e:
+                error = e
+    if dctx.any_failed(error is not None):  # no rank waits on a broadcast that will never come
+        raise error or SolverError(f"another process (of {dctx.size}) could not solve a layer; see its message")
+    out = []
+    for (unit, name), owner, W in zip(jobs, owners, mats):
+        dtype = den.get_submodule(name).weight.dtype
+        w_hat, err = mine.get(name, (torch.empty(W.shape, dtype=dtype, device=W.device), None))
+        w_hat = dctx.broadcast(w_hat.to(dtype), owner)
+        e = float(dctx.broadcast(torch.tensor([float("nan") if err is None else err], dtype=torch.float64), owner))
+        out.append(_write_solution(den, name, w_hat, None if math.isnan(e) else e, undo))
+    return out
+
+
+def _solve_one(den, name, stats, sparsity, cfg, method) -> tuple[torch.Tensor, float | None]:
+    """One layer's solution (not applied) and its relative output error."""
+    n, m = cfg.nm
+    W = weight_matrix(den.get_submodule(name))
+    try:
+        solved = method.unstructured(W, stats.get(name), sparsity, n, m, cfg)
+        W_hat = solved[0]
+        check_finite("the solution", W_hat)
+    except SolverError as e:
+        raise SolverError(f"layer {name}: {e}") from None
+    if name not in stats:
+        err = None
+    elif len(solved) == 3:  # the solver's own accumulated error (damped H): no second pass over W and H
+        err = solved[2] / max(output_energy(W, stats[name].H), 1e-300)
+    else:
+        err = reconstruction_error(W, W_hat, stats[name].H)
+    return W_hat, err
+
+
+class _Slice:
+    """Statistics restricted to input columns [lo, hi) (fused projections)."""
+
+    def __init__(self, stats, lo, hi):
+        self.H, self.mean, self.var = stats.H[lo:hi, lo:hi], stats.mean[lo:hi], stats.var[lo:hi]
+
+
+def _sliced(stats, name, lo, hi, from_end: bool):
+    st = stats.get(name)
+    if st is None:
+        return None
+    n = st.H.shape[0]
+    if from_end:  # trailing columns: same count in H (original layout) and in the current weight
+        width = hi - lo
+        lo, hi = n - width, n
+    return st if (lo, hi) == (0, n) else _Slice(st, lo, hi)
+
+
+def _solve_structured(den, unit, stats, sparsity, cfg, method, undo) -> list[dict]:
+    try:
+        return _solve_group(den, unit, stats, sparsity, cfg, method, undo)
+    except SolverError as e:
+        raise SolverError(f"layer {', '.join(unit.hessian_layers)}: {e}") from None
+
+
+def _solve_group(den, unit, stats, sparsity, cfg, method, undo) -> list[dict]:
+    out = []
+    if unit.kind == "heads":
+        heads, head_dim, hi = head_layout(den, unit)
+        k = n_remove(heads, sparsity)
+        if k == 0:
+            return []
+        Ws = [weight_matrix(den.get_submodule(n))[:, :hi] for n in unit.hessian_layers]
+        sts = [_sliced(stats, n, 0, hi, False) for n in unit.hessian_layers]
+        new, removed, biases = method.heads(Ws, sts, head_dim, k, cfg)
+        for name, W, Wn, st in zip(unit.hessian_layers, Ws, new, sts):
+            err = reconstruction_error(W, Wn, st.H) if st is not None else None
+            out.append({"name": name, "sparsity": len(removed) / heads, "rel_error": err, "removed_heads": removed})
+        remove_heads(den, unit, removed, undo, new, biases)
+    else:
+        name = unit.hessian_layers[0]
+        inner, lo = neuron_layout(den, unit)
+        k = n_remove(inner, sparsity)
+        if k == 0:
+            return []
+        W = weight_matrix(den.get_submodule(name))[:, lo:]
+        st = _sliced(stats, name, lo, lo + inner, True)
+        Wn, removed, bias = method.neurons(W, st, k, cfg)
+        err = reconstruction_error(W, Wn, st.H) if st is not None else None
+        remove_neurons(den, unit, removed, undo, Wn, bias)
+        out.append({"name": name, "sparsity": k / inner, "rel_error": err, "removed_neurons": len(removed)})
+    return out

@@ -1,0 +1,156 @@
+"""Sampling for calibration: the model's sampling defaults, calibration prompts, and the runner that drives
+the pipeline's own sampling loop (text encoded once, sampling to latents only) while hooks take statistics."""
+from __future__ import annotations
+
+import os
+
+import torch
+from tqdm.auto import tqdm
+
+from .archs import find_denoiser
+from .errors import UsageError
+from .hessian import Calibration
+from .config import is_kind
+from .io import DEFAULTS_FILE, quiet_diffusers, read_defaults
+from .weighting import timestep_weights
+
+GENERIC_SAMPLING = {"num_inference_steps": 25, "guidance_scale": 7.0}  # the paper's calibration settings
+MAX_SEQUENCE_LENGTH = 256  # T5 tokens per prompt unless the model's defaults file says otherwise
+MAX_PROMPT_FILE = 64 * 2**20  # bytes
+
+
+def sampling_defaults(pipe) -> dict:
+    """The model's own sampling defaults (obslib_defaults.json in its directory) or the paper's."""
+    if not hasattr(pipe, "config") or not hasattr(pipe, "components"):
+        raise UsageError(f"pipe must be a diffusers pipeline (obslib.load_pipeline(path)), got {type(pipe).__name__}")
+    path = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
+    d = read_defaults(path) if path else None
+    if d is None:
+        return dict(GENERIC_SAMPLING)
+    d = {**GENERIC_SAMPLING, **d}
+    msl = d.get("max_sequence_length", MAX_SEQUENCE_LENGTH)
+    if not is_kind("int", d["num_inference_steps"]) or not is_kind("real", d["guidance_scale"]) \
+            or not 1 <= d["num_inference_steps"] <= 10_000 or not 0 <= d["guidance_scale"] <= 1000 \
+            or not is_kind("int", msl) or not 1 <= msl <= 4096:
+        raise UsageError(f"{os.path.join(path, DEFAULTS_FILE)!r} must hold num_inference_steps (integer in [1, 10000]), "
+                         "guidance_scale (number in [0, 1000]) and optionally max_sequence_length (integer in [1, 4096])")
+    return d
+
+
+def read_prompt_file(path: str) -> list[str]:
+    """One prompt per line from a UTF-8 text file (blank lines skipped)."""
+    if not os.path.exists(path):
+        raise UsageError(f"prompt file {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise UsageError(f"prompt file {path!r} is not a regular file (a directory, FIFO or device); expected a text "
+                         "file, one prompt per line")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_PROMPT_FILE + 1)
+    except OSError as e:
+        raise UsageError(f"prompt file {path!r} cannot be read ({e.strerror or e})") from None
+    if len(data) > MAX_PROMPT_FILE:
+        raise UsageError(f"prompt file {path!r} is larger than 64 MiB; expected one prompt per line")
+    if b"\0" in data:
+        raise UsageError(f"prompt file {path!r} is binary (it holds NUL bytes); expected UTF-8 text, one prompt per line")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"prompt file {path!r} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError(f"prompt file {path!r} is empty (need one prompt per line)")
+    return prompts
+
+
+def default_calibration_prompts(model_dir: str, n: int) -> list[str]:
+    """The embedded model's own training prompts; other models must pass --prompts FILE."""
+    meta = read_defaults(model_dir) or {}
+    if meta.get("calibration_prompts") != "shapes-train":
+        raise UsageError(f"{model_dir!r} has no default calibration set; pass --prompts FILE (one prompt per line)")
+    from .shapes import prompts
+
+    available = len(prompts("train"))
+    if not 1 <= n <= available:
+        raise UsageError(f"--num-prompts {n}: the shapes world's training split has {available} prompts; "
+                         f"allowed: 1 to {available}")
+    return prompts("train", n)
+
+
+# Per pipeline class: how to encode prompts once, returning the keyword arguments of a pipeline call.
+def _sd3_embeds(pipe, prompts, guidance, max_sequence_length):
+    pe, npe, pooled, npooled = pipe.encode_prompt(
+        prompts, None, None, device=pipe._execution_device, do_classifier_free_guidance=guidance > 1,
+        max_sequence_length=max_sequence_length)
+    out = {"prompt_embeds": pe, "pooled_prompt_embeds": pooled}
+    if guidance > 1:
+        out.update(negative_prompt_embeds=npe, negative_pooled_prompt_embeds=npooled)
+    return out
+
+
+PROMPT_ENCODERS = {"StableDiffusion3Pipeline": _sd3_embeds}
+
+
+class CalibrationRunner:
+    """Runs the pipeline's own sampling loop over the calibration prompts, to latents only."""
+
+    def __init__(self, pipe, prompts: list[str], steps: int, guidance: float, seed: int, batch_size: int,
+                 call_kwargs: dict | None = None, progress: bool = True):
+        self.pipe, self.steps, self.guidance, self.seed, self.progress = pipe, steps, guidance, seed, progress
+        self.call_kwargs = dict(call_kwargs or {})
+        self.batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+        self.indices = list(range(len(self.batches)))  # global batch numbers (seeds); a rank keeps its share
+        enc = PROMPT_ENCODERS.get(type(pipe).__name__)
+        msl = self.call_kwargs.pop("max_sequence_length", MAX_SEQUENCE_LENGTH)
+        if enc is not None:
+            with torch.no_grad(), quiet_diffusers():
+                self.inputs = [enc(pipe, b, guidance, msl) for b in tqdm(
+                    self.batches, desc=f"encode {len(prompts)} prompts", leave=False, disable=not progress)]
+        else:
+            self.inputs = [{"prompt": b} for b in self.batches]
+            if "max_sequence_length" in _call_params(pipe):
+                self.call_kwargs["max_sequence_length"] = msl
+
+    def keep(self, indices: list[int]) -> None:
+        """Sample only these batches (torch.distributed: this rank's share), each with its own seed."""
+        self.indices = list(indices)
+        self.batches = [self.batches[i] for i in self.indices]
+        self.inputs = [self.inputs[i] for i in self.indices]
+
+    def run(self, calib: Calibration, desc: str = "calibration") -> None:
+        device = self.pipe._execution_device
+        self.pipe.set_progress_bar_config(disable=not self.progress, leave=False, desc="steps")
+        for i, inp in zip(self.indices, tqdm(self.inputs, desc=desc, leave=False, disable=not self.progress)):
+            gen = torch.Generator(device=device).manual_seed(self.seed + i)
+            calib.begin_run()
+            try:
+                with torch.no_grad(), quiet_diffusers():
+                    self.pipe(**inp, num_inference_steps=self.steps, guidance_scale=self.guidance, generator=gen,
+                              output_type="latent", **self.call_kwargs)
+            except (AttributeError, TypeError, IndexError, KeyError) as e:  # a pipeline whose parts do not fit
+                msg = " ".join(str(e).split())[:200]
+                raise UsageError(f"{type(self.pipe).__name__} could not sample for calibration ({type(e).__name__}: "
+                                 f"{msg}); is model_index.json's pipeline class right for its components?") from None
+            calib.end_run()
+
+
+def _call_params(pipe) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(type(pipe).__call__).parameters)
+
+
+def collect_stats(pipe, layer_names: list[str], prompts: list[str], steps: int | None = None,
+                  weighting: str = "log-decrease", guidance: float | None = None, seed: int = 0,
+                  batch_size: int = 16, progress: bool = False) -> dict:
+    """Timestep-weighted input statistics (H, mean, per-step energy) of named denoiser layers."""
+    defaults = sampling_defaults(pipe)
+    steps = steps or defaults["num_inference_steps"]
+    guidance = defaults["guidance_scale"] if guidance is None else guidance
+    _, den = find_denoiser(pipe)
+    calib = Calibration(den, {n: den.get_submodule(n) for n in layer_names}, timestep_weights(weighting, steps))
+    msl = {k: v for k, v in defaults.items() if k == "max_sequence_length"}
+    runner = CalibrationRunner(pipe, prompts, steps, guidance, seed, batch_size, msl, progress)
+    with calib:
+        runner.run(calib)
+    return calib.stats

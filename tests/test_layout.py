@@ -1,0 +1,104 @@
+"""The package's layout (issue 18): imports flow one way and no module takes another's private names. Read
+with ``ast`` from the sources, lazy (function-level) imports included."""
+import ast
+import os
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "obslib")
+
+
+def _modules() -> dict[str, str]:
+    out = {}
+    for here, _, files in os.walk(ROOT):
+        for f in files:
+            if f.endswith(".py"):
+                rel = os.path.relpath(os.path.join(here, f), ROOT)[:-3].replace(os.sep, ".")
+                name = "obslib" if rel == "__init__" else "obslib." + rel.removesuffix(".__init__")
+                out[name] = os.path.join(here, f)
+    return out
+
+
+def _imports(name: str, path: str):
+    """(imported module, names taken from it) for every obslib import in the file."""
+    pkg = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = pkg.split(".")
+                base = base[:len(base) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            if mod.startswith("obslib"):
+                yield mod, [a.name for a in node.names]
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("obslib"):
+                    yield a.name, []
+
+
+def _graph():
+    mods = _modules()
+    g, private = {m: set() for m in mods}, []
+    for m, path in mods.items():
+        for target, names in _imports(m, path):
+            for n in names:  # "from .pkg import module" names a module, not an attribute
+                if f"{target}.{n}" in mods:
+                    g[m].add(f"{target}.{n}")
+                elif n.startswith("_") and not n.endswith("__") and target != m:
+                    private.append(f"{m} takes {target}.{n}")
+            if target in mods and target != m and not (m.startswith(target + ".") and target == "obslib"):
+                g[m].add(target)
+    return g, private
+
+
+def _cycles(g):
+    seen, stack, onstack, out = {}, [], set(), []
+
+    def visit(v):
+        seen[v] = True
+        stack.append(v)
+        onstack.add(v)
+        for w in sorted(g.get(v, ())):
+            if w in onstack:
+                out.append(stack[stack.index(w):] + [w])
+            elif w not in seen:
+                visit(w)
+        stack.pop()
+        onstack.discard(v)
+
+    for v in sorted(g):
+        if v not in seen:
+            visit(v)
+    return out
+
+
+def test_no_import_circles():
+    g, _ = _graph()
+    # the package's __init__ re-exports; a module importing "obslib" itself (for __version__) is not a circle
+    g = {m: {t for t in ts if t != "obslib"} for m, ts in g.items() if m != "obslib"}
+    assert _cycles(g) == []
+
+
+def test_no_private_names_across_modules():
+    _, private = _graph()
+    assert private == []
+
+
+def test_the_checks_can_fail(tmp_path):
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+    f = tmp_path / "x.py"
+    f.write_text("from .io import _tree_bytes\nfrom . import api\n")
+    assert list(_imports("obslib.x", str(f))) == [("obslib.io", ["_tree_bytes"]), ("obslib", ["api"])]
+
+
+@pytest.mark.parametrize("name", ["PruneConfig", "prune", "sampling_defaults", "save_pruned", "load_pipeline",
+                                  "load_pruned", "SCHEMES", "timestep_weights", "__version__"])
+def test_public_names_keep_working(name):
+    import obslib
+    import obslib.api
+
+    assert hasattr(obslib, name)
+    for n in ("PruneConfig", "prune", "prune_model", "collect_stats", "read_prompt_file", "save_pruned"):
+        assert hasattr(obslib.api, n)
