@@ -151,7 +151,11 @@ class PruneConfig:
         return cfg
 
     def _check_prompts(self) -> None:
-        self._check_prompts()
+        if self.prompts is not None:
+            if len(self.prompts) == 0:
+                raise UsageError("the calibration prompt list is empty")
+            if any(not p.strip() for p in self.prompts):
+                raise UsageError("the calibration prompt list holds an empty prompt")
 
     def _check_ranges(self) -> None:
         from .methods import METHODS
