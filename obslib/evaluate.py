@@ -20,7 +20,7 @@ import os
 import numpy as np
 
 from .errors import UsageError
-from .io import check_pipeline_dir, quiet_diffusers, write_json
+from .io import check_output_file, check_pipeline_dir, quiet_diffusers, write_json
 from .shapes.classifier import fidelity  # noqa: F401  (obslib.evaluate.fidelity, as before)
 from .shapes.model import DEFAULT_SAMPLING
 from .shapes.world import SPLITS, parse_caption, prompts, render
@@ -57,8 +57,6 @@ def generate(pipe, prompts, seed: int, steps: int | None = None, guidance: float
 def render_prompts(prompts, seed: int) -> np.ndarray:
     """Ground-truth renders of the prompts (image i seeded ``seed + i``)."""
     return np.stack([render(parse_caption(p), seed=int(seed) + i) for i, p in enumerate(prompts)])
-
-
 
 
 def wilson_interval(share: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -173,13 +171,13 @@ def evaluate_pipeline(pipe, num_prompts: int, steps: int, seed: int, reference=N
 
     images = sample(pipe) if images is None else images
     real = render_prompts(ps, seed + REAL_SEED_OFFSET)
-    fid = fidelity(images, ps, clf)
-    out = {"prompt_fidelity": fid.pop("prompt_fidelity")}
+    scores = fidelity(images, ps, clf)
+    out = {"prompt_fidelity": scores.pop("prompt_fidelity")}
     out["prompt_fidelity_lo"], out["prompt_fidelity_hi"] = wilson_interval(out["prompt_fidelity"], len(ps))
     out.update(distribution_metrics(images, real, clf, seed=seed))
     if reference is not None:
         out.update(reconstruction_metrics(images, reference if isinstance(reference, np.ndarray) else sample(reference)))
-    out.update(fid)
+    out.update(scores)
     out.update({"num_prompts": len(ps), "steps": int(steps), "seed": int(seed), "split": split,
                 "guidance": DEFAULT_SAMPLING["guidance_scale"] if guidance is None else float(guidance)})
     return out
@@ -204,45 +202,6 @@ def _load(path: str, device: str = "cpu"):
     return load_pipeline(path, device=device)
 
 
-def _check_out_file(out: str, protect) -> None:
-    """--out is a new file, or an earlier obslib metrics file, in an existing writable directory: never a
-    directory, a symbolic link, a file inside a model directory or anyone else's file."""
-    import json
-    import tempfile
-
-    if not out or not out.strip():
-        raise UsageError("--out '': expected a JSON file path")
-    if out.endswith(os.sep) or os.path.isdir(out):
-        raise UsageError(f"--out {out!r} is a directory; expected a JSON file path")
-    if os.path.islink(out):
-        raise UsageError(f"--out {out!r} is a symbolic link; give the real file path")
-    real = os.path.realpath(out)
-    parent, base = os.path.dirname(real), os.path.basename(real)
-    if not os.path.isdir(parent):
-        raise UsageError(f"--out {out!r}: directory {parent!r} does not exist")
-    if len(os.fsencode(base)) > 200:
-        raise UsageError(f"--out: the file name is {len(os.fsencode(base))} bytes long; at most 200 are allowed")
-    for p in protect:
-        if p and os.path.commonpath([real, os.path.realpath(p)]) == os.path.realpath(p):
-            raise UsageError(f"--out {out!r} lies inside the model directory {p!r}; write the metrics elsewhere")
-    if os.path.lexists(out):
-        try:
-            with open(out, encoding="utf-8") as f:
-                old = json.load(f)
-            ok = isinstance(old, dict) and (old.get("written_by") == "obslib"
-                                            or {"prompt_fidelity", "fid", "kid", "num_prompts", "split"} <= set(old))
-        except (OSError, ValueError):
-            ok = False
-        if not ok:
-            raise UsageError(f"--out {out!r} exists and is not an obslib metrics file; refusing to replace it")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f"{base}.{os.getpid()}.", suffix=".tmp", dir=parent)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise UsageError(f"--out {out!r}: cannot write in {parent!r} ({e.strerror or e})") from None
-
-
 def _run_cli(args) -> None:
     from .io import check_device
 
@@ -262,7 +221,7 @@ def _run_cli(args) -> None:
     if args.reference is not None:
         _check_index(args.reference)
     check_device(args.device)
-    _check_out_file(args.out, [args.model_dir, args.reference])
+    check_output_file(args.out, [args.model_dir, args.reference])
 
     # transformers warns on stderr at import time (e.g. "requires torchvision"); keep the CLI's stderr clean
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

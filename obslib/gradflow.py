@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from .archs import iter_blocks, spec_for
 from .errors import UsageError
+from .shapes.train import BATCH_SEED_STRIDE, NOISE_SEED_STRIDE
 
 SCORE_EVERY = 4
 EMA = 0.7  # weight of the previous score average
@@ -50,6 +51,7 @@ RAMP = 0.75  # chosen gates reach 0 after this share of the iterations
 FD_STEP = 1e-3  # finite-difference step of the Hessian-gradient product (gates are O(1))
 CKPT_EVERY = 25
 CFG_DROPOUT = 0.1
+SHAPES_DATA_SEED_OFFSET = 17  # the shapes-world batches of gradient flow differ from the trainer's (seed + 17)
 # PruneConfig.gradient_criterion: "raise" prunes the groups whose removal raises the gradient norm (the paper's
 # stated criterion, GraSP's rule); "lower" those whose removal lowers it (the direction Lubana & Dick argue can be
 # the safer one on a trained model) -- an ablation  # share of empty captions in training batches (keeps the unconditional branch for CFG)
@@ -141,7 +143,7 @@ class ImageFolder:
     def __call__(self, i: int):
         from PIL import Image, UnidentifiedImageError
 
-        rng = random.Random(self.seed * 1_000_003 + i)
+        rng = random.Random(self.seed * BATCH_SEED_STRIDE + i)
         picks = [self.items[rng.randrange(len(self.items))] for _ in range(self.batch)]
         ims = []
         for fn, _ in picks:
@@ -157,7 +159,7 @@ class ImageFolder:
 def _shapes_world(batch: int, seed: int):
     from .shapes.train import TrainBatches
 
-    data = TrainBatches(seed + 17, batch)
+    data = TrainBatches(seed + SHAPES_DATA_SEED_OFFSET, batch)
     return data.get
 
 
@@ -174,7 +176,7 @@ def _sd3_batches(pipe, source, seed: int, msl: int):
     def batch(i: int):
         from .io import quiet_diffusers
 
-        gen = torch.Generator().manual_seed(seed * 7919 + i)
+        gen = torch.Generator().manual_seed(seed * NOISE_SEED_STRIDE + i)
         captions, x = source(i)
         captions = _captions_dropped(captions, gen)
         with torch.no_grad(), quiet_diffusers():
@@ -223,7 +225,7 @@ def _unet_batches(text):
         vae, device = pipe.vae, pipe._execution_device
 
         def batch(i: int):
-            gen = torch.Generator().manual_seed(seed * 7919 + i)
+            gen = torch.Generator().manual_seed(seed * NOISE_SEED_STRIDE + i)
             captions, x = source(i)
             captions = _captions_dropped(captions, gen)
             with torch.no_grad():
@@ -360,7 +362,7 @@ def _set_gates(masks: SoftMasks, chosen, value: float) -> None:
 def gradient_flow_prune(den, cfg, steps: int, component: str, undo, block_ids: list[int], train_batches=None,
                         **_) -> dict:
     """Train with soft gates, score by GraSP on the gates, hard-prune; returns the method's report fields."""
-    from .surgery import n_remove, remove_heads, remove_neurons, targeted_layers
+    from .surgery import n_remove, remove_heads, remove_neurons, targeted_layers, targeted_size
     from .packages import structured_units
 
     if train_batches is None:
@@ -370,7 +372,7 @@ def gradient_flow_prune(den, cfg, steps: int, component: str, undo, block_ids: l
     masks = SoftMasks(den, units)
     counts = [n_remove(masks.size(ui), cfg.sparsity) for ui in range(len(units))]
     targeted = targeted_layers(den, spec, units, True)
-    target_before = sum(den.get_submodule(n).weight.numel() for n in targeted)
+    target_before = targeted_size(den, targeted, "weights")
     blocks = dict(iter_blocks(den, spec))
     names = [name for bi, (name, _) in enumerate(iter_blocks(den, spec)) if bi in set(u.block_index for u in units)]
     params = {f"{b}.{k}": p for b in names for k, p in blocks[b].named_parameters()}
@@ -445,10 +447,10 @@ def gradient_flow_prune(den, cfg, steps: int, component: str, undo, block_ids: l
         else:
             remove_neurons(den, u, removed, undo)
             layers.append({"name": u.hessian_layers[0], "sparsity": len(removed) / masks.size(units.index(u)),
-                           "rel_error": None, "removed_neurons": len(removed)})
-    target_after = sum(den.get_submodule(n).weight.numel() for n in targeted)
+                           "rel_error": None, "removed_neurons": sorted(removed)})
+    target_after = targeted_size(den, targeted, "weights")
     return {
-        "sparsity_actual": 1 - target_after / target_before, "layers": layers,
+        "sparsity_actual": 1 - target_after / target_before, "sparsity_counts": "weights", "layers": layers,
         "groups_removed": {f"{u.block}:{u.kind}:{','.join(u.hessian_layers)}": r for u, r in zip(units, chosen)},
         "iterations": n, "loss": log, "hessian_mb_per_package": [],
         "timings": {"calibration_s": 0.0, "training_s": t_train, "solve_s": time.perf_counter() - t},

@@ -89,14 +89,14 @@ class Calibration:
         H = calib.stats["blocks.0.attn.to_q"].H
     """
 
-    def __init__(self, denoiser: nn.Module, layers: dict[str, nn.Module], alphas: list[float], device=None):
+    def __init__(self, denoiser: nn.Module, layers: dict[str, nn.Module], alphas: list[float]):
         self.denoiser, self.layers, self.alphas = denoiser, layers, list(alphas)
         self.step = 0  # number of denoiser calls in the current sampling run
         self.run = -1  # index of the current sampling run (begin_run counts them)
         self.stats = {}
         for name, m in layers.items():
             n_in = weight_matrix(m).shape[1]
-            self.stats[name] = LayerStats(n_in, device or m.weight.device)
+            self.stats[name] = LayerStats(n_in, m.weight.device)
         self._handles = []
 
     def begin_run(self) -> None:

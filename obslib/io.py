@@ -178,6 +178,42 @@ def check_output_dir(out, protect=(), overwrite: bool = False, need_bytes: int =
     return real
 
 
+def check_output_file(out: str, protect=(), flag: str = "--out") -> None:
+    """--out is a new file, or an earlier obslib metrics file, in an existing writable directory: never a
+    directory, a symbolic link, a file inside a model directory or anyone else's file."""
+    if not out or not out.strip():
+        raise UsageError(f"{flag} '': expected a JSON file path")
+    if out.endswith(os.sep) or os.path.isdir(out):
+        raise UsageError(f"{flag} {out!r} is a directory; expected a JSON file path")
+    if os.path.islink(out):
+        raise UsageError(f"{flag} {out!r} is a symbolic link; give the real file path")
+    real = os.path.realpath(out)
+    parent, base = os.path.dirname(real), os.path.basename(real)
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {out!r}: directory {parent!r} does not exist")
+    if len(os.fsencode(base)) > 200:
+        raise UsageError(f"{flag}: the file name is {len(os.fsencode(base))} bytes long; at most 200 are allowed")
+    for p in protect:
+        if p and os.path.commonpath([real, os.path.realpath(p)]) == os.path.realpath(p):
+            raise UsageError(f"{flag} {out!r} lies inside the model directory {p!r}; write the metrics elsewhere")
+    if os.path.lexists(out):
+        try:
+            with open(out, encoding="utf-8") as f:
+                old = json.load(f)
+            ok = isinstance(old, dict) and (old.get("written_by") == "obslib"
+                                            or {"prompt_fidelity", "fid", "kid", "num_prompts", "split"} <= set(old))
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            raise UsageError(f"{flag} {out!r} exists and is not an obslib metrics file; refusing to replace it")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f"{base}.{os.getpid()}.", suffix=".tmp", dir=parent)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"{flag} {out!r}: cannot write in {parent!r} ({e.strerror or e})") from None
+
+
 def _exchange(a: str, b: str) -> bool:
     """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where unsupported."""
     try:

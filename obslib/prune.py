@@ -24,7 +24,8 @@ from .methods import METHODS
 from .obs import check_finite, output_energy, reconstruction_error
 from .packages import layer_units, package_layers, split_packages, structured_units
 from .sampling import CalibrationRunner, sampling_defaults
-from .surgery import NoUndo, Undo, head_layout, n_remove, neuron_layout, remove_heads, remove_neurons, targeted_layers
+from .surgery import (NoUndo, Undo, head_layout, n_remove, neuron_layout, remove_heads, remove_neurons, targeted_layers,
+                      targeted_size)
 from .weighting import timestep_weights
 
 
@@ -226,7 +227,8 @@ def _package_loop(r: PackageRun) -> dict:
     calibrate, prop, alphas, steps, ids, n_blocks = r.calibrate, r.prop, r.alphas, r.steps, r.ids, r.n_blocks
     structured, targeted, params_before, weighting = r.structured, r.targeted, r.params_before, r.weighting
     component, undo, t0, dctx = r.component, r.undo, r.t0, r.dctx
-    target_before = sum(den.get_submodule(n).weight.numel() for n in targeted)
+    counts = "weights" if structured else "nonzero weights"
+    target_before = targeted_size(den, targeted, "weights")
     t_cal = t_solve = 0.0
     layers_report = []
     package_mb = []
@@ -294,9 +296,9 @@ def _package_loop(r: PackageRun) -> dict:
                     {"next": pi + 1, "layers": layers_report, "package_mb": package_mb, "calibration_s": t_cal,
                      "solve_s": t_solve})
 
-    target_after = sum(_nonzero_or_size(den.get_submodule(n), structured) for n in targeted)
+    target_after = targeted_size(den, targeted, counts)
     report = _report_frame(cfg, weighting, steps, ids, params_before, den, component)
-    report.update(sparsity_actual=1 - target_after / target_before, packages=len(packages),
+    report.update(sparsity_actual=1 - target_after / target_before, sparsity_counts=counts, packages=len(packages),
                   calibration=None if calibrate is None else cfg.calibration,
                   replay_block_calls=None if prop is None else prop.block_runs,
                   distributed=None if dctx is None else {"world_size": dctx.size, "backend": dctx.backend,
@@ -315,10 +317,6 @@ def _report_frame(cfg, weighting, steps, ids, params_before, den, component) -> 
         "hessian_mb_per_package": [], "timings": {}, "layers": [],
         "config": {k: v for k, v in asdict(cfg).items() if k != "prompts"},
     }
-
-
-def _nonzero_or_size(m, structured: bool) -> int:
-    return m.weight.numel() if structured else int((m.weight != 0).sum())
 
 
 def _solve_layers(den, unit, stats, sparsity, cfg, method, undo) -> list[dict]:
@@ -427,5 +425,5 @@ def _solve_group(den, unit, stats, sparsity, cfg, method, undo) -> list[dict]:
         Wn, removed, bias = method.neurons(W, st, k, cfg)
         err = reconstruction_error(W, Wn, st.H) if st is not None else None
         remove_neurons(den, unit, removed, undo, Wn, bias)
-        out.append({"name": name, "sparsity": k / inner, "rel_error": err, "removed_neurons": len(removed)})
+        out.append({"name": name, "sparsity": k / inner, "rel_error": err, "removed_neurons": sorted(removed)})
     return out

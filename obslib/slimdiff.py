@@ -57,7 +57,7 @@ from .hessian import Calibration, LayerStats, check_stats
 from .errors import UsageError
 from .obs import SolverError, check_finite
 from .processors import reshaped_processor
-from .surgery import keep_rows, linear_like, replace_module
+from .surgery import keep_rows, linear_like, replace_module, targeted_size
 
 FFN_LEVELS = 16  # FFN keep-counts offered to the allocator: width x (1 - j/16), j = 0..15
 RIDGE = 1e-3  # ridge of the leverage scores, relative to the mean diagonal
@@ -407,7 +407,7 @@ def slimdiff_prune(den, cfg, steps: int, component: str, undo, block_ids: list[i
     targeted = sorted({n for a in attns for t in a["streams"] for n in (f"{a['block']}.{x}" for x in t)}
                       | {f"{a['block']}.{o}" for a in attns for o in a["outs"]}
                       | {n for f in ffns for n in f["ups"] + [f["down"]]})
-    target_before = sum(sum(p.numel() for p in den.get_submodule(n).parameters()) for n in targeted)
+    target_before = targeted_size(den, targeted, "parameters")
     budget, possible = int(round(cfg.sparsity * target_before)), max_removable(den, attns, ffns)
     if budget > possible:  # before the calibration, not after it
         raise UsageError(f"--sparsity {cfg.sparsity}: the budget of {budget} parameters cannot be met; slimdiff can "
@@ -435,12 +435,12 @@ def slimdiff_prune(den, cfg, steps: int, component: str, undo, block_ids: list[i
     if cfg.progress:
         for n in notices:
             print(f"slimdiff: {n}", file=sys.stderr)
-    target_after = sum(sum(p.numel() for p in den.get_submodule(n).parameters()) for n in targeted)
+    target_after = targeted_size(den, targeted, "parameters")
     ranks = {g.name: {"kind": g.kind, "level": g.levels[g.choice], "full": g.levels[0],
                       "rel_error": g.errors[g.choice], "params_removed": g.params[0] - g.params[g.choice]}
              for g in groups}
     return {
-        "sparsity_actual": 1 - target_after / target_before,
+        "sparsity_actual": 1 - target_after / target_before, "sparsity_counts": "parameters",
         "targeted_params_before": target_before, "targeted_params_after": target_after,
         "hessian_mb_per_package": [mb],
         "timings": {"calibration_s": t_cal, "solve_s": t_solve},

@@ -55,8 +55,7 @@ def group_update(W: torch.Tensor, Hinv: torch.Tensor, S: list[int]) -> torch.Ten
     return W
 
 
-def prune_neurons(W: torch.Tensor, H: torch.Tensor, n_remove: int, batch: int = 16, percdamp: float = 0.01,
-                  exact_groups: bool = True):
+def prune_neurons(W: torch.Tensor, H: torch.Tensor, n_remove: int, batch: int = 16, percdamp: float = 0.01):
     """Remove ``n_remove`` input columns (neurons) of a down projection with OBS compensation.
 
     Neurons are removed in batches: the ``batch`` lowest-saliency columns (saliency
@@ -76,19 +75,12 @@ def prune_neurons(W: torch.Tensor, H: torch.Tensor, n_remove: int, batch: int = 
         sal[Ha.diagonal() == 0] = -1.0  # dead first, whatever their weights
         b = min(batch, n_remove - len(removed))
         local = torch.topk(sal, b, largest=False).indices.tolist()
-        Wa = group_update(Wa, Hinv, local) if exact_groups else _diag_update(Wa, Hinv, local)
+        Wa = group_update(Wa, Hinv, local)
         W[:, alive] = Wa
         chosen = [alive[i] for i in local]
         removed += chosen
         alive = [c for c in alive if c not in set(chosen)]
     return W, sorted(removed)
-
-
-def _diag_update(W, Hinv, S):
-    for j in S:  # independent single-column OBS updates (ignores interactions inside the batch)
-        W = W - W[:, [j]] @ (Hinv[[j], :] / Hinv[j, j])
-    W[:, S] = 0
-    return W
 
 
 def rrf_fuse(saliencies: list[torch.Tensor], k: int = RRF_K) -> torch.Tensor:

@@ -198,3 +198,16 @@ def targeted_layers(den, spec, units, structured) -> list[str]:
         rel = (g.outs + g.inputs) if u.kind == "heads" else (g.ups + (g.down,))
         names += [f"{u.block}.{r}" for r in rel if has(block, r)]
     return names
+
+
+COUNTS = {  # what a report's sparsity_actual counts over the targeted layers
+    "nonzero weights": lambda m: int((m.weight != 0).sum()),  # unstructured and N:M: zeros, shapes unchanged
+    "weights": lambda m: m.weight.numel(),  # structured: removed rows and columns
+    "parameters": lambda m: sum(p.numel() for p in m.parameters()),  # weights and biases (SlimDiff's budget)
+}
+
+
+def targeted_size(den, names, counts: str) -> int:
+    """The size of the targeted layers as ``counts`` (a key of COUNTS) defines it: the one definition behind
+    every report's ``sparsity_actual`` = 1 - size after / size before, with ``sparsity_counts`` naming it."""
+    return sum(COUNTS[counts](den.get_submodule(n)) for n in names)

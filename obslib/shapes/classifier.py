@@ -394,7 +394,7 @@ def accuracy_report(model: ShapesClassifier, eval_n: int) -> dict:
     imgs, labels = make_batch(scenes, seeds)
     acc = head_accuracy(model, imgs, labels)
     free = head_accuracy(model, *make_batch(scenes, seeds, free=True))
-    fid = fidelity(imgs, [s.caption() for s in scenes], model)
+    scores = fidelity(imgs, [s.caption() for s in scenes], model)
     return {
         "eval": {"split": "heldout", "renders": eval_n, "seeds": f"{EVAL_SEED_BASE}+i",
                  "note": "head accuracy over entries whose label is present; prompt fidelity and acc_* as in "
@@ -403,8 +403,8 @@ def accuracy_report(model: ShapesClassifier, eval_n: int) -> dict:
         "min_head_accuracy": min(acc.values()),
         "head_accuracy_off_lattice": free,
         "min_head_accuracy_off_lattice": min(free.values()),
-        "prompt_fidelity_of_renders": fid["prompt_fidelity"],
-        "attribute_accuracy_of_renders": {k: v for k, v in fid.items() if k.startswith("acc_")},
+        "prompt_fidelity_of_renders": scores["prompt_fidelity"],
+        "attribute_accuracy_of_renders": {k: v for k, v in scores.items() if k.startswith("acc_")},
         "params": sum(p.numel() for p in model.parameters()),
     }
 

@@ -31,6 +31,9 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+BATCH_SEED_STRIDE = 1_000_003  # batch i of seed s draws from random.Random(s * stride + i)
+NOISE_SEED_STRIDE = 7919  # step i of seed s draws its noise from torch's generator seeded s * stride + i
+
 class TrainBatches:
     """Endless seeded stream of (captions, images) from the training split."""
 
@@ -40,7 +43,7 @@ class TrainBatches:
         self.batch, self.p_single, self.seed, self.free = batch, p_single, seed, free
 
     def get(self, step: int):
-        rng = random.Random(self.seed * 1_000_003 + step)
+        rng = random.Random(self.seed * BATCH_SEED_STRIDE + step)
         scenes = [self.by_count[1 if rng.random() < self.p_single else 2] for _ in range(self.batch)]
         scenes = [pool[rng.randrange(len(pool))] for pool in scenes]
         seeds = [rng.randrange(2**31) for _ in scenes]
@@ -154,7 +157,7 @@ def train_denoiser(pipe, steps: int, batch: int, ckpt: str, log: str, seed: int 
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * step / steps)) * 0.9 + 0.1)
-        gen = torch.Generator().manual_seed(seed * 7919 + step)
+        gen = torch.Generator().manual_seed(seed * NOISE_SEED_STRIDE + step)
         captions, x = data.get(step)
         captions = ["" if torch.rand(1, generator=gen).item() < CFG_DROPOUT else c for c in captions]
         with torch.no_grad():
