@@ -5,7 +5,7 @@
 """
 from .config import PruneConfig  # noqa: F401
 from .io import load_pipeline, load_pruned, save_pruned  # noqa: F401
-from .prune import prune  # noqa: F401
+from .driver import prune  # noqa: F401
 from .sampling import sampling_defaults  # noqa: F401
 from .weighting import SCHEMES, timestep_weights  # noqa: F401
 

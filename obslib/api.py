@@ -6,7 +6,7 @@
 from .config import CALIBRATIONS, MAX_SEED, PATTERNS, PruneConfig  # noqa: F401
 from .errors import SolverError, UsageError  # noqa: F401
 from .io import save_pruned  # noqa: F401
-from .prune import prune, prune_model  # noqa: F401
+from .driver import prune, prune_model  # noqa: F401
 from .sampling import collect_stats, default_calibration_prompts, read_prompt_file, sampling_defaults  # noqa: F401
 from .surgery import NoUndo, Undo, n_remove, remove_heads, remove_neurons  # noqa: F401
 from .archs import find_denoiser  # noqa: F401

@@ -2,7 +2,7 @@
 
 A checkpoint directory (``--checkpoint-dir``, default ``.obslib-ckpt-OUT`` beside ``--out``) is obslib's
 only when it holds the marker ``obslib_checkpoint.json`` and nothing but checkpoint entries: folders named
-``pkg-NNNN`` (package checkpoints) or ``it-NNNNNNN`` (gradient flow), each with exactly one safetensors
+``pkg-NNNN`` (package checkpoints), ``it-NNNNNNN`` (gradient flow) or ``step-NNNNNNN`` (the trainer), each with exactly one safetensors
 file and one ``meta.json``, and the ``*.tmp-PID`` folders of an entry being written. Anything else makes
 it someone else's: it is refused before any work and never deleted. Removal after a successful run goes
 file by file through that list, so a file a user put there keeps the directory (and itself) in place.
@@ -35,6 +35,7 @@ MARKER = "obslib_checkpoint.json"
 KINDS = {  # kind -> (entry prefix, digits, the files of one entry)
     "packages": ("pkg-", 4, ("weights.safetensors", "meta.json")),
     "gradient-flow": ("it-", 7, ("state.safetensors", "meta.json")),
+    "training": ("step-", 7, ("state.safetensors", "meta.json")),  # the embedded model's trainer, per stage
 }
 DELETE_HINT = "delete that directory, or run without --resume"
 

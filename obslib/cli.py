@@ -21,7 +21,7 @@ from .errors import SolverError, UsageError
 from .io import (check_device, check_output_dir, check_pipeline_dir, ignored_pickles, load_pipeline, save_pruned,
                  tree_bytes)
 from .methods import METHODS
-from .prune import prune
+from .driver import prune
 from .sampling import default_calibration_prompts, read_prompt_file
 from .weighting import SCHEMES
 

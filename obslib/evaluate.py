@@ -19,6 +19,7 @@ import os
 
 import numpy as np
 
+from .config import MAX_SEED
 from .errors import UsageError
 from .io import check_output_file, check_pipeline_dir, quiet_diffusers, write_json
 from .shapes.classifier import fidelity  # noqa: F401  (obslib.evaluate.fidelity, as before)
@@ -209,7 +210,7 @@ def _run_cli(args) -> None:
     if not 2 <= args.num_prompts <= n_avail:
         raise UsageError(f"--num-prompts {args.num_prompts}: FID/KID need at least 2 images and the {args.split} split "
                          f"has {n_avail} prompts; allowed: 2 to {n_avail}")
-    if not 0 <= args.seed < 2**63 - 2**32:
+    if not 0 <= args.seed < MAX_SEED:
         raise UsageError(f"--seed {args.seed}: must be an integer in [0, 2**63 - 2**32)")
     if not 1 <= args.steps <= 10_000:
         raise UsageError(f"--steps {args.steps}: must be an integer in [1, 10000]")

@@ -20,10 +20,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import PruneConfig
-from .prune import prune
+from .driver import prune
 from .evaluate import (REAL_SEED_OFFSET, distribution_metrics, fidelity, generate, reconstruction_metrics,
                        render_prompts, wilson_interval)
-from .io import load_pipeline
+from .io import load_pipeline, read_defaults
 from .methods import METHODS
 from .shapes import prompts as world_prompts
 
@@ -74,7 +74,7 @@ class Evaluator:
         self.classifier = load_classifier()
         self._dense: dict[tuple, np.ndarray] = {}
         self._real: dict[int, np.ndarray] = {}
-        self.defaults = json.load(open(os.path.join(model_dir, "obslib_defaults.json")))
+        self.defaults = read_defaults(model_dir) or {}
 
     def images(self, pipe, s: Setting, seed: int) -> np.ndarray:
         _set_sampler(pipe, s.eval_sampler)

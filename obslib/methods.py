@@ -3,7 +3,7 @@
 A method supplies, per granularity, a function that turns a layer's weight and calibration statistics
 into pruned weights. Unstructured / N:M functions take (W, stats, sparsity, n, m, cfg) and return
 (W_hat, mask); structured ones return compensated output-projection weights, the removed heads or
-neurons and optional bias deltas (added where the layer has a bias). The driver (``obslib.prune``) is the same for every method.
+neurons and optional bias deltas (added where the layer has a bias). The driver (``obslib.driver``) is the same for every method.
 """
 from __future__ import annotations
 

@@ -391,7 +391,7 @@ def apply_group(den, g: Group, undo) -> dict:
 # ------------------------------------------------------------------------------------------ driver
 def slimdiff_prune(den, cfg, steps: int, component: str, undo, block_ids: list[int], calibrate=None, **_) -> dict:
     """Calibrate once, score every group's levels, allocate the budget, slim in place; returns the report
-    fields particular to SlimDiff (the driver in ``obslib.prune`` adds the common ones)."""
+    fields particular to SlimDiff (the driver in ``obslib.driver`` adds the common ones)."""
     from .packages import structured_units
     from .weighting import timestep_weights
 

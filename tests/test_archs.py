@@ -3,7 +3,8 @@ unstructured, 2:4 and structured pruning -> forward runs -> save -> reload -> id
 import pytest
 import torch
 
-from obslib.api import PruneConfig, prune_model
+from obslib.config import PruneConfig
+from obslib.driver import prune_model
 from obslib.archs import ARCHS, iter_blocks, spec_for
 from obslib.io import load_pruned_model, write_json
 from obslib.obs import check_nm

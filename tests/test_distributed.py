@@ -72,7 +72,7 @@ def _worker(rank, world, init, model, sparsity_by_rank, pattern, out):
     import torch.distributed as dist
 
     import obslib
-    from obslib.api import PruneConfig
+    from obslib.config import PruneConfig
     from obslib.io import UsageError
 
     torch.set_num_threads(1)
@@ -107,7 +107,7 @@ def _spawn(tmp_path, model, sparsities, pattern="unstructured"):
 
 def test_python_api_in_a_process_group_structured(tiny_pipe_dir, tmp_path):
     import obslib
-    from obslib.api import PruneConfig
+    from obslib.config import PruneConfig
 
     res = _spawn(tmp_path, tiny_pipe_dir, [0.25, 0.25], "structured")
     assert all(r["ok"] for r in res), res

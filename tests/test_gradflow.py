@@ -13,7 +13,7 @@ import torch
 
 import obslib
 from obslib.config import PruneConfig
-from obslib.prune import prune_model
+from obslib.driver import prune_model
 from obslib.surgery import NoUndo as _NoUndo, remove_heads, remove_neurons
 from obslib.archs import spec_for
 from obslib.gradflow import ImageFolder, SoftMasks, hessian_gradient

@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from obslib.baselines import _magnitude
+from obslib.baselines import magnitude_prune
 from obslib.obs import check_nm, damped_inverse_cholesky, obs_prune, reconstruction_error
 
 
@@ -101,7 +101,7 @@ def test_between_global_optimum_and_magnitude_bruteforce():
     best = min(optimal_error(W, H, torch.tensor([[i in c for i in range(8)]]))
                for c in itertools.combinations(range(8), 4))
     W_obs, _ = obs_prune(W, H, 0.5, percdamp=0.0, dtype=torch.float64)
-    W_mag, _ = _magnitude(W, None, 0.5, 0, 0, None)
+    W_mag, _ = magnitude_prune(W, None, 0.5, 0, 0, None)
     e_obs, e_mag = reconstruction_error(W, W_obs, H), reconstruction_error(W, W_mag, H)
     assert best - 1e-12 <= e_obs <= e_mag
     assert e_obs < 0.8 * e_mag
@@ -113,7 +113,7 @@ def test_never_worse_than_magnitude(seed):
     W = rand_w(32, 64, 20 + seed)
     for n, m, s in ((0, 0, 0.5), (0, 0, 0.7), (2, 4, 0.5)):
         W_obs, _ = obs_prune(W, H, s, n, m, blocksize=16)
-        W_mag, _ = _magnitude(W, None, s, n, m, None)
+        W_mag, _ = magnitude_prune(W, None, s, n, m, None)
         assert reconstruction_error(W, W_obs, H) < reconstruction_error(W, W_mag, H)
 
 

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import obslib
-from obslib.api import PruneConfig, find_denoiser, sampling_defaults
+from obslib.archs import find_denoiser
+from obslib.config import PruneConfig
+from obslib.sampling import sampling_defaults
 from obslib.archs import iter_blocks, spec_for
 from obslib.hessian import Calibration
 from obslib.io import UsageError
@@ -211,7 +213,7 @@ def test_propagate_equals_resample_when_the_trajectory_is_fixed(arch, pattern):
     table's ``chain`` (Flux across its double- to single-stream blocks) and the replay for every family."""
     from test_archs import BUILDERS, STEPS, _calibrate
 
-    from obslib.api import prune_model
+    from obslib.driver import prune_model
 
     pruned = []
     for calibration in ("resample", "propagate"):
@@ -237,7 +239,7 @@ def test_propagate_equals_resample_when_the_trajectory_is_fixed(arch, pattern):
 def test_unet_cannot_propagate():
     from test_archs import BUILDERS, STEPS, _calibrate
 
-    from obslib.api import prune_model
+    from obslib.driver import prune_model
 
     model, inputs = BUILDERS["unet"]()
     model.eval()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import obslib
-from obslib.api import PruneConfig
+from obslib.config import PruneConfig
 from obslib.io import UsageError
 from obslib.shapes import prompts
 

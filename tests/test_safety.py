@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import obslib
-from obslib.api import PruneConfig
+from obslib.config import PruneConfig
 from obslib.io import UsageError, check_output_dir, clean_stale, write_json
 from obslib.obs import SolverError, damped_inverse, obs_prune
 from obslib.owned import write_file_list
@@ -418,7 +418,10 @@ def test_numpy_numbers_are_taken_as_plain_numbers(tiny_pipe, tmp_path):
 
     cfg = PruneConfig(**{**QUICK, "prompts": tuple(QUICK["prompts"]), "packages": np.int64(1)}, sparsity=np.float32(0.5))
     rep = obslib.prune(tiny_pipe, cfg)
-    assert type(cfg.sparsity) is float and type(cfg.packages) is int and isinstance(cfg.prompts, list)
+    assert type(cfg.sparsity) is np.float32 and isinstance(cfg.prompts, tuple)  # the caller's object is never changed
+    checked = cfg.validate()
+    assert type(checked.sparsity) is float and type(checked.packages) is int and isinstance(checked.prompts, list)
+    assert rep["config"]["sparsity"] == 0.5 and type(rep["config"]["packages"]) is int
     obslib.save_pruned(tiny_pipe, rep, str(tmp_path / "o"))
     assert json.load(open(tmp_path / "o" / "pruning_report.json"))["sparsity_target"] == 0.5
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import obslib
-from obslib.api import PruneConfig
+from obslib.config import PruneConfig
 from obslib.io import UsageError
 from obslib.shapes import prompts
 from test_safety import cli, one_line, tree
@@ -314,7 +314,7 @@ def test_sigint_before_any_package_leaves_nothing(tiny_pipe_dir, tmp_path):
 
 
 def test_an_error_after_a_finished_package_names_the_resume_command(tiny_pipe_dir, tmp_path, capsys, monkeypatch):
-    import obslib.prune as api
+    import obslib.driver as api
     from obslib.obs import SolverError
 
     real, calls = api._solve_group, [0]

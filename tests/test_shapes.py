@@ -119,7 +119,8 @@ def test_training_command_runs_resumes_and_records_its_stages(tmp_path):
     assert rows[0] == "stage,step,loss,kl" and {r.split(",")[0] for r in rows[1:]} == {"vae", "denoiser", "decoder"}
     hist = training_history(str(out))
     assert [(h["layout"], h["steps"], h["init_from"]) for h in hist] == [("free", 2, None)]
-    assert json.loads((ck / "denoiser" / "meta.json").read_text())["step"] == 2
+    assert json.loads((ck / "denoiser" / "step-0000002" / "meta.json").read_text())["step"] == 2
+    assert sorted(os.listdir(ck / "denoiser")) == ["obslib_checkpoint.json", "step-0000002"]  # the newest only
     main(args)  # resume: every stage is complete, no new loss rows
     assert len(log.read_text().splitlines()) == len(rows)
     main(["--init-from", str(out), "--out", str(tmp_path / "next"), "--checkpoint-dir", str(tmp_path / "ck2"),

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import obslib
-from obslib.api import PruneConfig, prune_model
+from obslib.config import PruneConfig
+from obslib.driver import prune_model
 from obslib.archs import spec_for
 from obslib.io import UsageError, load_pruned_model
 from obslib.processors import ReshapedAttnProcessor, ReshapedJointAttnProcessor
@@ -148,7 +149,7 @@ def test_sparsity_zero_changes_nothing_and_full_rank_apply_is_exact(tiny_pipe, t
     out = gen()
     assert abs(out - before).max() < 2e-3
     # the reshaped processors travel through the manifest
-    from obslib.api import _with_manifest
+    from obslib.manifest import with_manifest as _with_manifest
 
     rep = _with_manifest({"method": "slimdiff"}, den, "transformer")
     assert set(rep["manifest"]["attention"]) == {"transformer_blocks.1.attn", "transformer_blocks.2.attn"}

@@ -33,7 +33,7 @@ def model_report(model_dir: str, num_prompts: int = 256, seeds=(0, 1, 2), out_js
 
     from .. import PruneConfig, load_pipeline, prune
     from ..evaluate import evaluate_pipeline, fidelity, generate
-    from ..io import write_json
+    from ..io import read_defaults, write_json
     from ..plots import image_grid, save
     from .classifier import load_classifier
     from .train import training_history
@@ -41,7 +41,7 @@ def model_report(model_dir: str, num_prompts: int = 256, seeds=(0, 1, 2), out_js
 
     clf = load_classifier()
     dense = load_pipeline(model_dir)
-    defaults = json.load(open(os.path.join(model_dir, "obslib_defaults.json")))
+    defaults = read_defaults(model_dir) or {}
     steps = defaults["num_inference_steps"]
     ps = prompts("heldout", num_prompts)
     # the dense model's held-out images per seed: scored as its own, and the pruned model's PSNR/SSIM reference

@@ -17,9 +17,9 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..checkpoint import CheckpointDir
 from ..io import quiet_diffusers
 from .model import DEFAULT_SAMPLING, build_pipeline
 from .world import render_batch, splits
@@ -51,19 +51,20 @@ class TrainBatches:
 
 
 def _save_ckpt(path: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    os.makedirs(path, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(path, "state.safetensors.tmp"))
-    os.replace(os.path.join(path, "state.safetensors.tmp"), os.path.join(path, "state.safetensors"))
-    with open(os.path.join(path, "meta.json.tmp"), "w") as f:
-        json.dump(meta, f)
-    os.replace(os.path.join(path, "meta.json.tmp"), os.path.join(path, "meta.json"))
+    """The stage's newest checkpoint (the same checkpoint directories as pruning: obslib/checkpoint.py)."""
+    ck = CheckpointDir(path, "training", "training checkpoint")
+    final = ck.write(meta["step"], {k: v.contiguous() for k, v in tensors.items()}, meta)
+    ck.keep_only(os.path.basename(final))
 
 
 def _load_ckpt(path: str):
-    if not os.path.exists(os.path.join(path, "meta.json")):
+    ck = CheckpointDir(path, "training", "training checkpoint")
+    if os.path.lexists(path):
+        ck.check()  # a folder that is not an obslib checkpoint is refused, never overwritten
+    entries = ck.entries()
+    if not entries:
         return None, None
-    with open(os.path.join(path, "meta.json")) as f:
-        return load_file(os.path.join(path, "state.safetensors")), json.load(f)
+    return ck.read(entries[-1], {"step": lambda v: isinstance(v, int) and v >= 1})
 
 
 def optim_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:
