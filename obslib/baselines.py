@@ -47,7 +47,7 @@ def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     return mask
 
 
-def _apply(W, mask):
+def _masked(W, mask):
     W = W.detach().double().clone()
     W[mask] = 0
     return W, mask
@@ -55,7 +55,7 @@ def _apply(W, mask):
 
 def magnitude_prune(W, stats, sparsity, n, m, cfg):
     score = W.detach().double().abs()
-    return _apply(W, nm_mask(score, n, m) if n else global_mask(score, sparsity))
+    return _masked(W, nm_mask(score, n, m) if n else global_mask(score, sparsity))
 
 
 def wanda_score(W, stats) -> torch.Tensor:
@@ -65,7 +65,7 @@ def wanda_score(W, stats) -> torch.Tensor:
 
 def wanda_prune(W, stats, sparsity, n, m, cfg):
     score = wanda_score(W, stats)
-    return _apply(W, nm_mask(score, n, m) if n else row_mask(score, sparsity))
+    return _masked(W, nm_mask(score, n, m) if n else row_mask(score, sparsity))
 
 
 def dsnot_refine(W, stats, mask, m: int = 0, cycles: int = 50):
@@ -110,7 +110,7 @@ def dsnot_refine(W, stats, mask, m: int = 0, cycles: int = 50):
 def dsnot_prune(W, stats, sparsity, n, m, cfg):
     _, mask = wanda_prune(W, stats, sparsity, n, m, cfg)
     mask, _ = dsnot_refine(W, stats, mask, m if n else 0, cycles=cfg.extra.get("dsnot_cycles", 50) if cfg else 50)
-    return _apply(W, mask)
+    return _masked(W, mask)
 
 
 # --- structured baselines -----------------------------------------------------------------------

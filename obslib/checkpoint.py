@@ -304,7 +304,7 @@ class PackageCheckpoint:
         state = None
         for i, (tensors, heads, st) in enumerate(loaded):
             try:
-                _apply(den, tensors, heads, undo)
+                _apply_entry(den, tensors, heads, undo)
             except (RuntimeError, ValueError, IndexError) as e:
                 raise UsageError(f"checkpoint {os.path.join(self.path, self.dir.entry_name(i))!r} does not fit the "
                                  f"model ({' '.join(str(e).split())[:100]}); {DELETE_HINT}") from None
@@ -348,7 +348,7 @@ def _check_layers(den, tensors: dict, layers: list[str], tf: str) -> None:
                              f"--dtype?); {DELETE_HINT}")
 
 
-def _apply(den, tensors: dict, heads: dict, undo) -> None:
+def _apply_entry(den, tensors: dict, heads: dict, undo) -> None:
     from .surgery import linear_like, replace_module, set_heads
 
     for name in sorted({k.rsplit(".", 1)[0] for k in tensors}):
