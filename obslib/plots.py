@@ -24,12 +24,26 @@ def image_grid(images: np.ndarray, captions: list[str], ncols: int = 8, width: f
 
 
 def save(fig, path: str) -> str:
-    """Write a PNG atomically."""
+    """Write a PNG atomically and, inside a notebook kernel, show it as the cell's image output (papermill runs
+    with the Agg backend, which draws nothing by itself: without this the executed notebooks hold no figures)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=130, bbox_inches="tight")
     os.replace(tmp, path)
+    _show(path)
+    plt.close(fig)
     return path
+
+
+def _show(path: str) -> None:
+    try:
+        from IPython import get_ipython
+        from IPython.display import Image, display
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None and getattr(shell, "kernel", None) is not None:
+        display(Image(filename=path))
 
 
 def metric_lines(summary, x: str, hue: str, metric: str, ax=None, label: str | None = None):
