@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test study tour model notebooks clean-results
+.PHONY: install test study tour model notebooks notebook-outputs clean-results
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,14 +16,20 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP)
 
-# pytest + nbval (lax) over every notebook in quick mode (OBSLIB_MODE=quick)
+# pytest + nbval over every notebook in quick mode (OBSLIB_MODE=quick): every cell must run, and cells marked
+# "# NBVAL_CHECK_OUTPUT" must print what notebooks/*.ipynb hold (their quick-mode outputs, refreshed by `make notebook-outputs`)
 test: install
-	OBSLIB_MODE=quick MPLBACKEND=Agg $(PY) -m pytest tests --nbval-lax notebooks -p no:cacheprovider
+	OBSLIB_MODE=quick MPLBACKEND=Agg $(PY) -m pytest tests --nbval-lax notebooks --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
 
 # the notebooks' sources are the jupytext scripts notebooks/NN_*.py: after editing one, refresh its .ipynb
 # (make test fails while a pair is out of sync)
 notebooks: install
 	$(VENV)/bin/jupytext --update --to ipynb notebooks/[0-9]*.py
+
+# run every notebook in quick mode in place, so notebooks/*.ipynb hold the reference outputs nbval checks
+notebook-outputs: install
+	for nb in notebooks/[0-9]*.ipynb; do OBSLIB_MODE=quick MPLBACKEND=Agg $(VENV)/bin/jupyter nbconvert --to notebook \
+	  --execute --inplace --ExecutePreprocessor.timeout=1800 $$nb || exit 1; done
 
 # five minutes: the walkthrough in quick mode, one prune, one evaluation (outputs under .tmp)
 tour: install

@@ -9,8 +9,8 @@
 * ``fid`` / ``kid``: torchmetrics' FrechetInceptionDistance / KernelInceptionDistance on the evaluator's
   penultimate features (not Inception: the images are 48x48 synthetic shapes), generated images vs
   renders of the same prompts.
-* ``psnr`` / ``ssim`` (with a reference pipeline): against the reference's images for the same prompts
-  and seeds, i.e. how closely a pruned model reproduces its dense parent.
+* ``psnr`` / ``ssim`` (with a reference pipeline): against the reference's image of the same prompt and
+  seed, per image, averaged over images — how closely a pruned model reproduces its dense parent.
 """
 from __future__ import annotations
 
@@ -140,15 +140,24 @@ def distribution_metrics(fake: np.ndarray, real: np.ndarray, classifier, batch_s
     return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_sd": float(half_sd) / math.sqrt(2)}
 
 
-def reconstruction_metrics(images: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    """PSNR and SSIM (data range 1) of images against reference images of the same prompts and seeds."""
-    from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+PSNR_CAP_DB = 100.0  # an image identical to its reference has infinite PSNR; per-image values are capped here
+
+
+def reconstruction_metrics(images: np.ndarray, reference: np.ndarray, per_prompt: bool = False) -> dict:
+    """PSNR and SSIM (data range 1) of each image against the reference image of the same prompt and seed,
+    averaged over images (PSNR per image capped at ``PSNR_CAP_DB``). ``per_prompt=True`` adds the per-image
+    values under ``per_prompt`` (``psnr``, ``ssim``)."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     x = _nchw(images).float() / 255.0
     y = _nchw(reference).float() / 255.0
-    psnr = PeakSignalNoiseRatio(data_range=1.0)
-    ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
-    return {"psnr": float(psnr(x, y)), "ssim": float(ssim(x, y))}
+    psnr = peak_signal_noise_ratio(x, y, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    psnr = psnr.nan_to_num(posinf=PSNR_CAP_DB).clamp(max=PSNR_CAP_DB).numpy().astype(float)
+    ssim = structural_similarity_index_measure(x, y, data_range=1.0, reduction="none").numpy().astype(float)
+    out = {"psnr": float(psnr.mean()), "ssim": float(ssim.mean())}
+    if per_prompt:
+        out["per_prompt"] = {"psnr": psnr, "ssim": ssim}
+    return out
 
 
 # ------------------------------------------------------------------------------------------ pipeline

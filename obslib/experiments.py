@@ -29,6 +29,9 @@ from .shapes import prompts as world_prompts
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "shapes-sd3")
 EVAL_SEED_OFFSET = 1000
+# version of the evaluation in the run cache's key: pp2 = per-prompt outcomes kept, PSNR/SSIM averaged per image
+EVAL_VERSION = "pp2"
+PP_COLUMNS = ("pp_fidelity", "pp_attributes", "pp_psnr", "pp_ssim")  # per-prompt outcomes (obslib.compare.encode)
 SAMPLERS = {"euler": "FlowMatchEulerDiscreteScheduler", "heun": "FlowMatchHeunDiscreteScheduler"}
 
 
@@ -92,12 +95,24 @@ class Evaluator:
             self._real[seed] = render_prompts(self.prompts, EVAL_SEED_OFFSET + seed + REAL_SEED_OFFSET)
         return self._real[seed]
 
-    def score(self, images: np.ndarray, s: Setting, seed: int) -> dict:
-        out = fidelity(images, self.prompts, self.classifier)
+    def score(self, images: np.ndarray, s: Setting, seed: int, dense: bool = False) -> dict:
+        """Every metric of one row, and its per-prompt outcomes as ``pp_*`` strings (see obslib.compare)."""
+        from .compare import encode
+
+        fid = fidelity(images, self.prompts, self.classifier, per_prompt=True)
+        pp = fid.pop("per_prompt")
+        out = dict(fid)
         out["n_prompts"] = len(self.prompts)
-        out["attribute_accuracy"] = float(np.mean([v for k, v in out.items() if k.startswith("acc_")]))
+        out["attribute_accuracy"] = float(np.mean(pp["attributes"]))
         out.update(distribution_metrics(images, self.real(seed), self.classifier, seed=seed))
-        out.update(reconstruction_metrics(images, self.dense_images(s, seed)))
+        out["pp_fidelity"] = encode(pp["correct"])
+        out["pp_attributes"] = encode(pp["attributes"], 4)
+        if dense:  # the reference itself: no PSNR/SSIM to report
+            out.update(psnr=np.nan, ssim=np.nan, pp_psnr=np.nan, pp_ssim=np.nan)
+        else:
+            rec = reconstruction_metrics(images, self.dense_images(s, seed), per_prompt=True)
+            out.update(psnr=rec["psnr"], ssim=rec["ssim"], pp_psnr=encode(rec["per_prompt"]["psnr"], 3),
+                       pp_ssim=encode(rec["per_prompt"]["ssim"], 4))
         return out
 
 
@@ -115,12 +130,13 @@ def run_setting(ev: Evaluator, s: Setting, seed: int, progress: bool = False) ->
     row.update(seed=seed, **{f"extra_{k}": v for k, v in s.extra.items()})
     if s.method == "dense":
         pipe = load_pipeline(ev.model_dir)
-        row.update(prune_s=0.0, sparsity_actual=0.0, params=sum(p.numel() for p in pipe.transformer.parameters()))
+        row.update(sparsity=0.0, pattern="none", prune_s=0.0, sparsity_actual=0.0,
+                   params=sum(p.numel() for p in pipe.transformer.parameters()))
         row["gflops"] = transformer_flops(pipe) / 1e9
         t = time.perf_counter()
         images = ev.dense_images(s, seed)
         row["generate_s"] = time.perf_counter() - t
-        row.update(ev.score(images, s, seed))
+        row.update(ev.score(images, s, seed, dense=True))
         return row
     key = _prune_key(s, seed)
     if key in _PRUNED:
@@ -165,12 +181,14 @@ def run_grid(settings: list[Setting], seeds, out_csv: str, evaluator: Evaluator 
 
     ev = evaluator or Evaluator(**ev_kwargs)
     prompts_digest = hashlib.sha1("\n".join(ev.prompts).encode()).hexdigest()[:8]
-    tag = f"{model_fingerprint(ev.model_dir)}/{ev.num_prompts}/{prompts_digest}"
+    tag = f"{model_fingerprint(ev.model_dir)}/{ev.num_prompts}/{prompts_digest}/{EVAL_VERSION}"
 
     def key(s, sd):
         return f"{tag}|{s.key(sd)}"
 
-    done = pd.read_csv(out_csv) if os.path.exists(out_csv) else pd.DataFrame()
+    done = pd.read_csv(out_csv, dtype={c: str for c in PP_COLUMNS}) if os.path.exists(out_csv) else pd.DataFrame()
+    if "key" in done and len(done):  # rows made before per-prompt outcomes were kept are recomputed
+        done = done[done["key"].astype(str).str.split("|").str[0].str.endswith(f"/{EVAL_VERSION}")]
     keys = set(done["key"]) if "key" in done else set()
     todo = [(s, sd) for sd in seeds for s in settings if key(s, sd) not in keys]  # seed-major: reuse pruned models
     rows = done.to_dict("records")
@@ -185,10 +203,10 @@ def run_grid(settings: list[Setting], seeds, out_csv: str, evaluator: Evaluator 
 
 
 def _write_csv(df: pd.DataFrame, path: str) -> None:
+    from .owned import write_text
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    write_text(path, df.to_csv(index=False))
 
 
 METRICS = ("prompt_fidelity", "attribute_accuracy", "fid", "kid", "psnr", "ssim")
@@ -218,7 +236,7 @@ def _n_prompts(df: pd.DataFrame) -> pd.Series:
     """Evaluation prompts per row: the row's own count, else the one in its cache key (model/prompts/digest)."""
     n = df["n_prompts"] if "n_prompts" in df else pd.Series(np.nan, index=df.index)
     if "key" in df:
-        from_key = df["key"].astype(str).str.split("|").str[0].str.split("/").str[-2]
+        from_key = df["key"].astype(str).str.split("|").str[0].str.split("/").str[1]
         n = n.fillna(pd.to_numeric(from_key, errors="coerce"))
     return n.fillna(0)
 
@@ -227,6 +245,8 @@ def cell(row, metric: str, digits: int = 3) -> str:
     """'mean ± std' of one summary row (the std is left out with a single seed); prompt fidelity adds its 95%
     interval over prompts and seeds, KID its own standard error."""
     m, sd = row[f"{metric}_mean"], row.get(f"{metric}_std", np.nan)
+    if not np.isfinite(m):
+        return "— (reference)" if metric in ("psnr", "ssim") else "—"
     text = f"{m:.{digits}f} ± {sd:.{digits}f}" if np.isfinite(sd) else f"{m:.{digits}f} (one seed)"
     lo, hi = row.get(f"{metric}_lo", np.nan), row.get(f"{metric}_hi", np.nan)
     if np.isfinite(lo) and np.isfinite(hi):
@@ -234,42 +254,6 @@ def cell(row, metric: str, digits: int = 3) -> str:
     if metric == "kid" and np.isfinite(row.get("kid_sd_mean", np.nan)):
         text += f" (estimate's sd {row['kid_sd_mean']:.{digits}f})"
     return text
-
-
-def separated(ra, rb, metric: str, higher: bool = True) -> int:
-    """+1 when row a is ahead of row b, -1 when behind, 0 when the evidence does not tell them apart: the gap
-    must exceed both seeds' standard deviations and, for prompt fidelity, the two 95% intervals over
-    prompts must not overlap (with 64 prompts a share is known to about ±0.1)."""
-    gap = (ra[f"{metric}_mean"] - rb[f"{metric}_mean"]) * (1 if higher else -1)
-    spread = max(ra.get(f"{metric}_std", np.nan), rb.get(f"{metric}_std", np.nan), 1e-9)
-    if not np.isfinite(spread) or abs(gap) <= spread:
-        return 0
-    lo_a, hi_a = ra.get(f"{metric}_lo", np.nan), ra.get(f"{metric}_hi", np.nan)
-    lo_b, hi_b = rb.get(f"{metric}_lo", np.nan), rb.get(f"{metric}_hi", np.nan)
-    if all(np.isfinite([lo_a, hi_a, lo_b, hi_b])) and not (lo_a > hi_b or lo_b > hi_a):
-        return 0
-    return 1 if gap > 0 else -1
-
-
-def versus(summary: pd.DataFrame, where: dict, col: str, a, b, metric: str = "prompt_fidelity",
-           higher: bool = True) -> str:
-    """A sentence comparing rows a and b of ``col`` (within the rows matching ``where``) on ``metric``, with the
-    verdict of ``separated`` (seeds' spread; for prompt fidelity also the 95% intervals over prompts)."""
-    t = summary
-    for k, v in where.items():
-        t = t[np.isclose(t[k], v)] if isinstance(v, float) else t[t[k] == v]
-    t = t.set_index(col)
-    if a not in t.index or b not in t.index:
-        return f"({a} or {b} not in this run)"
-    ra, rb = t.loc[a], t.loc[b]
-    spread = max(ra.get(f"{metric}_std", np.nan), rb.get(f"{metric}_std", np.nan))
-    what = "the seeds' spread" + (" and the 95% intervals" if f"{metric}_lo" in t else "")
-    if not np.isfinite(spread):
-        verdict = "one seed: no spread to judge by"
-    else:
-        verdict = {1: f"{a} ahead beyond {what}", -1: f"{b} ahead beyond {what}", 0: f"within {what}"}[
-            separated(ra, rb, metric, higher)]
-    return f"{metric.replace('_', ' ')}: {a} {cell(ra, metric)} vs {b} {cell(rb, metric)} — {verdict}"
 
 
 def format_table(summary: pd.DataFrame, by: list[str], metrics=("prompt_fidelity", "fid", "psnr")) -> pd.DataFrame:
@@ -312,87 +296,17 @@ def transformer_flops(pipe, batch: int = 2) -> float:
     return float(fc.get_total_flops())
 
 
-def median_time(fn, repeats: int = 7, warmup: int = 1) -> dict:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return {"median_s": float(np.median(ts)), "min_s": float(np.min(ts)), "max_s": float(np.max(ts)), "repeats": repeats}
-
-
-def speed_table(model_dir: str = DEFAULT_MODEL, sparsities=(0.1, 0.2, 0.3), repeats: int = 7, num_calib: int = 32,
-                batch_prompts: int = 16) -> pd.DataFrame:
-    """Dense vs structurally pruned (OBS-Diff) transformer-forward and pipeline wall times on this machine."""
-    ps = world_prompts("heldout", batch_prompts)
-    rows = []
-    for s in [0.0, *sparsities]:
-        pipe = load_pipeline(model_dir)
-        if s > 0:
-            prune(pipe, PruneConfig(pattern="structured", sparsity=s, prompts=world_prompts("train", num_calib), progress=False))
-        den, c = pipe.transformer, pipe.transformer.config
-        b = 2 * batch_prompts
-        x = torch.randn(b, c.in_channels, c.sample_size, c.sample_size)
-        ctx, pooled, t = torch.randn(b, 32, c.joint_attention_dim), torch.randn(b, c.pooled_projection_dim), torch.full((b,), 500.0)
-
-        def fwd():
-            with torch.no_grad():
-                den(hidden_states=x, timestep=t, encoder_hidden_states=ctx, pooled_projections=pooled)
-
-        tf = median_time(fwd, repeats)
-        tp = median_time(lambda: generate(pipe, ps, 0, progress=False), max(2, repeats // 2))
-        rows.append({"variant": "dense" if s == 0 else f"structured {s:.0%}", "sparsity": s,
-                     "params": sum(p.numel() for p in den.parameters()), "gflops": transformer_flops(pipe, b) / 1e9,
-                     "transformer_ms": 1000 * tf["median_s"], "transformer_ms_min": 1000 * tf["min_s"],
-                     "transformer_ms_max": 1000 * tf["max_s"], "pipeline_s": tp["median_s"], "repeats": repeats,
-                     "threads": torch.get_num_threads()})
-    df = pd.DataFrame(rows)
-    d = df.iloc[0]
-    df["transformer_speedup"] = d.transformer_ms / df.transformer_ms
-    df["pipeline_speedup"] = d.pipeline_s / df.pipeline_s
-    df["flops_ratio_inv"] = d.gflops / df.gflops
-    return df
-
-
-def semi_structured_benchmark(shapes=((1536, 1536), (1536, 6144), (6144, 1536), (4096, 4096)), tokens: int = 8192,
-                              repeats: int = 50) -> dict:
-    """2:4 sparse (cuSPARSELt/CUTLASS through torch) vs dense fp16 matmuls on CUDA; skipped without a GPU."""
-    if not torch.cuda.is_available():
-        return {"message": "No CUDA device here: the 2:4 kernel timing is skipped (run 07_speed on a GPU machine).", "rows": []}
-    from torch.sparse import to_sparse_semi_structured
-
-    from .baselines import nm_mask
-
-    rows = []
-    for out_f, in_f in shapes:
-        W = torch.randn(out_f, in_f, device="cuda", dtype=torch.float16)
-        W = W.masked_fill(nm_mask(W.abs().float(), 2, 4), 0)
-        x = torch.randn(tokens, in_f, device="cuda", dtype=torch.float16)
-        Ws = to_sparse_semi_structured(W)
-        times = {}
-        for name, w in (("dense", W), ("2:4", Ws)):
-            for _ in range(5):
-                torch.nn.functional.linear(x, w)
-            ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
-            for a, b in ev:
-                a.record()
-                torch.nn.functional.linear(x, w)
-                b.record()
-            torch.cuda.synchronize()
-            times[name] = float(np.median([a.elapsed_time(b) for a, b in ev]))
-        err = float((torch.nn.functional.linear(x, Ws) - torch.nn.functional.linear(x, W)).abs().max())
-        rows.append({"out": out_f, "in": in_f, "tokens": tokens, "dense_ms": times["dense"], "sparse_2to4_ms": times["2:4"],
-                     "speedup": times["dense"] / times["2:4"], "max_abs_diff": err, "device": torch.cuda.get_device_name()})
-    return {"message": f"2:4 kernels timed on {torch.cuda.get_device_name()}", "rows": rows}
-
-
-def methods_table(runs_csv: str, num_calib: int) -> pd.DataFrame:
-    """Every method at 50% and 60% unstructured, 2:4 and 20% structured (default evaluation, K = 4, log-decrease)."""
+def methods_table(runs_csv: str, num_calib: int, method_extras=("iterations", "lr")) -> pd.DataFrame:
+    """Every method at 50% and 60% unstructured, 2:4 and 20% structured (default evaluation, K = 4, log-decrease,
+    default calibration). Rows whose settings differ beyond method and pattern are never pooled: a row with an
+    ``extra_*`` field other than ``method_extras`` (a method's own run length, e.g. gradient flow's iterations
+    and learning rate) is an ablation and left out; two rows of one method, setting and seed are an error."""
     df = pd.read_csv(runs_csv)
     default_eval = df.eval_steps.isna() & df.eval_guidance.isna() & (df.eval_sampler == "euler")
     base = default_eval & (df.packages == 4) & (df.weighting == "log-decrease") & (df.num_calib == num_calib)
+    ablation = [c for c in df if c.startswith("extra_") and c[len("extra_"):] not in method_extras]
+    if ablation:
+        base &= df[ablation].isna().all(axis=1)
     pick = ((df.pattern == "unstructured") & df.sparsity.isin([0.5, 0.6])) | (df.pattern == "2:4") | \
            ((df.pattern == "structured") & np.isclose(df.sparsity, 0.2))
     rows = df[base & (pick | (df.method == "dense"))].drop_duplicates("key")
@@ -400,4 +314,7 @@ def methods_table(runs_csv: str, num_calib: int) -> pd.DataFrame:
     rows = rows.assign(setting=np.where(rows.method == "dense", "dense",
                                         np.where(rows.pattern == "unstructured", (rows.sparsity * 100).round().astype(int).astype(str) + "% unstructured",
                                                  np.where(rows.pattern == "2:4", "2:4", "20% structured"))))
+    if rows.groupby(["setting", "method", "seed"]).size().max() > 1:
+        raise ValueError("methods_table would pool rows of different settings: " +
+                         str(rows[rows.duplicated(["setting", "method", "seed"], keep=False)].key.tolist()[:2]))
     return summarize(rows, ["setting", "method"], ("prompt_fidelity", "attribute_accuracy", "fid", "psnr", "prune_s"))

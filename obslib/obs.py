@@ -45,6 +45,13 @@ def _dead_and_damp(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, floa
     return dead, percdamp * live_mean
 
 
+def damping(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, float]:
+    """The damping every solve applies to ``H``: the mask of dead inputs (H_jj == 0, put on a unit diagonal) and
+    damp = percdamp * mean of the live diagonal, added to the diagonal before inverting (a factorisation that
+    still fails is retried with more, see ``DAMP_RETRIES``)."""
+    return _dead_and_damp(H, percdamp)
+
+
 def _retry_damped(factor, damp: float, percdamp: float, dtypes):
     """factor(damp, dtype) over the dtypes, then with ten times the damping, up to DAMP_RETRIES times."""
     for _ in range(DAMP_RETRIES + 1):

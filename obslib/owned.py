@@ -151,7 +151,11 @@ def _finite(obj):
 
 def write_json(path: str, obj) -> None:
     """Write strict JSON atomically (non-finite floats as null)."""
-    text = json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n"
+    write_text(path, json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n")
+
+
+def write_text(path: str, text: str) -> None:
+    """Write a text file atomically (a temporary file beside it, then one rename)."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "w", encoding="utf-8") as f:

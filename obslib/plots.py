@@ -23,7 +23,7 @@ def image_grid(images: np.ndarray, captions: list[str], ncols: int = 8, width: f
     return fig
 
 
-def save(fig, path: str) -> str:
+def save(fig, path: str) -> None:
     """Write a PNG atomically and, inside a notebook kernel, show it as the cell's image output (papermill runs
     with the Agg backend, which draws nothing by itself: without this the executed notebooks hold no figures)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -32,7 +32,6 @@ def save(fig, path: str) -> str:
     os.replace(tmp, path)
     _show(path)
     plt.close(fig)
-    return path
 
 
 def _show(path: str) -> None:
@@ -46,7 +45,13 @@ def _show(path: str) -> None:
         display(Image(filename=path))
 
 
-def metric_lines(summary, x: str, hue: str, metric: str, ax=None, label: str | None = None):
+def legend_outside(ax, title: str | None = None) -> None:
+    """The legend to the right of the axes, off the data."""
+    ax.legend(fontsize=8, title=title, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+
+
+def metric_lines(summary, x: str, hue: str, metric: str, ax=None, label: str | None = None, xlabel: str | None = None,
+                 legend: bool = True):
     """Mean over seeds with a band of one standard deviation, one line per hue value."""
     ax = ax or plt.gca()
     for key, g in summary.groupby(hue, sort=False):
@@ -54,7 +59,28 @@ def metric_lines(summary, x: str, hue: str, metric: str, ax=None, label: str | N
         m, s = g[f"{metric}_mean"].to_numpy(), g[f"{metric}_std"].fillna(0).to_numpy()
         ax.plot(g[x], m, marker="o", label=str(key))
         ax.fill_between(g[x], m - s, m + s, alpha=0.15)
-    ax.set_xlabel(x)
+    ax.set_xlabel(xlabel or x)
     ax.set_ylabel(label or metric)
-    ax.legend(fontsize=8)
+    if legend:
+        legend_outside(ax, hue)
+    return ax
+
+
+def paired_differences(comparisons, ax=None, label: str | None = None):
+    """Paired differences a − b with their 95% intervals, one horizontal bar per comparison, a line at zero:
+    a difference whose interval misses zero is a detected one (filled marker), else hollow."""
+    import pandas as pd
+
+    ax = ax or plt.gca()
+    c = pd.DataFrame(comparisons).reset_index(drop=True)
+    y = np.arange(len(c))[::-1]
+    detected = c.verdict != "no difference detected"
+    ax.errorbar(c["diff"], y, xerr=[c["diff"] - c.lo, c.hi - c["diff"]], fmt="none", ecolor="0.35", capsize=3)
+    ax.scatter(c["diff"][detected], y[detected.to_numpy()], color="C0", zorder=3, label="interval excludes 0")
+    ax.scatter(c["diff"][~detected], y[~detected.to_numpy()], facecolor="white", edgecolor="C0", zorder=3,
+               label="no difference detected")
+    ax.axvline(0, color="k", lw=1)
+    names = [f"{ctx}: {a} − {b}" if ctx else f"{a} − {b}" for ctx, a, b in zip(c.context, c.a, c.b)]
+    ax.set_yticks(y, names, fontsize=8)
+    ax.set_xlabel(label or "difference a − b (95% paired interval)")
     return ax

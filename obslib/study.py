@@ -33,6 +33,11 @@ _QUICK = dict(seeds=[0], num_eval_prompts=8, num_calib=4, sparsities=[0.5], stru
               gf_lr=2e-4)
 
 
+def rel(path: str) -> str:
+    """A path as the notebooks print it: relative to the repository (never the running machine's absolute path)."""
+    return os.path.relpath(os.path.abspath(path), ROOT)
+
+
 def resolve_mode(mode: str) -> str:
     mode = os.environ.get("OBSLIB_MODE", mode)
     if mode not in ("full", "quick"):
@@ -74,6 +79,7 @@ def run_study(names=NOTEBOOKS, mode: str = "full", out_dir: str | None = None) -
         pm.execute_notebook(os.path.join(ROOT, "notebooks", name), os.path.join(out_dir, name),
                             parameters={"mode": mode}, cwd=os.path.join(ROOT, "notebooks"), progress_bar=True,
                             kernel_name="python3")
+        _relative_paths(os.path.join(out_dir, name))
         timing[name] = time.perf_counter() - t
         print(f"    {timing[name]:.0f} s", flush=True)
     if mode == "full" and tuple(names) == NOTEBOOKS:
@@ -86,6 +92,21 @@ def run_study(names=NOTEBOOKS, mode: str = "full", out_dir: str | None = None) -
                    {"seconds": timing, "cpu_threads": _threads(), "note": "wall time of `make study` per notebook"})
     timing["total"] = time.perf_counter() - t_all
     return timing
+
+
+def _relative_paths(path: str) -> None:
+    """papermill records the input and output paths in the notebook's metadata: keep them relative to the
+    repository, so an executed notebook carries no path of the machine that ran it."""
+    import nbformat
+
+    from .owned import write_text
+
+    nb = nbformat.read(path, as_version=4)
+    meta = nb.metadata.get("papermill", {})
+    for k in ("input_path", "output_path"):
+        if meta.get(k):
+            meta[k] = rel(meta[k])
+    write_text(path, nbformat.writes(nb))
 
 
 def _threads() -> int:

@@ -25,33 +25,68 @@ def test_summarize_mean_and_std_over_seeds():
     assert s.loc["b", "prompt_fidelity_std"] == 0 and s.loc["a", "seeds"] == 3
 
 
-def _unstructured(obs, wanda):
+def _comparisons(tmp_path, rows):
+    from obslib.compare import COLUMNS
+
+    df = pd.DataFrame(rows)
+    for c in COLUMNS:
+        if c not in df:
+            df[c] = float("nan")
+    df[COLUMNS].to_csv(tmp_path / "comparisons.csv", index=False)
+
+
+def _row(context, b, metric, diff, lo, hi, verdict, chapter="01 unstructured", a="obs-diff"):
+    return dict(chapter=chapter, context=context, a=a, b=b, metric=metric, n_prompts=64, n_seeds=3, diff=diff, lo=lo,
+                hi=hi, verdict=verdict)
+
+
+@pytest.mark.parametrize("wanda_verdict, expect", [("ahead", "reproduced"), ("behind", "not reproduced"),
+                                                   ("no difference detected", "partly reproduced")])
+def test_ordering_claim_verdict_is_built_from_paired_verdicts(tmp_path, wanda_verdict, expect):
+    lo = {"ahead": 0.03, "behind": -0.11, "no difference detected": -0.02}[wanda_verdict]
+    hi = {"ahead": 0.11, "behind": -0.03, "no difference detected": 0.05}[wanda_verdict]
     rows = []
-    for sp in (0.5, 0.6):
-        for m, v in (("obs-diff", obs), ("wanda", wanda), ("dsnot", 0.3), ("magnitude", 0.1)):
-            rows.append(dict(method=m, sparsity=sp, psnr_mean=40 * v, psnr_std=0.1, prune_s_mean=10.0,
-                             prompt_fidelity_mean=v, prompt_fidelity_std=0.01))
-    return pd.DataFrame(rows)
+    for ctx in ("At 50%", "At 60%"):
+        rows += [_row(ctx, "wanda", "prompt_fidelity", (lo + hi) / 2, lo, hi, wanda_verdict),
+                 _row(ctx, "magnitude", "psnr", 5.0, 4.0, 6.0, "ahead"), _row(ctx, "dsnot", "psnr", 2.0, 1.0, 3.0, "ahead")]
+    _comparisons(tmp_path, rows)
+    got = [r for r in claim_rows(str(tmp_path)) if "OBS-Diff ahead of Wanda" in r["claim"]]
+    assert len(got) == 2 and all(r["verdict"].startswith(expect) for r in got)
+    # the sentence quotes the number and its interval
+    assert f"obs-diff − wanda, prompt fidelity: {'+' if lo + hi > 0 else '−'}" in got[0]["ours"]
+    assert "obs-diff − magnitude, PSNR: +5.00 dB [+4.00, +6.00], ahead" in got[0]["ours"]
 
 
-@pytest.mark.parametrize("obs, wanda, verdict", [(0.8, 0.4, "reproduced"), (0.2, 0.4, "not reproduced")])
-def test_ordering_claim_verdict(tmp_path, obs, wanda, verdict):
-    _unstructured(obs, wanda).to_csv(tmp_path / "01_unstructured.csv", index=False)
-    rows = [r for r in claim_rows(str(tmp_path)) if r["claim"].startswith("Method ordering")]
-    assert len(rows) == 2 and all(r["verdict"].startswith(verdict) for r in rows)
+def test_claims_say_no_difference_detected_for_null_results(tmp_path):
+    rows = [_row("At 60%", w, "psnr", 0.01, -0.2, 0.2, "no difference detected", chapter="04 weighting", a=w)
+            for w in ("log-decrease", "linear-decrease")]
+    rows = [dict(r, b="uniform") for r in rows]
+    _comparisons(tmp_path, rows)
+    (row,) = [r for r in claim_rows(str(tmp_path)) if r["claim"].startswith("Log-decrease")]
+    assert row["verdict"] == "no difference detected" and "mixed" not in row["verdict"]
+    assert "log-decrease − uniform, PSNR: +0.01 dB [−0.20, +0.20]" in row["ours"]
 
 
-@pytest.mark.parametrize("l1_fidelity, verdict", [(0.1, "reproduced"), (0.9, "mixed")])
-def test_structured_claim_weighs_prompt_fidelity_beside_psnr(tmp_path, l1_fidelity, verdict):
-    rows = [dict(method="dense", sparsity=0.5, psnr_mean=float("inf"), psnr_std=0.0, prompt_fidelity_mean=0.9,
-                 prompt_fidelity_std=0.0)]
-    for sp in (0.1, 0.2):
-        rows += [dict(method="obs-diff", sparsity=sp, psnr_mean=25.0, psnr_std=0.1, prompt_fidelity_mean=0.5,
-                      prompt_fidelity_std=0.01),
-                 dict(method="l1-norm", sparsity=sp, psnr_mean=20.0, psnr_std=0.1, prompt_fidelity_mean=l1_fidelity,
-                      prompt_fidelity_std=0.01)]
-    pd.DataFrame(rows).to_csv(tmp_path / "03_structured.csv", index=False)
-    (row,) = [r for r in claim_rows(str(tmp_path)) if r["claim"].startswith("Structured")]
-    assert row["verdict"].startswith(verdict) and "0.500 vs L1 20.00" in row["ours"]
-    if verdict == "mixed":
-        assert "10%, 20%" in row["verdict"]
+def test_methods_table_never_pools_rows_whose_settings_differ(tmp_path):
+    from obslib.experiments import methods_table
+
+    base = dict(pattern="structured", sparsity=0.2, weighting="log-decrease", packages=4, num_calib=16, eval_steps=None,
+                eval_guidance=None, eval_sampler="euler", prune_s=1.0, psnr=20.0, fid=1.0, attribute_accuracy=0.5,
+                n_prompts=64, extra_iterations=3, extra_lr=2e-4)
+    rows = []
+    for seed in (0, 1):
+        rows.append(dict(base, method="gradient-flow", seed=seed, prompt_fidelity=0.5, key=f"m/64/d/pp2|gf{seed}",
+                         extra_gradient_criterion=None))
+        rows.append(dict(base, method="gradient-flow", seed=seed, prompt_fidelity=0.3, key=f"m/64/d/pp2|low{seed}",
+                         extra_gradient_criterion="lower"))
+    pd.DataFrame(rows).to_csv(tmp_path / "runs.csv", index=False)
+    t = methods_table(str(tmp_path / "runs.csv"), 16)
+    (r,) = t.itertuples()
+    assert r.method == "gradient-flow" and r.prompt_fidelity_mean == pytest.approx(0.5)  # the ablation is not pooled in
+
+
+def test_dense_row_has_no_psnr_and_no_sparsity():
+    from obslib.experiments import cell
+
+    row = pd.Series({"psnr_mean": float("nan"), "psnr_std": float("nan")})
+    assert cell(row, "psnr") == "— (reference)"

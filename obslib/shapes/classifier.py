@@ -343,7 +343,7 @@ def _obj_code(obj: Obj) -> tuple[int, int, int]:
     return tuple(list(ATTRS[a]).index(getattr(obj, a)) for a in _ATTRS)
 
 
-def fidelity(images: np.ndarray, prompts, classifier) -> dict[str, float]:
+def fidelity(images: np.ndarray, prompts, classifier, per_prompt: bool = False) -> dict:
     """GenEval-style prompt fidelity of ``images`` (uint8 N,H,W,3) for ``prompts``.
 
     An image is correct when every attribute of ``parse_caption(p).labels()`` is found: count,
@@ -353,13 +353,16 @@ def fidelity(images: np.ndarray, prompts, classifier) -> dict[str, float]:
     slot B with the other one. ``acc_arrangement`` counts the relation as held when the two objects
     found on the prompt's axis agree with (A, B) in more attributes than with (B, A) — i.e. they are
     not in swapped order. A single object is read from the ``left_*`` heads.
+
+    ``per_prompt=True`` adds ``per_prompt``: per prompt, ``correct`` (everything found, 0/1) and
+    ``attributes`` (the share of that prompt's attributes found, relation included).
     """
     prompts = list(prompts)
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
     pred = classifier.predict(images)
     hits: dict[str, list[bool]] = {k: [] for k in LABEL_HEADS}
-    correct = []
+    correct, shares = [], []
     for i, p in enumerate(prompts):
         scene = parse_caption(p)
         arrangement, a, b = scene.canonical()
@@ -381,9 +384,12 @@ def fidelity(images: np.ndarray, prompts, classifier) -> dict[str, float]:
         for k, v in ok.items():
             hits[k].append(bool(v))
         correct.append(all(ok.values()))
+        shares.append(float(np.mean(list(ok.values()))))
     out = {"prompt_fidelity": float(np.mean(correct)) if correct else float("nan")}
     for k in LABEL_HEADS:
         out[f"acc_{k}"] = float(np.mean(hits[k])) if hits[k] else float("nan")
+    if per_prompt:
+        out["per_prompt"] = {"correct": np.array(correct, dtype=bool), "attributes": np.array(shares)}
     return out
 
 

@@ -1,0 +1,215 @@
+"""Paired comparisons of two settings scored on the same prompts and seeds.
+
+Every method of the study is evaluated on the same held-out prompts with the same sampling seeds, so two
+settings are compared by the difference of their per-prompt outcomes, not by whether two independent
+intervals overlap (which ignores the pairing and is far too conservative).
+
+* ``paired_bootstrap``: the difference of means (a − b) and its 95% percentile interval from a bootstrap
+  over prompts, stratified by seed (each seed's prompts are resampled with the same indices for a and b).
+* ``mcnemar_exact``: for 0/1 outcomes (prompt fidelity), the exact two-sided McNemar p-value from the
+  discordant pairs over all (seed, prompt) pairs.
+* ``verdict``: ``ahead`` when the whole interval favours a, ``behind`` when it favours b, otherwise
+  ``no difference detected`` — decided by the interval alone.
+
+``compare`` applies these to rows of ``results/runs.csv`` (which keep per-prompt outcomes in ``pp_*``
+columns), ``write_comparisons`` collects the results in ``results/comparisons.csv`` and ``sentence``
+states one comparison in words with its numbers.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pandas as pd
+
+# metric -> (per-prompt column, higher is better, how the difference reads, digits)
+PAIRED = {
+    "prompt_fidelity": ("pp_fidelity", True, "share of prompts fully right", 3),
+    "attribute_accuracy": ("pp_attributes", True, "share of attributes found", 3),
+    "psnr": ("pp_psnr", True, "PSNR vs dense, dB", 2),
+    "ssim": ("pp_ssim", True, "SSIM vs dense", 3),
+}
+NAMES = {"prompt_fidelity": "prompt fidelity", "attribute_accuracy": "attribute accuracy", "psnr": "PSNR", "ssim": "SSIM"}
+COLUMNS = ["chapter", "context", "a", "b", "metric", "n_prompts", "n_seeds", "mean_a", "mean_b", "diff", "lo", "hi",
+           "p", "verdict"]
+AHEAD, BEHIND, NONE = "ahead", "behind", "no difference detected"
+
+
+def paired_bootstrap(a, b, n_boot: int = 4000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of a − b over (seed, prompt) pairs and its percentile interval.
+
+    ``a``, ``b``: arrays of shape (seeds, prompts) with the same prompt in the same column. Each bootstrap
+    replicate resamples the prompts of every seed with replacement (the same indices for a and b) and
+    averages the differences; a constant shift c gives exactly (c, c, c)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.ndim != 2 or a.size == 0:
+        raise ValueError(f"paired outcomes must be two equal (seeds, prompts) arrays; got {a.shape} and {b.shape}")
+    d = a - b
+    if not np.isfinite(d).all():
+        raise ValueError("paired outcomes contain NaN or infinite values")
+    n_seeds, n_prompts = d.shape
+    diff = float(d.mean())
+    if np.all(d == d.flat[0]):
+        return diff, diff, diff
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n_prompts, size=(n_boot, n_seeds, n_prompts))
+    boot = np.take_along_axis(np.broadcast_to(d, (n_boot, n_seeds, n_prompts)), idx, axis=2).mean(axis=(1, 2))
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(boot, [tail, 100 - tail])
+    return diff, float(lo), float(hi)
+
+
+def mcnemar_exact(a, b) -> float:
+    """Exact two-sided McNemar p-value of paired 0/1 outcomes: 2·P(X ≤ min(n01, n10)) for X ~ Bin(n01 + n10, ½)."""
+    a, b = np.asarray(a).astype(bool).ravel(), np.asarray(b).astype(bool).ravel()
+    n01, n10 = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    n = n01 + n10
+    if n == 0:
+        return 1.0
+    k = min(n01, n10)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def verdict(lo: float, hi: float, higher: bool = True) -> str:
+    """``ahead`` / ``behind`` / ``no difference detected`` for a − b, from its interval alone."""
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return NONE
+    if lo > 0:
+        return AHEAD if higher else BEHIND
+    if hi < 0:
+        return BEHIND if higher else AHEAD
+    return NONE
+
+
+def outcomes(rows: pd.DataFrame, metric: str) -> tuple[np.ndarray, list]:
+    """Per-prompt outcomes of one setting's rows (one row per seed) as a (seeds, prompts) array, seeds sorted."""
+    col = PAIRED[metric][0]
+    if col not in rows:
+        raise ValueError(f"rows have no per-prompt column {col!r}; rerun them (results/runs.csv predates per-prompt outcomes)")
+    rows = rows.sort_values("seed")
+    if rows.seed.duplicated().any():
+        raise ValueError(f"more than one row per seed for one setting: {sorted(rows.seed)}")
+    return np.stack([decode(v) for v in rows[col]]), list(rows.seed)
+
+
+def compare(rows_a: pd.DataFrame, rows_b: pd.DataFrame, metrics=("prompt_fidelity", "psnr"), a: str = "a",
+            b: str = "b", chapter: str = "", context: str = "", n_boot: int = 4000) -> list[dict]:
+    """Paired comparison of two settings (rows of runs.csv, one per seed) on each metric, over their common seeds."""
+    common = sorted(set(rows_a.seed) & set(rows_b.seed))
+    if not common:
+        raise ValueError(f"{a} and {b} share no seed")
+    rows_a, rows_b = rows_a[rows_a.seed.isin(common)], rows_b[rows_b.seed.isin(common)]
+    out = []
+    for m in metrics:
+        xa, _ = outcomes(rows_a, m)
+        xb, _ = outcomes(rows_b, m)
+        if xa.shape != xb.shape:
+            raise ValueError(f"{a} and {b} were scored on different prompts: {xa.shape} vs {xb.shape}")
+        diff, lo, hi = paired_bootstrap(xa, xb, n_boot=n_boot)
+        higher = PAIRED[m][1]
+        out.append({"chapter": chapter, "context": context, "a": a, "b": b, "metric": m, "n_prompts": xa.shape[1],
+                    "n_seeds": xa.shape[0], "mean_a": float(xa.mean()), "mean_b": float(xb.mean()), "diff": diff,
+                    "lo": lo, "hi": hi, "p": mcnemar_exact(xa, xb) if m == "prompt_fidelity" else np.nan,
+                    "verdict": verdict(lo, hi, higher)})
+    return out
+
+
+def compare_in(df: pd.DataFrame, col: str, a, b, where: dict | None = None, **kw) -> list[dict]:
+    """``compare`` for the rows where ``col`` is a and b, within the rows matching ``where`` (floats by isclose)."""
+    t = df
+    for k, v in (where or {}).items():
+        t = t[np.isclose(t[k].astype(float), v)] if isinstance(v, float) else t[t[k] == v]
+    ra, rb = t[t[col] == a], t[t[col] == b]
+    if ra.empty or rb.empty:
+        raise ValueError(f"no rows for {col} = {a if ra.empty else b} within {where}")
+    kw.setdefault("a", str(a))
+    kw.setdefault("b", str(b))
+    return compare(ra, rb, **kw)
+
+
+def signed(x: float, digits: int) -> str:
+    """A signed number with a true minus sign: +0.070, −1.25."""
+    return f"{x:+.{digits}f}".replace("-", "−")
+
+
+def sentence(r) -> str:
+    """One comparison in words: 'At 50%, obs-diff − wanda in prompt fidelity (share of prompts fully right):
+    +0.070 [95% +0.030, +0.110], McNemar p = 0.001, 64 prompts × 3 seeds — obs-diff ahead.'"""
+    r = dict(r)
+    _, _, what, digits = PAIRED[r["metric"]]
+    head = f"{r['context']}, " if r.get("context") else ""
+    p = f", McNemar p = {r['p']:.2g}" if np.isfinite(r.get("p", np.nan)) else ""
+    tail = {AHEAD: f"{r['a']} ahead", BEHIND: f"{r['a']} behind", NONE: "no difference detected"}[r["verdict"]]
+    return (f"{head}{r['a']} − {r['b']} in {NAMES[r['metric']]} ({what}): {signed(r['diff'], digits)} "
+            f"[95% {signed(r['lo'], digits)}, {signed(r['hi'], digits)}]{p}, {int(r['n_prompts'])} prompts × "
+            f"{int(r['n_seeds'])} seed{'s' if int(r['n_seeds']) != 1 else ''} — {tail}.")
+
+
+def write_comparisons(rows: list[dict], chapter: str, path: str) -> pd.DataFrame:
+    """Replace ``chapter``'s rows of the comparisons table at ``path`` (atomically); returns this chapter's rows."""
+    from .owned import write_text
+
+    new = pd.DataFrame(rows, columns=COLUMNS)
+    if (new.chapter != chapter).any():
+        raise ValueError(f"rows of another chapter given to write_comparisons({chapter!r})")
+    old = read_comparisons(path) if os.path.exists(path) else pd.DataFrame(columns=COLUMNS)
+    old = old[old.chapter != chapter]
+    allrows = pd.concat([old, new], ignore_index=True) if len(old) else new
+    write_text(path, allrows.to_csv(index=False))
+    return new.reset_index(drop=True)
+
+
+def read_comparisons(path: str) -> pd.DataFrame:
+    """The comparisons table, its names read as text (a chapter "01" stays "01")."""
+    return pd.read_csv(path, dtype={k: str for k in ("chapter", "context", "a", "b", "metric", "verdict")}, keep_default_na=False,
+                       na_values={"p": [""], "diff": [""], "lo": [""], "hi": [""]})
+
+
+def table(rows: list[dict]) -> pd.DataFrame:
+    """Comparisons for display: difference with its interval, p and verdict."""
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    digits = df.metric.map(lambda m: PAIRED[m][3])
+    df["difference [95%]"] = [f"{signed(d, k)} [{signed(lo, k)}, {signed(hi, k)}]" for d, lo, hi, k in zip(df["diff"], df.lo, df.hi, digits)]
+    df["p"] = df.p.map(lambda p: f"{p:.2g}" if np.isfinite(p) else "")
+    return df[["context", "a", "b", "metric", "difference [95%]", "p", "verdict"]]
+
+
+# per-prompt outcomes are kept in runs.csv as compact strings
+def encode(values, digits: int | None = None) -> str:
+    """'b0110…' for 0/1 outcomes (digits None; the prefix keeps CSV readers from taking it for a number), else
+    values joined by ';' at ``digits`` decimals."""
+    v = np.asarray(values)
+    if digits is None:
+        return "b" + "".join("1" if x else "0" for x in v.astype(bool))
+    return ";".join(f"{x:.{digits}f}" for x in v.astype(float))
+
+
+def decode(s) -> np.ndarray:
+    s = str(s)
+    if s.startswith("b"):
+        return np.array([float(c) for c in s[1:]])
+    if ";" in s or "." in s:
+        return np.array([float(x) for x in s.split(";")])
+    return np.array([float(c) for c in s])
+
+
+def summary_line(rows: list[dict], metric: str) -> list[str]:
+    """One sentence per (context, a) on ``metric``: whom a is ahead of, behind, and not told apart from, each
+    with its difference and interval ('At 50%, on prompt fidelity obs-diff is ahead of wanda (+0.070
+    [+0.030, +0.110]); shows no detected difference from sparsegpt (+0.010 [−0.020, +0.040]).')."""
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    df = df[df.metric == metric]
+    digits = PAIRED[metric][3]
+    out = []
+    for (ctx, a), g in df.groupby(["context", "a"], sort=False):
+        parts = []
+        for v, words in ((AHEAD, "is ahead of"), (BEHIND, "is behind"), (NONE, "shows no detected difference from")):
+            h = g[g.verdict == v]
+            if len(h):
+                parts.append(f"{words} " + ", ".join(
+                    f"{b} ({signed(d, digits)} [{signed(lo, digits)}, {signed(hi, digits)}])" for b, d, lo, hi in zip(h.b, h["diff"], h.lo, h.hi)))
+        head = f"{ctx}, on " if ctx else "On "
+        out.append(f"{head}{NAMES[metric]} {a} " + "; ".join(parts) + ".")
+    return out
