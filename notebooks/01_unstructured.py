@@ -113,7 +113,7 @@ base = [m for m in ("wanda", "magnitude", "dsnot") if m in methods]
 mid = f"At {0.5:.0%}" if 0.5 in S["sparsities"] else f"At {S['sparsities'][0]:.0%}"
 wins = [m for m in base if v.get((mid, m, "psnr")) == "ahead"]
 sg = v.get((mid, "sparsegpt", "psnr"), "not run")
-print(f"For the paper's claim: {mid}, OBS-Diff reproduces the dense images more closely (PSNR) than "
+print(f"For the paper's claim: {mid.lower()}, OBS-Diff reproduces the dense images more closely (PSNR) than "
       f"{len(wins)} of the {len(base)} calibration-free baselines ({', '.join(wins) or 'none'}). Against SparseGPT, "
       f"the same compensated solver with uniform timestep weights, the PSNR verdict is '{sg}'"
       + (": the gain over the baselines comes from the compensated solver, not from the weighting (notebook 04)."

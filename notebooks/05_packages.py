@@ -83,7 +83,7 @@ for k in sorted(df.packages.unique()):
 k_lo, k_hi = int(df.packages.min()), int(df.packages.max())
 for c in df.calibration.unique():
     C += cmp.compare_in(df[df.calibration == c], "packages", k_hi, k_lo, metrics=("prompt_fidelity", "psnr"),
-                        chapter="05 packages", context=c, a=f"K = {k_hi}", b=f"K = {k_lo}")
+                        chapter="05 packages", context=c, labels=(f"K = {k_hi}", f"K = {k_lo}"))
 cmp.write_comparisons(C, "05 packages", f"{S['results']}/comparisons.csv")
 cmp.table(C)
 

@@ -86,7 +86,7 @@ n_hi = int(summary.num_calib.max())
 for n in sorted(df.num_calib.unique()):
     if n != n_hi:
         C += cmp.compare_in(df, "num_calib", n, n_hi, metrics=("prompt_fidelity", "psnr"), chapter="06 calibration",
-                            context="calibration size", a=f"{n} prompts", b=f"{n_hi} prompts")
+                            context="calibration size", labels=(f"{n} prompts", f"{n_hi} prompts"))
 G = []
 for change in rob.change.unique():
     G += cmp.compare_in(rob, "method", "dense", "obs-diff", where={"change": change}, metrics=("prompt_fidelity",),

@@ -116,17 +116,18 @@ def compare(rows_a: pd.DataFrame, rows_b: pd.DataFrame, metrics=("prompt_fidelit
     return out
 
 
-def compare_in(df: pd.DataFrame, col: str, a, b, where: dict | None = None, **kw) -> list[dict]:
-    """``compare`` for the rows where ``col`` is a and b, within the rows matching ``where`` (floats by isclose)."""
+def compare_in(df: pd.DataFrame, col: str, a, b, where: dict | None = None, labels: tuple[str, str] | None = None,
+               **kw) -> list[dict]:
+    """``compare`` for the rows where ``col`` is a and b, within the rows matching ``where`` (floats by isclose);
+    ``labels`` names a and b in the results (default: their values)."""
     t = df
     for k, v in (where or {}).items():
         t = t[np.isclose(t[k].astype(float), v)] if isinstance(v, float) else t[t[k] == v]
     ra, rb = t[t[col] == a], t[t[col] == b]
     if ra.empty or rb.empty:
         raise ValueError(f"no rows for {col} = {a if ra.empty else b} within {where}")
-    kw.setdefault("a", str(a))
-    kw.setdefault("b", str(b))
-    return compare(ra, rb, **kw)
+    name_a, name_b = labels or (str(a), str(b))
+    return compare(ra, rb, a=name_a, b=name_b, **kw)
 
 
 def signed(x: float, digits: int) -> str:
