@@ -158,6 +158,9 @@ def test_overwrite_of_an_untouched_output_works_and_the_file_list_is_exact(earli
 def _cli_sub(args, kill_at=None, sig=signal.SIGKILL):
     code = f"""
 import os, signal, sys
+# a shell starts background jobs with SIGINT ignored, and Python then installs no KeyboardInterrupt handler:
+# restore it, as an interactive terminal would have it
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import obslib.sampling as packages
 real, calls = packages.CalibrationRunner.run, [0]
 def run(self, calib, desc="calibration"):
