@@ -116,13 +116,14 @@ card
 # The layer-wise objective is Σ_t α_t ‖W X_t − Ŵ X_t‖². OBS-Diff's **log-decrease** keeps α high for most of
 # the trajectory and drops it sharply at the end: errors made early (t = 1 is pure noise) are carried through every
 # later step. `exp-decrease` and `cosine` are our additions; `uniform` is plain SparseGPT. All schemes run between
-# α_min = 0.8 and α_max = 1.2 (the public code's defaults), so no step weighs more than 1.5× another.
+# α_min = 0.8 and α_max = 1.2 (the public code's defaults), so no step weighs more than 1.5× another. Stronger,
+# one-sided and measured weightings (`first-half`, `second-half`, `sensitivity`) are the subject of chapter 08.
 #
 # **Read the figure:** each line is one scheme's α_t over the T sampling steps of calibration.
 
 # %%
 fig, ax = plt.subplots(figsize=(6.5, 3.2))
-for scheme in obslib.SCHEMES:
+for scheme in obslib.weighting.ABLATION_SCHEMES:
     ax.plot(range(1, T + 1), obslib.timestep_weights(scheme, T), label=scheme, marker=".", lw=2.5 if scheme == "log-decrease" else 1)
 ax.set_xlabel("sampling step t (1 = pure noise)"); ax.set_ylabel("weight α_t (dimensionless)")
 ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
@@ -459,7 +460,7 @@ print(f"For the paper's claim: the mechanism {mechanism}, and the timestep weigh
 #   such as `"transformer_blocks.2.ff_context.net.2"`: does the mask difference grow where inputs are more correlated?
 # - `sparsity = 0.7`: how fast does each method's rel_error grow, and does the OBS/magnitude factor hold?
 # - `percdamp = 0.1` or `0.001`: the condition number after damping, the mask and the error move with it.
-# - Another weighting than `uniform` in section 6 (`obslib.SCHEMES`), or more calibration prompts (`S["num_calib"]`).
+# - Another weighting than `uniform` in section 6 (`obslib.SCHEMES`; chapter 08 for stronger ones), or more calibration prompts (`S["num_calib"]`).
 # - A real model: `model_dir`, `calib_prompts_file` and a layer name of that model (see the README).
 
 # %% [markdown]

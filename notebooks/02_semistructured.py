@@ -83,12 +83,7 @@ cmp.table(C)
 # Paired differences with their 95% intervals: OBS-Diff minus each method under each pattern (left: prompt fidelity; right: PSNR against the dense images), and at the bottom OBS-Diff's patterns against each other. A filled dot's interval excludes zero.
 
 # %%
-fig, ax = plt.subplots(1, 2, figsize=(11, 0.3 * len(C) / 2 + 1.4))
-for a, metric, lab in zip(ax, ("prompt_fidelity", "psnr"), ("prompt fidelity difference (share of prompts)", "PSNR difference (dB)")):
-    plots.paired_differences([c for c in C if c["metric"] == metric], a, lab)
-ax[1].set_yticklabels([])
-ax[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-plots.save(fig, f"{S['figures']}/02_nm_fidelity.png")
+plots.paired_panels(C, f"{S['figures']}/02_nm_fidelity.png")
 
 # %% [markdown]
 # ## Answer

@@ -18,7 +18,7 @@
 #
 # **The question.** Does weighting the calibration steps matter, and is the paper's log-decrease (early, noisy steps weigh more) the best scheme? The paper (Table 6, SD3-Medium 50%) ranks log-decrease first with ImageReward .6438, within .03 of every other scheme (uniform .6355).
 #
-# OBS-Diff at one sparsity with every weighting scheme: the paper's five and our exponential and cosine decreases. **The weights span only α ∈ [α_min, α_max] = [0.8, 1.2]** (the public code's defaults, printed below): the largest step weighs at most 1.5× the smallest, so every scheme's Hessian is close to the uniform one and large differences are not expected. Metrics, seeds and the paired comparisons: [glossary](00_walkthrough.ipynb#Glossary-of-the-metrics); verdicts across chapters: [results/claims.md](../results/claims.md).
+# OBS-Diff at one sparsity with every weighting scheme: the paper's five and our exponential and cosine decreases. **The weights span only α ∈ [α_min, α_max] = [0.8, 1.2]** (the public code's defaults, printed below): the largest step weighs at most 1.5× the smallest, so every scheme's Hessian is close to the uniform one and large differences are not expected. Whether the paper's premise (early errors accumulate) holds at all, and what stronger or measured weightings do, is the subject of [chapter 08](08_timesteps.ipynb). Metrics, seeds and the paired comparisons: [glossary](00_walkthrough.ipynb#Glossary-of-the-metrics); verdicts across chapters: [results/claims.md](../results/claims.md).
 
 # %% tags=["parameters"]
 mode = "full"  # "quick" = the tiny grid run by `make test` (also set by OBSLIB_MODE)
@@ -30,6 +30,7 @@ import numpy as np, pandas as pd, matplotlib.pyplot as plt, seaborn as sns
 import torch
 import obslib
 from obslib import study, experiments as ex, plots, compare as cmp
+from obslib.weighting import ABLATION_SCHEMES
 S = study.settings(mode)          # grid sizes of this mode and output folders
 torch.set_num_threads(int(os.environ.get("OBSLIB_THREADS", os.cpu_count())))
 sns.set_theme(style="whitegrid", font_scale=0.9)
@@ -43,7 +44,7 @@ print(f"α range of every scheme: [{cfg.alpha_min}, {cfg.alpha_max}] (largest / 
 # OBS-Diff at 60% sparsity (where differences show most in notebook 01) with every scheme; everything else as in notebook 01. Uniform weighting is SparseGPT's Hessian, so every scheme is compared, paired, with uniform.
 
 # %%
-grid = [ex.Setting(method="obs-diff", sparsity=sparsity, weighting=w, num_calib=S["num_calib"]) for w in obslib.SCHEMES]
+grid = [ex.Setting(method="obs-diff", sparsity=sparsity, weighting=w, num_calib=S["num_calib"]) for w in ABLATION_SCHEMES]
 df = ex.run_grid(grid, S['seeds'], S['runs_csv'], model_dir=S['model_dir'], num_prompts=S['num_eval_prompts'])
 print(len(df), "rows:", df.seed.nunique(), "seeds ×", int(df.n_prompts.iloc[0]), "held-out prompts per setting")
 
@@ -65,7 +66,7 @@ ex.format_table(summary, ["weighting"], ("prompt_fidelity", "psnr", "attribute_a
 # %%
 # NBVAL_CHECK_OUTPUT
 C = []
-for w in [w for w in obslib.SCHEMES if w != "uniform"]:
+for w in [w for w in ABLATION_SCHEMES if w != "uniform"]:
     C += cmp.compare_in(df, "weighting", w, "uniform", metrics=("prompt_fidelity", "psnr"), chapter="04 weighting",
                         context=f"At {sparsity:.0%}")
 cmp.write_comparisons(C, "04 weighting", f"{S['results']}/comparisons.csv")
@@ -77,12 +78,7 @@ cmp.table(C)
 # Each scheme minus uniform with its 95% paired interval (left: prompt fidelity; right: PSNR against the dense images). An interval that crosses the zero line is a difference this study cannot detect; the intervals' width is the smallest effect it could have seen.
 
 # %%
-fig, ax = plt.subplots(1, 2, figsize=(11, 0.3 * len(C) / 2 + 1.4))
-for a, metric, lab in zip(ax, ("prompt_fidelity", "psnr"), ("prompt fidelity difference (share of prompts)", "PSNR difference (dB)")):
-    plots.paired_differences([c for c in C if c["metric"] == metric], a, lab)
-ax[1].set_yticklabels([])
-ax[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-plots.save(fig, f"{S['figures']}/04_weighting.png")
+plots.paired_panels(C, f"{S['figures']}/04_weighting.png")
 
 # %% [markdown]
 # ## Answer
@@ -101,13 +97,13 @@ print(("No scheme is detectably better than uniform on either metric" if not ahe
       f"; the paired PSNR intervals are up to {widest:.2f} dB wide." +
       (f" The paper's log-decrease − uniform: {ld[0]['diff']:+.2f} dB [{ld[0]['lo']:+.2f}, {ld[0]['hi']:+.2f}] ({ld[0]['verdict']})." if ld else ""))
 print(f"For the paper's claim (log-decrease best, within .03 ImageReward of the rest): with weights spanning only "
-      f"{cfg.alpha_max / cfg.alpha_min:.1f}×, this study can neither confirm nor rule out a small benefit; it does not test "
-      "whether stronger weightings or the error-accumulation premise hold.")
+      f"{cfg.alpha_max / cfg.alpha_min:.1f}×, this study can neither confirm nor rule out a small benefit. Chapter 08 tests "
+      "the error-accumulation premise directly and sweeps the strength up to 100×.")
 
 # %% [markdown]
 # ## Try next
 #
-# Change `sparsity`, or widen the weights with `alpha_min`/`alpha_max` through a setting's `extra` (the public defaults are 0.8 / 1.2): a wider range makes the schemes' Hessians differ more.
+# Change `sparsity`, or widen the weights with `alpha_min`/`alpha_max` through a setting's `extra` (the public defaults are 0.8 / 1.2; `obslib.weighting.alpha_range(ratio)` gives the pair for a ratio): [chapter 08](08_timesteps.ipynb) does this up to 100× and with one-sided and measured weightings.
 
 # %%
-assert set(df.weighting) == set(obslib.SCHEMES)
+assert set(df.weighting) == set(ABLATION_SCHEMES)

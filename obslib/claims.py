@@ -67,7 +67,9 @@ def claim_rows(results: str) -> list[dict]:
     rows = []
 
     def add(claim, paper, t, extra=""):
-        rows.append({"claim": claim, "paper": paper, "ours": "; ".join(quote(r) for _, r in t.iterrows()) + extra,
+        several = t.context.nunique() > 1  # name the setting of each comparison when there are several
+        rows.append({"claim": claim, "paper": paper, "ours": "; ".join(
+                         (f"{r.context}: " if several else "") + quote(r) for _, r in t.iterrows()) + extra,
                      "verdict": judge(t)})
 
     papers = {"At 50%": "SD3-M ImageReward: OBS-Diff .647 > Wanda −.108 > DSnoT −.594 > Magnitude −2.27",
@@ -104,6 +106,7 @@ def claim_rows(results: str) -> list[dict]:
             "ImageReward at 50%: log-decrease .6438, linear-decrease .6384, uniform .6355, log-increase .6244, linear-increase .6174",
             t[t.a == "log-decrease"], "; every other scheme − uniform: " + ", ".join(
                 f"{r.a} {r.verdict}" for _, r in t[t.a != "log-decrease"].iterrows() if r.metric == "psnr") + " (PSNR)")
+    rows += _timestep_rows(c)
     k = _load(results, "05_packages.csv")
     if k is not None and "calibration" in k:
         for cal in ("resample", "propagate"):
@@ -148,6 +151,40 @@ def claim_rows(results: str) -> list[dict]:
                      "verdict": "the gap is detected under " + ", ".join(t[t.verdict == AHEAD].context) if (t.verdict == AHEAD).any()
                      else "no gap detected under any change"})
     return rows
+
+
+def _flip(t: pd.DataFrame) -> pd.DataFrame:
+    """The same comparisons read b − a (for a claim whose direction is b ahead of a)."""
+    t = t.copy()
+    t[["a", "b"]] = t[["b", "a"]].to_numpy()
+    t["diff"], t["lo"], t["hi"] = -t["diff"], -t["hi"], -t["lo"]
+    t["verdict"] = t.verdict.map({AHEAD: BEHIND, BEHIND: AHEAD, NONE: NONE})
+    return t
+
+
+def _timestep_rows(c: pd.DataFrame) -> list[dict]:
+    """Chapter 08: the error-accumulation premise, stronger weightings and the measured weighting."""
+    out = []
+
+    def add(claim, paper, t):
+        if len(t):
+            out.append({"claim": claim, "paper": paper, "ours": "; ".join(f"{r.context}: {quote(r)}" for _, r in t.iterrows()),
+                        "verdict": judge(t)})
+
+    t = _pick(c, "08 timesteps")
+    halves = t[t.context.str.startswith("Halves")]
+    add("Premise: an error at the early (noisy) steps harms the final image more than one at the late steps "
+        "(pruned only in the second half − only in the first half)",
+        "argued from error accumulation (the motivation of log-decrease weights), not measured", _flip(halves))
+    add("Stronger decreasing weightings ahead of uniform (60% unstructured)", "not in the paper (only α in [0.8, 1.2])",
+        t[(t.context == "Strength at 60%") & t.a.str.startswith("log-decrease") & (t.b == "uniform")])
+    add("One-sided weightings: only the first / only the second half of the steps, against uniform (60%)",
+        "not in the paper", t[(t.context == "Strength at 60%") & t.a.str.endswith(" only")])
+    add("A measured weighting (sensitivity: α_t from the harm of an error at step t) ahead of uniform",
+        "not in the paper (ours)", t[(t.a == "sensitivity") & (t.b == "uniform")])
+    add("The measured weighting ahead of the paper's log-decrease", "not in the paper (ours)",
+        t[(t.a == "sensitivity") & (t.b == "log-decrease")])
+    return out
 
 
 def write_claims(results: str = os.path.join(ROOT, "results"), out: str | None = None) -> str:

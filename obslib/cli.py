@@ -23,7 +23,7 @@ from .io import (check_device, check_output_dir, check_pipeline_dir, ignored_pic
 from .methods import METHODS
 from .driver import prune
 from .sampling import default_calibration_prompts, read_prompt_file
-from .weighting import SCHEMES
+from .weighting import SCHEMES, alpha_range
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,8 +85,16 @@ def add_prune_cli(sub) -> None:
     g.add_argument("--sparsity", type=float, default=d.sparsity,
                    help="share removed from the targeted layers, in [0, 1); N:M needs N/M; structured: share of heads "
                         f"and FFN neurons per block (slimdiff: of their parameters) (default: {d.sparsity})")
+    g.add_argument("--head-sparsity", type=float, default=None, metavar="S",
+                   help="structured: the share of each block's attention heads to remove (default: --sparsity)")
+    g.add_argument("--neuron-sparsity", type=float, default=None, metavar="S",
+                   help="structured: the share of each block's FFN neurons to remove (default: --sparsity)")
     g.add_argument("--head-saliency", default=d.head_saliency,
                    help=f"structured OBS head cost: exact or diag (default: {d.head_saliency})")
+    g.add_argument("--refit", type=int, nargs="?", const=REFIT_DEFAULT, default=0, metavar="ITERS",
+                   help="after the solve, refit the kept weights to the least-squares optimum on the fixed mask "
+                        f"(masked conjugate gradients; ITERS iterations, default {REFIT_DEFAULT}); unstructured and N:M, "
+                        "methods with a Hessian")
     g.add_argument("--solver-dtype", default=d.solver_dtype, choices=("float32", "float64"),
                    help=f"OBS solver precision; float64 is used per layer where float32 fails (default: {d.solver_dtype})")
     c = p.add_argument_group("calibration")
@@ -97,8 +105,12 @@ def add_prune_cli(sub) -> None:
     x.add_argument("--prompts", metavar="FILE", help="calibration prompts, one per line (UTF-8)")
     c.add_argument("--steps", type=int, help="sampling steps per calibration run (default: the model's own, else 25)")
     c.add_argument("--guidance", type=float, help="CFG scale of calibration runs (default: the model's own, else 7.0)")
-    c.add_argument("--weighting", default=d.weighting,
-                   help=f"timestep weights, one of: {', '.join(SCHEMES)} (default: {d.weighting})")
+    c.add_argument("--weighting", default=None,
+                   help=f"timestep weights, one of: {', '.join(SCHEMES)}; sensitivity measures them with a short probe "
+                        f"before the first package (default: {d.weighting})")
+    c.add_argument("--alpha-ratio", type=float, default=None, metavar="R",
+                   help="strength of the weighting: alpha at the scheme's strong end / alpha at its weak end, in 1e-06 "
+                        f"to 1e+06; below 1 reverses it (default: {d.alpha_max / d.alpha_min:g}, the paper's 1.2 / 0.8)")
     c.add_argument("--packages", type=int, default=None,
                    help=f"K module packages, each calibrated through the already-pruned model (default: {d.packages})")
     c.add_argument("--calibration", default=None, choices=CALIBRATIONS,
@@ -135,6 +147,18 @@ def add_prune_cli(sub) -> None:
     p.set_defaults(func=_cli_prune)
 
 
+def weighting_ignored(meth) -> str | None:
+    """Why a method's result does not depend on the timestep weighting, or None when it does."""
+    if "weighting" in meth.ignores:
+        return "it trains on its own loss and reads no Hessian"
+    if meth.forced_weighting:
+        return f"it always weighs the steps {meth.forced_weighting}"
+    if not meth.needs_calibration:
+        return "it reads no calibration statistics"
+    return None
+
+
+REFIT_DEFAULT = 20  # CG iterations of --refit without a number
 DEFAULT_NUM_PROMPTS = 100  # the embedded model's calibration set without --num-prompts
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -156,14 +180,17 @@ def _cli_prune(a) -> None:
         extra_cfg["iterations"] = a.iterations
     if a.lr is not None:
         extra_cfg["lr"] = a.lr
-    cfg = PruneConfig(method=a.method, pattern=a.pattern, sparsity=a.sparsity, weighting=a.weighting,
+    if a.alpha_ratio is not None:
+        extra_cfg["alpha_min"], extra_cfg["alpha_max"] = alpha_range(a.alpha_ratio)
+    cfg = PruneConfig(method=a.method, pattern=a.pattern, sparsity=a.sparsity, weighting=a.weighting or d.weighting,
                       train_data=a.train_data, checkpoint_dir=ckdir, resume=a.resume, **extra_cfg,
                       gradient_criterion=a.gradient_criterion,
                       packages=d.packages if a.packages is None else a.packages, steps=a.steps, guidance=a.guidance, seed=a.seed, batch_size=a.batch_size,
                       block_range=tuple(a.block_range) if a.block_range else None, head_saliency=a.head_saliency,
                       solver_dtype=a.solver_dtype, calibration=a.calibration or d.calibration,
                       record_ram_mb=a.record_ram_mb, progress=not a.quiet, restore_on_failure=False,
-                      measure_error=a.report_error).validate()  # every flag, before any path is looked at
+                      measure_error=a.report_error, refit_iterations=a.refit, head_sparsity=a.head_sparsity,
+                      neuron_sparsity=a.neuron_sparsity).validate()  # every flag, before any path is looked at
     meth = METHODS[a.method]
     check_pipeline_dir(a.model_dir)
     check_device(a.device)
@@ -195,6 +222,12 @@ def _cli_prune(a) -> None:
         for flag, field_ in (("--packages", "packages"), ("--calibration", "calibration")):
             if getattr(a, field_) is not None and field_ in meth.ignores:
                 notes.append(f"{flag} is ignored by {a.method} (one calibration pass, one global allocation)")
+        if a.weighting is not None or a.alpha_ratio is not None:
+            flags = " / ".join(f for f, v in (("--weighting", a.weighting), ("--alpha-ratio", a.alpha_ratio))
+                               if v is not None)
+            why = weighting_ignored(meth)
+            if why:
+                notes.append(f"{flags} is ignored by {a.method} ({why})")
         given = [f for f, v in (("--iterations", a.iterations), ("--lr", a.lr), ("--train-data", a.train_data))
                  if v is not None]
         if given and not training:

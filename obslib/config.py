@@ -82,9 +82,16 @@ class PruneConfig:
     method: str = field(default="obs-diff", metadata=_kind("str"))
     pattern: str = field(default="unstructured", metadata=_kind("str"))
     sparsity: float = field(default=0.5, metadata=_kind("real"))
+    # structured: the share of heads / of FFN neurons removed per block (None: ``sparsity``)
+    head_sparsity: float | None = field(default=None, metadata=_kind("real", nullable=True))
+    neuron_sparsity: float | None = field(default=None, metadata=_kind("real", nullable=True))
     weighting: str = field(default="log-decrease", metadata=_kind("str"))
     alpha_min: float = field(default=0.8, metadata=_kind("real"))
     alpha_max: float = field(default=1.2, metadata=_kind("real"))
+    # weighting "sensitivity": its probe samples the first N calibration prompts with an error injected in each of
+    # W windows of steps (obslib.sensitivity)
+    sensitivity_prompts: int = field(default=4, metadata=_kind("int"))
+    sensitivity_windows: int = field(default=10, metadata=_kind("int"))
     packages: int = field(default=4, metadata=_kind("int"))
     # resample: full sampling per package (the paper's); propagate: sample once
     calibration: str = field(default="resample", metadata=_kind("str"))
@@ -98,6 +105,9 @@ class PruneConfig:
     batch_size: int = field(default=16, metadata=_kind("int"))
     blocksize: int = field(default=128, metadata=_kind("int"))
     percdamp: float = field(default=0.01, metadata=_kind("real"))
+    # after the solve, refit the kept weights on the fixed mask with this many masked CG iterations (0: off;
+    # unstructured and N:M, methods with a Hessian: obslib.refit)
+    refit_iterations: int = field(default=0, metadata=_kind("int"))
     # OBS solver precision; float64 is used per layer where float32 fails
     solver_dtype: str = field(default="float32", metadata=_kind("str"))
     # [start, end) block indices; default all
@@ -133,6 +143,12 @@ class PruneConfig:
             return n, m
         return 0, 0
 
+    def group_sparsity(self, kind: str, base: float) -> float:
+        """The share removed from a structured unit of ``kind`` ('heads' or 'neurons'): its own sparsity if set,
+        else ``base`` (``sparsity``, or the block's entry of ``block_sparsity``)."""
+        own = {"heads": self.head_sparsity, "neurons": self.neuron_sparsity}.get(kind)
+        return base if own is None else own
+
     def validate(self) -> "PruneConfig":
         """Check every field's type and range; raises ``UsageError`` (a ValueError) naming the bad value.
         Returns a checked copy (numpy scalars as plain numbers, tuples as lists); ``self`` is never changed."""
@@ -166,14 +182,29 @@ class PruneConfig:
             raise UsageError(f"pattern {self.pattern!r} is unknown; allowed: {', '.join(PATTERNS)}")
         if not 0 <= self.sparsity < 1:
             raise UsageError(f"sparsity {self.sparsity} is outside [0, 1)")
+        for flag, v in (("--head-sparsity", self.head_sparsity), ("--neuron-sparsity", self.neuron_sparsity)):
+            if v is None:
+                continue
+            if not 0 <= v < 1:
+                raise UsageError(f"{flag} {v} is outside [0, 1)")
+            if self.pattern != "structured":
+                raise UsageError(f"{flag} applies to --pattern structured only (got {self.pattern!r})")
+            if self.method == "slimdiff":
+                raise UsageError(f"{flag}: slimdiff allocates heads and neurons itself from its parameter budget "
+                                 "(--sparsity); drop it")
         n, m = self.nm
         if m and abs(self.sparsity - n / m) > 1e-9:
             raise UsageError(f"sparsity {self.sparsity} does not match pattern {self.pattern} (needs {n / m})")
         if self.weighting not in SCHEMES:
             raise UsageError(f"weighting {self.weighting!r} is unknown; allowed: {', '.join(SCHEMES)}")
-        if not 1e-6 <= self.alpha_min <= self.alpha_max <= 1e6:
-            raise UsageError(f"alpha_min={self.alpha_min}, alpha_max={self.alpha_max}: need 1e-6 <= alpha_min <= "
-                             "alpha_max <= 1e6")
+        if not (1e-6 <= self.alpha_min <= 1e6 and 1e-6 <= self.alpha_max <= 1e6
+                and 1e-6 <= self.alpha_max / self.alpha_min <= 1e6):
+            raise UsageError(f"alpha_min={self.alpha_min}, alpha_max={self.alpha_max}: need both in [1e-6, 1e6] and "
+                             "a ratio alpha_max / alpha_min in [1e-6, 1e6]")
+        if not 1 <= self.sensitivity_prompts <= 10_000:
+            raise UsageError(f"sensitivity prompts {self.sensitivity_prompts} must be an integer in [1, 10000]")
+        if not 1 <= self.sensitivity_windows <= 10_000:
+            raise UsageError(f"sensitivity windows {self.sensitivity_windows} must be an integer in [1, 10000]")
         if self.packages < 1:
             raise UsageError(f"packages K={self.packages} must be an integer >= 1")
         if self.calibration not in CALIBRATIONS:
@@ -200,6 +231,8 @@ class PruneConfig:
             raise UsageError(f"learning rate {self.lr} must be in (0, 1]")
         if self.gradient_criterion not in ("raise", "lower"):
             raise UsageError(f"gradient criterion {self.gradient_criterion!r} is unknown; allowed: raise, lower")
+        if not 0 <= self.refit_iterations <= 100_000:
+            raise UsageError(f"refit iterations {self.refit_iterations} must be an integer in [0, 100000]")
         if self.neuron_batch < 1:
             raise UsageError(f"neuron batch {self.neuron_batch} must be >= 1")
         self._check_prompts()
@@ -216,4 +249,12 @@ class PruneConfig:
             fn = meth.driver if self.pattern in meth.patterns else None
         if fn is None:
             raise UsageError(f"method {self.method!r} does not support pattern {self.pattern!r}")
+        if self.refit_iterations:
+            if self.pattern == "structured":
+                raise UsageError("--refit applies to unstructured and N:M patterns (structured OBS already compensates "
+                                 "its removed groups in closed form); drop it or choose --pattern unstructured, 2:4 or 4:8")
+            if not meth.needs_calibration or meth.unstructured is None:
+                allowed = ", ".join(m.name for m in METHODS.values() if m.needs_calibration and m.unstructured)
+                raise UsageError(f"--refit needs a method that calibrates a Hessian; {self.method!r} has none; "
+                                 f"allowed: {allowed}")
 

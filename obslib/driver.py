@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -26,7 +27,7 @@ from .packages import layer_units, package_layers, split_packages, structured_un
 from .sampling import CalibrationRunner, sampling_defaults
 from .surgery import (NoUndo, Undo, head_layout, n_remove, neuron_layout, remove_heads, remove_neurons, targeted_layers,
                       targeted_size)
-from .weighting import timestep_weights
+from .weighting import MEASURED, timestep_weights
 
 
 def prune(pipe, config: PruneConfig) -> dict:
@@ -77,19 +78,52 @@ def prune(pipe, config: PruneConfig) -> dict:
                                      "smaller --batch-size)")
                 runner.keep(dctx.shard(len(runner.batches)))
             calibrate = runner.run
+        alphas, probe = None, None
+        if _weighting(method, cfg) == MEASURED and method.needs_calibration:
+            alphas, probe = _sensitivity(pipe, den, cfg, steps, guidance, defaults, dctx)
         train_batches = None
         if method.needs_training:
             from .gradflow import training_batches
 
             train_batches = training_batches(pipe, cfg, defaults)
         report = prune_model(den, calibrate, cfg, steps, component=comp, undo=undo, train_batches=train_batches,
-                             calibration_runs=len(runner.batches) if calibrate is not None else None, dist_ctx=dctx)
+                             calibration_runs=len(runner.batches) if calibrate is not None else None, dist_ctx=dctx,
+                             alphas=alphas)
     except BaseException:
         if undo is not None:
             undo.rollback()
         raise
     report.update(num_calibration_prompts=len(cfg.prompts) if calibrates else 0, guidance=guidance)
+    if probe is not None:  # the probe ran before prune_model's clock started: count it in the total
+        report["sensitivity"] = probe
+        report["timings"]["sensitivity_probe_s"] = probe["seconds"]
+        report["timings"]["total_s"] += probe["seconds"]
     return report
+
+
+def _weighting(method, cfg) -> str | None:
+    """The weighting a method really uses: None if it ignores weighting, its forced one, else the config's."""
+    return None if "weighting" in method.ignores else method.forced_weighting or cfg.weighting
+
+
+def _sensitivity(pipe, den, cfg, steps, guidance, defaults, dctx) -> tuple[list[float], dict]:
+    """The ``sensitivity`` weighting's probe (obslib.sensitivity) on the first calibration prompts; under
+    torch.distributed every rank runs it and rank 0's weights are used by all."""
+    from .sensitivity import measure
+
+    msl = {k: v for k, v in defaults.items() if k == "max_sequence_length"}
+    runner = CalibrationRunner(pipe, cfg.prompts[:cfg.sensitivity_prompts], steps, guidance, cfg.seed, cfg.batch_size,
+                               msl, False)
+    ids = _block_ids(len(iter_blocks(den, spec_for(den))), cfg)
+    probe = measure(runner, den, steps, ids, cfg)
+    if dctx is not None:
+        a = dctx.broadcast(torch.tensor(probe["alphas"], dtype=torch.float64), 0)
+        probe["alphas"] = [float(x) for x in a.cpu()]
+    if cfg.progress:
+        print(f"sensitivity weighting: probe of {probe['probe_runs']} runs x {probe['probe_prompts']} prompts took "
+              f"{probe['seconds']:.1f} s; alpha from {min(probe['alphas']):.3g} to {max(probe['alphas']):.3g}",
+              file=sys.stderr)
+    return probe["alphas"], probe
 
 
 def _checked(cfg: PruneConfig) -> PruneConfig:
@@ -99,14 +133,15 @@ def _checked(cfg: PruneConfig) -> PruneConfig:
 
 def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "transformer",
                 undo: Undo | None = None, train_batches=None, calibration_runs: int | None = None,
-                dist_ctx=None) -> dict:
+                dist_ctx=None, alphas: list[float] | None = None) -> dict:
     """Prune a denoiser in place. ``calibrate(calibration, desc)`` must run ``steps`` denoiser calls per
     sampling run over the calibration data, calling ``calibration.begin_run()/end_run()`` around each run
     (``CalibrationRunner.run`` does this with a real pipeline); None for calibration-free methods.
     ``undo`` records every change for a rollback (``prune`` rolls back on failure). With
     ``cfg.calibration == "propagate"`` ``calibrate`` runs once (dense, recording) and ``calibration_runs``
     (the number of sampling runs it makes) sizes the record. ``dist_ctx`` (an ``obslib.distributed.Context``)
-    all-reduces each package's statistics and spreads its layer solves over the ranks."""
+    all-reduces each package's statistics and spreads its layer solves over the ranks. ``alphas``: measured
+    timestep weights (the ``sensitivity`` weighting's probe, which ``prune`` runs); else from ``cfg.weighting``."""
     cfg = _checked(cfg)
     method = METHODS[cfg.method]
     spec = spec_for(den)
@@ -124,7 +159,14 @@ def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "
     for bi in ids:
         _block_sparsity(cfg, bi, n_blocks)  # a block sparsity list of the wrong length fails before any work
     undo = undo or NoUndo()
-    weighting = None if "weighting" in method.ignores else method.forced_weighting or cfg.weighting
+    weighting = _weighting(method, cfg)
+    if alphas is not None and len(alphas) != steps:
+        raise UsageError(f"{len(alphas)} timestep weights given for {steps} sampling steps")
+    if weighting is not None and alphas is None:
+        if weighting == MEASURED and not method.needs_calibration:  # its solution never reads H: any weights do
+            alphas = [1.0] * steps
+        else:
+            alphas = timestep_weights(weighting, steps, cfg.alpha_min, cfg.alpha_max)
     targeted = targeted_layers(den, spec, units, structured)
     for name in targeted:  # a broken model is refused before anything changes
         try:
@@ -136,13 +178,14 @@ def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "
     params_before = sum(p.numel() for p in den.parameters())
     t0 = time.perf_counter()
     if method.driver is not None:  # a whole-model method: it reports its own layers, timings and extras
-        part = method.driver(den, cfg, steps, component, undo, ids, calibrate=calibrate, train_batches=train_batches)
+        part = method.driver(den, cfg, steps, component, undo, ids, calibrate=calibrate, train_batches=train_batches,
+                             alphas=alphas)
         report = _report_frame(cfg, weighting, steps, ids, params_before, den, component)
+        report["timestep_weights"] = alphas
         report.update(part, packages=part.get("packages", 1))
         report["timings"]["total_s"] = time.perf_counter() - t0
         return with_manifest(report, den, component)
     packages = split_packages(units, cfg.packages)
-    alphas = timestep_weights(weighting, steps, cfg.alpha_min, cfg.alpha_max)
     prop = None
     if cfg.calibration == "propagate" and calibrate is not None:
         from .propagate import Propagation
@@ -177,11 +220,16 @@ def _block_sparsity(cfg: PruneConfig, bi: int, n_blocks: int) -> float:
     return cfg.block_sparsity[bi]
 
 
+def _unit_sparsity(cfg: PruneConfig, unit, n_blocks: int) -> float:
+    """The share removed from one unit: the block's sparsity, or the head / neuron sparsity of a structured unit."""
+    return cfg.group_sparsity(unit.kind, _block_sparsity(cfg, unit.block_index, n_blocks))
+
+
 def _check_head_rows(den, units, cfg, n_blocks) -> None:
     """Removing a head takes head_dim rows from each of q, k, v: refuse (before any work) a block whose
     projections no longer have heads x head_dim rows (a SlimDiff output, whose query/key rank was reduced)."""
     for u in units:
-        if u.kind != "heads" or n_remove(head_layout(den, u)[0], _block_sparsity(cfg, u.block_index, n_blocks)) == 0:
+        if u.kind != "heads" or n_remove(head_layout(den, u)[0], _unit_sparsity(cfg, u, n_blocks)) == 0:
             continue
         block = den.get_submodule(u.block)
         hi = head_layout(den, u)[2]
@@ -282,7 +330,7 @@ def _package_loop(r: PackageRun) -> dict:
             layers_report += _solve_spread(den, package, stats, cfg, method, undo, n_blocks, dctx)
         else:
             for unit in package:
-                s = _block_sparsity(cfg, unit.block_index, n_blocks)
+                s = _unit_sparsity(cfg, unit, n_blocks)
                 solve = _solve_structured if structured else _solve_layers
                 layers_report += solve(den, unit, stats, s, cfg, method, undo)
         t_solve += time.perf_counter() - t
@@ -303,7 +351,10 @@ def _package_loop(r: PackageRun) -> dict:
                   replay_block_calls=None if prop is None else prop.block_runs,
                   distributed=None if dctx is None else {"world_size": dctx.size, "backend": dctx.backend,
                                                          "bytes_sent_per_package": sent_per_package},
-                  hessian_mb_per_package=package_mb, layers=layers_report,
+                  hessian_mb_per_package=package_mb, layers=layers_report, timestep_weights=alphas,
+                  heads_removed=sum(e.get("heads_removed", 0) for e in layers_report) if structured else None,
+                  neurons_removed=sum(len(e.get("removed_neurons", ())) for e in layers_report) if structured else None,
+                  params_removed=params_before - sum(p.numel() for p in den.parameters()),
                   timings={"calibration_s": t_cal, "solve_s": t_solve, "total_s": time.perf_counter() - t0})
     return with_manifest(report, den, component)
 
@@ -366,6 +417,13 @@ def _solve_one(den, name, stats, sparsity, cfg, method) -> tuple[torch.Tensor, f
         check_finite("the solution", W_hat)
     except SolverError as e:
         raise SolverError(f"layer {name}: {e}") from None
+    if cfg.refit_iterations and name in stats:  # the least-squares optimum on the solver's mask (obslib.refit)
+        from .refit import refit
+
+        W_hat, info = refit(W, W_hat, solved[1], stats[name].H, cfg.refit_iterations, cfg.percdamp,
+                            torch.float64 if cfg.solver_dtype == "float64" else torch.float32)
+        # measured like the solver's own error (damped H over the output energy), so the two compare
+        return W_hat, info["error_after"] / max(output_energy(W, stats[name].H), 1e-300)
     if name not in stats:
         err = None
     elif len(solved) == 3:  # the solver's own accumulated error (damped H): no second pass over W and H
@@ -413,6 +471,7 @@ def _solve_group(den, unit, stats, sparsity, cfg, method, undo) -> list[dict]:
         for name, W, Wn, st in zip(unit.hessian_layers, Ws, new, sts):
             err = reconstruction_error(W, Wn, st.H) if st is not None else None
             out.append({"name": name, "sparsity": len(removed) / heads, "rel_error": err, "removed_heads": removed})
+        out[0]["heads_removed"] = len(removed)  # once per attention, not per output projection
         remove_heads(den, unit, removed, undo, new, biases)
     else:
         name = unit.hessian_layers[0]

@@ -138,17 +138,10 @@ def run_setting(ev: Evaluator, s: Setting, seed: int, progress: bool = False) ->
         row["generate_s"] = time.perf_counter() - t
         row.update(ev.score(images, s, seed, dense=True))
         return row
-    key = _prune_key(s, seed)
-    if key in _PRUNED:
-        pipe, rep = _PRUNED[key]
-    else:
-        _PRUNED.clear()
-        pipe = load_pipeline(ev.model_dir)
-        cfg = PruneConfig(method=s.method, pattern=s.pattern, sparsity=s.sparsity, weighting=s.weighting,
-                          packages=s.packages, prompts=world_prompts("train", s.num_calib), steps=s.calib_steps,
-                          seed=seed, progress=progress, measure_error=METHODS[s.method].needs_calibration, **s.extra)
-        rep = prune(pipe, cfg)
-        _PRUNED[key] = (pipe, rep)
+    pipe, rep = pruned_pipeline(ev.model_dir, s, seed, progress)
+    if "sensitivity" in rep:  # the measured weights and what the probe cost
+        row.update(sensitivity_probe_s=rep["sensitivity"]["seconds"],
+                   timestep_weights=" ".join(f"{a:.4g}" for a in rep["timestep_weights"]))
     row.update(prune_s=rep["timings"]["total_s"], calibration_s=rep["timings"]["calibration_s"],
                    solve_s=rep["timings"]["solve_s"], sparsity_actual=rep["sparsity_actual"],
                    params=rep["params_after"], hessian_mb=max(rep["hessian_mb_per_package"] or [0.0]),
@@ -159,6 +152,36 @@ def run_setting(ev: Evaluator, s: Setting, seed: int, progress: bool = False) ->
     row["generate_s"] = time.perf_counter() - t
     row.update(ev.score(images, s, seed))
     return row
+
+
+def pruned_pipeline(model_dir: str, s: Setting, seed: int, progress: bool = False) -> tuple:
+    """(pipeline, report) of the model pruned with one setting and seed; the last one is kept, so settings that
+    differ only in evaluation reuse it (do not change the returned pipeline)."""
+    key = _prune_key(s, seed)
+    if key not in _PRUNED:
+        _PRUNED.clear()
+        pipe = load_pipeline(model_dir)
+        cfg = PruneConfig(method=s.method, pattern=s.pattern, sparsity=s.sparsity, weighting=s.weighting,
+                          packages=s.packages, prompts=world_prompts("train", s.num_calib), steps=s.calib_steps,
+                          seed=seed, progress=progress, measure_error=METHODS[s.method].needs_calibration, **s.extra)
+        _PRUNED[key] = (pipe, prune(pipe, cfg))
+    return _PRUNED[key]
+
+
+def cache_tag(ev: Evaluator) -> str:
+    """The part of a cached row's key that names the model, the evaluation prompts and the evaluation version."""
+    import hashlib
+
+    prompts_digest = hashlib.sha1("\n".join(ev.prompts).encode()).hexdigest()[:8]
+    return f"{model_fingerprint(ev.model_dir)}/{ev.num_prompts}/{prompts_digest}/{EVAL_VERSION}"
+
+
+def read_cache(out_csv: str) -> pd.DataFrame:
+    """The cached rows of a study CSV made under the current evaluation version (older ones are recomputed)."""
+    done = pd.read_csv(out_csv, dtype={c: str for c in PP_COLUMNS}) if os.path.exists(out_csv) else pd.DataFrame()
+    if "key" in done and len(done):
+        done = done[done["key"].astype(str).str.split("|").str[0].str.endswith(f"/{EVAL_VERSION}")]
+    return done
 
 
 def model_fingerprint(model_dir: str) -> str:
@@ -177,18 +200,13 @@ def model_fingerprint(model_dir: str) -> str:
 def run_grid(settings: list[Setting], seeds, out_csv: str, evaluator: Evaluator | None = None,
              progress: bool = True, **ev_kwargs) -> pd.DataFrame:
     """Run every (setting, seed) not yet in ``out_csv`` for this model and evaluation prompts; returns those rows."""
-    import hashlib
-
     ev = evaluator or Evaluator(**ev_kwargs)
-    prompts_digest = hashlib.sha1("\n".join(ev.prompts).encode()).hexdigest()[:8]
-    tag = f"{model_fingerprint(ev.model_dir)}/{ev.num_prompts}/{prompts_digest}/{EVAL_VERSION}"
+    tag = cache_tag(ev)
 
     def key(s, sd):
         return f"{tag}|{s.key(sd)}"
 
-    done = pd.read_csv(out_csv, dtype={c: str for c in PP_COLUMNS}) if os.path.exists(out_csv) else pd.DataFrame()
-    if "key" in done and len(done):  # rows made before per-prompt outcomes were kept are recomputed
-        done = done[done["key"].astype(str).str.split("|").str[0].str.endswith(f"/{EVAL_VERSION}")]
+    done = read_cache(out_csv)  # rows made before per-prompt outcomes were kept are recomputed
     keys = set(done["key"]) if "key" in done else set()
     todo = [(s, sd) for sd in seeds for s in settings if key(s, sd) not in keys]  # seed-major: reuse pruned models
     rows = done.to_dict("records")
@@ -196,13 +214,13 @@ def run_grid(settings: list[Setting], seeds, out_csv: str, evaluator: Evaluator 
         row = run_setting(ev, s, sd)
         row["key"] = key(s, sd)
         rows.append(row)
-        _write_csv(pd.DataFrame(rows), out_csv)
+        write_csv(pd.DataFrame(rows), out_csv)
     df = pd.DataFrame(rows)
     wanted = {key(s, sd) for s in settings for sd in seeds}
     return df[df["key"].isin(wanted)].reset_index(drop=True)
 
 
-def _write_csv(df: pd.DataFrame, path: str) -> None:
+def write_csv(df: pd.DataFrame, path: str) -> None:
     from .owned import write_text
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -370,7 +370,7 @@ def gradient_flow_prune(den, cfg, steps: int, component: str, undo, block_ids: l
     spec = spec_for(den)
     units = [u for u in structured_units(den, spec, block_ids)]
     masks = SoftMasks(den, units)
-    counts = [n_remove(masks.size(ui), cfg.sparsity) for ui in range(len(units))]
+    counts = [n_remove(masks.size(ui), cfg.group_sparsity(units[ui].kind, cfg.sparsity)) for ui in range(len(units))]
     targeted = targeted_layers(den, spec, units, True)
     target_before = targeted_size(den, targeted, "weights")
     blocks = dict(iter_blocks(den, spec))

@@ -32,8 +32,9 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
 class LayerStats:
     """Weighted second and first moments of one layer's inputs."""
 
-    def __init__(self, in_features: int, device):
+    def __init__(self, in_features: int, device, per_step: bool = False):
         self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.step_xtx: dict[int, torch.Tensor] | None = {} if per_step else None  # step -> unweighted X_t^T X_t
         self.xsum = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.weight = 0.0  # sum_t alpha_t n_t
         self.tokens = 0
@@ -45,6 +46,14 @@ class LayerStats:
             e[0] += float((x * x).sum())
             e[1] += x.shape[0]
         self.xtx.addmm_(x.t(), x, alpha=alpha)
+        if self.step_xtx is not None:
+            if step is None:
+                raise RuntimeError("per-step statistics need the step of every input")
+            acc = self.step_xtx.get(step)
+            if acc is None:
+                self.step_xtx[step] = x.t() @ x
+            else:
+                acc.addmm_(x.t(), x)
         self.xsum.add_(x.sum(0), alpha=alpha)
         self.weight += alpha * x.shape[0]
         self.tokens += x.shape[0]
@@ -54,6 +63,27 @@ class LayerStats:
         if self.weight == 0:
             raise RuntimeError("no calibration inputs reached this layer")
         return self.xtx * (2.0 / self.weight)
+
+    def step_H(self, step: int) -> torch.Tensor:
+        """H_t = 2 X_t^T X_t / n_t of one step (needs ``per_step=True``)."""
+        if self.step_xtx is None or step not in self.step_xtx:
+            raise RuntimeError(f"no per-step statistics for step {step} (collect with per_step=True)")
+        return self.step_xtx[step] * (2.0 / self.step_energy[step][1])
+
+    def weighted_H(self, alphas: list[float]) -> torch.Tensor:
+        """The H a weighting would give on these inputs, 2 sum_t alpha_t X_t^T X_t / sum_t alpha_t n_t, from the
+        per-step sums (needs ``per_step=True``): every scheme's Hessian from one calibration."""
+        if self.step_xtx is None:
+            raise RuntimeError("weighted_H needs per-step statistics (collect with per_step=True)")
+        steps = sorted(self.step_xtx)
+        if len(alphas) != len(steps):
+            raise ValueError(f"{len(alphas)} weights for {len(steps)} steps")
+        acc = torch.zeros_like(self.xtx)
+        n = 0.0
+        for a, t in zip(alphas, steps):
+            acc.add_(self.step_xtx[t], alpha=a)
+            n += a * self.step_energy[t][1]
+        return acc * (2.0 / n)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -87,16 +117,18 @@ class Calibration:
                 calib.begin_run()
                 pipe(batch, num_inference_steps=len(alphas), output_type="latent")
         H = calib.stats["blocks.0.attn.to_q"].H
+
+    ``per_step=True`` also keeps each step's X_t^T X_t (T times the memory; for analysis of a few layers).
     """
 
-    def __init__(self, denoiser: nn.Module, layers: dict[str, nn.Module], alphas: list[float]):
+    def __init__(self, denoiser: nn.Module, layers: dict[str, nn.Module], alphas: list[float], per_step: bool = False):
         self.denoiser, self.layers, self.alphas = denoiser, layers, list(alphas)
         self.step = 0  # number of denoiser calls in the current sampling run
         self.run = -1  # index of the current sampling run (begin_run counts them)
         self.stats = {}
         for name, m in layers.items():
             n_in = weight_matrix(m).shape[1]
-            self.stats[name] = LayerStats(n_in, m.weight.device)
+            self.stats[name] = LayerStats(n_in, m.weight.device, per_step)
         self._handles = []
 
     def begin_run(self) -> None:

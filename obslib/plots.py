@@ -84,3 +84,23 @@ def paired_differences(comparisons, ax=None, label: str | None = None):
     ax.set_yticks(y, names, fontsize=8)
     ax.set_xlabel(label or "difference a − b (95% paired interval)")
     return ax
+
+
+PANEL_LABELS = {"prompt_fidelity": "prompt fidelity difference (share of prompts)", "psnr": "PSNR difference (dB)"}
+
+
+def paired_panels(comparisons, path: str, metrics=("prompt_fidelity", "psnr"), title: str | None = None) -> None:
+    """One ``paired_differences`` panel per metric, side by side (names on the left panel only, legend on the
+    right, off the data), saved to ``path`` and shown."""
+    c = [x for x in comparisons if x["metric"] in metrics]
+    rows = max(len([x for x in c if x["metric"] == m]) for m in metrics)
+    fig, ax = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 0.3 * rows + 1.4), squeeze=False)
+    ax = ax[0]
+    for a, metric in zip(ax, metrics):
+        paired_differences([x for x in c if x["metric"] == metric], a, PANEL_LABELS.get(metric, metric))
+    for a in ax[1:]:
+        a.set_yticklabels([])
+    ax[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    save(fig, path)

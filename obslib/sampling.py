@@ -117,21 +117,29 @@ class CalibrationRunner:
         self.batches = [self.batches[i] for i in self.indices]
         self.inputs = [self.inputs[i] for i in self.indices]
 
-    def run(self, calib: Calibration, desc: str = "calibration") -> None:
+    def run(self, calib: Calibration | None, desc: str = "calibration", latents: bool = False) -> list[torch.Tensor]:
+        """Sample every batch to latents (``calib``, if given, counts the runs); with ``latents`` returns each batch's
+        final latents (else an empty list)."""
         device = self.pipe._execution_device
         self.pipe.set_progress_bar_config(disable=not self.progress, leave=False, desc="steps")
+        kept = []
         for i, inp in zip(self.indices, tqdm(self.inputs, desc=desc, leave=False, disable=not self.progress)):
             gen = torch.Generator(device=device).manual_seed(self.seed + i)
-            calib.begin_run()
+            if calib is not None:
+                calib.begin_run()
             try:
                 with torch.no_grad(), quiet_diffusers():
-                    self.pipe(**inp, num_inference_steps=self.steps, guidance_scale=self.guidance, generator=gen,
-                              output_type="latent", **self.call_kwargs)
+                    out = self.pipe(**inp, num_inference_steps=self.steps, guidance_scale=self.guidance, generator=gen,
+                                    output_type="latent", **self.call_kwargs)
+                if latents:
+                    kept.append(out.images)
             except (AttributeError, TypeError, IndexError, KeyError) as e:  # a pipeline whose parts do not fit
                 msg = " ".join(str(e).split())[:200]
                 raise UsageError(f"{type(self.pipe).__name__} could not sample for calibration ({type(e).__name__}: "
                                  f"{msg}); is model_index.json's pipeline class right for its components?") from None
-            calib.end_run()
+            if calib is not None:
+                calib.end_run()
+        return kept
 
 
 def _call_params(pipe) -> set[str]:

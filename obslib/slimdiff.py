@@ -389,7 +389,8 @@ def apply_group(den, g: Group, undo) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ driver
-def slimdiff_prune(den, cfg, steps: int, component: str, undo, block_ids: list[int], calibrate=None, **_) -> dict:
+def slimdiff_prune(den, cfg, steps: int, component: str, undo, block_ids: list[int], calibrate=None, alphas=None,
+                   **_) -> dict:
     """Calibrate once, score every group's levels, allocate the budget, slim in place; returns the report
     fields particular to SlimDiff (the driver in ``obslib.driver`` adds the common ones)."""
     from .packages import structured_units
@@ -403,7 +404,7 @@ def slimdiff_prune(den, cfg, steps: int, component: str, undo, block_ids: list[i
         raise UsageError("slimdiff found nothing to slim in the targeted blocks")
     if calibrate is None:
         raise UsageError("method 'slimdiff' needs calibration data")
-    alphas = timestep_weights(cfg.weighting, steps, cfg.alpha_min, cfg.alpha_max)
+    alphas = alphas or timestep_weights(cfg.weighting, steps, cfg.alpha_min, cfg.alpha_max)
     targeted = sorted({n for a in attns for t in a["streams"] for n in (f"{a['block']}.{x}" for x in t)}
                       | {f"{a['block']}.{o}" for a in attns for o in a["outs"]}
                       | {n for f in ffns for n in f["ups"] + [f["down"]]})

@@ -4,7 +4,7 @@ import math
 import pytest
 
 from obslib.io import UsageError
-from obslib.weighting import SCHEMES, timestep_weights
+from obslib.weighting import FORMULA_SCHEMES, timestep_weights
 
 
 def test_log_decrease_is_the_paper_formula():
@@ -38,7 +38,7 @@ def test_ours_exp_and_cosine():
     assert all(x > y for x, y in zip(e, e[1:])) and all(x > y for x, y in zip(c, c[1:]))
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", FORMULA_SCHEMES)
 def test_one_step_is_defined(scheme):
     (a,) = timestep_weights(scheme, 1)
     assert 0.8 <= a <= 1.2

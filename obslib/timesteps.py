@@ -1,0 +1,235 @@
+"""Does timestep-awareness matter, and why: the experiments of notebook 08 (the notebook only plots).
+
+The paper weighs early, noisy steps more because an error made there travels through every later step. Three
+measurements test that premise and how much a weighting can act on it:
+
+* ``run_injection``: sample with the pruned weights active in one window of steps and the dense weights
+  elsewhere (``obslib.windows.StepSwitch``), and score the images against the dense model's, paired per prompt:
+  where an error hurts the final image.
+* ``step_statistics`` / ``hessian_spread``: how far each step's H_t = 2 X_t^T X_t / n_t is from the mean over
+  steps, on a few representative layers: how different the steps' inputs are at all.
+* ``mask_shift``: how far a weighting (scheme and strength) moves the OBS mask and the layer error away from
+  the uniform Hessian's, every scheme's Hessian formed from one per-step calibration.
+
+``strength_settings`` builds the grid of weightings (scheme x ratio alpha_max / alpha_min) that
+``obslib.experiments.run_grid`` prunes and evaluates end to end.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .archs import find_denoiser
+from .compare import PAIRED, outcomes, paired_bootstrap
+from .experiments import Evaluator, Setting, cache_tag, pruned_pipeline, read_cache, write_csv
+from .hessian import Calibration, weight_matrix
+from .io import load_pipeline
+from .obs import obs_prune, reconstruction_error
+from .sampling import CalibrationRunner, sampling_defaults
+from .shapes.model import DEFAULT_SAMPLING
+from .weighting import alpha_range, timestep_weights
+from .windows import StepSwitch, equal_windows, halves
+
+ONLY = 1e6  # the ratio that makes first-half / second-half weigh "only that half"
+
+
+def injection_windows(steps: int, n: int = 5) -> list[tuple[int, int]]:
+    """``n`` equal windows covering the trajectory, then its first and second half."""
+    return equal_windows(steps, n) + halves(steps)
+
+
+def window_label(w: tuple[int, int]) -> str:
+    return f"steps {w[0]}-{w[1]}"
+
+
+def run_injection(settings: list[Setting], seeds, windows: list[tuple[int, int]], out_csv: str,
+                  evaluator: Evaluator | None = None, progress: bool = True, **ev_kwargs) -> pd.DataFrame:
+    """For each setting and seed, prune once, then sample the dense pipeline with the pruned denoiser active only
+    in each window; every row is scored like a study row (``Evaluator.score``: PSNR/SSIM against the dense
+    images of the same prompts and seed, prompt fidelity, per-prompt outcomes). Rows are cached in ``out_csv``
+    (resumable); returns the rows asked for, with ``window`` ("steps a-b"), ``first`` and ``last``."""
+    ev = evaluator or Evaluator(**ev_kwargs)
+    tag = cache_tag(ev)
+    done = read_cache(out_csv)
+    keys = set(done["key"]) if "key" in done else set()
+    rows = done.to_dict("records")
+
+    def key(s, sd, w):
+        return f"{tag}|{s.key(sd)}|window={w[0]}-{w[1]}"
+
+    todo = [(s, sd) for sd in seeds for s in settings if any(key(s, sd, w) not in keys for w in windows)]
+    for s, sd in tqdm(todo, desc=os.path.basename(out_csv), disable=not progress):
+        steps = s.eval_steps or DEFAULT_SAMPLING["num_inference_steps"]
+        pruned, rep = pruned_pipeline(ev.model_dir, s, sd)
+        dense = load_pipeline(ev.model_dir)
+        for w in windows:
+            if key(s, sd, w) in keys:
+                continue
+            with StepSwitch(dense.transformer, pruned.transformer, w, steps):
+                images = ev.images(dense, s, sd)
+            row = {k: v for k, v in s.__dict__.items() if k != "extra"}
+            row.update(seed=sd, window=window_label(w), first=w[0], last=w[1], steps=steps,
+                       sparsity_actual=rep["sparsity_actual"], **ev.score(images, s, sd), key=key(s, sd, w))
+            rows.append(row)
+            write_csv(pd.DataFrame(rows), out_csv)
+    df = pd.DataFrame(rows)
+    wanted = {key(s, sd, w) for s in settings for sd in seeds for w in windows}
+    return df[df["key"].isin(wanted)].reset_index(drop=True)
+
+
+def setting_label(row) -> str:
+    """'50% unstructured', '2:4', '20% structured' from a row's pattern and sparsity."""
+    if row["pattern"] in ("unstructured", "structured"):
+        return f"{row['sparsity']:.0%} {row['pattern']}"
+    return str(row["pattern"])
+
+
+WHOLE, DENSE = "all steps", "none (dense)"
+
+
+def injection_frame(injected: pd.DataFrame, whole: pd.DataFrame) -> pd.DataFrame:
+    """The window rows of ``run_injection`` together with, for each of their settings, the same prune active at
+    every step (``WHOLE``) and the dense model (``DENSE``) from ``whole`` (study rows, ``run_grid``), labelled by a
+    ``setting`` column, so every window can be compared, paired, with both ends."""
+    injected = injected.assign(setting=[setting_label(r) for _, r in injected.iterrows()])
+    parts = [injected]
+    dense = whole[whole.method == "dense"]
+    for label, g in injected.groupby("setting", sort=False):
+        r = g.iloc[0]
+        same = whole[(whole.method == r.method) & (whole.pattern == r.pattern) & np.isclose(whole.sparsity, r.sparsity)
+                     & (whole.weighting == r.weighting)]
+        parts += [same.assign(setting=label, window=WHOLE, first=1, last=r.steps),
+                  dense.assign(setting=label, window=DENSE, first=0, last=0)]
+    return pd.concat(parts, ignore_index=True)
+
+
+def window_means(df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per setting and window: the mean of a metric over seeds x prompts and its 95% interval (bootstrap over
+    prompts stratified by seed, as in ``obslib.compare``)."""
+    rows = []
+    for (setting, window), g in df.groupby(["setting", "window"], sort=False):
+        if g[PAIRED[metric][0]].isna().any():  # the dense model has no PSNR against itself
+            continue
+        x, _ = outcomes(g, metric)
+        mean, lo, hi = paired_bootstrap(x, np.zeros_like(x))
+        rows.append({"setting": setting, "window": window, "first": int(g["first"].iloc[0]),
+                     "last": int(g["last"].iloc[0]), "metric": metric, "mean": mean, "lo": lo, "hi": hi})
+    return pd.DataFrame(rows)
+
+
+def strength_settings(base: Setting, schemes=("log-decrease", "log-increase"), ratios=(1.5, 4, 16, 100),
+                      one_sided=("first-half", "second-half")) -> list[Setting]:
+    """``base`` with each scheme at each ratio alpha_max / alpha_min (mean-1 pairs from ``alpha_range``; 1.5 is
+    the paper's default and is left as the default row), and the one-sided schemes at ratio ``ONLY``."""
+    out = []
+    for w in schemes:
+        for r in ratios:
+            extra = {} if r == 1.5 else dict(zip(("alpha_min", "alpha_max"), alpha_range(r)))
+            out.append(Setting(**{**base.__dict__, "weighting": w, "extra": {**base.extra, **extra}}))
+    for w in one_sided:
+        extra = dict(zip(("alpha_min", "alpha_max"), alpha_range(ONLY)))
+        out.append(Setting(**{**base.__dict__, "weighting": w, "extra": {**base.extra, **extra}}))
+    return out
+
+
+def label_strength(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with a ``weighting_label`` column (``strength_label`` of each row)."""
+    return df.assign(weighting_label=[strength_label(r) for _, r in df.iterrows()])
+
+
+def strength_label(row) -> str:
+    """'log-decrease ×16' from a study row's weighting and alpha columns (no alpha columns: the default ×1.5)."""
+    lo, hi = row.get("extra_alpha_min", np.nan), row.get("extra_alpha_max", np.nan)
+    if row["weighting"] in ("uniform", "sensitivity"):
+        return row["weighting"]
+    if lo is None or not np.isfinite(lo):
+        return f"{row['weighting']} ×1.5"
+    r = hi / lo
+    return f"{row['weighting']} only" if r >= ONLY / 2 else f"{row['weighting']} ×{r:.3g}"
+
+
+# ------------------------------------------------------------------ per-step statistics of a few layers
+def representative_layers(den, kinds=("attn.to_q", "attn.to_out.0", "ff.net.2")) -> list[str]:
+    """The named kinds of layer in the first, middle and last transformer block."""
+    n = len(den.transformer_blocks)
+    names = []
+    for b in sorted({0, n // 2, n - 1}):
+        for k in kinds:
+            name = f"transformer_blocks.{b}.{k}"
+            try:
+                den.get_submodule(name)
+            except AttributeError:
+                continue
+            names.append(name)
+    return names
+
+
+def step_statistics(pipe, layer_names: list[str], prompts: list[str], seed: int = 0, progress: bool = False) -> dict:
+    """Per-step input statistics (``LayerStats`` with ``per_step=True``) of named denoiser layers over one
+    calibration run of the prompts at the model's sampling defaults."""
+    d = sampling_defaults(pipe)
+    steps = d["num_inference_steps"]
+    _, den = find_denoiser(pipe)
+    calib = Calibration(den, {n: den.get_submodule(n) for n in layer_names}, [1.0] * steps, per_step=True)
+    msl = {k: v for k, v in d.items() if k == "max_sequence_length"}
+    runner = CalibrationRunner(pipe, prompts, steps, d["guidance_scale"], seed, 16, msl, progress)
+    with calib:
+        runner.run(calib, "per-step statistics")
+    return calib.stats
+
+
+def hessian_spread(stats: dict) -> pd.DataFrame:
+    """Per layer and step: ||H_t - H_mean||_F / ||H_mean||_F (H_mean: every step weighted alike), and the step's
+    mean input energy relative to the layer's mean."""
+    rows = []
+    for name, st in stats.items():
+        Hm = st.weighted_H([1.0] * len(st.step_xtx))
+        norm = float(torch.linalg.matrix_norm(Hm))
+        for t in sorted(st.step_xtx):
+            Ht = st.step_H(t)
+            rows.append({"layer": name, "step": t, "rel_distance": float(torch.linalg.matrix_norm(Ht - Hm)) / norm,
+                         "energy": float(Ht.diagonal().sum() / Hm.diagonal().sum())})
+    return pd.DataFrame(rows)
+
+
+def weightings(steps: int, schemes=("log-decrease", "log-increase"), ratios=(1.5, 4, 16, 100),
+               one_sided=("first-half", "second-half")) -> dict[str, list[float]]:
+    """label -> alpha_1..alpha_T of every weighting of the strength sweep (labels as ``strength_label``)."""
+    out = {}
+    for w in schemes:
+        for r in ratios:
+            out[f"{w} ×{r:g}"] = timestep_weights(w, steps, *alpha_range(r))
+    for w in one_sided:
+        out[f"{w} only"] = timestep_weights(w, steps, *alpha_range(ONLY))
+    return out
+
+
+def mask_shift(den, stats: dict, alphas: dict[str, list[float]], sparsity: float = 0.5, n: int = 0,
+               m: int = 0) -> pd.DataFrame:
+    """For each layer and weighting: how far its H is from the uniform one (relative Frobenius distance), the
+    share of weight positions whose OBS mask differs from the uniform Hessian's mask, and the layer error of both
+    solutions on the uniform H (every step counted alike) and on the weighting's own H."""
+    rows = []
+    for name, st in stats.items():
+        W = weight_matrix(den.get_submodule(name)).float()
+        Hu = st.weighted_H([1.0] * len(st.step_xtx))
+        Wu, Mu = obs_prune(W, Hu, sparsity, n, m)[:2]
+        err_u = reconstruction_error(W, Wu, Hu)
+        for label, a in alphas.items():
+            Hw = st.weighted_H(a)
+            Ww, Mw = obs_prune(W, Hw, sparsity, n, m)[:2]
+            rows.append({"layer": name, "weighting": label,
+                         "h_distance": float(torch.linalg.matrix_norm(Hw - Hu) / torch.linalg.matrix_norm(Hu)),
+                         "mask_differs": float((Mw != Mu).float().mean()),
+                         "error_uniform_H": reconstruction_error(W, Ww, Hu), "error_uniform_H_of_uniform": err_u,
+                         "error_own_H": reconstruction_error(W, Ww, Hw),
+                         "error_own_H_of_uniform": reconstruction_error(W, Wu, Hw)})
+    df = pd.DataFrame(rows)
+    df["error_change_uniform_H"] = df.error_uniform_H / df.error_uniform_H_of_uniform - 1
+    df["error_change_own_H"] = df.error_own_H / df.error_own_H_of_uniform - 1
+    return df
+

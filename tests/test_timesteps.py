@@ -1,0 +1,237 @@
+"""Timestep-awareness: weighting strength, one-sided schemes, the step switch, per-step Hessians, the
+sensitivity weighting's probe, and the CLI's handling of them."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import obslib
+from obslib.errors import UsageError
+from obslib.evaluate import generate
+from obslib.hessian import LayerStats
+from obslib.sensitivity import alphas_from_harm, measure
+from obslib.shapes import prompts
+from obslib.timesteps import hessian_spread, mask_shift, strength_label, strength_settings, weightings
+from obslib.weighting import alpha_range, timestep_weights
+from obslib.windows import StepSwitch, equal_windows, halves, window_steps
+
+
+# ------------------------------------------------------------------ weighting strength and one-sided schemes
+def test_alpha_range_has_the_ratio_and_mean_one():
+    assert alpha_range(1.5) == pytest.approx((0.8, 1.2))  # the paper's defaults
+    for r in (4, 16, 100, 1e6, 0.25):
+        lo, hi = alpha_range(r)
+        assert hi / lo == pytest.approx(r) and (lo + hi) / 2 == pytest.approx(1.0)
+    a = timestep_weights("log-decrease", 20, *alpha_range(0.25))  # a ratio below 1 reverses the scheme
+    assert a[0] < a[-1]
+    for bad in (0, -1, 2e6, float("nan"), float("inf")):
+        with pytest.raises(UsageError, match="alpha ratio .* outside the allowed 1e-06 to 1e\\+06"):
+            alpha_range(bad)
+
+
+def test_half_schemes_weigh_one_half():
+    lo, hi = alpha_range(1e6)
+    f = timestep_weights("first-half", 5, lo, hi)
+    s = timestep_weights("second-half", 5, lo, hi)
+    assert f == pytest.approx([hi, hi, hi, lo, lo]) and s == pytest.approx([lo, lo, lo, hi, hi])
+    assert timestep_weights("first-half", 4, 0.8, 1.2) == pytest.approx([1.2, 1.2, 0.8, 0.8])
+
+
+def test_sensitivity_has_no_formula():
+    with pytest.raises(UsageError, match="measured while pruning"):
+        timestep_weights("sensitivity", 10)
+
+
+def test_strength_grid_and_labels():
+    grid = strength_settings(obslib.experiments.Setting(sparsity=0.6))
+    assert len(grid) == 2 * 4 + 2
+    rows = [{"weighting": s.weighting, **{f"extra_{k}": v for k, v in s.extra.items()}} for s in grid]
+    labels = [strength_label(pd.Series(r)) for r in rows]
+    assert labels[:4] == ["log-decrease ×1.5", "log-decrease ×4", "log-decrease ×16", "log-decrease ×100"]
+    assert labels[-2:] == ["first-half only", "second-half only"]
+    assert set(weightings(20)) == set(labels)
+
+
+# ------------------------------------------------------------------ windows and the step switch
+def test_windows_cover_the_trajectory():
+    assert equal_windows(20, 5) == [(1, 4), (5, 8), (9, 12), (13, 16), (17, 20)]
+    assert equal_windows(7, 3) == [(1, 3), (4, 5), (6, 7)]
+    assert halves(20) == [(1, 10), (11, 20)] and halves(5) == [(1, 3), (4, 5)]
+    assert window_steps((3, 5), 10) == {3, 4, 5} and window_steps([], 10) == frozenset()
+    for bad, needle in (((0, 3), "outside the trajectory's steps 1..10"), ((4, 11), "outside"), ((5, 4), "outside"),
+                        ([2, 12], "outside")):
+        with pytest.raises(UsageError, match=needle):
+            window_steps(bad, 10)
+    with pytest.raises(UsageError, match="6 windows cannot split 5 steps"):
+        equal_windows(5, 6)
+
+
+def test_step_switch_full_window_is_the_pruned_model_and_empty_is_the_dense(tiny_pipe_dir):
+    dense = obslib.load_pipeline(tiny_pipe_dir)
+    pruned = obslib.load_pipeline(tiny_pipe_dir)
+    obslib.prune(pruned, obslib.PruneConfig(method="magnitude", sparsity=0.7, progress=False, measure_error=False))
+    ps, steps = prompts("heldout", 3), 3
+
+    def images(pipe):
+        return generate(pipe, ps, seed=5, steps=steps, progress=False)
+
+    ref_dense, ref_pruned = images(dense), images(pruned)
+    assert not np.array_equal(ref_dense, ref_pruned)
+    with StepSwitch(dense.transformer, pruned.transformer, (1, steps), steps) as sw:
+        full = images(dense)
+    assert sw.calls == steps and np.array_equal(full, ref_pruned)
+    with StepSwitch(dense.transformer, pruned.transformer, [], steps):
+        empty = images(dense)
+    assert np.array_equal(empty, ref_dense)
+    with StepSwitch(dense.transformer, pruned.transformer, (1, 1), steps):
+        first = images(dense)
+    assert not np.array_equal(first, ref_dense) and not np.array_equal(first, ref_pruned)
+    assert "forward" not in vars(dense.transformer)  # the switch is gone after the block
+    assert np.array_equal(images(dense), ref_dense)
+
+
+def test_step_switch_refuses_an_uneven_count_and_nesting():
+    den, other = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    with pytest.raises(RuntimeError, match="called 1 times, not a multiple of 2 steps"):
+        with StepSwitch(den, other, (1, 1), 2):
+            den(torch.zeros(1, 2))
+    with StepSwitch(den, other, (2, 2), 2):
+        with pytest.raises(RuntimeError, match="already replaced"):
+            StepSwitch(den, other, (1, 1), 2).__enter__()
+        x = torch.ones(1, 2)
+        assert torch.equal(den(x), torch.nn.Linear.forward(den, x)) and torch.equal(den(x), other(x))
+
+
+# ------------------------------------------------------------------ per-step Hessians
+def test_weighted_H_from_per_step_sums_equals_weighted_accumulation():
+    g = torch.Generator().manual_seed(0)
+    alphas = [3.0, 1.0, 0.25]
+    st = LayerStats(4, "cpu", per_step=True)
+    xs = [torch.randn(n, 4, generator=g) * (t + 1) for t, n in enumerate((5, 7, 9))]
+    for t, (x, a) in enumerate(zip(xs, alphas), 1):
+        st.add(x, a, t)
+    assert torch.allclose(st.weighted_H(alphas), st.H, rtol=1e-5)
+    expected = 2 * sum(a * x.t() @ x for a, x in zip(alphas, xs)) / sum(a * x.shape[0] for a, x in zip(alphas, xs))
+    assert torch.allclose(st.H, expected, rtol=1e-5)
+    assert torch.allclose(st.step_H(2), 2 * xs[1].t() @ xs[1] / 7, rtol=1e-5)
+    spread = hessian_spread({"l": st})
+    assert list(spread.step) == [1, 2, 3] and (spread.rel_distance > 0).all()
+    assert spread.energy.iloc[0] < 1 < spread.energy.iloc[2]  # the inputs grow with the step here
+
+
+def test_identical_steps_give_no_spread_and_no_mask_shift():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 16, generator=g)
+    st = LayerStats(16, "cpu", per_step=True)
+    for t in (1, 2, 3):
+        st.add(x, 1.0, t)
+    assert np.allclose(hessian_spread({"l": st}).rel_distance, 0, atol=1e-6)
+    den = torch.nn.Module()
+    den.l = torch.nn.Linear(16, 8, bias=False)
+    df = mask_shift(den, {"l": st}, {"log-decrease ×100": timestep_weights("log-decrease", 3, *alpha_range(100))})
+    assert df.mask_differs.iloc[0] == 0 and df.h_distance.iloc[0] < 1e-6
+    assert df.error_change_uniform_H.iloc[0] == pytest.approx(0, abs=1e-6)
+
+
+def test_a_strong_weighting_moves_the_mask_when_steps_differ():
+    g = torch.Generator().manual_seed(2)
+    st = LayerStats(16, "cpu", per_step=True)
+    scales = [torch.ones(16), torch.linspace(0.1, 3, 16)]  # the two steps weigh the inputs differently
+    for t, s in enumerate(scales, 1):
+        st.add(torch.randn(256, 16, generator=g) * s, 1.0, t)
+    den = torch.nn.Module()
+    den.l = torch.nn.Linear(16, 8, bias=False)
+    torch.nn.init.normal_(den.l.weight, generator=g)
+    w = {"first-half only": timestep_weights("first-half", 2, *alpha_range(1e6)),
+         "log-decrease ×1.5": timestep_weights("log-decrease", 2, 0.8, 1.2)}
+    df = mask_shift(den, {"l": st}, w).set_index("weighting")
+    assert df.loc["first-half only", "mask_differs"] > df.loc["log-decrease ×1.5", "mask_differs"]
+    assert df.loc["first-half only", "mask_differs"] > 0.05
+    # on its own H a weighting's solution is never worse than uniform's; on the uniform H never better (OBS is
+    # near-optimal for the H it is given)
+    assert (df.error_change_own_H <= 1e-6).all() and (df.error_change_uniform_H >= -1e-6).all()
+
+
+# ------------------------------------------------------------------ the sensitivity weighting
+def test_alphas_from_harm():
+    a = alphas_from_harm([0.0, 1.0, 3.0])
+    assert np.mean(a) == pytest.approx(1.0) and a[2] / a[1] == pytest.approx(3.0) and a[0] == pytest.approx(3e-6 / (4 / 3 + 1e-6), rel=1e-3)
+    assert alphas_from_harm([0.0, 0.0]) == [1.0, 1.0]
+    assert alphas_from_harm([float("nan"), 1.0]) == [1.0, 1.0]
+
+
+def test_sensitivity_prune_reports_its_probe_and_is_deterministic(tiny_pipe_dir):
+    reps, weights = [], []
+    for _ in range(2):
+        pipe = obslib.load_pipeline(tiny_pipe_dir)
+        rep = obslib.prune(pipe, obslib.PruneConfig(weighting="sensitivity", sparsity=0.5, prompts=prompts("train", 4),
+                                                    batch_size=2, packages=2, sensitivity_prompts=2,
+                                                    sensitivity_windows=2, progress=False))
+        reps.append(rep)
+        weights.append(torch.cat([p.flatten() for p in pipe.transformer.parameters()]))
+    rep = reps[0]
+    s = rep["sensitivity"]
+    assert rep["weighting"] == "sensitivity" and len(rep["timestep_weights"]) == rep["steps"] == 3
+    assert s["windows"] == [[1, 2], [3, 3]] and s["probe_runs"] == 3 and s["probe_prompts"] == 2
+    assert all(h > 0 for h in s["harm_per_window"]) and rep["timestep_weights"] == s["alphas"]
+    assert np.mean(s["alphas"]) == pytest.approx(1.0) and rep["timings"]["sensitivity_probe_s"] > 0
+    assert reps[1]["timestep_weights"] == rep["timestep_weights"] and torch.equal(weights[0], weights[1])
+    json.dumps(rep)
+
+
+def test_probe_leaves_the_model_unchanged_and_measures_what_it_says(tiny_pipe):
+    from obslib.sampling import CalibrationRunner
+
+    den = tiny_pipe.transformer
+    before = {k: v.clone() for k, v in den.state_dict().items()}
+    cfg = obslib.PruneConfig(sparsity=0.5, sensitivity_windows=3).validate()
+    runner = CalibrationRunner(tiny_pipe, prompts("train", 2), 3, 4.0, 0, 2, {"max_sequence_length": 8}, False)
+    probe = measure(runner, den, 3, [0, 1, 2, 3], cfg)
+    assert all(torch.equal(before[k], v) for k, v in den.state_dict().items())
+    assert probe["windows"] == [[1, 1], [2, 2], [3, 3]] and probe["harm_per_step"] == probe["harm_per_window"]
+    assert probe["alphas"] == pytest.approx(list(np.array(probe["harm_per_step"]) / np.mean(probe["harm_per_step"])))
+
+
+# ------------------------------------------------------------------ command line
+def run_cli(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "obslib.cli", *args], capture_output=True, text=True, env=env)
+
+
+@pytest.mark.parametrize("ratio", ["0", "-2", "2e6", "nan"])
+def test_bad_alpha_ratio_is_one_line_exit_2(tiny_pipe_dir, tmp_path, ratio):
+    out = tmp_path / "out"
+    r = run_cli("prune", tiny_pipe_dir, "--alpha-ratio", ratio, "--num-prompts", "2", "--out", str(out))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "alpha ratio" in lines[0] and "1e-06 to 1e+06" in lines[0], r.stderr
+    assert not out.exists()
+
+
+def test_weighting_with_a_method_that_ignores_it_gets_one_note(tiny_pipe_dir, tmp_path):
+    out = tmp_path / "m"
+    r = run_cli("prune", tiny_pipe_dir, "--method", "magnitude", "--weighting", "sensitivity", "--alpha-ratio", "4",
+                "--sparsity", "0.5", "--num-prompts", "2", "--steps", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    notes = [x for x in r.stderr.splitlines() if x.startswith("obslib: note:")]
+    assert notes == ["obslib: note: --weighting / --alpha-ratio is ignored by magnitude (it reads no calibration "
+                     "statistics)"]
+    rep = json.load(open(out / "pruning_report.json"))
+    assert "sensitivity" not in rep
+    r = run_cli("prune", tiny_pipe_dir, "--method", "sparsegpt", "--weighting", "cosine", "--sparsity", "0.5",
+                "--num-prompts", "2", "--steps", "2", "--packages", "1", "--out", str(tmp_path / "s"))
+    assert r.returncode == 0 and "--weighting is ignored by sparsegpt (it always weighs the steps uniform)" in r.stderr
+
+
+def test_cli_alpha_ratio_reaches_the_report(tiny_pipe_dir, tmp_path):
+    out = tmp_path / "r"
+    r = run_cli("prune", tiny_pipe_dir, "--weighting", "first-half", "--alpha-ratio", "100", "--sparsity", "0.5",
+                "--num-prompts", "2", "--steps", "4", "--packages", "1", "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    rep = json.load(open(out / "pruning_report.json"))
+    lo, hi = alpha_range(100)
+    assert rep["timestep_weights"] == pytest.approx([hi, hi, lo, lo])
