@@ -35,6 +35,7 @@ import obslib
 from obslib import study, experiments as ex, plots, compare as cmp, timesteps as ts
 from obslib.shapes import prompts as world_prompts
 from obslib.shapes.model import DEFAULT_SAMPLING
+from obslib.weighting import ABLATION_SCHEMES
 S = study.settings(mode)          # grid sizes of this mode and output folders
 torch.set_num_threads(int(os.environ.get("OBSLIB_THREADS", os.cpu_count())))
 sns.set_theme(style="whitegrid", font_scale=0.9)
@@ -113,7 +114,7 @@ plots.save(fig, f"{S['figures']}/08_injection.png")
 # %% [markdown]
 # ## 2 · How much can a weighting change? Per-step inputs and masks
 #
-# The weighting only reweights the steps' input statistics, so it can only matter where those differ. One calibration run keeps each step's X_tᵀX_t for three kinds of layer (the image-stream query projection, the attention output and the FFN down-projection) in the first, middle and last block. Left: the relative distance of each step's H_t from their mean, ‖H_t − H̄‖_F / ‖H̄‖_F. Then every weighting of the strength sweep forms its H from the same statistics (exactly: H = 2 Σ_t α_t X_tᵀX_t / Σ_t α_t n_t), and OBS at 50% is solved with it: the share of mask positions that differ from the uniform Hessian's mask, and the change in layer error measured on the uniform H (every step counted alike).
+# The weighting only reweights the steps' input statistics, so it can only matter where those differ. One calibration run keeps each step's X_tᵀX_t for three kinds of layer (the image-stream query projection, the attention output and the FFN down-projection) in the first, middle and last block. Left: the relative distance of each step's H_t from their mean, ‖H_t − H̄‖_F / ‖H̄‖_F. Then every weighting of notebook 04 (at its 1.5× strength) and of the strength sweep forms its H from the same statistics (exactly: H = 2 Σ_t α_t X_tᵀX_t / Σ_t α_t n_t), and OBS at 50% is solved with it: the share of mask positions that differ from the uniform Hessian's mask, and the change in layer error measured on the uniform H (every step counted alike).
 
 # %%
 pipe = obslib.load_pipeline(S["model_dir"])
@@ -121,7 +122,8 @@ layers = ts.representative_layers(pipe.transformer)
 stats = ts.step_statistics(pipe, layers, world_prompts("train", S["num_calib"]))
 spread = ts.hessian_spread(stats)
 spread.to_csv(f"{S['results']}/08_hessian_spread.csv", index=False)
-W = ts.weightings(T, ratios=S["strength_ratios"])
+W = {f"{w} ×1.5": obslib.timestep_weights(w, T) for w in ABLATION_SCHEMES if w != "uniform"}  # notebook 04's schemes
+W.update(ts.weightings(T, ratios=S["strength_ratios"]))                                          # the strength sweep
 shift = ts.mask_shift(pipe.transformer, stats, W, sparsity=0.5)
 shift.to_csv(f"{S['results']}/08_mask_shift.csv", index=False)
 per_w = shift.groupby("weighting", sort=False)[["h_distance", "mask_differs", "error_change_uniform_H", "error_change_own_H"]].mean()
@@ -235,22 +237,27 @@ print("the measured weights move", ", ".join(f"{v:.1%}" for v in sshift.mask_dif
 # %%
 # NBVAL_CHECK_OUTPUT
 def says(c):
-    return f"{c['diff']:+.2f} dB [{c['lo']:+.2f}, {c['hi']:+.2f}]" if c["metric"] == "psnr" else \
-        f"{c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]"
+    d = 2 if c["metric"] == "psnr" else 3
+    return f"{cmp.signed(c['diff'], d)}{' dB' if d == 2 else ''} [{cmp.signed(c['lo'], d)}, {cmp.signed(c['hi'], d)}]"
 
 
-print("Where errors hurt:")
+def reading(c, what):
+    """What a first − second comparison says about the premise (a lower value for 'first' = early errors hurt more)."""
+    return {cmp.BEHIND: f"early errors hurt {what} more (supports the premise)",
+            cmp.AHEAD: f"late errors hurt {what} more (against the premise)",
+            cmp.NONE: f"the two are not told apart on {what}"}[c["verdict"]]
+
+
+print("Where errors hurt (a − b: a higher PSNR or fidelity for a means pruning a's steps harms less):")
 for setting in D.setting.unique():
-    h = {c["metric"]: c for c in C1 if c["context"].endswith(setting) and c["a"] == first}
-    worst = eq[eq.setting == setting].sort_values("mean").iloc[0]  # among the equal windows
-    early = h["psnr"]["verdict"] == cmp.BEHIND
-    late = h["psnr"]["verdict"] == cmp.AHEAD
-    print(f"- {setting}: pruning only the first half − only the second half: PSNR {says(h['psnr'])} "
-          f"({h['psnr']['verdict']}), prompt fidelity {says(h['prompt_fidelity'])} ({h['prompt_fidelity']['verdict']}). "
-          f"Of the {len(equal)} equal windows, pruning {worst.window} alone harms most ({worst['mean']:.2f} dB). "
-          + ("Early errors hurt the final image more: this supports the error-accumulation premise on PSNR."
-             if early else "Late errors hurt the final image more: on PSNR this contradicts the error-accumulation premise."
-             if late else "The two halves are not told apart on PSNR."))
+    h = {c["metric"]: c for c in C1 if c["context"] == f"Halves, {setting}"}
+    e = {c["metric"]: c for c in C1 if c["context"] == f"End windows, {setting}"}
+    order = eq[eq.setting == setting].sort_values("first")
+    print(f"- {setting}: only the first half − only the second half: PSNR {says(h['psnr'])}, prompt fidelity "
+          f"{says(h['prompt_fidelity'])}: {reading(h['psnr'], 'PSNR')}; {reading(h['prompt_fidelity'], 'prompt fidelity')}. "
+          f"First window − last window ({w0} − {w1}): PSNR {says(e['psnr'])}: {reading(e['psnr'], 'PSNR')}. "
+          "PSNR by window, first to last: " + ", ".join(f"{m:.1f}" for m in order["mean"])
+          + f" dB (the whole-trajectory prune: {means[(means.metric == 'psnr') & (means.setting == setting) & (means.window == ts.WHOLE)]['mean'].iloc[0]:.1f} dB).")
 cost = {c["context"].split(", ")[1] + "|" + c["a"]: c for c in F1}
 lost = [f"{k.split('|')[1]} ({k.split('|')[0]}: {says(c)})" for k, c in cost.items()
         if c["verdict"] == cmp.BEHIND and c["a"] != ts.WHOLE]
@@ -263,16 +270,25 @@ weakest = min(S["strength_ratios"])
 lab0 = [x for x in pw.index if x.endswith(f"×{weakest:g}")]
 strongest = pw.idxmax()
 print(f"- At 50%, strength ×{weakest:g}" + (" (the paper's)" if weakest == 1.5 else "") + f" changes {pw[lab0].mean():.1%} "
-      "of the mask positions on average (" + ", ".join(f"{x} {pw[x]:.1%}" for x in lab0) + f"); the most, {strongest}, "
-      f"changes {pw[strongest]:.1%}, with a layer error {per_w.loc[strongest, 'error_change_uniform_H']:+.1%} on the uniform H.")
+      f"of the mask positions on average over {len(lab0)} schemes (layer error on the uniform H "
+      f"{per_w.loc[lab0, 'error_change_uniform_H'].mean():+.2%}); the most, {strongest}, changes {pw[strongest]:.1%}, with a "
+      f"layer error {per_w.loc[strongest, 'error_change_uniform_H']:+.1%} on the uniform H.")
+heaviest = sorted({f"{r.setting} seed {r.seed}: step {int(np.argmax([float(x) for x in r.timestep_weights.split()])) + 1}"
+                   for _, r in sens.iterrows()})
+print(f"- The measured (sensitivity) weights put their largest α at: {'; '.join(heaviest)}.")
 print("Does any weighting beat uniform?")
-for group, name in ((C3, "strength sweep at 60%"), (C4, "sensitivity / log-decrease")):
-    ahead = sorted({f"{c['a']} ({c['context'].replace('At ', 'at ')}, {cmp.NAMES[c['metric']]})" for c in group
-                    if c["verdict"] == cmp.AHEAD and c["b"] == "uniform"})
-    behind = sorted({f"{c['a']} ({c['context'].replace('At ', 'at ')}, {cmp.NAMES[c['metric']]})" for c in group
-                     if c["verdict"] == cmp.BEHIND and c["b"] == "uniform"})
-    n = len([c for c in group if c["b"] == "uniform"])
-    print(f"- {name}: of {n} paired comparisons with uniform, ahead: {', '.join(ahead) or 'none'}; behind: {', '.join(behind) or 'none'}.")
+n_all, hits = 0, []
+for group in (C3, C4):
+    for c in group:
+        if c["b"] == "uniform":
+            n_all += 1
+            if c["verdict"] != cmp.NONE:
+                hits.append(f"{c['a']} {c['context'].replace('At ', 'at ').replace('Strength at', 'at')} on "
+                            f"{cmp.NAMES[c['metric']]}: {says(c)} ({c['verdict']})")
+print(f"- Of {n_all} paired comparisons with uniform (strength sweep and measured weighting), "
+      f"{sum('ahead' in x for x in hits)} ahead and {sum('behind' in x for x in hits)} behind"
+      + (": " + "; ".join(hits) if hits else "") + f". At a 95% level about {0.05 * n_all:.1f} of {n_all} would "
+      "come out either way by chance alone, so none of these is evidence that a weighting helps.")
 
 # %% [markdown]
 # ## Try next

@@ -230,6 +230,12 @@ def _run_cli(args) -> None:
     _check_index(args.model_dir)
     if args.reference is not None:
         _check_index(args.reference)
+    window = None
+    if args.pruned_steps is not None:
+        window = parse_window(args.pruned_steps, args.steps)
+        if args.reference is None:
+            raise UsageError("--pruned-steps samples the --reference pipeline with MODEL_DIR's denoiser in those steps "
+                             "only; give --reference DENSE_DIR")
     check_device(args.device)
     check_output_file(args.out, [args.model_dir, args.reference])
 
@@ -246,8 +252,18 @@ def _run_cli(args) -> None:
     pipe = _load(args.model_dir, args.device)
     ref = _load(args.reference, args.device) if args.reference is not None else None
     torch.set_grad_enabled(False)
+    images = None
+    if window is not None:  # the reference samples, with the pruned denoiser switched in for the window only
+        from .archs import find_denoiser
+        from .windows import StepSwitch
+
+        with StepSwitch(find_denoiser(ref)[1], find_denoiser(pipe)[1], window, args.steps):
+            images = generate(ref, prompts(args.split, args.num_prompts), args.seed, steps=args.steps,
+                              guidance=args.guidance, batch_size=args.batch_size)
     metrics = evaluate_pipeline(pipe, args.num_prompts, args.steps, args.seed, reference=ref, split=args.split,
-                                guidance=args.guidance, classifier=clf, batch_size=args.batch_size)
+                                guidance=args.guidance, classifier=clf, batch_size=args.batch_size, images=images)
+    if window is not None:
+        metrics["pruned_steps"] = list(window)
     metrics["written_by"] = "obslib"
     metrics["model_dir"] = os.path.abspath(args.model_dir)
     if args.reference is not None:
@@ -259,6 +275,18 @@ def _run_cli(args) -> None:
           f"kid={metrics['kid']:.5f}±{metrics['kid_sd']:.5f}"
           + (f" psnr={metrics['psnr']:.2f} ssim={metrics['ssim']:.4f}" if "psnr" in metrics else "")
           + f" -> {args.out}")
+
+
+def parse_window(text: str, steps: int) -> tuple[int, int]:
+    """'FIRST-LAST' (1-based, inclusive) inside the trajectory's steps 1..``steps``, else ``UsageError``."""
+    parts = str(text).split("-")
+    if len(parts) != 2 or not all(x.strip().isdigit() for x in parts):
+        raise UsageError(f"--pruned-steps {text!r}: expected FIRST-LAST, two step numbers such as 1-5")
+    first, last = int(parts[0]), int(parts[1])
+    if not 1 <= first <= last <= steps:
+        raise UsageError(f"--pruned-steps {text}: the window is outside the trajectory's steps 1..{steps} (need 1 <= "
+                         f"FIRST <= LAST <= {steps})")
+    return first, last
 
 
 def add_cli(sub) -> None:
@@ -282,6 +310,9 @@ def add_cli(sub) -> None:
     p.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default: 0)")
     p.add_argument("--batch-size", type=int, default=64, help="images per sampling batch (default: 64)")
     p.add_argument("--device", default="cpu", help="device for the pipelines, e.g. cuda (default: cpu)")
+    p.add_argument("--pruned-steps", metavar="FIRST-LAST", default=None,
+                   help="error injection: sample the --reference pipeline with MODEL_DIR's denoiser in steps FIRST..LAST "
+                        "only (1 = the first, pure-noise step) and score those images (default: MODEL_DIR at every step)")
     p.add_argument("--out", required=True, metavar="metrics.json",
                    help="a new JSON file, or an earlier obslib metrics file to replace")
     p.set_defaults(func=_run_cli)

@@ -90,3 +90,20 @@ def test_dense_row_has_no_psnr_and_no_sparsity():
 
     row = pd.Series({"psnr_mean": float("nan"), "psnr_std": float("nan")})
     assert cell(row, "psnr") == "— (reference)"
+
+
+@pytest.mark.parametrize("first_minus_second, expect", [((+3.0, +2.0, +4.0, "ahead"), "not reproduced"),
+                                                        ((-3.0, -4.0, -2.0, "behind"), "reproduced"),
+                                                        ((0.1, -1.0, 1.2, "no difference detected"),
+                                                         "no difference detected")])
+def test_premise_claim_reads_the_halves_the_right_way_round(tmp_path, first_minus_second, expect):
+    """'Pruned only in the first half' with the higher PSNR means early errors hurt *less*: the premise (early errors
+    hurt more) is then not reproduced, and the quoted number is second half − first half."""
+    d, lo, hi, v = first_minus_second
+    rows = [_row("Halves, 50% unstructured", "steps 11-20", "psnr", d, lo, hi, v, chapter="08 timesteps",
+                 a="steps 1-10")]
+    _comparisons(tmp_path, rows)
+    (row,) = [r for r in claim_rows(str(tmp_path)) if r["claim"].startswith("Premise")]
+    assert row["verdict"].startswith(expect)
+    sign = "−" if d > 0 else "+"
+    assert f"steps 11-20 − steps 1-10, PSNR: {sign}{abs(d):.2f} dB" in row["ours"]

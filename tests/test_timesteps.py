@@ -235,3 +235,41 @@ def test_cli_alpha_ratio_reaches_the_report(tiny_pipe_dir, tmp_path):
     rep = json.load(open(out / "pruning_report.json"))
     lo, hi = alpha_range(100)
     assert rep["timestep_weights"] == pytest.approx([hi, hi, lo, lo])
+
+
+@pytest.mark.parametrize("value, needle", [("0-3", "outside the trajectory's steps 1..2"), ("2-5", "outside"),
+                                           ("2-1", "outside"), ("a-b", "expected FIRST-LAST"), ("3", "expected FIRST-LAST")])
+def test_evaluate_bad_window_is_one_line_exit_2(tiny_pipe_dir, tmp_path, capsys, value, needle):
+    from obslib.cli import main
+
+    out = tmp_path / "m.json"
+    argv = ["evaluate", tiny_pipe_dir, "--reference", tiny_pipe_dir, "--num-prompts", "4", "--steps", "2",
+            "--pruned-steps", value, "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("obslib: error:") and needle in err[0] and not out.exists()
+
+
+def test_evaluate_window_needs_a_reference(tiny_pipe_dir, tmp_path, capsys):
+    from obslib.cli import main
+
+    assert main(["evaluate", tiny_pipe_dir, "--num-prompts", "4", "--steps", "2", "--pruned-steps", "1-1",
+                 "--out", str(tmp_path / "m.json")]) == 2
+    assert "give --reference DENSE_DIR" in capsys.readouterr().err
+
+
+def test_evaluate_full_window_scores_the_pruned_model(tiny_pipe_dir, tmp_path):
+    """Pruned in every step = the pruned model's own images; an early window is closer to the dense images."""
+    from obslib.cli import main
+
+    pruned = tmp_path / "p"
+    assert main(["prune", tiny_pipe_dir, "--method", "magnitude", "--sparsity", "0.7", "--out", str(pruned),
+                 "--quiet"]) == 0
+    res = {}
+    for name, extra in (("plain", []), ("all", ["--pruned-steps", "1-3"]), ("first", ["--pruned-steps", "1-1"])):
+        out = tmp_path / f"{name}.json"
+        assert main(["evaluate", str(pruned), "--reference", tiny_pipe_dir, "--num-prompts", "4", "--steps", "3",
+                     "--out", str(out), *extra]) == 0
+        res[name] = json.load(open(out))
+    assert res["all"]["psnr"] == res["plain"]["psnr"] and res["all"]["pruned_steps"] == [1, 3]
+    assert res["first"]["psnr"] != res["plain"]["psnr"]
