@@ -116,6 +116,10 @@ def claim_rows(results: str) -> list[dict]:
                      + "; prune time " + ", ".join(f"{x['time ratio']:.2f}×" for _, x in r.iterrows()) + ")")
         add("Ours: refitting the kept weights on the fixed mask (--refit) ahead of OBS-Diff's sequential update",
             "not in the paper (OBS-Diff uses SparseGPT's sequential update)", t, extra)
+    t = _pick(c, "01 allocation", a="global", b="uniform")
+    if len(t):
+        add("Ours: a global per-layer allocation (--allocation global) ahead of the uniform one, OBS-Diff unstructured",
+            "not in the paper (every layer at the same sparsity)", t)
     k = _load(results, "05_packages.csv")
     if k is not None and "calibration" in k:
         for cal in ("resample", "propagate"):

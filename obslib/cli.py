@@ -91,6 +91,10 @@ def add_prune_cli(sub) -> None:
                    help="structured: the share of each block's FFN neurons to remove (default: --sparsity)")
     g.add_argument("--head-saliency", default=d.head_saliency,
                    help=f"structured OBS head cost: exact or diag (default: {d.head_saliency})")
+    g.add_argument("--allocation", default=d.allocation,
+                   help="uniform: every layer at --sparsity; global: per-layer sparsities from each layer's OBS costs "
+                        "relative to its output, each package meeting --sparsity in total (unstructured) "
+                        f"(default: {d.allocation})")
     g.add_argument("--refit", type=int, nargs="?", const=REFIT_DEFAULT, default=0, metavar="ITERS",
                    help="after the solve, refit the kept weights to the least-squares optimum on the fixed mask "
                         f"(masked conjugate gradients; ITERS iterations, default {REFIT_DEFAULT}); unstructured and N:M, "
@@ -189,7 +193,7 @@ def _cli_prune(a) -> None:
                       block_range=tuple(a.block_range) if a.block_range else None, head_saliency=a.head_saliency,
                       solver_dtype=a.solver_dtype, calibration=a.calibration or d.calibration,
                       record_ram_mb=a.record_ram_mb, progress=not a.quiet, restore_on_failure=False,
-                      measure_error=a.report_error, refit_iterations=a.refit, head_sparsity=a.head_sparsity,
+                      measure_error=a.report_error, refit_iterations=a.refit, allocation=a.allocation, head_sparsity=a.head_sparsity,
                       neuron_sparsity=a.neuron_sparsity).validate()  # every flag, before any path is looked at
     meth = METHODS[a.method]
     check_pipeline_dir(a.model_dir)

@@ -15,6 +15,7 @@ from .weighting import SCHEMES
 
 PATTERNS = ("unstructured", "2:4", "4:8", "structured")
 CALIBRATIONS = ("resample", "propagate")
+ALLOCATIONS = ("uniform", "global")
 MAX_SEED = 2**63 - 2**32  # the seed plus a batch index must still fit torch.Generator.manual_seed
 MAX_RECORD_MIB = 2**40
 
@@ -108,6 +109,9 @@ class PruneConfig:
     # after the solve, refit the kept weights on the fixed mask with this many masked CG iterations (0: off;
     # unstructured and N:M, methods with a Hessian: obslib.refit)
     refit_iterations: int = field(default=0, metadata=_kind("int"))
+    # uniform: every layer at ``sparsity``; global: per-layer sparsities from the layers' OBS costs, the package
+    # meeting ``sparsity`` in total (unstructured; obslib.allocation)
+    allocation: str = field(default="uniform", metadata=_kind("str"))
     # OBS solver precision; float64 is used per layer where float32 fails
     solver_dtype: str = field(default="float32", metadata=_kind("str"))
     # [start, end) block indices; default all
@@ -199,8 +203,8 @@ class PruneConfig:
             raise UsageError(f"weighting {self.weighting!r} is unknown; allowed: {', '.join(SCHEMES)}")
         if not (1e-6 <= self.alpha_min <= 1e6 and 1e-6 <= self.alpha_max <= 1e6
                 and 1e-6 <= self.alpha_max / self.alpha_min <= 1e6):
-            raise UsageError(f"alpha_min={self.alpha_min}, alpha_max={self.alpha_max}: need both in [1e-6, 1e6] and "
-                             "a ratio alpha_max / alpha_min in [1e-6, 1e6]")
+            raise UsageError(f"alpha_min={self.alpha_min}, alpha_max={self.alpha_max}: need 1e-6 <= alpha_min <= 1e6, "
+                             "1e-6 <= alpha_max <= 1e6 and a ratio alpha_max / alpha_min in [1e-6, 1e6]")
         if not 1 <= self.sensitivity_prompts <= 10_000:
             raise UsageError(f"sensitivity prompts {self.sensitivity_prompts} must be an integer in [1, 10000]")
         if not 1 <= self.sensitivity_windows <= 10_000:
@@ -249,6 +253,18 @@ class PruneConfig:
             fn = meth.driver if self.pattern in meth.patterns else None
         if fn is None:
             raise UsageError(f"method {self.method!r} does not support pattern {self.pattern!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise UsageError(f"allocation {self.allocation!r} is unknown; allowed: {', '.join(ALLOCATIONS)}")
+        if self.allocation == "global":
+            if self.pattern != "unstructured":
+                raise UsageError(f"--allocation global is implemented for unstructured sparsity only (got pattern "
+                                 f"{self.pattern!r}); use --allocation uniform")
+            if not meth.needs_calibration or meth.unstructured is None:
+                allowed = ", ".join(m.name for m in METHODS.values() if m.needs_calibration and m.unstructured)
+                raise UsageError(f"--allocation global needs a method that calibrates a Hessian; {self.method!r} has "
+                                 f"none; allowed: {allowed}")
+            if self.block_sparsity is not None:
+                raise UsageError("--allocation global decides each layer's sparsity itself; drop the block sparsity list")
         if self.refit_iterations:
             if self.pattern == "structured":
                 raise UsageError("--refit applies to unstructured and N:M patterns (structured OBS already compensates "

@@ -326,11 +326,17 @@ def _package_loop(r: PackageRun) -> dict:
             check_stats(stats)
             t_cal += time.perf_counter() - t
         t = time.perf_counter()
+        per = None
+        if cfg.allocation == "global" and stats:  # per-layer sparsities for this package (obslib.allocation)
+            from .allocation import package_sparsities
+
+            per = package_sparsities(den, [n for u in package for n in u.hessian_layers], stats, cfg.sparsity,
+                                     cfg.percdamp)
         if dctx is not None and not structured:
-            layers_report += _solve_spread(den, package, stats, cfg, method, undo, n_blocks, dctx)
+            layers_report += _solve_spread(den, package, stats, cfg, method, undo, n_blocks, dctx, per)
         else:
             for unit in package:
-                s = _unit_sparsity(cfg, unit, n_blocks)
+                s = per if per is not None else _unit_sparsity(cfg, unit, n_blocks)
                 solve = _solve_structured if structured else _solve_layers
                 layers_report += solve(den, unit, stats, s, cfg, method, undo)
         t_solve += time.perf_counter() - t
@@ -371,7 +377,9 @@ def _report_frame(cfg, weighting, steps, ids, params_before, den, component) -> 
 
 
 def _solve_layers(den, unit, stats, sparsity, cfg, method, undo) -> list[dict]:
-    return [_write_solution(den, name, *_solve_one(den, name, stats, sparsity, cfg, method), undo) for name in unit.hessian_layers]
+    """Solve and write the unit's layers; ``sparsity`` is one share, or a share per layer name (global allocation)."""
+    return [_write_solution(den, name, *_solve_one(den, name, stats, sparsity[name] if isinstance(sparsity, dict)
+                                                   else sparsity, cfg, method), undo) for name in unit.hessian_layers]
 
 
 def _write_solution(den, name, W_hat, err, undo) -> dict:
@@ -382,7 +390,7 @@ def _write_solution(den, name, W_hat, err, undo) -> dict:
     return {"name": name, "sparsity": float((mod.weight == 0).float().mean()), "rel_error": err}
 
 
-def _solve_spread(den, package, stats, cfg, method, undo, n_blocks, dctx) -> list[dict]:
+def _solve_spread(den, package, stats, cfg, method, undo, n_blocks, dctx, per=None) -> list[dict]:
     """Unstructured / N:M over torch.distributed: each rank solves the layers it owns, then every solution is
     broadcast from its owner, in package order (layers are independent given their H)."""
     jobs = [(unit, name) for unit in package for name in unit.hessian_layers]
@@ -392,7 +400,8 @@ def _solve_spread(den, package, stats, cfg, method, undo, n_blocks, dctx) -> lis
     for (unit, name), owner in zip(jobs, owners):
         if owner == dctx.rank and error is None:
             try:
-                mine[name] = _solve_one(den, name, stats, _block_sparsity(cfg, unit.block_index, n_blocks), cfg, method)
+                s = per[name] if per is not None else _block_sparsity(cfg, unit.block_index, n_blocks)
+                mine[name] = _solve_one(den, name, stats, s, cfg, method)
             except SolverError as e:
                 error = e
     if dctx.any_failed(error is not None):  # no rank waits on a broadcast that will never come
