@@ -1,8 +1,5 @@
 """Refit on a fixed mask (obslib.refit) against a direct least-squares solve, and through prune and the CLI."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -74,15 +71,13 @@ def test_refit_bad_input(kw, needle):
         obslib.PruneConfig(**{"refit_iterations": 5, **kw}).validate()
 
 
-def test_cli_refit_bad_method_is_one_line_exit_2(tiny_pipe_dir, tmp_path):
+def test_cli_refit_bad_method_is_one_line_exit_2(tiny_pipe_dir, tmp_path, capsys):
+    from obslib.cli import main
+
     out = tmp_path / "o"
-    r = subprocess.run([sys.executable, "-m", "obslib.cli", "prune", tiny_pipe_dir, "--method", "magnitude", "--refit",
-                        "--num-prompts", "2", "--out", str(out)], capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and "--refit needs a method" in lines[0] and not out.exists()
-    r = subprocess.run([sys.executable, "-m", "obslib.cli", "prune", tiny_pipe_dir, "--refit", "5", "--sparsity", "0.5",
-                        "--num-prompts", "2", "--steps", "2", "--packages", "1", "--out", str(out), "--quiet"],
-                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr
+    assert main(["prune", tiny_pipe_dir, "--method", "magnitude", "--refit", "--num-prompts", "2", "--out", str(out)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--refit needs a method" in lines[0] and not out.exists()
+    assert main(["prune", tiny_pipe_dir, "--refit", "5", "--sparsity", "0.5", "--num-prompts", "2", "--steps", "2",
+                 "--packages", "1", "--out", str(out), "--quiet"]) == 0, capsys.readouterr().err
     assert json.load(open(out / "pruning_report.json"))["config"]["refit_iterations"] == 5

@@ -1,10 +1,6 @@
 """Timestep-awareness: weighting strength, one-sided schemes, the step switch, per-step Hessians, the
 sensitivity weighting's probe, and the CLI's handling of them."""
 import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -197,41 +193,43 @@ def test_probe_leaves_the_model_unchanged_and_measures_what_it_says(tiny_pipe):
     assert probe["alphas"] == pytest.approx(list(np.array(probe["harm_per_step"]) / np.mean(probe["harm_per_step"])))
 
 
-# ------------------------------------------------------------------ command line
-def run_cli(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "obslib.cli", *args], capture_output=True, text=True, env=env)
+# ------------------------------------------------------------------ command line (in process: no interpreter start-up)
+def run_cli(capsys, *args):
+    from obslib.cli import main
+
+    rc = main(list(args))
+    return rc, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("ratio", ["0", "-2", "2e6", "nan"])
-def test_bad_alpha_ratio_is_one_line_exit_2(tiny_pipe_dir, tmp_path, ratio):
+def test_bad_alpha_ratio_is_one_line_exit_2(tiny_pipe_dir, tmp_path, capsys, ratio):
     out = tmp_path / "out"
-    r = run_cli("prune", tiny_pipe_dir, "--alpha-ratio", ratio, "--num-prompts", "2", "--out", str(out))
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and "alpha ratio" in lines[0] and "1e-06 to 1e+06" in lines[0], r.stderr
+    rc, err = run_cli(capsys, "prune", tiny_pipe_dir, "--alpha-ratio", ratio, "--num-prompts", "2", "--out", str(out))
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "alpha ratio" in lines[0] and "1e-06 to 1e+06" in lines[0], err
     assert not out.exists()
 
 
-def test_weighting_with_a_method_that_ignores_it_gets_one_note(tiny_pipe_dir, tmp_path):
+def test_weighting_with_a_method_that_ignores_it_gets_one_note(tiny_pipe_dir, tmp_path, capsys):
     out = tmp_path / "m"
-    r = run_cli("prune", tiny_pipe_dir, "--method", "magnitude", "--weighting", "sensitivity", "--alpha-ratio", "4",
-                "--sparsity", "0.5", "--num-prompts", "2", "--steps", "2", "--out", str(out))
-    assert r.returncode == 0, r.stderr
-    notes = [x for x in r.stderr.splitlines() if x.startswith("obslib: note:")]
+    rc, err = run_cli(capsys, "prune", tiny_pipe_dir, "--method", "magnitude", "--weighting", "sensitivity",
+                      "--alpha-ratio", "4", "--sparsity", "0.5", "--num-prompts", "2", "--steps", "2", "--out", str(out))
+    assert rc == 0, err
+    notes = [x for x in err.splitlines() if x.startswith("obslib: note:")]
     assert notes == ["obslib: note: --weighting / --alpha-ratio is ignored by magnitude (it reads no calibration "
                      "statistics)"]
     rep = json.load(open(out / "pruning_report.json"))
     assert "sensitivity" not in rep
-    r = run_cli("prune", tiny_pipe_dir, "--method", "sparsegpt", "--weighting", "cosine", "--sparsity", "0.5",
-                "--num-prompts", "2", "--steps", "2", "--packages", "1", "--out", str(tmp_path / "s"))
-    assert r.returncode == 0 and "--weighting is ignored by sparsegpt (it always weighs the steps uniform)" in r.stderr
+    rc, err = run_cli(capsys, "prune", tiny_pipe_dir, "--method", "sparsegpt", "--weighting", "cosine", "--sparsity",
+                      "0.5", "--num-prompts", "2", "--steps", "2", "--packages", "1", "--out", str(tmp_path / "s"))
+    assert rc == 0 and "--weighting is ignored by sparsegpt (it always weighs the steps uniform)" in err
 
 
-def test_cli_alpha_ratio_reaches_the_report(tiny_pipe_dir, tmp_path):
+def test_cli_alpha_ratio_reaches_the_report(tiny_pipe_dir, tmp_path, capsys):
     out = tmp_path / "r"
-    r = run_cli("prune", tiny_pipe_dir, "--weighting", "first-half", "--alpha-ratio", "100", "--sparsity", "0.5",
-                "--num-prompts", "2", "--steps", "4", "--packages", "1", "--out", str(out), "--quiet")
-    assert r.returncode == 0, r.stderr
+    rc, err = run_cli(capsys, "prune", tiny_pipe_dir, "--weighting", "first-half", "--alpha-ratio", "100", "--sparsity",
+                      "0.5", "--num-prompts", "2", "--steps", "4", "--packages", "1", "--out", str(out), "--quiet")
+    assert rc == 0, err
     rep = json.load(open(out / "pruning_report.json"))
     lo, hi = alpha_range(100)
     assert rep["timestep_weights"] == pytest.approx([hi, hi, lo, lo])
