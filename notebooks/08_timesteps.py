@@ -236,18 +236,7 @@ print("the measured weights move", ", ".join(f"{v:.1%}" for v in sshift.mask_dif
 
 # %%
 # NBVAL_CHECK_OUTPUT
-def says(c):
-    d = 2 if c["metric"] == "psnr" else 3
-    return f"{cmp.signed(c['diff'], d)}{' dB' if d == 2 else ''} [{cmp.signed(c['lo'], d)}, {cmp.signed(c['hi'], d)}]"
-
-
-def reading(c, what):
-    """What a first − second comparison says about the premise (a lower value for 'first' = early errors hurt more)."""
-    return {cmp.BEHIND: f"early errors hurt {what} more (supports the premise)",
-            cmp.AHEAD: f"late errors hurt {what} more (against the premise)",
-            cmp.NONE: f"the two are not told apart on {what}"}[c["verdict"]]
-
-
+says, reading = cmp.interval, ts.premise_reading
 print("Where errors hurt (a − b: a higher PSNR or fidelity for a means pruning a's steps harms less):")
 for setting in D.setting.unique():
     h = {c["metric"]: c for c in C1 if c["context"] == f"Halves, {setting}"}

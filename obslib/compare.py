@@ -214,3 +214,10 @@ def summary_line(rows: list[dict], metric: str) -> list[str]:
         head = f"{ctx}, on " if ctx else "On "
         out.append(f"{head}{NAMES[metric]} {a} " + "; ".join(parts) + ".")
     return out
+
+
+def interval(r) -> str:
+    """A comparison's difference and 95% interval in its metric's unit: '+1.71 dB [−0.53, +3.92]'."""
+    d = PAIRED[r["metric"]][3]
+    unit = " dB" if r["metric"] == "psnr" else ""
+    return f"{signed(r['diff'], d)}{unit} [{signed(r['lo'], d)}, {signed(r['hi'], d)}]"

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .archs import find_denoiser
-from .compare import PAIRED, outcomes, paired_bootstrap
+from .compare import AHEAD, BEHIND, NONE, PAIRED, outcomes, paired_bootstrap
 from .experiments import Evaluator, Setting, cache_tag, pruned_pipeline, read_cache, write_csv
 from .hessian import Calibration, weight_matrix
 from .io import load_pipeline
@@ -233,3 +233,11 @@ def mask_shift(den, stats: dict, alphas: dict[str, list[float]], sparsity: float
     df["error_change_own_H"] = df.error_own_H / df.error_own_H_of_uniform - 1
     return df
 
+
+
+def premise_reading(c: dict, what: str) -> str:
+    """What a comparison 'pruned only in the earlier steps − only in the later steps' says about the premise: a
+    lower value for the earlier steps means early errors hurt more."""
+    return {BEHIND: f"early errors hurt {what} more (supports the premise)",
+            AHEAD: f"late errors hurt {what} more (against the premise)",
+            NONE: f"the two are not told apart on {what}"}[c["verdict"]]
