@@ -89,12 +89,18 @@ def add_prune_cli(sub) -> None:
                    help="structured: the share of each block's attention heads to remove (default: --sparsity)")
     g.add_argument("--neuron-sparsity", type=float, default=None, metavar="S",
                    help="structured: the share of each block's FFN neurons to remove (default: --sparsity)")
+    g.add_argument("--param-budget", type=float, default=None, metavar="B",
+                   help="structured: remove this share of the targeted layers' parameters (weights and biases), in [0, 1), "
+                        "whatever the method, so methods can be asked for the same size (uniform: heads at "
+                        "--head-sparsity or B per block, FFN neurons make up the rest; global: see --allocation)")
     g.add_argument("--head-saliency", default=d.head_saliency,
                    help=f"structured OBS head cost: exact or diag (default: {d.head_saliency})")
     g.add_argument("--allocation", default=d.allocation,
-                   help="uniform: every layer at --sparsity; global: per-layer sparsities from each layer's OBS costs "
-                        "relative to its output, each package meeting --sparsity in total (unstructured) "
-                        f"(default: {d.allocation})")
+                   help="uniform: every layer (structured: every block) gives the same share; global: the budget goes "
+                        "where removing costs least by OBS relative to each layer's output — unstructured: per-layer "
+                        "sparsities; structured: every head and neuron ranked by cost per parameter saved, each package "
+                        "meeting --param-budget (else --sparsity) of its parameters (default: the method's own; "
+                        "slimdiff: global, the others: uniform)")
     g.add_argument("--refit", type=int, nargs="?", const=REFIT_DEFAULT, default=0, metavar="ITERS",
                    help="after the solve, refit the kept weights to the least-squares optimum on the fixed mask "
                         f"(masked conjugate gradients; ITERS iterations, default {REFIT_DEFAULT}); unstructured and N:M, "
@@ -194,7 +200,7 @@ def _cli_prune(a) -> None:
                       solver_dtype=a.solver_dtype, calibration=a.calibration or d.calibration,
                       record_ram_mb=a.record_ram_mb, progress=not a.quiet, restore_on_failure=False,
                       measure_error=a.report_error, refit_iterations=a.refit, allocation=a.allocation, head_sparsity=a.head_sparsity,
-                      neuron_sparsity=a.neuron_sparsity).validate()  # every flag, before any path is looked at
+                      neuron_sparsity=a.neuron_sparsity, param_budget=a.param_budget).validate()  # every flag, before any path is looked at
     meth = METHODS[a.method]
     check_pipeline_dir(a.model_dir)
     check_device(a.device)
@@ -299,6 +305,9 @@ def closing_line(out: str, report: dict, pipe, t_load: float, t_save: float, wal
     else:
         what = (f"{report['sparsity_actual']:.1%} of the targeted layers' weights are zero = {zeros / total:.1%} of "
                 f"the denoiser's {total:,} parameters (zeros: the parameter count is unchanged)")
+    fl = report.get("flops_per_image") or {}
+    if fl.get("pruned"):
+        what += f"; denoiser FLOPs per image {fl['pruned'] / 1e9:.3g} G ({fl['ratio']:.1%} of dense)"
     return (f"wrote {out}: {what}; {wall:.1f} s wall (load {t_load:.1f} s, prune {report['timings']['total_s']:.1f} s, "
             f"save {t_save:.1f} s)")
 

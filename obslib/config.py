@@ -109,9 +109,15 @@ class PruneConfig:
     # after the solve, refit the kept weights on the fixed mask with this many masked CG iterations (0: off;
     # unstructured and N:M, methods with a Hessian: obslib.refit)
     refit_iterations: int = field(default=0, metadata=_kind("int"))
-    # uniform: every layer at ``sparsity``; global: per-layer sparsities from the layers' OBS costs, the package
-    # meeting ``sparsity`` in total (unstructured; obslib.allocation)
-    allocation: str = field(default="uniform", metadata=_kind("str"))
+    # structured: the share of the targeted layers' parameters (weights and biases) to remove; every structured
+    # method meets it (None: heads and neurons at ``sparsity``; slimdiff: ``sparsity`` is its parameter budget)
+    param_budget: float | None = field(default=None, metadata=_kind("real", nullable=True))
+    # uniform: every layer (structured: every block) gives the same share; global: the budget goes where OBS says
+    # removing costs least (obslib.allocation); None: the method's own (slimdiff: global, the others: uniform)
+    allocation: str | None = field(default=None, metadata=_kind("str", nullable=True))
+    # structured: a share removed per unit (heads: "block.attn", neurons: the down projection's name), overriding
+    # every other setting for the units it names (e.g. another method's allocation: obslib.allocation)
+    unit_sparsity: dict | None = field(default=None, metadata=_kind("dict", nullable=True))
     # OBS solver precision; float64 is used per layer where float32 fails
     solver_dtype: str = field(default="float32", metadata=_kind("str"))
     # [start, end) block indices; default all
@@ -123,6 +129,8 @@ class PruneConfig:
     # or "diag" (the public code's approximation)
     head_saliency: str = field(default="exact", metadata=_kind("str"))
     neuron_batch: int = field(default=16, metadata=_kind("int"))
+    # count the denoiser's FLOPs per image before and after (obslib.flops; one extra denoiser call each)
+    count_flops: bool = field(default=True, metadata=_kind("bool", fingerprint=False))
     # calibrate even for calibration-free methods, to report rel_error
     measure_error: bool = field(default=True, metadata=_kind("bool", fingerprint=False))
     progress: bool = field(default=True, metadata=_kind("bool", fingerprint=False))
@@ -146,6 +154,13 @@ class PruneConfig:
             n, m = map(int, self.pattern.split(":"))
             return n, m
         return 0, 0
+
+    @property
+    def allocation_used(self) -> str:
+        """``allocation``, or the method's own when it is None."""
+        from .methods import METHODS
+
+        return self.allocation or METHODS[self.method].allocation
 
     def group_sparsity(self, kind: str, base: float) -> float:
         """The share removed from a structured unit of ``kind`` ('heads' or 'neurons'): its own sparsity if set,
@@ -253,18 +268,7 @@ class PruneConfig:
             fn = meth.driver if self.pattern in meth.patterns else None
         if fn is None:
             raise UsageError(f"method {self.method!r} does not support pattern {self.pattern!r}")
-        if self.allocation not in ALLOCATIONS:
-            raise UsageError(f"allocation {self.allocation!r} is unknown; allowed: {', '.join(ALLOCATIONS)}")
-        if self.allocation == "global":
-            if self.pattern != "unstructured":
-                raise UsageError(f"--allocation global is implemented for unstructured sparsity only (got pattern "
-                                 f"{self.pattern!r}); use --allocation uniform")
-            if not meth.needs_calibration or meth.unstructured is None:
-                allowed = ", ".join(m.name for m in METHODS.values() if m.needs_calibration and m.unstructured)
-                raise UsageError(f"--allocation global needs a method that calibrates a Hessian; {self.method!r} has "
-                                 f"none; allowed: {allowed}")
-            if self.block_sparsity is not None:
-                raise UsageError("--allocation global decides each layer's sparsity itself; drop the block sparsity list")
+        self._check_allocation(meth)
         if self.refit_iterations:
             if self.pattern == "structured":
                 raise UsageError("--refit applies to unstructured and N:M patterns (structured OBS already compensates "
@@ -274,3 +278,47 @@ class PruneConfig:
                 raise UsageError(f"--refit needs a method that calibrates a Hessian; {self.method!r} has none; "
                                  f"allowed: {allowed}")
 
+
+    def _check_allocation(self, meth) -> None:
+        from .methods import METHODS
+
+        if self.allocation is not None and self.allocation not in ALLOCATIONS:
+            raise UsageError(f"allocation {self.allocation!r} is unknown; allowed: {', '.join(ALLOCATIONS)}")
+        structured = self.pattern == "structured"
+        if self.param_budget is not None:
+            if not 0 <= self.param_budget < 1:
+                raise UsageError(f"--param-budget {self.param_budget} is outside [0, 1)")
+            if not structured:
+                raise UsageError(f"--param-budget applies to --pattern structured only (got {self.pattern!r}); "
+                                 "use --sparsity")
+            if self.neuron_sparsity is not None:
+                raise UsageError("--param-budget with --neuron-sparsity: the neurons make up the budget after the heads; "
+                                 "drop --neuron-sparsity")
+        if self.unit_sparsity is not None:
+            if not structured:
+                raise UsageError(f"a unit sparsity map applies to --pattern structured only (got {self.pattern!r})")
+            bad = [f"{k}={v!r}" for k, v in self.unit_sparsity.items()
+                   if not isinstance(k, str) or not is_kind("real", v) or not 0 <= v < 1]
+            if bad:
+                raise UsageError(f"unit sparsity {bad[0]}: expected a unit name and a share in [0, 1)")
+            if meth.driver is not None:
+                raise UsageError(f"a unit sparsity map is taken by the package driver's methods; {self.method!r} "
+                                 "allocates itself")
+        if self.allocation_used == "global" and meth.driver is None:
+            if self.pattern in ("2:4", "4:8"):
+                raise UsageError(f"--allocation global does not apply to {self.pattern}: every layer must keep exactly "
+                                 f"{self.pattern} for the sparse kernels, so there is nothing to move between layers; "
+                                 "use --allocation uniform")
+            if not meth.needs_calibration:
+                allowed = ", ".join(m.name for m in METHODS.values() if m.needs_calibration and m.driver is None)
+                raise UsageError(f"--allocation global needs a method that calibrates a Hessian; {self.method!r} has "
+                                 f"none; allowed: {allowed}, slimdiff")
+            if self.block_sparsity is not None or self.unit_sparsity is not None:
+                raise UsageError("--allocation global decides each layer's sparsity itself; drop the block / unit "
+                                 "sparsity list")
+            if self.head_sparsity is not None or self.neuron_sparsity is not None:
+                raise UsageError("--allocation global decides how many heads and neurons go; drop --head-sparsity / "
+                                 "--neuron-sparsity (set the size with --param-budget)")
+        if self.allocation_used == "global" and meth.needs_training:
+            raise UsageError(f"--allocation global needs a method that calibrates a Hessian; {self.method!r} trains "
+                             "gates instead; use --allocation uniform")

@@ -24,9 +24,9 @@ from .manifest import with_manifest
 from .methods import METHODS
 from .obs import check_finite, output_energy, reconstruction_error
 from .packages import layer_units, package_layers, split_packages, structured_units
-from .sampling import CalibrationRunner, sampling_defaults
-from .surgery import (NoUndo, Undo, head_layout, n_remove, neuron_layout, remove_heads, remove_neurons, targeted_layers,
-                      targeted_size)
+from .sampling import CalibrationRunner, call_kwargs, sampling_defaults
+from .surgery import (NoUndo, Undo, group_params, head_layout, n_remove, neuron_layout, remove_heads, remove_neurons,
+                      targeted_layers, targeted_size, unit_name)
 from .weighting import MEASURED, timestep_weights
 
 
@@ -66,10 +66,11 @@ def prune(pipe, config: PruneConfig) -> dict:
         dctx = distributed.Context()
         dctx.check_agreement({k: v for k, v in asdict(cfg).items() if k not in ("progress", "checkpoint_dir")}, den)
     undo = Undo(den) if cfg.restore_on_failure else None
+    msl = call_kwargs(defaults)
+    flops = _count_flops(pipe, steps, guidance, cfg, msl) if cfg.count_flops else None
     try:
         calibrate = None
         if calibrates:
-            msl = {k: v for k, v in defaults.items() if k == "max_sequence_length"}
             runner = CalibrationRunner(pipe, cfg.prompts, steps, guidance, cfg.seed, cfg.batch_size, msl, cfg.progress)
             if dctx is not None:
                 if len(runner.batches) < dctx.size:
@@ -94,11 +95,31 @@ def prune(pipe, config: PruneConfig) -> dict:
             undo.rollback()
         raise
     report.update(num_calibration_prompts=len(cfg.prompts) if calibrates else 0, guidance=guidance)
+    if flops is not None:
+        report["flops_per_image"] = _count_flops(pipe, steps, guidance, cfg, msl, flops)
     if probe is not None:  # the probe ran before prune_model's clock started: count it in the total
         report["sensitivity"] = probe
         report["timings"]["sensitivity_probe_s"] = probe["seconds"]
         report["timings"]["total_s"] += probe["seconds"]
     return report
+
+
+def _count_flops(pipe, steps, guidance, cfg, msl, before: dict | None = None) -> dict:
+    """The denoiser's FLOPs per image (obslib.flops): ``{"dense": ...}`` before the prune; with ``before``, the same
+    inputs counted again and the pruned count and ratio added. A pipeline the counter cannot run gets a note."""
+    from .flops import flops_per_image
+
+    if before is not None and "call" not in before:
+        return {k: v for k, v in before.items() if k != "call"}
+    try:
+        if before is None:
+            f, call = flops_per_image(pipe, steps, guidance, (cfg.prompts or ["an image"])[0], msl)
+            return {"dense": f, "call": call}
+        f, _ = flops_per_image(pipe, steps, guidance, call=before["call"])
+    except (RuntimeError, TypeError, ValueError, AttributeError, UsageError) as e:
+        return {"dense": None, "pruned": None, "note": f"not counted ({type(e).__name__}: {str(e)[:120]})"}
+    return {"dense": before["dense"], "pruned": f, "ratio": f / max(before["dense"], 1), "steps": steps,
+            "counts": "denoiser FLOPs per image over all steps (CFG batch included), torch.utils.flop_counter"}
 
 
 def _weighting(method, cfg) -> str | None:
@@ -111,7 +132,7 @@ def _sensitivity(pipe, den, cfg, steps, guidance, defaults, dctx) -> tuple[list[
     torch.distributed every rank runs it and rank 0's weights are used by all."""
     from .sensitivity import measure
 
-    msl = {k: v for k, v in defaults.items() if k == "max_sequence_length"}
+    msl = call_kwargs(defaults)
     runner = CalibrationRunner(pipe, cfg.prompts[:cfg.sensitivity_prompts], steps, guidance, cfg.seed, cfg.batch_size,
                                msl, False)
     ids = _block_ids(len(iter_blocks(den, spec_for(den))), cfg)
@@ -173,15 +194,21 @@ def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "
             check_finite("its weight", den.get_submodule(name).weight.detach())
         except SolverError as e:
             raise SolverError(f"layer {name}: {e}") from None
+    shares = _structured_shares(den, spec, units, cfg, method) if structured else None
     if structured and (method.heads is not None or method.needs_training):  # methods that remove whole heads
-        _check_head_rows(den, units, cfg, n_blocks)
+        _check_head_rows(den, units, cfg, n_blocks, shares)
     params_before = sum(p.numel() for p in den.parameters())
     t0 = time.perf_counter()
     if method.driver is not None:  # a whole-model method: it reports its own layers, timings and extras
+        targeted_before = targeted_size(den, sorted(set(targeted)), "parameters") if structured else None
         part = method.driver(den, cfg, steps, component, undo, ids, calibrate=calibrate, train_batches=train_batches,
-                             alphas=alphas)
+                             alphas=alphas, shares=shares)
         report = _report_frame(cfg, weighting, steps, ids, params_before, den, component)
         report["timestep_weights"] = alphas
+        report["params_removed"] = params_before - report["params_after"]
+        if structured:
+            report.update(targeted_params_before=targeted_before,
+                          targeted_params_after=targeted_size(den, sorted(set(targeted)), "parameters"))
         report.update(part, packages=part.get("packages", 1))
         report["timings"]["total_s"] = time.perf_counter() - t0
         return with_manifest(report, den, component)
@@ -196,7 +223,7 @@ def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "
                            spill, progress=cfg.progress)
     try:
         return PackageRun(den, cfg, method, spec, units, packages, calibrate, prop, alphas, steps, ids, n_blocks,
-                          structured, targeted, params_before, weighting, component, undo, t0, dist_ctx).run()
+                          structured, targeted, params_before, weighting, component, undo, t0, dist_ctx, shares).run()
     finally:
         if prop is not None:
             prop.close()
@@ -220,16 +247,56 @@ def _block_sparsity(cfg: PruneConfig, bi: int, n_blocks: int) -> float:
     return cfg.block_sparsity[bi]
 
 
-def _unit_sparsity(cfg: PruneConfig, unit, n_blocks: int) -> float:
-    """The share removed from one unit: the block's sparsity, or the head / neuron sparsity of a structured unit."""
+def _unit_sparsity(cfg: PruneConfig, unit, n_blocks: int, shares: dict | None = None) -> float:
+    """The share removed from one unit: its entry in ``shares`` (``_structured_shares``), else the block's sparsity,
+    or the head / neuron sparsity of a structured unit."""
+    if shares and unit.kind != "layers" and unit_name(unit) in shares:
+        return shares[unit_name(unit)]
     return cfg.group_sparsity(unit.kind, _block_sparsity(cfg, unit.block_index, n_blocks))
 
 
-def _check_head_rows(den, units, cfg, n_blocks) -> None:
+def _structured_shares(den, spec, units, cfg, method) -> dict | None:
+    """Per structured unit (by name), the share to remove when the config says more than one share for all: a
+    parameter budget split uniformly (``allocation.uniform_shares``), then the entries of ``cfg.unit_sparsity``.
+    None when neither is set (or the allocation is global: decided per package from its Hessians)."""
+    names = {unit_name(u) for u in units}
+    if cfg.unit_sparsity is not None:
+        unknown = sorted(set(cfg.unit_sparsity) - names)
+        if unknown:
+            raise UsageError(f"unit sparsity names {unknown[0]!r}, which is not a pruned unit here; allowed: "
+                             f"{', '.join(sorted(names)[:4])}{', ...' if len(names) > 4 else ''}")
+    shares = None
+    if (cfg.param_budget is not None and cfg.allocation_used == "uniform"
+            and (method.heads is not None or method.needs_training)):
+        from .allocation import uniform_shares
+
+        total = targeted_size(den, sorted(set(targeted_layers(den, spec, units, True))), "parameters")
+        h, n = uniform_shares(den, units, cfg.param_budget, total, cfg.head_sparsity)
+        shares = {unit_name(u): h if u.kind == "heads" else n for u in units}
+    if cfg.unit_sparsity is not None:
+        shares = {**(shares or {}), **cfg.unit_sparsity}
+    return shares
+
+
+def _global_shares(den, spec, package, stats, cfg) -> dict[str, float]:
+    """``--allocation global``: per layer (unstructured) or per structured unit, the share this package removes."""
+    from .allocation import package_sparsities, structured_counts
+
+    if cfg.pattern != "structured":
+        return package_sparsities(den, [n for u in package for n in u.hessian_layers], stats, cfg.sparsity, cfg.percdamp)
+    budget = cfg.param_budget if cfg.param_budget is not None else cfg.sparsity
+    size = targeted_size(den, sorted(set(targeted_layers(den, spec, package, True))), "parameters")
+    counts = structured_counts(den, package, stats, budget * size, cfg.percdamp)
+    return {unit_name(u): counts[unit_name(u)] / group_params(den, u)[0] for u in package}
+
+
+def _check_head_rows(den, units, cfg, n_blocks, shares=None) -> None:
     """Removing a head takes head_dim rows from each of q, k, v: refuse (before any work) a block whose
     projections no longer have heads x head_dim rows (a SlimDiff output, whose query/key rank was reduced)."""
+    anywhere = cfg.allocation_used == "global"  # any block may lose heads
     for u in units:
-        if u.kind != "heads" or n_remove(head_layout(den, u)[0], _unit_sparsity(cfg, u, n_blocks)) == 0:
+        if u.kind != "heads" or (not anywhere and n_remove(head_layout(den, u)[0],
+                                                           _unit_sparsity(cfg, u, n_blocks, shares)) == 0):
             continue
         block = den.get_submodule(u.block)
         hi = head_layout(den, u)[2]
@@ -264,6 +331,7 @@ class PackageRun:
     undo: Undo
     t0: float
     dctx: object = None  # an obslib.distributed.Context under torchrun
+    shares: dict | None = None  # structured: a share per unit name (``_structured_shares``)
 
     def run(self) -> dict:
         """Calibrate (resample or propagate), solve and checkpoint package after package."""
@@ -277,6 +345,7 @@ def _package_loop(r: PackageRun) -> dict:
     component, undo, t0, dctx = r.component, r.undo, r.t0, r.dctx
     counts = "weights" if structured else "nonzero weights"
     target_before = targeted_size(den, targeted, "weights")
+    params_targeted_before = targeted_size(den, sorted(set(targeted)), "parameters")
     t_cal = t_solve = 0.0
     layers_report = []
     package_mb = []
@@ -326,19 +395,18 @@ def _package_loop(r: PackageRun) -> dict:
             check_stats(stats)
             t_cal += time.perf_counter() - t
         t = time.perf_counter()
-        per = None
-        if cfg.allocation == "global" and stats:  # per-layer sparsities for this package (obslib.allocation)
-            from .allocation import package_sparsities
-
-            per = package_sparsities(den, [n for u in package for n in u.hessian_layers], stats, cfg.sparsity,
-                                     cfg.percdamp)
+        # --allocation global: this package's per-layer / per-unit shares (obslib.allocation)
+        per = _global_shares(den, spec, package, stats, cfg) if cfg.allocation_used == "global" and stats else None
         if dctx is not None and not structured:
             layers_report += _solve_spread(den, package, stats, cfg, method, undo, n_blocks, dctx, per)
+        elif structured:
+            for unit in package:
+                s = per[unit_name(unit)] if per is not None else _unit_sparsity(cfg, unit, n_blocks, r.shares)
+                layers_report += _solve_structured(den, unit, stats, s, cfg, method, undo)
         else:
             for unit in package:
                 s = per if per is not None else _unit_sparsity(cfg, unit, n_blocks)
-                solve = _solve_structured if structured else _solve_layers
-                layers_report += solve(den, unit, stats, s, cfg, method, undo)
+                layers_report += _solve_layers(den, unit, stats, s, cfg, method, undo)
         t_solve += time.perf_counter() - t
         del stats
         if dctx is not None:
@@ -361,6 +429,8 @@ def _package_loop(r: PackageRun) -> dict:
                   heads_removed=sum(e.get("heads_removed", 0) for e in layers_report) if structured else None,
                   neurons_removed=sum(len(e.get("removed_neurons", ())) for e in layers_report) if structured else None,
                   params_removed=params_before - sum(p.numel() for p in den.parameters()),
+                  targeted_params_before=params_targeted_before if structured else None,
+                  targeted_params_after=targeted_size(den, sorted(set(targeted)), "parameters") if structured else None,
                   timings={"calibration_s": t_cal, "solve_s": t_solve, "total_s": time.perf_counter() - t0})
     return with_manifest(report, den, component)
 
@@ -371,6 +441,7 @@ def _report_frame(cfg, weighting, steps, ids, params_before, den, component) -> 
         "method": cfg.method, "pattern": cfg.pattern, "sparsity_target": cfg.sparsity, "sparsity_actual": None,
         "weighting": weighting, "packages": None, "steps": steps, "seed": cfg.seed, "blocks": ids,
         "params_before": params_before, "params_after": sum(p.numel() for p in den.parameters()),
+        "allocation": cfg.allocation_used, "param_budget": cfg.param_budget,
         "hessian_mb_per_package": [], "timings": {}, "layers": [],
         "config": {k: v for k, v in asdict(cfg).items() if k != "prompts"},
     }

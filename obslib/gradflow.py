@@ -360,9 +360,9 @@ def _set_gates(masks: SoftMasks, chosen, value: float) -> None:
 
 
 def gradient_flow_prune(den, cfg, steps: int, component: str, undo, block_ids: list[int], train_batches=None,
-                        **_) -> dict:
+                        shares=None, **_) -> dict:
     """Train with soft gates, score by GraSP on the gates, hard-prune; returns the method's report fields."""
-    from .surgery import n_remove, remove_heads, remove_neurons, targeted_layers, targeted_size
+    from .surgery import n_remove, remove_heads, remove_neurons, targeted_layers, targeted_size, unit_name
     from .packages import structured_units
 
     if train_batches is None:
@@ -370,7 +370,9 @@ def gradient_flow_prune(den, cfg, steps: int, component: str, undo, block_ids: l
     spec = spec_for(den)
     units = [u for u in structured_units(den, spec, block_ids)]
     masks = SoftMasks(den, units)
-    counts = [n_remove(masks.size(ui), cfg.group_sparsity(units[ui].kind, cfg.sparsity)) for ui in range(len(units))]
+    shares = shares or {}  # per unit (a parameter budget's uniform split, a unit sparsity map); else the config's
+    counts = [n_remove(masks.size(ui), shares.get(unit_name(units[ui]), cfg.group_sparsity(units[ui].kind, cfg.sparsity)))
+              for ui in range(len(units))]
     targeted = targeted_layers(den, spec, units, True)
     target_before = targeted_size(den, targeted, "weights")
     blocks = dict(iter_blocks(den, spec))

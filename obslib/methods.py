@@ -29,6 +29,7 @@ class Method:
     driver: Callable | None = None  # a whole-model driver replacing the per-unit one (SlimDiff, gradient flow)
     patterns: tuple[str, ...] | None = None  # the patterns it supports (None: decided by the functions above)
     ignores: tuple[str, ...] = ()  # PruneConfig fields it does not use (the CLI says so when they are set)
+    allocation: str = "uniform"  # its allocation when PruneConfig.allocation is None
     description: str = ""
 
 
@@ -74,7 +75,7 @@ _TABLE = [
            description="structured: L1 norm of output-projection columns; no compensation"),
     Method("flap", heads=baselines.flap_heads, neurons=baselines.flap_neurons,
            description="structured: fluctuation score with bias compensation"),
-    Method("slimdiff", driver=_slimdiff, patterns=("structured",), ignores=("packages", "calibration"),
+    Method("slimdiff", driver=_slimdiff, patterns=("structured",), ignores=("packages", "calibration"), allocation="global",
            description="SlimDiff reconstruction: spectral QK / VO / FFN slimming with a global rank allocator"),
     Method("gradient-flow", needs_calibration=False, needs_training=True, driver=_gradient_flow,
            patterns=("structured",), ignores=("packages", "weighting", "calibration"),

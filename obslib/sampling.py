@@ -37,6 +37,11 @@ def sampling_defaults(pipe) -> dict:
     return d
 
 
+def call_kwargs(defaults: dict) -> dict:
+    """The pipeline-call arguments a model's sampling defaults fix beyond steps and guidance (the text length)."""
+    return {k: v for k, v in defaults.items() if k == "max_sequence_length"}
+
+
 def read_prompt_file(path: str) -> list[str]:
     """One prompt per line from a UTF-8 text file (blank lines skipped)."""
     if not os.path.exists(path):
@@ -150,14 +155,16 @@ def _call_params(pipe) -> set[str]:
 
 def collect_stats(pipe, layer_names: list[str], prompts: list[str], steps: int | None = None,
                   weighting: str = "log-decrease", guidance: float | None = None, seed: int = 0,
-                  batch_size: int = 16, progress: bool = False) -> dict:
-    """Timestep-weighted input statistics (H, mean, per-step energy) of named denoiser layers."""
+                  batch_size: int = 16, progress: bool = False, per_step: bool = False) -> dict:
+    """Timestep-weighted input statistics (H, mean, per-step energy) of named denoiser layers; with ``per_step``
+    each step's XᵀX is kept too (``LayerStats.step_H``)."""
     defaults = sampling_defaults(pipe)
     steps = steps or defaults["num_inference_steps"]
     guidance = defaults["guidance_scale"] if guidance is None else guidance
     _, den = find_denoiser(pipe)
-    calib = Calibration(den, {n: den.get_submodule(n) for n in layer_names}, timestep_weights(weighting, steps))
-    msl = {k: v for k, v in defaults.items() if k == "max_sequence_length"}
+    calib = Calibration(den, {n: den.get_submodule(n) for n in layer_names}, timestep_weights(weighting, steps),
+                        per_step=per_step)
+    msl = call_kwargs(defaults)
     runner = CalibrationRunner(pipe, prompts, steps, guidance, seed, batch_size, msl, progress)
     with calib:
         runner.run(calib)

@@ -336,6 +336,62 @@ def allocate(groups: list[Group], budget: int) -> int:
     return saved
 
 
+def allocate_uniform(groups: list[Group], budget: int) -> int:
+    """``--allocation uniform`` for SlimDiff: every group gives the same share of its parameters. The largest common
+    share s whose levels (each group at the first level removing at least s of its parameters) stay under the budget is
+    found by bisection; then groups, the least cut and then the cheapest error per parameter first, go one level further
+    until the budget is met
+    (levels are discrete: an FFN moves in 1/16 of its width, a rank in 1/head_dim). Sets ``choice``; returns the
+    parameters saved."""
+    def levels_at(share: float) -> list[int]:
+        out = []
+        for g in groups:
+            lv = next((i for i in range(len(g.levels)) if g.params[0] - g.params[i] >= share * g.params[0]),
+                      len(g.levels) - 1)
+            out.append(lv)
+        return out
+
+    def saved(lvs) -> int:
+        return sum(g.params[0] - g.params[lv] for g, lv in zip(groups, lvs))
+
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if saved(levels_at(mid)) < budget:
+            lo = mid
+        else:
+            hi = mid
+    for g, lv in zip(groups, levels_at(lo)):
+        g.choice = lv
+    total = saved([g.choice for g in groups])
+    def next_step(g):  # the least-cut groups first, then the cheapest error per parameter
+        nxt = min(g.choice + 1, len(g.levels) - 1)
+        return (1 - g.params[g.choice] / g.params[0],
+                (g.errors[nxt] - g.errors[g.choice]) / max(g.params[g.choice] - g.params[nxt], 1))
+
+    for g in sorted(groups, key=next_step):
+        if total >= budget:
+            break
+        if g.choice + 1 < len(g.levels):
+            total += g.params[g.choice] - g.params[g.choice + 1]
+            g.choice += 1
+    if total < budget:
+        raise UsageError(f"the budget of {budget} parameters cannot be met: slimdiff can remove at most {total} here; "
+                         "lower --sparsity")
+    return total
+
+
+def removed_by_unit(report: dict) -> dict[str, int]:
+    """Parameters a SlimDiff report removed per structured unit name: its attention's query-key and value-output
+    groups together ("block.attn"), each FFN by its down projection: the budget per group that
+    ``obslib.allocation.shares_for_params`` turns into heads and neurons for another method."""
+    out: dict[str, int] = {}
+    for name, r in report["ranks"].items():
+        unit = name.split(":")[0]
+        out[unit] = out.get(unit, 0) + int(r["params_removed"])
+    return out
+
+
 # ------------------------------------------------------------------------------------------ apply
 def _replace(den, name, weight, bias, undo) -> None:
     undo.module(name)
@@ -409,9 +465,11 @@ def slimdiff_prune(den, cfg, steps: int, component: str, undo, block_ids: list[i
                       | {f"{a['block']}.{o}" for a in attns for o in a["outs"]}
                       | {n for f in ffns for n in f["ups"] + [f["down"]]})
     target_before = targeted_size(den, targeted, "parameters")
-    budget, possible = int(round(cfg.sparsity * target_before)), max_removable(den, attns, ffns)
+    share = cfg.param_budget if cfg.param_budget is not None else cfg.sparsity  # both mean the same here
+    budget, possible = int(round(share * target_before)), max_removable(den, attns, ffns)
     if budget > possible:  # before the calibration, not after it
-        raise UsageError(f"--sparsity {cfg.sparsity}: the budget of {budget} parameters cannot be met; slimdiff can "
+        flag = "--sparsity" if cfg.param_budget is None else "--param-budget"
+        raise UsageError(f"{flag} {share}: the budget of {budget} parameters cannot be met; slimdiff can "
                          f"remove at most {possible} of the {target_before} here ({possible / target_before:.3f}); "
                          "lower --sparsity")
     t0 = time.perf_counter()
@@ -430,7 +488,7 @@ def slimdiff_prune(den, cfg, steps: int, component: str, undo, block_ids: list[i
         groups.append(_ffn_group(den, f, stats))
     for a in tqdm(attns, desc="slimdiff attention spectra", disable=not cfg.progress, leave=False):
         groups += _attn_groups(den, a, stats)
-    allocate(groups, budget)
+    (allocate_uniform if cfg.allocation_used == "uniform" else allocate)(groups, budget)
     layers_report = [apply_group(den, g, undo) for g in groups if g.choice > 0]
     t_solve = time.perf_counter() - t
     if cfg.progress:

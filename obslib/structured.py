@@ -47,6 +47,27 @@ def group_saliency(W: torch.Tensor, Hinv: torch.Tensor, groups: list[list[int]],
     return torch.stack(out)
 
 
+def removal_costs(Ws: list[torch.Tensor], Hs: list[torch.Tensor], group_size: int, percdamp: float = 0.01) -> torch.Tensor:
+    """Each group's OBS removal cost relative to its projections' output energy, summed over the projections:
+    sum_p L_S(W_p, H_p) / tr(W_p Hd_p W_p^T), groups = consecutive blocks of ``group_size`` columns (a head's
+    head_dim, or 1 for a neuron). The scale on which groups of different layers compare (``obslib.allocation``)."""
+    n = Ws[0].shape[1] // group_size
+    groups = [list(range(i * group_size, (i + 1) * group_size)) for i in range(n)]
+    total = torch.zeros(n, dtype=torch.float64)
+    for W, H in zip(Ws, Hs):
+        check_finite("the weight", W)
+        W, H = W.detach().double(), H.double()
+        Hinv = _inverse(H, percdamp)
+        Wf = _free(W, H)
+        if group_size == 1:  # a single column: the exact form is the diagonal one
+            sal = 0.5 * (Wf ** 2).sum(0) / Hinv.diagonal()
+        else:
+            sal = group_saliency(Wf, Hinv, groups, exact=True)
+        energy = float(torch.einsum("ij,jk,ik->", W, H, W))
+        total += sal.cpu() / max(energy, 1e-300)
+    return total
+
+
 def group_update(W: torch.Tensor, Hinv: torch.Tensor, S: list[int]) -> torch.Tensor:
     """W with the columns S removed (set to zero) and the rest optimally compensated."""
     HSS = Hinv[S][:, S]

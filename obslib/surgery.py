@@ -130,6 +130,31 @@ def neuron_layout(den, unit) -> tuple[int, int]:
     return inner, cols - inner
 
 
+def unit_name(unit) -> str:
+    """A structured unit's name: its attention module ("block.attn") or its down projection."""
+    return f"{unit.block}.{unit.group.attn}" if unit.kind == "heads" else unit.hessian_layers[0]
+
+
+def group_params(den, unit) -> tuple[int, int]:
+    """(groups, parameters per group) of a structured unit: what removing one head or neuron takes away (its rows of
+    q/k/v or of the up projections, biases included, and its columns of the output / down projections)."""
+    block = den.get_submodule(unit.block)
+    g = unit.group
+    if unit.kind == "heads":
+        heads, head_dim, _ = head_layout(den, unit)
+        per = sum(head_dim * (block.get_submodule(r).in_features + (block.get_submodule(r).bias is not None))
+                  for r in g.inputs if has(block, r))
+        per += sum(head_dim * weight_matrix(den.get_submodule(n)).shape[0] for n in unit.hessian_layers)
+        return heads, per
+    inner, _ = neuron_layout(den, unit)
+    per = weight_matrix(den.get_submodule(unit.hessian_layers[0])).shape[0]
+    for up in g.ups:
+        if has(block, up):
+            lin = block.get_submodule(up)
+            per += (2 if lin.out_features == 2 * inner else 1) * (lin.in_features + (lin.bias is not None))
+    return inner, per
+
+
 def n_remove(n: int, sparsity: float) -> int:
     """Groups removed from a unit of ``n`` heads or neurons (at least one is always kept)."""
     return min(n - 1, round(sparsity * n))

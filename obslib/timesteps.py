@@ -23,13 +23,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .archs import find_denoiser
 from .compare import AHEAD, BEHIND, NONE, PAIRED, outcomes, paired_bootstrap
 from .experiments import Evaluator, Setting, cache_tag, pruned_pipeline, read_cache, write_csv
-from .hessian import Calibration, weight_matrix
+from .hessian import weight_matrix
 from .io import load_pipeline
 from .obs import obs_prune, reconstruction_error
-from .sampling import CalibrationRunner, sampling_defaults
+from .sampling import collect_stats
 from .shapes.model import DEFAULT_SAMPLING
 from .weighting import alpha_range, timestep_weights
 from .windows import StepSwitch, equal_windows, halves
@@ -170,16 +169,8 @@ def representative_layers(den, kinds=("attn.to_q", "attn.to_out.0", "ff.net.2"))
 
 def step_statistics(pipe, layer_names: list[str], prompts: list[str], seed: int = 0, progress: bool = False) -> dict:
     """Per-step input statistics (``LayerStats`` with ``per_step=True``) of named denoiser layers over one
-    calibration run of the prompts at the model's sampling defaults."""
-    d = sampling_defaults(pipe)
-    steps = d["num_inference_steps"]
-    _, den = find_denoiser(pipe)
-    calib = Calibration(den, {n: den.get_submodule(n) for n in layer_names}, [1.0] * steps, per_step=True)
-    msl = {k: v for k, v in d.items() if k == "max_sequence_length"}
-    runner = CalibrationRunner(pipe, prompts, steps, d["guidance_scale"], seed, 16, msl, progress)
-    with calib:
-        runner.run(calib, "per-step statistics")
-    return calib.stats
+    calibration run of the prompts at the model's sampling defaults (uniform weights)."""
+    return collect_stats(pipe, layer_names, prompts, weighting="uniform", seed=seed, progress=progress, per_step=True)
 
 
 def hessian_spread(stats: dict) -> pd.DataFrame:

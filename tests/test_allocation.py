@@ -45,7 +45,7 @@ def test_prune_with_global_allocation(tiny_pipe_dir):
 
 @pytest.mark.parametrize("kw, needle", [
     (dict(allocation="best"), "allocation 'best' is unknown; allowed: uniform, global"),
-    (dict(allocation="global", pattern="2:4"), "--allocation global is implemented for unstructured sparsity only"),
+    (dict(allocation="global", pattern="2:4"), "--allocation global does not apply to 2:4"),
     (dict(allocation="global", method="magnitude"), "--allocation global needs a method that calibrates a Hessian"),
 ])
 def test_allocation_bad_input(kw, needle):
