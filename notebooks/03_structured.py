@@ -18,7 +18,9 @@
 #
 # **The question.** Can whole attention heads and FFN neurons be removed — a model that is really smaller and faster — and does OBS's group compensation beat criteria without it? The paper (structured results, SD3.5-Large at 15–30%) keeps FID at 32.6–34.5 while L1-norm collapses (FID 159–346). This chapter adds the two peer methods the study was built to compare with: SlimDiff and gradient-flow pruning (our reconstructions).
 #
-# Attention heads (exact group-OBS saliency, RRF across the image and text output projections) and FFN neurons are physically removed from every block but the first and the last; compared with L1-norm, FLAP and the peer method SlimDiff (our reconstruction: spectral slimming of the query-key and value-output head dimensions and of the FFN width, with a global allocator; `obslib/slimdiff.py`) and the peer method gradient-flow pruning (our reconstruction: soft gates on the same heads and neurons, GraSP criterion, trained on the model's own flow-matching loss for `S['gf_iterations']` iterations; `obslib/gradflow.py`). For OBS-Diff, L1-norm, FLAP and gradient flow the sparsity is the share of heads and neurons removed per block (identical shapes); for SlimDiff it is the share of the same blocks' attention and FFN parameters removed, so **the methods remove different amounts at the same nominal sparsity**: compare them at equal `params_drop_%` (the figure's x-axis). A last table is an ablation of gradient flow's criterion. Metrics, seeds and the paired comparisons: [glossary](00_walkthrough.ipynb#Glossary-of-the-metrics); verdicts across chapters: [results/claims.md](../results/claims.md).
+# Attention heads (exact group-OBS saliency, RRF across the image and text output projections) and FFN neurons are physically removed from every block but the first and the last; compared with L1-norm, FLAP and the peer method SlimDiff (our reconstruction: spectral slimming of the query-key and value-output head dimensions and of the FFN width, with a global allocator; `obslib/slimdiff.py`) and the peer method gradient-flow pruning (our reconstruction: soft gates on the same heads and neurons, GraSP criterion, trained on the model's own flow-matching loss for `S['gf_iterations']` iterations; `obslib/gradflow.py`). For OBS-Diff, L1-norm, FLAP and gradient flow the sparsity is the share of heads and neurons removed per block (identical shapes); for SlimDiff it is the share of the same blocks' attention and FFN parameters removed, so **the methods remove different amounts at the same nominal sparsity**: compare them at equal `params_drop_%` (the figure's x-axis). A last table is an ablation of gradient flow's criterion.
+#
+# **At the same size.** The second half of the chapter asks every variant for the same share of the targeted layers' parameters (`--param-budget`, 10–30%), so the paired comparisons are at equal size, and crosses two solvers (OBS-Diff's group OBS, SlimDiff's spectral closed forms) with two allocations (uniform; SlimDiff's own) to split the structured gap into an allocation part and a solver part. OBS-Diff's own global allocation (`--allocation global`: every head and neuron ranked by its OBS cost per parameter saved) and L1-norm at the same budget complete it. Metrics, seeds and the paired comparisons: [glossary](00_walkthrough.ipynb#Glossary-of-the-metrics); verdicts across chapters: [results/claims.md](../results/claims.md).
 
 # %% tags=["parameters"]
 mode = "full"  # "quick" = the tiny grid run by `make test` (also set by OBSLIB_MODE)
@@ -29,7 +31,7 @@ import os
 import numpy as np, pandas as pd, matplotlib.pyplot as plt, seaborn as sns
 import torch
 import obslib
-from obslib import study, experiments as ex, plots, compare as cmp
+from obslib import study, experiments as ex, plots, compare as cmp, budgets as bd
 from obslib.shapes import prompts
 from obslib.surgery import n_remove
 S = study.settings(mode)          # grid sizes of this mode and output folders
@@ -107,6 +109,78 @@ cmp.write_comparisons(C, "03 structured", f"{S['results']}/comparisons.csv")
 cmp.table(C)
 
 # %% [markdown]
+# ## At equal parameter counts: what runs
+#
+# Each variant removes `S['param_budgets']` of the targeted layers' parameters (attention q/k/v/out and FFN up/down of every block but the first and last, biases included):
+#
+# - **OBS-Diff · uniform** — every block loses the same heads (the budget's share, rounded to whole heads) and FFN neurons make up the rest (`--param-budget`);
+# - **OBS-Diff · global** — every head and neuron ranked by its OBS removal cost relative to its layer's output, per parameter saved (`--allocation global`);
+# - **OBS-Diff · SlimDiff's allocation** — SlimDiff's per-group budget (from its seed-0 calibration) turned into whole heads and neurons per block and stream, solved by OBS (`unit_sparsity`);
+# - **SlimDiff · its allocation** (the rows above) and **SlimDiff · uniform** (every group the same share, `--allocation uniform`);
+# - **L1-norm · uniform** at the same budget (no compensation).
+#
+# FLAP and gradient flow are not rerun at these budgets (gradient flow costs ~2 minutes per prune here); the figure places their nominal rows at the share of parameters they removed.
+
+# %%
+grid_b = bd.budget_grid(S["model_dir"], S["param_budgets"], S["num_calib"])
+db = ex.run_grid(grid_b, S["seeds"], S["runs_csv"], model_dir=S["model_dir"], num_prompts=S["num_eval_prompts"])
+db = bd.label(db)
+dense_params = float(df[df.method == "dense"].params.iloc[0])
+db["params_drop_%"] = bd.params_share(db, dense_params)
+sb = ex.summarize(db, ["budget", "variant"], ("prompt_fidelity", "psnr", "params_drop_%", "gflops_image", "targeted_removed", "prune_s"))
+sb["flops_per_image_%"] = 100 * sb.gflops_image_mean / db.gflops_image_dense.mean()
+sb.to_csv(f"{S['results']}/03_budgets.csv", index=False)
+tb = ex.format_table(sb, ["budget", "variant"], ("prompt_fidelity", "psnr"))
+tb["targeted removed (%)"] = (100 * sb.targeted_removed_mean).round(1)
+tb["transformer params removed (%)"] = sb["params_drop_%_mean"].round(1)
+tb["FLOPs per image (% of dense)"] = sb["flops_per_image_%"].round(1)
+tb["prune (s)"] = sb.prune_s_mean.round(1)
+tb
+
+# %% [markdown]
+# How to read it: within a budget the rows remove the same share of the targeted parameters (to within one neuron; SlimDiff's discrete ranks overshoot by up to one rank step), so they differ only in which heads and neurons go and how the rest is compensated. FLOPs per image are counted by torch on a real sampling call (CFG batch, all steps; text tokens included), so they fall less than the parameters where the text stream is cut.
+#
+# ## The decomposition, paired
+#
+# Each line is a − b on the same 64 prompts × 3 seeds; the "part" says what the difference isolates. Uniform vs SlimDiff's allocation under each solver is the allocation part; SlimDiff vs OBS-Diff under each allocation is the solver part.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+CB = bd.decomposition(db, S["param_budgets"], "03 budget")
+cmp.write_comparisons(CB, "03 budget", f"{S['results']}/comparisons.csv")
+dec = {m: bd.decomposition_table(CB, m) for m in ("prompt_fidelity", "psnr")}
+pd.concat(dec, names=["metric"]).to_csv(f"{S['results']}/03_decomposition.csv")
+display(dec["prompt_fidelity"])
+dec["psnr"]
+
+# %% [markdown]
+# Below: PSNR (left) and prompt fidelity (right) against the share of the transformer's parameters removed, one line per variant (bands: one standard deviation over seeds); FLAP and gradient flow at their nominal rows as points. Then the paired differences of the decomposition.
+
+# %%
+fig, ax = plt.subplots(1, 2, figsize=(12, 3.8))
+curves_b = sb.rename(columns={"params_drop_%_mean": "params_drop_%"})
+for metric, a, ttl in (("psnr", ax[0], "PSNR vs dense (dB)"), ("prompt_fidelity", ax[1], "prompt fidelity (share of prompts)")):
+    plots.metric_lines(curves_b, "params_drop_%", "variant", metric, a, ttl, "transformer parameters removed (%)", legend=False)
+    for m, mk in (("flap", "s"), ("gradient-flow", "^")):
+        pts = summary[summary.method == m]
+        a.scatter(pts["params_drop_%"], pts[f"{metric}_mean"], marker=mk, color="0.3", label=f"{m} (nominal)", zorder=3)
+ax[1].axhline(dense.prompt_fidelity_mean, color="k", ls="--", lw=1, label="dense")
+plots.legend_outside(ax[1], "variant")
+plots.save(fig, f"{S['figures']}/03_budgets.png")
+plots.paired_panels(CB, f"{S['figures']}/03_decomposition.png", title="the decomposition at equal parameter counts, paired (95% interval)")
+
+# %% [markdown]
+# ## Where each allocation spends the budget
+#
+# One seed-0 prune per allocation at the middle budget: the share of the removed parameters taken from attention heads and from the image- and text-stream FFNs.
+
+# %%
+b_mid = S["param_budgets"][len(S["param_budgets"]) // 2]
+spend = bd.spending(S["model_dir"], b_mid, S["num_calib"])
+spend.to_csv(f"{S['results']}/03_spending.csv", index=False)
+spend.pivot(index="allocation", columns="where", values="share_of_removed").round(3)
+
+# %% [markdown]
 # ## The figures
 #
 # PSNR against the dense model (left) and prompt fidelity (right) against the **share of the transformer's parameters removed** — methods at equal size line up vertically; bands are one standard deviation over seeds. Below them, where SlimDiff spent its budget (share of removed parameters by kind of group and stream).
@@ -161,13 +235,27 @@ if sd and ("slimdiff", s_mid) in r.index:
           f"{top.kind} groups ({top.stream} stream), where OBS-Diff cuts every block and stream evenly"
           + ("; SlimDiff is ahead on PSNR, and whether by this allocation or by its closed forms is not separated here."
              if sd[0]["verdict"] == "behind" else "."))
+print("At equal parameter counts:")
+for metric in ("prompt_fidelity", "psnr"):
+    for _, r in bd.best_by_budget(sb, CB, metric).iterrows():
+        print(f"  {r.budget:.0%} of the parameters, {cmp.NAMES[metric]}: best {r.best} ({r[metric]:.3f}); not told apart "
+              f"from it: {r['not told apart from it (paired)']}.")
+for a, b, part in bd.DECOMPOSITION:
+    rs = [c for c in CB if c["part"] == part and c["metric"] == "prompt_fidelity"]
+    rp = [c for c in CB if c["part"] == part and c["metric"] == "psnr"]
+    print(f"  {part}: prompt fidelity " + ", ".join(f"{c['context'][3:6].strip()} {cmp.interval(c)} {c['verdict']}" for c in rs)
+          + "; PSNR " + ", ".join(f"{c['context'][3:6].strip()} {cmp.interval(c)} {c['verdict']}" for c in rp) + ".")
+sp_mid = spend.pivot(index="allocation", columns="where", values="share_of_removed")
+print(f"At {b_mid:.0%}, the text-stream FFNs give {sp_mid.loc[bd.SLIM_OWN, 'text FFN']:.0%} of SlimDiff's removed parameters, "
+      f"{sp_mid.loc[bd.OBS_GLOBAL, 'text FFN']:.0%} of global OBS-Diff's and {sp_mid.loc[bd.OBS_UNIFORM, 'text FFN']:.0%} of "
+      f"uniform OBS-Diff's; attention gives {sp_mid.loc[bd.SLIM_OWN, 'attention']:.0%}, "
+      f"{sp_mid.loc[bd.OBS_GLOBAL, 'attention']:.0%} and {sp_mid.loc[bd.OBS_UNIFORM, 'attention']:.0%}.")
 print("What this study cannot conclude: the paper's head-level results on SD3.5-Large (24+ heads per block) — "
       f"here a block has {heads} heads, so a head is {100 / heads:.0f}% of a block's attention at once.")
-
 # %% [markdown]
 # ## Try next
 #
-# Give gradient flow more iterations or another learning rate (`S['gf_iterations']`, `S['gf_lr']`), or `gradient_criterion='lower'` for every row. An allocator-matched OBS-Diff — SlimDiff's per-group budget solved with OBS — would separate allocation from the solver. `head_saliency='diag'` gives the public code's approximation.
+# Give gradient flow more iterations or another learning rate (`S['gf_iterations']`, `S['gf_lr']`), or rerun it and FLAP at the parameter budgets (`--param-budget` works for both). Cross OBS-Diff's global allocation with SlimDiff's solver (its `unit_sparsity` map from `obslib.allocation.shares_for_params`) for the last cell of the decomposition. On a model with many heads per block (SD3.5-Large: 38), the allocation's head/neuron trade-off is no longer a 25% step. `head_saliency='diag'` gives the public code's approximation.
 
 # %%
 assert (df[df.method != "dense"].params < df[df.method == "dense"].params.iloc[0]).all()

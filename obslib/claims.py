@@ -13,7 +13,7 @@ import os
 
 import pandas as pd
 
-from .compare import AHEAD, BEHIND, NONE, PAIRED, read_comparisons, signed
+from .compare import AHEAD, BEHIND, NAMES, NONE, PAIRED, interval, read_comparisons, signed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,10 +35,7 @@ def _pick(c: pd.DataFrame, chapter: str, context: str | None = None, a: str | No
 
 def quote(r) -> str:
     """'obs-diff − wanda, PSNR: +6.75 dB [+4.37, +8.95], ahead'."""
-    digits = PAIRED[r.metric][3]
-    unit = " dB" if r.metric == "psnr" else ""
-    name = {"prompt_fidelity": "prompt fidelity", "psnr": "PSNR", "attribute_accuracy": "attribute accuracy", "ssim": "SSIM"}[r.metric]
-    return f"{r.a} − {r.b}, {name}: {signed(r['diff'], digits)}{unit} [{signed(r.lo, digits)}, {signed(r.hi, digits)}], {r.verdict}"
+    return f"{r.a} − {r.b}, {NAMES[r.metric]}: {interval(r)}, {r.verdict}"
 
 
 def judge(t: pd.DataFrame) -> str:
@@ -57,6 +54,26 @@ def judge(t: pd.DataFrame) -> str:
     none = t[t.verdict == NONE]
     return ("partly reproduced: ahead on " + ", ".join(f"{r.b} ({PAIRED[r.metric][2].split(',')[0]})" for _, r in ahead.iterrows())
             + "; no difference detected against " + ", ".join(f"{r.b} ({PAIRED[r.metric][2].split(',')[0]})" for _, r in none.iterrows()))
+
+
+def _budget_rows(c: pd.DataFrame, add) -> None:
+    """Chapter 03 at equal parameter counts (obslib.budgets): each claim is 'a ahead of b' over the budgets."""
+    from .budgets import OBS_GLOBAL, OBS_SLIM, OBS_UNIFORM, SLIM_OWN, SLIM_UNIFORM
+
+    for a, b, claim, paper in (
+            (OBS_UNIFORM, SLIM_OWN, "Structured, at equal parameter counts: OBS-Diff ahead of the peer SlimDiff (our "
+             "reconstruction)", "not compared in the OBS-Diff paper"),
+            (OBS_GLOBAL, OBS_UNIFORM, "Ours: a global structured allocation (every head and neuron by OBS cost per "
+             "parameter) ahead of the uniform one", "not in the paper (the same share from every block)"),
+            (OBS_SLIM, OBS_UNIFORM, "Allocation part: OBS-Diff on SlimDiff's allocation ahead of OBS-Diff uniform",
+             "not in either paper"),
+            (SLIM_OWN, SLIM_UNIFORM, "Allocation part: SlimDiff's own allocation ahead of SlimDiff uniform",
+             "SlimDiff's abstract credits its allocator"),
+            (SLIM_OWN, OBS_SLIM, "Solver part: SlimDiff's closed forms ahead of OBS on the same allocation",
+             "not in either paper")):
+        t = _pick(c, "03 budget", a=a, b=b)
+        if len(t):
+            add(claim, paper, t)
 
 
 def claim_rows(results: str) -> list[dict]:
@@ -120,6 +137,7 @@ def claim_rows(results: str) -> list[dict]:
     if len(t):
         add("Ours: a global per-layer allocation (--allocation global) ahead of the uniform one, OBS-Diff unstructured",
             "not in the paper (every layer at the same sparsity)", t)
+    _budget_rows(c, add)
     k = _load(results, "05_packages.csv")
     if k is not None and "calibration" in k:
         for cal in ("resample", "propagate"):

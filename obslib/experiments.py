@@ -147,6 +147,11 @@ def run_setting(ev: Evaluator, s: Setting, seed: int, progress: bool = False) ->
                    params=rep["params_after"], hessian_mb=max(rep["hessian_mb_per_package"] or [0.0]),
                    mean_rel_error=float(np.mean([e["rel_error"] for e in rep["layers"] if e["rel_error"] is not None] or [np.nan])))
     row["gflops"] = transformer_flops(pipe) / 1e9
+    fl = rep.get("flops_per_image") or {}
+    if fl.get("pruned"):  # the denoiser's FLOPs per image on real inputs (obslib.flops), and the dense model's
+        row.update(gflops_image=fl["pruned"] / 1e9, gflops_image_dense=fl["dense"] / 1e9)
+    if rep.get("targeted_params_before"):
+        row["targeted_removed"] = 1 - rep["targeted_params_after"] / rep["targeted_params_before"]
     t = time.perf_counter()
     images = ev.images(pipe, s, seed)
     row["generate_s"] = time.perf_counter() - t

@@ -30,6 +30,7 @@ def _prune_cmd(model, out, pf, *extra):
 
 
 @pytest.mark.parametrize("extra, exact", [(("--packages", "2"), True),
+                                          (("--packages", "2", "--allocation", "global", "--sparsity", "0.6"), True),
                                           (("--packages", "3", "--calibration", "propagate"), True),
                                           (("--pattern", "2:4", "--packages", "3", "--calibration", "propagate"), False)])
 def test_torchrun_two_processes_equal_one(tiny_pipe_dir, tmp_path, extra, exact):
@@ -68,7 +69,7 @@ def test_torchrun_two_processes_equal_one(tiny_pipe_dir, tmp_path, extra, exact)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".obslib")]  # no checkpoints or temporaries left
 
 
-def _worker(rank, world, init, model, sparsity_by_rank, pattern, out):
+def _worker(rank, world, init, model, sparsity_by_rank, pattern, out, extra=None):
     import torch.distributed as dist
 
     import obslib
@@ -80,7 +81,7 @@ def _worker(rank, world, init, model, sparsity_by_rank, pattern, out):
     try:
         pipe = obslib.load_pipeline(model)
         cfg = PruneConfig(sparsity=sparsity_by_rank[rank], pattern=pattern, prompts=prompts("train", 8), steps=2,
-                          batch_size=2, packages=2, progress=False)
+                          batch_size=2, packages=2, progress=False, **(extra or {}))
         try:
             rep = obslib.prune(pipe, cfg)
             result = {"ok": True, "sent": rep["distributed"]["bytes_sent_per_package"]}
@@ -97,23 +98,24 @@ def _worker(rank, world, init, model, sparsity_by_rank, pattern, out):
         dist.destroy_process_group()
 
 
-def _spawn(tmp_path, model, sparsities, pattern="unstructured"):
+def _spawn(tmp_path, model, sparsities, pattern="unstructured", extra=None):
     import torch.multiprocessing as mp
 
     init = f"file://{tmp_path / 'rendezvous'}"
-    mp.spawn(_worker, args=(2, init, model, sparsities, pattern, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, init, model, sparsities, pattern, str(tmp_path), extra), nprocs=2, join=True)
     return [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
 
 
-def test_python_api_in_a_process_group_structured(tiny_pipe_dir, tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"allocation": "global", "param_budget": 0.25}])
+def test_python_api_in_a_process_group_structured(tiny_pipe_dir, tmp_path, extra):
     import obslib
     from obslib.config import PruneConfig
 
-    res = _spawn(tmp_path, tiny_pipe_dir, [0.25, 0.25], "structured")
+    res = _spawn(tmp_path, tiny_pipe_dir, [0.25, 0.25], "structured", extra)
     assert all(r["ok"] for r in res), res
     pipe = obslib.load_pipeline(tiny_pipe_dir)
     obslib.prune(pipe, PruneConfig(sparsity=0.25, pattern="structured", prompts=prompts("train", 8), steps=2,
-                                   batch_size=2, packages=2, progress=False))
+                                   batch_size=2, packages=2, progress=False, **extra))
     got = load_file(str(tmp_path / "w.safetensors"))
     ref = pipe.transformer.state_dict()
     assert got.keys() == ref.keys()

@@ -94,19 +94,21 @@ def test_one_package_is_exactly_resample(tiny_pipe_dir):
     assert [x["rel_error"] for x in ra["layers"]] == [x["rel_error"] for x in rb["layers"]]
 
 
-@pytest.mark.parametrize("pattern, sparsity", [("unstructured", 0.5), ("2:4", 0.5), ("structured", 0.25)])
-def test_every_unit_propagate_prunes_runs_and_stays_close_to_resample(tiny_pipe_dir, pattern, sparsity):
+@pytest.mark.parametrize("pattern, sparsity, extra", [("unstructured", 0.5, {}), ("2:4", 0.5, {}), ("structured", 0.25, {}),
+                                                      ("structured", 0.25, {"allocation": "global"})])
+def test_every_unit_propagate_prunes_runs_and_stays_close_to_resample(tiny_pipe_dir, pattern, sparsity, extra):
     a, b = obslib.load_pipeline(tiny_pipe_dir), obslib.load_pipeline(tiny_pipe_dir)
     den = a.transformer
     spec = spec_for(den)
     ids = list(range(len(iter_blocks(den, spec))))
     n_units = len(layer_units(den, spec, ids)) if pattern != "structured" else None
     k = n_units or 4
-    cfg = dict(BASE, pattern=pattern, sparsity=sparsity, packages=k)
+    cfg = dict(BASE, pattern=pattern, sparsity=sparsity, packages=k, **extra)
     ra = obslib.prune(a, PruneConfig(**cfg))
     rb = obslib.prune(b, PruneConfig(**cfg, calibration="propagate"))
     assert rb["packages"] == k and rb["replay_block_calls"] > 0
-    assert abs(rb["sparsity_actual"] - ra["sparsity_actual"]) < 1e-9
+    # a global allocation follows each package's statistics: the same budget, the counts may move by a neuron or two
+    assert abs(rb["sparsity_actual"] - ra["sparsity_actual"]) < (0.01 if extra else 1e-9)
     if pattern == "2:4":
         for layer in rb["layers"]:
             w = b.transformer.get_submodule(layer["name"]).weight.reshape(-1, 4)

@@ -21,14 +21,16 @@ def _weights(pipe):
     return {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
 
 
-@pytest.mark.parametrize("pattern, sparsity", [("unstructured", 0.5), ("structured", 0.25)])
-def test_interrupted_prune_resumes_to_identical_weights(tiny_pipe_dir, tmp_path, monkeypatch, pattern, sparsity):
+@pytest.mark.parametrize("pattern, sparsity, extra", [("unstructured", 0.5, {}), ("structured", 0.25, {}),
+                                                      ("unstructured", 0.6, {"allocation": "global"}),
+                                                      ("structured", 0.25, {"allocation": "global", "param_budget": 0.2})])
+def test_interrupted_prune_resumes_to_identical_weights(tiny_pipe_dir, tmp_path, monkeypatch, pattern, sparsity, extra):
     import obslib.sampling as packages
 
     whole = obslib.load_pipeline(tiny_pipe_dir)
-    rep_whole = obslib.prune(whole, PruneConfig(**BASE, pattern=pattern, sparsity=sparsity))
+    rep_whole = obslib.prune(whole, PruneConfig(**BASE, pattern=pattern, sparsity=sparsity, **extra))
     ck = str(tmp_path / "ck")
-    cfg = dict(BASE, pattern=pattern, sparsity=sparsity, checkpoint_dir=ck)
+    cfg = dict(BASE, pattern=pattern, sparsity=sparsity, checkpoint_dir=ck, **extra)
     pipe = obslib.load_pipeline(tiny_pipe_dir)
     before = _weights(pipe)
     real, calls = packages.CalibrationRunner.run, {"n": 0}
