@@ -54,20 +54,25 @@ print(f"before timing: 1-minute load average {start['load_1m']:.2f} on {start['c
 # %% [markdown]
 # ## What runs
 #
-# OBS-Diff structured at each sparsity (the shapes notebook 03 scores). Per variant the pipeline runs once to find
-# its transformer calls (how many, at which batch), then the transformer forward at that batch is timed
-# `S['timing_repeats']` times and the whole pipeline half as often (at least twice), each after a warm-up.
+# OBS-Diff structured at each sparsity (the shapes notebook 03 scores), and chapter 03's equal-parameter variants
+# (global OBS-Diff and SlimDiff at each budget). Per variant the pipeline runs once to find its transformer calls (how
+# many, at which batch). Dense is timed on its own; every pruned variant is timed **in alternation with dense**, call
+# by call (the order swapped every pair), `S['timing_repeats']` transformer forwards and half as many whole-pipeline
+# runs (at least two), each after a warm-up: its speed-up is the median of the per-pair ratios, its spread their
+# minimum and maximum, so drift of a shared machine over minutes hits dense and the variant alike.
 #
 # A measurement is kept only if the machine was idle when it started (load average not above the core count, other
 # processes using at most 10% of the CPUs while this one sleeps) and its numbers are plausible: no maximum above
 # 1.5× its median, and the pipeline not faster than its own transformer calls. Otherwise it is repeated after a
 # pause, up to `attempts` times; a variant still rejected then keeps `accepted = False` and the reasons. The table
-# gives medians with min/max, the speed-ups against dense with their spread (from the extremes), and
-# `flops_ratio_inv`, the speed-up the FLOPs alone predict. (Quick mode: one pruned variant, two prompts, one attempt.)
+# gives medians with min/max, the speed-ups against dense with their spread (per-pair ratios for pruned variants), and
+# `flops_ratio_inv`, the speed-up the FLOPs alone predict (FLOPs of the timed call, counted by torch). (Quick mode: one pruned variant, two prompts, one attempt.)
 
 # %%
+budgets = S["param_budgets"] if S["mode"] != "quick" else []   # quick: no budget variants
 table = timing.speed_table(S["model_dir"], sparsities, repeats=S["timing_repeats"], num_calib=S["num_calib"],
-                           batch_prompts=batch_prompts, attempts=attempts, pause_s=pause_s)
+                           batch_prompts=batch_prompts, attempts=attempts, pause_s=pause_s,
+                           variants=timing.budget_variants(budgets))
 csv = f"{S['results']}/07_speed.csv"
 table.to_csv(csv, index=False)
 print("wrote", rel(csv))
@@ -84,7 +89,7 @@ display(table[["variant", "params_removed", "gflops", "transformer_ms", "transfo
 fig, ax = plt.subplots(figsize=(6.4, 3.6))
 x = 100 * table.params_removed
 dx = 0.012 * max(x.max(), 1)      # the two series side by side at each setting
-ok, pruned = table.accepted.astype(bool), table.variant != "dense"
+ok, pruned = table.accepted.astype(bool), table.kind == "nominal"   # the budget variants: the table and the text
 ax.plot(x, table.flops_ratio_inv, "k--", lw=1.2, label="predicted by FLOPs\n(dense FLOPs / pruned FLOPs)")
 for part, shift, color, label in (("transformer", -dx, "C0", "transformer forward"), ("pipeline", dx, "C1", "whole pipeline")):
     y = table[f"{part}_speedup"]
@@ -116,7 +121,7 @@ d = table.iloc[0]
 share = min(1.0, d.steps * d.transformer_ms / 1000 / d.pipeline_s)
 print(f"dense: the {int(d.steps)} transformer calls take {share:.0%} of the pipeline's {d.pipeline_s:.2f} s "
       f"({int(d.steps)} × {d.transformer_ms:.1f} ms)")
-for _, r in table[table.variant != "dense"].iterrows():
+for _, r in table[table.kind != "dense"].iterrows():
     amdahl = 1 / (share / r.transformer_speedup + 1 - share)
     flag = "" if r.speedup_accepted else " [rejected]"
     print(f"{r.variant}{flag} ({r.params_removed:.1%} of parameters removed): transformer {r.transformer_speedup:.2f}× "
@@ -157,7 +162,7 @@ if cuda["rows"]:
 
 # %%
 PAPER = {0.15: 1.03, 0.2: 1.20, 0.25: 1.29, 0.3: 1.31}  # one SD3.5-Large block, 1024², batch 4
-p = table[table.variant != "dense"]
+p = table[table.kind == "nominal"]
 n_bad = int((~table.accepted.astype(bool)).sum())
 span = lambda a, b, f="{}": f.format(a) if f.format(a) == f.format(b) else f.format(a) + "–" + f.format(b)
 print("Every measurement passed the idle and plausibility checks (load average "
@@ -181,6 +186,12 @@ elif good:
         f"{timing.compare_to_flops(r.transformer_speedup_lo, r.transformer_speedup_hi, q)} the paper's {q:.2f}×"
         for r, q in good) + (f" ({', '.join(skipped)} rejected, not compared)" if skipped else "") +
         "; another model, size and device, so this tells whether the claim's direction holds here, not its numbers.")
+bv = table[table.kind == "budget"]
+if len(bv):
+    print("At equal shares of the targeted parameters (chapter 03's variants): " + "; ".join(
+        f"{r.variant} ({r.params_removed:.1%} of the transformer) {r.transformer_speedup:.2f}× "
+        f"(FLOPs predict {r.flops_ratio_inv:.2f}×){'' if r.speedup_accepted else ' [rejected]'}" for _, r in bv.iterrows())
+        + ".")
 print(f"This CPU study of a {int(d.params) / 1e6:.1f}M-parameter transformer at {IMAGE_SIZE}² pixels says nothing "
       "about GPU kernels (the 2:4 cell " + ("timed them" if cuda["rows"] else "was skipped: no CUDA") +
       ") or about 1024² images, where attention and the linear layers weigh differently.")

@@ -76,6 +76,9 @@ def variant(row) -> str:
 def label(df: pd.DataFrame) -> pd.DataFrame:
     """The grid's rows with a ``variant`` column and ``budget`` (the share of targeted parameters asked for)."""
     df = df.copy()
+    if "targeted_removed" in df and "sparsity_actual" in df:  # SlimDiff's own sparsity counts parameters already
+        slim = df.method == "slimdiff"
+        df.loc[slim, "targeted_removed"] = df.loc[slim, "targeted_removed"].fillna(df.loc[slim, "sparsity_actual"])
     df["variant"] = [variant(r) for _, r in df.iterrows()]
     df["budget"] = df["sparsity"].astype(float)
     return df
@@ -161,3 +164,31 @@ def spending(model_dir: str, budget: float, num_calib: int, seed: int = 0) -> pd
     df = pd.DataFrame(rows).groupby(["allocation", "where"], as_index=False).params_removed.sum()
     df["share_of_removed"] = df.params_removed / df.groupby("allocation").params_removed.transform("sum")
     return df
+
+
+def map_heads(grid: list[Setting], heads: int) -> pd.DataFrame:
+    """Per budget, the heads that OBS-Diff on SlimDiff's allocation removes from each block (SlimDiff lowers query-key
+    ranks instead; its attention budget, rounded to whole heads, is what this variant removes)."""
+    rows = []
+    for s in grid:
+        m = s.extra.get("unit_sparsity")
+        if m:
+            rows.append({"budget": s.sparsity, "heads removed per block": [round(v * heads) for k, v in sorted(m.items())
+                                                                          if k.endswith(".attn")]})
+    return pd.DataFrame(rows)
+
+
+def recommend(summary: pd.DataFrame, C: list[dict]) -> list[dict]:
+    """Per budget, the variant to use: among the best on prompt fidelity and those not told apart from it (paired),
+    the one with the highest PSNR; with the comparisons that decide it."""
+    out = []
+    fid = best_by_budget(summary, C, "prompt_fidelity").set_index("budget")
+    for b, g in summary.groupby("budget"):
+        top = fid.loc[b, "best"]
+        tied = [t for t in fid.loc[b, "not told apart from it (paired)"].split(", ") if t and t != "—"]
+        pool = g[g.variant.isin([top] + tied)].sort_values("psnr_mean", ascending=False)
+        pick = pool.iloc[0].variant
+        ctx = f"At {b:.0%} of the parameters"
+        vs = [r for r in C if r["context"] == ctx and pick in (r["a"], r["b"])]
+        out.append({"budget": b, "use": pick, "best_fidelity": top, "tied_on_fidelity": tied, "comparisons": vs})
+    return out

@@ -46,6 +46,26 @@ def median_time(fn, repeats: int = 7, warmup: int = 1, clock=time.perf_counter) 
     return {"median_s": float(np.median(ts)), "min_s": float(np.min(ts)), "max_s": float(np.max(ts)), "repeats": repeats}
 
 
+def paired_times(fn, ref_fn, repeats: int = 7, warmup: int = 1, clock=time.perf_counter) -> dict:
+    """``fn`` timed in alternation with ``ref_fn`` (the order swapped every pair): ``fn``'s median/min/max seconds, and
+    the median, min and max of the per-pair ratios ref time / fn time (a speed-up of ``fn`` over ``ref_fn`` that a
+    machine's drift over minutes cannot bias)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    for _ in range(warmup):
+        ref_fn(), fn()
+    mine, theirs = [], []
+    for i in range(repeats):
+        for f, out in ((fn, mine), (ref_fn, theirs)) if i % 2 else ((ref_fn, theirs), (fn, mine)):
+            t = clock()
+            f()
+            out.append(clock() - t)
+    ratios = [r / m for r, m in zip(theirs, mine)]
+    return {"median_s": float(np.median(mine)), "min_s": float(np.min(mine)), "max_s": float(np.max(mine)),
+            "ratio": float(np.median(ratios)), "ratio_lo": float(np.min(ratios)), "ratio_hi": float(np.max(ratios)),
+            "repeats": repeats}
+
+
 def usable_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -207,10 +227,24 @@ def pipeline_calls(pipe, prompts) -> dict:
             "same_shape": all(s == shapes[0] for s in shapes)}
 
 
+def budget_variants(budgets) -> dict[str, dict]:
+    """The equal-parameter variants of chapter 03 that change shapes differently: OBS-Diff's global allocation and
+    SlimDiff, at each share of the targeted parameters (``speed_table``'s ``variants``)."""
+    out = {}
+    for b in budgets:
+        out[f"OBS-Diff global {b:.0%} params"] = {"param_budget": b, "allocation": "global"}
+        out[f"SlimDiff {b:.0%} params"] = {"method": "slimdiff", "sparsity": b}
+    return out
+
+
 def speed_table(model_dir: str | None = None, sparsities=(0.1, 0.2, 0.3), repeats: int = 7, num_calib: int = 32,
                 batch_prompts: int = 16, attempts: int = 3, pause_s: float = 10.0, idle_window_s: float = 0.5,
-                max_spread: float = MAX_SPREAD, progress: bool = True, idle=None) -> pd.DataFrame:
+                max_spread: float = MAX_SPREAD, progress: bool = True, idle=None,
+                variants: dict[str, dict] | None = None) -> pd.DataFrame:
     """Dense vs structurally pruned (OBS-Diff) wall times on this machine, each variant checked and repeated.
+    ``sparsities``: OBS-Diff structured at these nominal shares of heads and neurons (rows of kind "nominal");
+    ``variants``: more pruned models, label -> structured ``PruneConfig`` fields (kind "budget"; e.g.
+    ``budget_variants``).
 
     Per variant: one transformer forward at the pipeline's CFG batch and text length (found by running the
     pipeline once, ``pipeline_calls``; ``steps`` is its number of transformer calls) timed ``repeats`` times, and
@@ -224,7 +258,7 @@ def speed_table(model_dir: str | None = None, sparsities=(0.1, 0.2, 0.3), repeat
     from .config import PruneConfig
     from .driver import prune
     from .evaluate import generate
-    from .experiments import transformer_flops
+    from .flops import call_flops
     from .io import load_pipeline
     from .shapes import prompts as world_prompts
 
@@ -232,36 +266,59 @@ def speed_table(model_dir: str | None = None, sparsities=(0.1, 0.2, 0.3), repeat
     idle = idle or (lambda: idle_check(idle_window_s))
     ps = world_prompts("heldout", batch_prompts)
     rows = []
-    for s in tqdm([0.0, *sparsities], desc="speed", disable=not progress):
+    todo = [("dense", "dense", None)] + [(f"structured {s:.0%}", "nominal", {"sparsity": s}) for s in sparsities]
+    todo += [(label, "budget", kw) for label, kw in (variants or {}).items()]
+    ref, inputs = None, None
+    for label, kind, kw in tqdm(todo, desc="speed", disable=not progress):
         pipe = load_pipeline(model_dir)
-        if s > 0:
-            prune(pipe, PruneConfig(pattern="structured", sparsity=s, prompts=world_prompts("train", num_calib),
-                                    progress=False))
+        if kw is not None:
+            prune(pipe, PruneConfig(**{"pattern": "structured", "prompts": world_prompts("train", num_calib),
+                                       "progress": False, "count_flops": False, **kw}))
         calls = pipeline_calls(pipe, ps)
         if calls["batch"] != 2 * batch_prompts or not calls["same_shape"]:
             raise RuntimeError(f"the pipeline's transformer calls are not {2 * batch_prompts} wide (CFG batch of "
                                f"{batch_prompts} prompts) with one shape: {calls}")
         den, c = pipe.transformer, pipe.transformer.config
         b, n_ctx = calls["batch"], calls["context"]
-        x = torch.randn(b, c.in_channels, c.sample_size, c.sample_size)
-        ctx, pooled = torch.randn(b, n_ctx, c.joint_attention_dim), torch.randn(b, c.pooled_projection_dim)
-        t = torch.full((b,), 500.0)
+        if inputs is None:  # one set of transformer inputs for every variant (their calls have the same shapes)
+            g = torch.Generator().manual_seed(0)
+            inputs = {"hidden_states": torch.randn(b, c.in_channels, c.sample_size, c.sample_size, generator=g),
+                      "timestep": torch.full((b,), 500.0),
+                      "encoder_hidden_states": torch.randn(b, n_ctx, c.joint_attention_dim, generator=g),
+                      "pooled_projections": torch.randn(b, c.pooled_projection_dim, generator=g)}
 
-        def fwd():
+        def fwd(d=den):
             with torch.no_grad():
-                den(hidden_states=x, timestep=t, encoder_hidden_states=ctx, pooled_projections=pooled)
+                d(**inputs)
+
+        def gen(p=pipe):
+            generate(p, ps, 0, progress=False)
 
         def measure():
-            tf = median_time(fwd, repeats)
-            tp = median_time(lambda: generate(pipe, ps, 0, progress=False), max(2, repeats // 2))
+            if ref is None:  # dense: on its own
+                tf = median_time(fwd, repeats)
+                tp = median_time(gen, max(2, repeats // 2))
+                return {"transformer_ms": 1000 * tf["median_s"], "transformer_ms_min": 1000 * tf["min_s"],
+                        "transformer_ms_max": 1000 * tf["max_s"], "pipeline_s": tp["median_s"],
+                        "pipeline_s_min": tp["min_s"], "pipeline_s_max": tp["max_s"]}
+            # a pruned variant: alternated call by call with dense, so drift of the machine hits both alike
+            tf = paired_times(fwd, ref[0], repeats)
+            tp = paired_times(gen, ref[1], max(2, repeats // 2))
             return {"transformer_ms": 1000 * tf["median_s"], "transformer_ms_min": 1000 * tf["min_s"],
                     "transformer_ms_max": 1000 * tf["max_s"], "pipeline_s": tp["median_s"],
-                    "pipeline_s_min": tp["min_s"], "pipeline_s_max": tp["max_s"]}
+                    "pipeline_s_min": tp["min_s"], "pipeline_s_max": tp["max_s"],
+                    "paired_transformer_speedup": tf["ratio"], "paired_transformer_speedup_lo": tf["ratio_lo"],
+                    "paired_transformer_speedup_hi": tf["ratio_hi"], "paired_pipeline_speedup": tp["ratio"],
+                    "paired_pipeline_speedup_lo": tp["ratio_lo"], "paired_pipeline_speedup_hi": tp["ratio_hi"]}
 
         m = measure_checked(measure, steps=calls["steps"], attempts=attempts, pause_s=pause_s, idle=idle,
                             max_spread=max_spread)
-        rows.append({"variant": "dense" if s == 0 else f"structured {s:.0%}", "sparsity": s,
-                     "params": sum(p.numel() for p in den.parameters()), "gflops": transformer_flops(pipe, b) / 1e9,
+        if ref is None:
+            ref = (fwd, gen)  # dense stays loaded: every variant is timed against it
+        s = 0.0 if kw is None else kw.get("param_budget", kw.get("sparsity", 0.0))
+        rows.append({"variant": label, "kind": kind, "sparsity": s,
+                     "params": sum(p.numel() for p in den.parameters()),
+                     "gflops": call_flops(den, ((), inputs)) / 1e9,  # the timed call's own
                      **m, "steps": calls["steps"], "cfg_batch": b, "context_tokens": n_ctx, "repeats": repeats,
                      "threads": torch.get_num_threads()})
     return add_speedups(pd.DataFrame(rows))
@@ -278,6 +335,10 @@ def add_speedups(df: pd.DataFrame) -> pd.DataFrame:
         df[f"{part}_speedup"] = d[med] / df[med]
         df[f"{part}_speedup_lo"] = d[f"{med}_min"] / df[f"{med}_max"]
         df[f"{part}_speedup_hi"] = d[f"{med}_max"] / df[f"{med}_min"]
+        for sfx in ("", "_lo", "_hi"):  # variants timed in alternation with dense: their per-pair ratios
+            col = f"paired_{part}_speedup{sfx}"
+            if col in df:
+                df[f"{part}_speedup{sfx}"] = df[col].fillna(df[f"{part}_speedup{sfx}"])
     df["transformer_vs_flops"] = [compare_to_flops(lo, hi, f) for lo, hi, f in
                                   zip(df.transformer_speedup_lo, df.transformer_speedup_hi, df.flops_ratio_inv)]
     df["speedup_accepted"] = df.accepted.astype(bool) & bool(d.accepted)

@@ -2,6 +2,7 @@
 clock, fake measurements and a fake idle check (no model, no sleeping)."""
 import itertools
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -150,3 +151,23 @@ def test_cpu_busy_share_is_a_share():
     assert b != b or 0.0 <= b <= 1.0  # NaN without /proc/stat
     assert timing.cpu_busy_share(0) != timing.cpu_busy_share(0)  # a zero window reads nothing
     assert set(timing.idle_check(window_s=0.05)) == {"load_1m", "busy_share", "cpus", "problems"}
+
+
+def test_paired_times_alternate_and_give_per_pair_ratios():
+    now, order = [0.0], []
+
+    def fn():
+        order.append("fn")
+        now[0] += 1.0
+
+    def ref():
+        order.append("ref")
+        now[0] += 2.0 + 0.5 * len(order)  # a reference that drifts slower: the ratio follows each pair
+
+    r = timing.paired_times(fn, ref, repeats=4, warmup=1, clock=lambda: now[0])
+    assert order[:2] == ["ref", "fn"] and order[2:4] == ["ref", "fn"] and order[4:6] == ["fn", "ref"]
+    assert r["median_s"] == 1.0 and r["min_s"] == r["max_s"] == 1.0
+    ref_times = [2.0 + 0.5 * n for n in (3, 6, 7, 10)]  # the reference's own times in pairs 1..4
+    assert r["ratio"] == pytest.approx(float(np.median(ref_times))) and r["ratio_lo"] == 3.5 and r["ratio_hi"] == 7.0
+    with pytest.raises(ValueError):
+        timing.paired_times(fn, ref, repeats=0)
