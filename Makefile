@@ -18,8 +18,16 @@ install: $(STAMP)
 
 # pytest + nbval over every notebook in quick mode (OBSLIB_MODE=quick): every cell must run, and cells marked
 # "# NBVAL_CHECK_OUTPUT" must print what notebooks/*.ipynb hold (their quick-mode outputs, refreshed by `make notebook-outputs`)
+# The notebooks (nbval: each runs in one kernel, in order) and the tests run as two pytest processes side by side,
+# one torch thread each (2 cores); the notebooks' report follows the tests', and either failing fails the target.
+TEST_ENV := OBSLIB_MODE=quick MPLBACKEND=Agg OBSLIB_THREADS=1 OBSLIB_TEST_THREADS=1 OMP_NUM_THREADS=1
 test: install
-	OBSLIB_MODE=quick MPLBACKEND=Agg $(PY) -m pytest tests --nbval-lax notebooks --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
+	@mkdir -p .tmp
+	$(TEST_ENV) $(PY) -m pytest --nbval-lax notebooks --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider \
+	  > .tmp/nbval.log 2>&1 & nb=$$!; \
+	$(TEST_ENV) $(PY) -m pytest tests -p no:cacheprovider; t=$$?; \
+	wait $$nb; n=$$?; echo "--- notebooks (nbval) ---"; cat .tmp/nbval.log; \
+	echo "tests exit $$t, notebooks exit $$n"; test $$t -eq 0 && test $$n -eq 0
 
 # the notebooks' sources are the jupytext scripts notebooks/NN_*.py: after editing one, refresh its .ipynb
 # (make test fails while a pair is out of sync)

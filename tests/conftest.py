@@ -72,10 +72,3 @@ def tiny_sdxl_pipe(tiny_pipe):
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
-
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (``make test`` runs two workers): every notebook cell goes to one worker, in order, since
-    cells share a kernel and later notebooks read the run cache earlier ones wrote; the tests spread over the rest."""
-    for item in items:
-        if item.nodeid.startswith("notebooks/"):
-            item.add_marker(pytest.mark.xdist_group("notebooks"))
