@@ -221,6 +221,7 @@ def config_fingerprint(cfg) -> dict:
     """The part of the fingerprint known before the model is loaded."""
     d = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.metadata.get("fingerprint")}
     d["prompts_sha256"] = hashlib.sha256("\n".join(cfg.prompts or []).encode()).hexdigest()
+    d["seeding"] = cfg.seeding  # a checkpoint calibrated with another noise seeding is another run
     return json.loads(json.dumps(d))
 
 

@@ -284,6 +284,7 @@ def _cli_prune(a) -> None:
     if not rank0:
         return
     t = time.perf_counter()
+    report["command"] = command  # the model card quotes it
     save_pruned(pipe, report, a.out, a.model_dir, overwrite=a.overwrite, flag="--out")
     t_save = time.perf_counter() - t
     if ck is not None:

@@ -16,7 +16,10 @@ from .weighting import SCHEMES
 PATTERNS = ("unstructured", "2:4", "4:8", "structured")
 CALIBRATIONS = ("resample", "propagate")
 ALLOCATIONS = ("uniform", "global")
-MAX_SEED = 2**63 - 2**32  # the seed plus a batch index must still fit torch.Generator.manual_seed
+MAX_SEED = 2**63 - 2**32  # seeds are hashed with each prompt's number (obslib.sampling.prompt_seed)
+# how calibration and evaluation noise is seeded: one seed per prompt (obslib.sampling.prompt_seed); the study's
+# run cache, checkpoints and reports carry it, so nothing made under another seeding is mixed in
+SEEDING_VERSION = "per-prompt-1"
 MAX_RECORD_MIB = 2**40
 
 
@@ -167,6 +170,11 @@ class PruneConfig:
         else ``base`` (``sparsity``, or the block's entry of ``block_sparsity``)."""
         own = {"heads": self.head_sparsity, "neurons": self.neuron_sparsity}.get(kind)
         return base if own is None else own
+
+    @property
+    def seeding(self) -> str:
+        """How calibration noise is seeded (``SEEDING_VERSION``): part of a checkpoint's fingerprint."""
+        return SEEDING_VERSION
 
     def validate(self) -> "PruneConfig":
         """Check every field's type and range; raises ``UsageError`` (a ValueError) naming the bad value.

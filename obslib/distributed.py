@@ -5,8 +5,9 @@ When a process group is initialised (``torchrun --nproc-per-node N -m obslib pru
 
 1. checks that all ranks run the same model and settings (a digest of the configuration, the prompts
    and every weight, all-gathered; a mismatch is a ``UsageError`` on every rank);
-2. samples only its share of the calibration batches (batch i goes to rank i mod N, with the seed of
-   batch i, so the union is exactly the single-process calibration);
+2. samples only its share of the calibration prompts (prompt i goes to rank i mod N, with prompt i's own
+   noise seed, ``obslib.sampling.prompt_seed``), so the union is exactly the single-process calibration and
+   any number of processes up to the number of prompts works;
 3. all-reduces each package's Hessian sums (float32) and token weights, so every rank holds the same H;
 4. solves its share of the package's layers (unstructured and N:M: layers are independent given H,
    dealt out greedily by cost d_out * d_in^2) and broadcasts each solution from its owner. Structured

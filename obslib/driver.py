@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .archs import find_denoiser, has, iter_blocks, spec_for
-from .config import PruneConfig
+from .config import SEEDING_VERSION, PruneConfig
 from .errors import SolverError, UsageError
 from .hessian import Calibration, check_stats, weight_matrix
 from .manifest import with_manifest
@@ -73,11 +73,11 @@ def prune(pipe, config: PruneConfig) -> dict:
         if calibrates:
             runner = CalibrationRunner(pipe, cfg.prompts, steps, guidance, cfg.seed, cfg.batch_size, msl, cfg.progress)
             if dctx is not None:
-                if len(runner.batches) < dctx.size:
-                    raise UsageError(f"{dctx.size} processes but only {len(runner.batches)} calibration batches of "
-                                     f"{cfg.batch_size} prompts; give each process at least one (more prompts or a "
-                                     "smaller --batch-size)")
-                runner.keep(dctx.shard(len(runner.batches)))
+                if len(cfg.prompts) < dctx.size:
+                    raise UsageError(f"{dctx.size} processes but only {len(cfg.prompts)} calibration prompts; every "
+                                     f"process samples at least one prompt (allowed: 1 to {len(cfg.prompts)} processes, "
+                                     "or more prompts)")
+                runner.keep(dctx.shard(len(cfg.prompts)))  # prompt i to rank i mod N, with prompt i's own seed
             calibrate = runner.run
         alphas, probe = None, None
         if _weighting(method, cfg) == MEASURED and method.needs_calibration:
@@ -439,7 +439,8 @@ def _report_frame(cfg, weighting, steps, ids, params_before, den, component) -> 
     """The keys every method's report has (methods fill sparsity_actual, packages, timings, layers)."""
     return {
         "method": cfg.method, "pattern": cfg.pattern, "sparsity_target": cfg.sparsity, "sparsity_actual": None,
-        "weighting": weighting, "packages": None, "steps": steps, "seed": cfg.seed, "blocks": ids,
+        "weighting": weighting, "packages": None, "steps": steps, "seed": cfg.seed, "seeding": SEEDING_VERSION,
+        "component": component, "blocks": ids,
         "params_before": params_before, "params_after": sum(p.numel() for p in den.parameters()),
         "allocation": cfg.allocation_used, "param_budget": cfg.param_budget,
         "hessian_mb_per_package": [], "timings": {}, "layers": [],

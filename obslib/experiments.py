@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .config import PruneConfig
+from .config import SEEDING_VERSION, PruneConfig
 from .driver import prune
 from .evaluate import (REAL_SEED_OFFSET, distribution_metrics, fidelity, generate, reconstruction_metrics,
                        render_prompts, wilson_interval)
@@ -178,14 +178,15 @@ def cache_tag(ev: Evaluator) -> str:
     import hashlib
 
     prompts_digest = hashlib.sha1("\n".join(ev.prompts).encode()).hexdigest()[:8]
-    return f"{model_fingerprint(ev.model_dir)}/{ev.num_prompts}/{prompts_digest}/{EVAL_VERSION}"
+    return f"{model_fingerprint(ev.model_dir)}/{ev.num_prompts}/{prompts_digest}/{EVAL_VERSION}/{SEEDING_VERSION}"
 
 
 def read_cache(out_csv: str) -> pd.DataFrame:
-    """The cached rows of a study CSV made under the current evaluation version (older ones are recomputed)."""
+    """The cached rows of a study CSV made under the current evaluation and seeding versions (older ones are
+    recomputed: rows sampled with another seeding are other models and other images)."""
     done = pd.read_csv(out_csv, dtype={c: str for c in PP_COLUMNS}) if os.path.exists(out_csv) else pd.DataFrame()
     if "key" in done and len(done):
-        done = done[done["key"].astype(str).str.split("|").str[0].str.endswith(f"/{EVAL_VERSION}")]
+        done = done[done["key"].astype(str).str.split("|").str[0].str.endswith(f"/{EVAL_VERSION}/{SEEDING_VERSION}")]
     return done
 
 

@@ -311,7 +311,7 @@ def pipeline_bytes(pipe) -> int:
 
 
 def save_pipeline(pipe, out: str, manifest: dict | None = None, extra_json: dict[str, object] | None = None,
-                  protect=(), overwrite: bool = False, flag: str = "out") -> None:
+                  protect=(), overwrite: bool = False, flag: str = "out", extra_text: dict[str, str] | None = None) -> None:
     """Save a pipeline with safetensors; optional structured-pruning manifest and extra JSON files.
 
     ``out`` is checked first (``check_output_dir``): the pipeline's own source directory and ``protect``
@@ -325,6 +325,9 @@ def save_pipeline(pipe, out: str, manifest: dict | None = None, extra_json: dict
             write_json(os.path.join(tmp, MANIFEST), manifest)
         for name, obj in (extra_json or {}).items():
             write_json(os.path.join(tmp, name), obj)
+        for name, text in (extra_text or {}).items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
         owned.write_file_list(tmp)  # last: what --overwrite may later replace, file by file
 
 
@@ -335,7 +338,7 @@ def save_pruned(pipe, report: dict, out: str, model_dir: str | None = None, over
     The same rules as the command line: ``out`` may not be, contain or lie inside the model directory
     (``model_dir``, default the directory the pipeline was loaded from); an existing non-empty ``out`` is
     replaced only with ``overwrite=True`` and only if obslib wrote it. The model's ``obslib_defaults.json``
-    (sampling defaults) is carried over."""
+    (sampling defaults) is carried over, and a model card (``README.md``, ``obslib.card``) is written."""
     if not isinstance(report, dict) or "method" not in report:
         raise UsageError("report must be the dict returned by obslib.prune")
     if not hasattr(pipe, "save_pretrained") or not hasattr(pipe, "components"):
@@ -350,7 +353,11 @@ def save_pruned(pipe, report: dict, out: str, model_dir: str | None = None, over
     carried = read_defaults(source) if source and os.path.isdir(source) else None
     if carried is not None:
         extra[DEFAULTS_FILE] = carried
-    save_pipeline(pipe, out, manifest=report.get("manifest"), extra_json=extra,
+    from .card import CARD, card_text
+
+    name = os.path.basename(os.path.normpath(os.fspath(out))) if isinstance(out, (str, os.PathLike)) else "pruned"
+    card = card_text(extra["pruning_report.json"], source, name)
+    save_pipeline(pipe, out, manifest=report.get("manifest"), extra_json=extra, extra_text={CARD: card},
                   protect=[source] if source else [], overwrite=overwrite, flag=flag)
 
 

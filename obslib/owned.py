@@ -102,6 +102,29 @@ def read_file_list(root: str) -> dict | None:
     return files
 
 
+def is_listed_unchanged(root: str, rel: str) -> bool:
+    """``rel`` (a file obslib wrote in ``root``) is on its file list and unchanged since (size and SHA-256)."""
+    entry = (read_file_list(root) or {}).get(rel)
+    full = os.path.join(root, rel)
+    if entry is None or os.path.islink(full) or not os.path.isfile(full) or not entry.get("sha256"):
+        return False
+    return os.path.getsize(full) == entry["bytes"] and _sha256(full) == entry["sha256"]
+
+
+def replace_listed_text(root: str, rel: str, text: str) -> None:
+    """Rewrite a text file obslib wrote in ``root`` (check ``is_listed_unchanged`` first) and its entry of the file
+    list; the rest of the list is kept as it is. Each write is atomic; a crash between the two leaves the file
+    unlisted-as-changed, so the directory counts as someone else's (the safe side)."""
+    full = os.path.join(root, rel)
+    write_text(full, text)
+    f = os.path.join(root, FILE_LIST)
+    with open(f, encoding="utf-8") as fh:
+        obj = json.load(fh)
+    size = os.path.getsize(full)
+    obj["files"][rel] = {"bytes": size, "sha256": _sha256(full) if size <= HASH_LIMIT else None}
+    write_json(f, obj)
+
+
 def not_ours(root: str) -> list[str] | None:
     """What under ``root`` obslib did not write: [] when every file at every depth is on its file list,
     unchanged; None when the directory has no (valid) file list at all."""

@@ -31,15 +31,21 @@ def sampling_defaults(pipe) -> dict:
     msl = d.get("max_sequence_length", MAX_SEQUENCE_LENGTH)
     if not is_kind("int", d["num_inference_steps"]) or not is_kind("real", d["guidance_scale"]) \
             or not 1 <= d["num_inference_steps"] <= 10_000 or not 0 <= d["guidance_scale"] <= 1000 \
-            or not is_kind("int", msl) or not 1 <= msl <= 4096:
+            or not is_kind("int", msl) or not 1 <= msl <= 4096 \
+            or any(not is_kind("int", d[k]) or not 8 <= d[k] <= 16384 for k in ("height", "width") if k in d):
         raise UsageError(f"{os.path.join(path, DEFAULTS_FILE)!r} must hold num_inference_steps (integer in [1, 10000]), "
-                         "guidance_scale (number in [0, 1000]) and optionally max_sequence_length (integer in [1, 4096])")
+                         "guidance_scale (number in [0, 1000]) and optionally max_sequence_length (integer in [1, 4096]) "
+                         "and height / width (integers in [8, 16384])")
     return d
 
 
+CALL_KEYS = ("max_sequence_length", "height", "width")  # pipeline-call arguments a defaults file may fix
+
+
 def call_kwargs(defaults: dict) -> dict:
-    """The pipeline-call arguments a model's sampling defaults fix beyond steps and guidance (the text length)."""
-    return {k: v for k, v in defaults.items() if k == "max_sequence_length"}
+    """The pipeline-call arguments a model's sampling defaults fix beyond steps and guidance: the text length and,
+    where given, the image size."""
+    return {k: v for k, v in defaults.items() if k in CALL_KEYS}
 
 
 def read_prompt_file(path: str) -> list[str]:
@@ -96,31 +102,67 @@ def _sd3_embeds(pipe, prompts, guidance, max_sequence_length):
 PROMPT_ENCODERS = {"StableDiffusion3Pipeline": _sd3_embeds}
 
 
+def prompt_seed(seed: int, index: int) -> int:
+    """The noise seed of prompt number ``index`` (0-based, in the whole prompt list) in a run seeded ``seed``.
+
+    One seed per prompt, so a prompt's noise does not depend on the batch it is sampled in, on the batch size
+    or on the process that samples it; a hash of both numbers (not ``seed + index``), so runs with neighbouring
+    seeds do not share noise between shifted prompts."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"obslib/{int(seed)}/{int(index)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # < 2**63: any torch.Generator accepts it
+
+
+def prompt_generators(seed: int, indices, device="cpu") -> list:
+    """One ``torch.Generator`` per prompt (``prompt_seed``), the list a diffusers pipeline takes as ``generator``."""
+    return [torch.Generator(device=device).manual_seed(prompt_seed(seed, i)) for i in indices]
+
+
 class CalibrationRunner:
-    """Runs the pipeline's own sampling loop over the calibration prompts, to latents only."""
+    """Runs the pipeline's own sampling loop over the calibration prompts, to latents only.
+
+    Prompt ``i`` is sampled with the noise of ``prompt_seed(seed, i)``, whatever batch it lands in, so the
+    statistics depend on the prompts and the seed, not on ``batch_size`` or on how prompts are dealt to processes
+    (``keep``). Prompts are encoded once, on the first ``run``."""
 
     def __init__(self, pipe, prompts: list[str], steps: int, guidance: float, seed: int, batch_size: int,
                  call_kwargs: dict | None = None, progress: bool = True):
         self.pipe, self.steps, self.guidance, self.seed, self.progress = pipe, steps, guidance, seed, progress
+        self.prompts, self.batch_size = list(prompts), int(batch_size)
         self.call_kwargs = dict(call_kwargs or {})
-        self.batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
-        self.indices = list(range(len(self.batches)))  # global batch numbers (seeds); a rank keeps its share
-        enc = PROMPT_ENCODERS.get(type(pipe).__name__)
-        msl = self.call_kwargs.pop("max_sequence_length", MAX_SEQUENCE_LENGTH)
-        if enc is not None:
-            with torch.no_grad(), quiet_diffusers():
-                self.inputs = [enc(pipe, b, guidance, msl) for b in tqdm(
-                    self.batches, desc=f"encode {len(prompts)} prompts", leave=False, disable=not progress)]
-        else:
-            self.inputs = [{"prompt": b} for b in self.batches]
-            if "max_sequence_length" in _call_params(pipe):
-                self.call_kwargs["max_sequence_length"] = msl
+        self.msl = self.call_kwargs.pop("max_sequence_length", MAX_SEQUENCE_LENGTH)
+        self.indices = list(range(len(self.prompts)))  # the prompts this process samples (global numbers)
+        self._inputs = None
 
     def keep(self, indices: list[int]) -> None:
-        """Sample only these batches (torch.distributed: this rank's share), each with its own seed."""
+        """Sample only these prompts (torch.distributed: this rank's share), each with its own seed."""
         self.indices = list(indices)
-        self.batches = [self.batches[i] for i in self.indices]
-        self.inputs = [self.inputs[i] for i in self.indices]
+        self._inputs = None
+
+    @property
+    def index_batches(self) -> list[list[int]]:
+        """The kept prompts' numbers, in sampling batches of ``batch_size``."""
+        return [self.indices[i:i + self.batch_size] for i in range(0, len(self.indices), self.batch_size)]
+
+    @property
+    def batches(self) -> list[list[str]]:
+        return [[self.prompts[i] for i in b] for b in self.index_batches]
+
+    @property
+    def inputs(self) -> list[dict]:
+        """Each batch's pipeline-call arguments (the prompts encoded once; ``call_kwargs`` completed on the way)."""
+        if self._inputs is None:
+            enc = PROMPT_ENCODERS.get(type(self.pipe).__name__)
+            if enc is not None:
+                with torch.no_grad(), quiet_diffusers():
+                    self._inputs = [enc(self.pipe, b, self.guidance, self.msl) for b in tqdm(
+                        self.batches, desc=f"encode {len(self.indices)} prompts", leave=False, disable=not self.progress)]
+            else:
+                self._inputs = [{"prompt": b} for b in self.batches]
+                if "max_sequence_length" in _call_params(self.pipe):
+                    self.call_kwargs["max_sequence_length"] = self.msl
+        return self._inputs
 
     def run(self, calib: Calibration | None, desc: str = "calibration", latents: bool = False) -> list[torch.Tensor]:
         """Sample every batch to latents (``calib``, if given, counts the runs); with ``latents`` returns each batch's
@@ -128,13 +170,14 @@ class CalibrationRunner:
         device = self.pipe._execution_device
         self.pipe.set_progress_bar_config(disable=not self.progress, leave=False, desc="steps")
         kept = []
-        for i, inp in zip(self.indices, tqdm(self.inputs, desc=desc, leave=False, disable=not self.progress)):
-            gen = torch.Generator(device=device).manual_seed(self.seed + i)
+        inputs = self.inputs
+        for ids, inp in zip(self.index_batches, tqdm(inputs, desc=desc, leave=False, disable=not self.progress)):
+            gens = prompt_generators(self.seed, ids, device)
             if calib is not None:
                 calib.begin_run()
             try:
                 with torch.no_grad(), quiet_diffusers():
-                    out = self.pipe(**inp, num_inference_steps=self.steps, guidance_scale=self.guidance, generator=gen,
+                    out = self.pipe(**inp, num_inference_steps=self.steps, guidance_scale=self.guidance, generator=gens,
                                     output_type="latent", **self.call_kwargs)
                 if latents:
                     kept.append(out.images)

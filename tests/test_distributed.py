@@ -25,8 +25,9 @@ def _weights(out):
 
 
 def _prune_cmd(model, out, pf, *extra):
-    return ["-m", "obslib", "prune", model, "--out", out, "--prompts", pf, "--steps", "2", "--batch-size", "2",
-            "--quiet", *extra]
+    # the default --batch-size (16): one process samples the 8 prompts in one batch, each rank its 4 (prompt i on
+    # rank i mod 2, with prompt i's own noise seed), so the masks are the same whatever the batching
+    return ["-m", "obslib", "prune", model, "--out", out, "--prompts", pf, "--steps", "2", "--quiet", *extra]
 
 
 @pytest.mark.parametrize("extra, exact", [(("--packages", "2"), True),
@@ -53,7 +54,8 @@ def test_torchrun_two_processes_equal_one(tiny_pipe_dir, tmp_path, extra, exact)
     for k in a:
         if exact:
             assert torch.equal(a[k] == 0, b[k] == 0), k  # identical masks
-            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+            # the kept weights to float32 rounding, which the OBS update amplifies: one batch of 8 against two of 4
+            torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
         differ += int(((a[k] == 0) != (b[k] == 0)).sum())
         pruned += int((a[k] == 0).sum())
     assert pruned > 0 and differ <= 0.02 * pruned

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import obslib
+from obslib.errors import UsageError
 from obslib.shapes import prompts
 
 
@@ -63,6 +64,50 @@ def test_same_seed_gives_identical_weights(tiny_pipe_dir):
                                               packages=2, progress=False))
         ws.append(torch.cat([p.flatten() for p in pipe.transformer.parameters()]))
     assert torch.equal(ws[0], ws[1])
+
+
+def test_pruned_model_does_not_depend_on_batch_size(tiny_pipe_dir):
+    """Each prompt's noise comes from its own seed (obslib.sampling.prompt_seed), so 8 prompts sampled one by one
+    or all at once give the same masks (the weights agree to float32 rounding: the sums are added in another order)."""
+    ws = []
+    for bs in (1, 3, 8):
+        pipe = obslib.load_pipeline(tiny_pipe_dir)
+        obslib.prune(pipe, obslib.PruneConfig(sparsity=0.5, prompts=prompts("train", 8), steps=2, batch_size=bs,
+                                              packages=2, progress=False, count_flops=False))
+        ws.append({k: v.clone() for k, v in pipe.transformer.state_dict().items()})
+    for w in ws[1:]:
+        for k in ws[0]:
+            assert torch.equal(w[k] == 0, ws[0][k] == 0), k
+            torch.testing.assert_close(w[k], ws[0][k], rtol=1e-4, atol=1e-5)
+
+
+def test_prompt_seeds_are_per_prompt_and_distinct():
+    from obslib.sampling import prompt_generators, prompt_seed
+
+    seeds = {prompt_seed(s, i) for s in range(3) for i in range(100)}
+    assert len(seeds) == 300 and all(0 <= x < 2**63 for x in seeds)  # no two prompts share noise across seeds
+    assert prompt_seed(0, 5) == prompt_seed(0, 5) != prompt_seed(1, 4)
+    a = torch.randn(4, generator=prompt_generators(7, [3])[0])
+    b = torch.randn(4, generator=prompt_generators(7, [0, 1, 2, 3])[3])
+    assert torch.equal(a, b)
+
+
+def test_more_processes_than_prompts_is_one_line(tiny_pipe_dir, monkeypatch):
+    """Sharding is by prompt: 3 processes need at least 3 prompts (a fake 3-rank group; no process is started)."""
+    from obslib import distributed
+
+    class Fake:
+        rank, size, backend, sent = 0, 3, "gloo", 0
+
+        def check_agreement(self, what, den):
+            pass
+
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "Context", Fake)
+    pipe = obslib.load_pipeline(tiny_pipe_dir)
+    with pytest.raises(UsageError, match=r"3 processes but only 2 calibration prompts.*allowed: 1 to 2"):
+        obslib.prune(pipe, obslib.PruneConfig(sparsity=0.5, prompts=prompts("train", 2), steps=2, progress=False,
+                                              count_flops=False))
 
 
 @pytest.mark.parametrize("args, needle", [
