@@ -130,7 +130,12 @@ def add_prune_cli(sub) -> None:
     c.add_argument("--record-ram-mb", type=float, default=None, metavar="MIB",
                    help="propagate: RAM the recorded block inputs may take before they go to disk beside --out "
                         "(default: half of the free memory)")
-    c.add_argument("--seed", type=int, default=d.seed, help=f"calibration seed (default: {d.seed})")
+    c.add_argument("--calib-tokens", type=int, default=None, metavar="N",
+                   help="a seeded random subset of N tokens per image and step goes into the Hessians (the rest are "
+                        "skipped: the accumulation, which dominates at 1024x1024, costs N / tokens of the full one; see "
+                        "results/scale.md for the error it adds) (default: all)")
+    c.add_argument("--seed", type=int, default=d.seed,
+                   help=f"calibration seed; prompt i's noise comes from it and i (default: {d.seed})")
     c.add_argument("--batch-size", type=int, default=d.batch_size,
                    help=f"prompts per calibration (or training) batch (default: {d.batch_size})")
     c.add_argument("--report-error", action="store_true",
@@ -181,6 +186,9 @@ def _cli_prune(a) -> None:
     d = PruneConfig()  # the library's defaults for the flags left out
     if a.dtype not in DTYPES:
         raise UsageError(f"--dtype {a.dtype!r} is unknown; allowed: {', '.join(DTYPES)}")
+    if a.calib_tokens is not None and a.calib_tokens < 1:
+        raise UsageError(f"--calib-tokens {a.calib_tokens}: must be a positive number of tokens per image and step "
+                         "(allowed: 1 or more; leave it out for all tokens)")
     if a.num_prompts is not None and a.num_prompts < 1:
         raise UsageError(f"--num-prompts {a.num_prompts} must be >= 1")
     real = os.path.realpath(a.out) if isinstance(a.out, str) and a.out.strip() else None
@@ -200,7 +208,8 @@ def _cli_prune(a) -> None:
                       solver_dtype=a.solver_dtype, calibration=a.calibration or d.calibration,
                       record_ram_mb=a.record_ram_mb, progress=not a.quiet, restore_on_failure=False,
                       measure_error=a.report_error, refit_iterations=a.refit, allocation=a.allocation, head_sparsity=a.head_sparsity,
-                      neuron_sparsity=a.neuron_sparsity, param_budget=a.param_budget).validate()  # every flag, before any path is looked at
+                      neuron_sparsity=a.neuron_sparsity, param_budget=a.param_budget,
+                      calib_tokens=a.calib_tokens).validate()  # every flag, before any path is looked at
     meth = METHODS[a.method]
     check_pipeline_dir(a.model_dir)
     check_device(a.device)

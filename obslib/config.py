@@ -11,15 +11,13 @@ import numbers
 from dataclasses import dataclass, field, fields, replace
 
 from .errors import UsageError
+from .seeds import SEEDING_VERSION
 from .weighting import SCHEMES
 
 PATTERNS = ("unstructured", "2:4", "4:8", "structured")
 CALIBRATIONS = ("resample", "propagate")
 ALLOCATIONS = ("uniform", "global")
-MAX_SEED = 2**63 - 2**32  # seeds are hashed with each prompt's number (obslib.sampling.prompt_seed)
-# how calibration and evaluation noise is seeded: one seed per prompt (obslib.sampling.prompt_seed); the study's
-# run cache, checkpoints and reports carry it, so nothing made under another seeding is mixed in
-SEEDING_VERSION = "per-prompt-1"
+MAX_SEED = 2**63 - 2**32  # seeds are hashed with each prompt's number (obslib.seeds.prompt_seed)
 MAX_RECORD_MIB = 2**40
 
 
@@ -112,6 +110,7 @@ class PruneConfig:
     # after the solve, refit the kept weights on the fixed mask with this many masked CG iterations (0: off;
     # unstructured and N:M, methods with a Hessian: obslib.refit)
     refit_iterations: int = field(default=0, metadata=_kind("int"))
+    calib_tokens: int | None = field(default=None, metadata=_kind("int", nullable=True))
     # structured: the share of the targeted layers' parameters (weights and biases) to remove; every structured
     # method meets it (None: heads and neurons at ``sparsity``; slimdiff: ``sparsity`` is its parameter budget)
     param_budget: float | None = field(default=None, metadata=_kind("real", nullable=True))
@@ -258,6 +257,9 @@ class PruneConfig:
             raise UsageError(f"learning rate {self.lr} must be in (0, 1]")
         if self.gradient_criterion not in ("raise", "lower"):
             raise UsageError(f"gradient criterion {self.gradient_criterion!r} is unknown; allowed: raise, lower")
+        if self.calib_tokens is not None and self.calib_tokens <= 0:
+            raise UsageError(f"calib tokens {self.calib_tokens}: must be a positive number of tokens per image and step "
+                             "(or None: all)")
         if not 0 <= self.refit_iterations <= 100_000:
             raise UsageError(f"refit iterations {self.refit_iterations} must be an integer in [0, 100000]")
         if self.neuron_batch < 1:

@@ -82,9 +82,13 @@ class Context:
         return list(range(self.rank, n, self.size))
 
     def allreduce_stats(self, stats: dict) -> None:
-        """Sum every layer's statistics over the ranks, in place."""
+        """Sum every layer's statistics over the ranks, in place (an accumulator shared by layers once)."""
+        seen = set()
         for name in sorted(stats):
             st = stats[name]
+            if id(st) in seen:
+                continue
+            seen.add(id(st))
             for t in (st.xtx, st.xsum):
                 buf = self._dev(t)
                 dist.all_reduce(buf)

@@ -17,9 +17,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .archs import find_denoiser, has, iter_blocks, spec_for
-from .config import SEEDING_VERSION, PruneConfig
+from .config import PruneConfig
+from .seeds import SEEDING_VERSION
 from .errors import SolverError, UsageError
-from .hessian import Calibration, check_stats, weight_matrix
+from .hessian import Calibration, calib_options, check_stats, unique_mb, weight_matrix
 from .manifest import with_manifest
 from .methods import METHODS
 from .obs import check_finite, output_energy, reconstruction_error
@@ -220,7 +221,7 @@ def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "
         spill = os.path.dirname(os.path.abspath(cfg.checkpoint_dir)) if cfg.checkpoint_dir else None
         prop = Propagation([b for _, b in iter_blocks(den, spec)], spec.chain, calibrate, alphas,
                            calibration_runs or 1, None if cfg.record_ram_mb is None else int(cfg.record_ram_mb * 2**20),
-                           spill, progress=cfg.progress)
+                           spill, progress=cfg.progress, calib_options=calib_options(cfg))
     try:
         return PackageRun(den, cfg, method, spec, units, packages, calibrate, prop, alphas, steps, ids, n_blocks,
                           structured, targeted, params_before, weighting, component, undo, t0, dist_ctx, shares).run()
@@ -382,7 +383,7 @@ def _package_loop(r: PackageRun) -> dict:
             desc = f"calibrate package {pi + 1}/{len(packages)}"
             b0, b1 = min(u.block_index for u in package), max(u.block_index for u in package)
             if prop is None:
-                calib = Calibration(den, layers, alphas)
+                calib = Calibration(den, layers, alphas, **calib_options(cfg))
                 with calib:
                     calibrate(calib, desc)
                 stats = calib.stats
@@ -393,6 +394,7 @@ def _package_loop(r: PackageRun) -> dict:
             if dctx is not None:
                 dctx.allreduce_stats(stats)
             check_stats(stats)
+            package_mb[-1] = unique_mb(stats)  # layers reading one input share one accumulator
             t_cal += time.perf_counter() - t
         t = time.perf_counter()
         # --allocation global: this package's per-layer / per-unit shares (obslib.allocation)
@@ -440,7 +442,7 @@ def _report_frame(cfg, weighting, steps, ids, params_before, den, component) -> 
     return {
         "method": cfg.method, "pattern": cfg.pattern, "sparsity_target": cfg.sparsity, "sparsity_actual": None,
         "weighting": weighting, "packages": None, "steps": steps, "seed": cfg.seed, "seeding": SEEDING_VERSION,
-        "component": component, "blocks": ids,
+        "component": component, "blocks": ids, "calib_tokens": cfg.calib_tokens,
         "params_before": params_before, "params_after": sum(p.numel() for p in den.parameters()),
         "allocation": cfg.allocation_used, "param_budget": cfg.param_budget,
         "hessian_mb_per_package": [], "timings": {}, "layers": [],

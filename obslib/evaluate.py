@@ -22,7 +22,8 @@ import numpy as np
 from .config import MAX_SEED
 from .errors import UsageError
 from .prompt_eval import PSNR_CAP_DB, reconstruction_metrics  # noqa: F401  (obslib.evaluate.*, as before)
-from .sampling import CALL_KEYS, prompt_generators
+from .sampling import CALL_KEYS
+from .seeds import prompt_generators
 from .io import check_output_file, check_pipeline_dir, quiet_diffusers, write_json
 from .shapes.classifier import fidelity  # noqa: F401  (obslib.evaluate.fidelity, as before)
 from .shapes.model import DEFAULT_SAMPLING

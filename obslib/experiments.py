@@ -19,7 +19,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .config import SEEDING_VERSION, PruneConfig
+from .config import PruneConfig
+from .seeds import SEEDING_VERSION
 from .driver import prune
 from .evaluate import (REAL_SEED_OFFSET, distribution_metrics, fidelity, generate, reconstruction_metrics,
                        render_prompts, wilson_interval)

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .seeds import token_subset
+
 
 def input_matrix(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's inputs as rows (n_tokens x in_features), float32."""
@@ -106,6 +108,16 @@ def check_stats(stats: dict) -> None:
                               "overflow; try --dtype float32 or a lower guidance)")
 
 
+def unique_mb(stats: dict) -> float:
+    """MiB of the distinct float32 X^T X accumulators in ``stats`` (shared ones counted once)."""
+    return sum(st.xtx.numel() * 4 for st in {id(st): st for st in stats.values()}.values()) / 2**20
+
+
+def calib_options(cfg) -> dict:
+    """``Calibration`` keyword arguments a ``PruneConfig`` sets: the token subset and its seed."""
+    return {"tokens": cfg.calib_tokens, "token_seed": cfg.seed}
+
+
 class Calibration:
     """Collects timestep-weighted input statistics for a set of layers of one denoiser.
 
@@ -119,9 +131,17 @@ class Calibration:
         H = calib.stats["blocks.0.attn.to_q"].H
 
     ``per_step=True`` also keeps each step's X_t^T X_t (T times the memory; for analysis of a few layers).
+
+    Layers that read the same input tensor in a row (``to_q``/``to_k``/``to_v``, ``add_q/k/v_proj``, Flux's
+    single-stream ``to_q/k/v`` and ``proj_mlp``) share one accumulator (``shared``; ``stats`` holds the same
+    object under each name), found at run time by tensor identity, so X^T X is formed once. ``tokens``: a seeded
+    random subset of that many tokens per image and step goes into the statistics (``obslib.seeds.token_subset``;
+    default: all).
     """
 
-    def __init__(self, denoiser: nn.Module, layers: dict[str, nn.Module], alphas: list[float], per_step: bool = False):
+    def __init__(self, denoiser: nn.Module, layers: dict[str, nn.Module], alphas: list[float], per_step: bool = False,
+                 tokens: int | None = None, token_seed: int = 0, share_inputs: bool = True,
+                 run_prompts: list[list[int]] | None = None):
         self.denoiser, self.layers, self.alphas = denoiser, layers, list(alphas)
         self.step = 0  # number of denoiser calls in the current sampling run
         self.run = -1  # index of the current sampling run (begin_run counts them)
@@ -129,13 +149,25 @@ class Calibration:
         for name, m in layers.items():
             n_in = weight_matrix(m).shape[1]
             self.stats[name] = LayerStats(n_in, m.weight.device, per_step)
+        self.tokens, self.token_seed, self.share_inputs = tokens, token_seed, share_inputs
+        self.run_prompts = list(run_prompts) if run_prompts is not None else []  # prompt numbers of each run
+        self.shared: dict[str, str] = {}  # layer -> the layer whose accumulator it shares (same input tensor)
+        self._prompts: list[int] | None = None
+        self._prev = None  # (input tensor, layer) of the last hooked layer in this denoiser call
+        self._subsets: dict[tuple, torch.Tensor] = {}
         self._handles = []
 
-    def begin_run(self) -> None:
+    def begin_run(self, prompts: list[int] | None = None) -> None:
+        """A new sampling run; ``prompts``: the numbers of its prompts (token subsets are drawn per prompt), else
+        those recorded for this run number (a replay), else the run's own numbering."""
         self.step = 0
         self.run += 1
+        if prompts is not None:
+            self.run_prompts[self.run:self.run + 1] = [list(prompts)]
+        self._prompts = self.run_prompts[self.run] if self.run < len(self.run_prompts) else None
 
     def end_run(self) -> None:
+        self._prev = None
         if self.step != len(self.alphas):
             raise RuntimeError(
                 f"calibration run made {self.step} denoiser calls but {len(self.alphas)} weights were given; "
@@ -143,17 +175,66 @@ class Calibration:
 
     def _pre_hook(self, module, args, kwargs=None):
         self.step += 1
+        self._prev = None
+        self._subsets.clear()
         if self.step > len(self.alphas):
             raise RuntimeError(f"denoiser called {self.step} times in one run; expected {len(self.alphas)}")
 
+    def _subset(self, batch: int, length: int) -> torch.Tensor:
+        """(batch, tokens) positions kept of each image in this call: image b is prompt b mod P of the run, in CFG
+        half b // P; the same for every layer whose inputs have this shape in this call."""
+        key = (batch, length)
+        if key not in self._subsets:
+            p = self._prompts
+            if p and batch % len(p) == 0:
+                keys = [(p[b % len(p)], b // len(p)) for b in range(batch)]
+            else:
+                keys = [(-1 - self.run, b) for b in range(batch)]
+            self._subsets[key] = torch.stack([token_subset(self.token_seed, i, h, self.step, length, self.tokens)
+                                              for i, h in keys])
+        return self._subsets[key]
+
+    def rows(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The layer's input as rows (tokens x in), float32; with ``tokens`` a seeded subset of each image's tokens."""
+        if not self.tokens or x.dim() < 3:
+            return input_matrix(module, x)
+        if isinstance(module, nn.Conv2d):
+            x3 = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride).transpose(1, 2)
+        else:
+            x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+        B, L, D = x3.shape
+        if L > self.tokens:
+            idx = self._subset(B, L).to(x3.device)
+            x3 = x3[torch.arange(B, device=x3.device)[:, None], idx]
+        return x3.reshape(-1, D).float()
+
     def _hook(self, name):
-        stats, module = self.stats[name], self.layers[name]
+        module = self.layers[name]
 
         def hook(mod, inputs, output):
-            alpha = self.alphas[self.step - 1]
-            stats.add(input_matrix(module, inputs[0].detach()), alpha, self.step)
+            x = inputs[0]
+            prev = self._prev
+            if self.share_inputs and prev is not None and prev[0] is x:  # the tensor the last hooked layer read
+                self._share(name, prev[1])
+                return
+            if name in self.shared:
+                raise RuntimeError(f"layer {name} read the same input as {self.shared[name]} before but not in this "
+                                   "call; calibrate with share_inputs=False")
+            self._prev = (x, name)
+            self.stats[name].add(self.rows(module, x.detach()), self.alphas[self.step - 1], self.step)
 
         return hook
+
+    def _share(self, name: str, leader: str) -> None:
+        root = self.shared.get(leader, leader)
+        if name not in self.shared:
+            if self.stats[name].tokens:
+                raise RuntimeError(f"layer {name} read its own inputs before and now {root}'s; calibrate with "
+                                   "share_inputs=False")
+            self.shared[name] = root
+            self.stats[name] = self.stats[root]  # one accumulator: the same X^T X
+        elif self.shared[name] != root:
+            raise RuntimeError(f"layer {name} shared {self.shared[name]}'s input before and now {root}'s")
 
     def __enter__(self):
         self._handles.append(self.denoiser.register_forward_pre_hook(self._pre_hook))

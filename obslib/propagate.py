@@ -138,12 +138,15 @@ class Propagation:
     denoiser's blocks in execution order and ``chain`` the architecture table's output -> input map."""
 
     def __init__(self, blocks: list[nn.Module], chain: tuple, calibrate, alphas: list[float], n_runs: int,
-                 ram_limit: int | None = None, spill_parent: str | None = None, progress: bool = True, say=None):
+                 ram_limit: int | None = None, spill_parent: str | None = None, progress: bool = True, say=None,
+                 calib_options: dict | None = None):
         if not chain:
             raise UsageError("--calibration propagate needs a denoiser whose blocks run one after another "
                              "(MMDiT, Flux, DiT/PixArt); this one interleaves other layers (a UNet): use resample")
         self.blocks, self.chain, self.calibrate, self.alphas = blocks, chain, calibrate, list(alphas)
         self.n_runs, self.progress = n_runs, progress
+        self.calib_options = dict(calib_options or {})  # Calibration's tokens / token_seed / share_inputs
+        self.run_prompts: list[list[int]] = []  # the prompt numbers of each recorded run (token subsets per prompt)
         self.ram_limit = available_ram_bytes() // 2 if ram_limit is None else ram_limit
         _remove_dead_records(spill_parent or tempfile.gettempdir())
         # ours alone (the PID lets a later run remove it if this one is killed); removed by close
@@ -173,7 +176,7 @@ class Propagation:
 
     def first(self, den: nn.Module, b0: int, layers: dict) -> dict:
         """Package 1: dense sampling with its hooks and the capture of block b0's inputs."""
-        calib = Calibration(den, layers, self.alphas)
+        calib = Calibration(den, layers, self.alphas, **self.calib_options)
         rec = self._new_record(b0)
         h = self._capture(b0, rec, lambda: (calib.run, calib.step - 1))
         try:
@@ -182,6 +185,7 @@ class Propagation:
         finally:
             h.remove()
         self.record = rec
+        self.run_prompts = calib.run_prompts
         return calib.stats
 
     def package(self, b0: int, b1: int, layers: dict, desc: str = "calibrate package") -> dict:
@@ -190,7 +194,7 @@ class Propagation:
         rec, r = self.record, self.record.block
         if b0 < r:
             raise RuntimeError(f"package starts at block {b0}, before the recorded block {r}")
-        calib = Calibration(self.blocks[r], layers, self.alphas)
+        calib = Calibration(self.blocks[r], layers, self.alphas, run_prompts=self.run_prompts, **self.calib_options)
         new = self._new_record(b0) if b0 > r else None
         counter = [0, 0]
         handles = [self._capture(b0, new, lambda: tuple(counter))] if new is not None else []

@@ -11,6 +11,7 @@ from .archs import find_denoiser
 from .errors import UsageError
 from .hessian import Calibration
 from .config import is_kind
+from .seeds import prompt_generators, prompt_seed  # noqa: F401  (obslib.sampling.prompt_seed)
 from .io import DEFAULTS_FILE, quiet_diffusers, read_defaults
 from .weighting import timestep_weights
 
@@ -102,23 +103,6 @@ def _sd3_embeds(pipe, prompts, guidance, max_sequence_length):
 PROMPT_ENCODERS = {"StableDiffusion3Pipeline": _sd3_embeds}
 
 
-def prompt_seed(seed: int, index: int) -> int:
-    """The noise seed of prompt number ``index`` (0-based, in the whole prompt list) in a run seeded ``seed``.
-
-    One seed per prompt, so a prompt's noise does not depend on the batch it is sampled in, on the batch size
-    or on the process that samples it; a hash of both numbers (not ``seed + index``), so runs with neighbouring
-    seeds do not share noise between shifted prompts."""
-    import hashlib
-
-    digest = hashlib.blake2b(f"obslib/{int(seed)}/{int(index)}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1  # < 2**63: any torch.Generator accepts it
-
-
-def prompt_generators(seed: int, indices, device="cpu") -> list:
-    """One ``torch.Generator`` per prompt (``prompt_seed``), the list a diffusers pipeline takes as ``generator``."""
-    return [torch.Generator(device=device).manual_seed(prompt_seed(seed, i)) for i in indices]
-
-
 class CalibrationRunner:
     """Runs the pipeline's own sampling loop over the calibration prompts, to latents only.
 
@@ -174,7 +158,7 @@ class CalibrationRunner:
         for ids, inp in zip(self.index_batches, tqdm(inputs, desc=desc, leave=False, disable=not self.progress)):
             gens = prompt_generators(self.seed, ids, device)
             if calib is not None:
-                calib.begin_run()
+                calib.begin_run(ids)
             try:
                 with torch.no_grad(), quiet_diffusers():
                     out = self.pipe(**inp, num_inference_steps=self.steps, guidance_scale=self.guidance, generator=gens,

@@ -53,7 +53,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .archs import has, spec_for
-from .hessian import Calibration, LayerStats, check_stats
+from .hessian import Calibration, LayerStats, calib_options, check_stats
 from .errors import UsageError
 from .obs import SolverError, check_finite
 from .processors import reshaped_processor
@@ -473,7 +473,7 @@ def slimdiff_prune(den, cfg, steps: int, component: str, undo, block_ids: list[i
                          f"remove at most {possible} of the {target_before} here ({possible / target_before:.3f}); "
                          "lower --sparsity")
     t0 = time.perf_counter()
-    calib = Calibration(den, layers, alphas)
+    calib = Calibration(den, layers, alphas, **calib_options(cfg))
     mb = sum(s.xtx.numel() * 4 for s in calib.stats.values()) / 2**20
     if cfg.progress:
         print(f"slimdiff: calibrating {len(layers)} layers once, statistics need {mb:.1f} MiB (float32)", file=sys.stderr)

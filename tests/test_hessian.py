@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 from obslib.hessian import Calibration
+from obslib.shapes import prompts
 from obslib.weighting import timestep_weights
 
 
@@ -67,3 +68,82 @@ def test_pipeline_calibration_counts_cfg_tokens(tiny_pipe):
     # 2 prompts x 2 (CFG) x 36 image tokens x 3 steps; text: 32 tokens (24 CLIP + 8 T5 slots)
     assert calib.stats["q"].tokens == 2 * 2 * 36 * 3
     assert calib.stats["aq"].tokens == 2 * 2 * 32 * 3
+
+
+def _linear_layers(den):
+    return {n: m for n, m in den.named_modules() if isinstance(m, nn.Linear) and "transformer_blocks" in n}
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_layers_reading_one_input_share_one_accumulator(tiny_pipe, arch):
+    """to_q/to_k/to_v (and add_q/k/v_proj; Flux single-stream: with proj_mlp) read one tensor: one X^T X, the same
+    Hessians as accumulating each layer on its own."""
+    from test_archs import _flux
+
+    if arch == "sd3":
+        den = tiny_pipe.transformer
+        c = den.config
+
+        def call(g):
+            den(hidden_states=torch.randn(2, c.in_channels, c.sample_size, c.sample_size, generator=g),
+                encoder_hidden_states=torch.randn(2, 8, c.joint_attention_dim, generator=g),
+                pooled_projections=torch.randn(2, c.pooled_projection_dim, generator=g),
+                timestep=torch.rand(2, generator=g) * 1000)
+    else:
+        torch.manual_seed(0)
+        den, inputs = _flux()
+        den.eval()
+
+        def call(g):
+            den(**inputs(g))
+    layers = _linear_layers(den)
+    out = {}
+    for share in (True, False):
+        calib = Calibration(den, layers, [1.0, 0.5], share_inputs=share)
+        g = torch.Generator().manual_seed(0)
+        with calib, torch.no_grad():
+            calib.begin_run()
+            call(g)
+            call(g)
+            calib.end_run()
+        out[share] = calib
+    shared = out[True].shared
+    for name in layers:
+        assert torch.equal(out[True].stats[name].xtx, out[False].stats[name].xtx), name
+    assert not out[False].shared
+    if arch == "sd3":
+        b = "transformer_blocks.1.attn."
+        assert shared[b + "to_k"] == shared[b + "to_v"] == b + "to_q"
+        assert shared[b + "add_k_proj"] == shared[b + "add_v_proj"] == b + "add_q_proj"
+        assert out[True].stats[b + "to_k"] is out[True].stats[b + "to_q"]
+    else:
+        b = "single_transformer_blocks.0."
+        group = {b + "attn.to_q", b + "attn.to_k", b + "attn.to_v", b + "proj_mlp"}
+        roots = {shared.get(n, n) for n in group}
+        assert len(roots) == 1 and roots.pop() in group
+    assert b + "attn.to_out.0" not in shared if arch == "sd3" else b + "proj_out" not in shared
+
+
+def test_calib_tokens_keep_a_seeded_subset_per_image_and_step(tiny_pipe):
+    """--calib-tokens N: N of each image's tokens per step; N >= tokens is the full accumulation; the subset follows
+    the prompt (its number) and the seed, not the batch."""
+    def stats(tokens, seed=0, batch=4):
+        from obslib.archs import find_denoiser
+        from obslib.sampling import CalibrationRunner
+
+        den = find_denoiser(tiny_pipe)[1]
+        name = "transformer_blocks.1.ff.net.2"
+        calib = Calibration(den, {name: den.get_submodule(name)}, [1.0, 1.0], tokens=tokens, token_seed=seed)
+        runner = CalibrationRunner(tiny_pipe, prompts("train", 4), 2, 4.0, 0, batch, {"max_sequence_length": 8}, False)
+        with calib:
+            runner.run(calib)
+        return calib.stats[name]
+
+    full, same = stats(None), stats(10_000)
+    assert torch.equal(full.xtx, same.xtx) and full.tokens == same.tokens == 4 * 2 * 2 * 36  # prompts x CFG x steps x image tokens
+    sub = stats(16)
+    assert sub.tokens == 4 * 2 * 2 * 16
+    torch.testing.assert_close(stats(16, batch=1).H, sub.H, rtol=1e-4, atol=1e-6)  # batching does not move the subset
+    assert not torch.allclose(stats(16, seed=1).H, sub.H)
+    err = [float((stats(n).H - full.H).norm() / full.H.norm()) for n in (4, 30)]
+    assert err[1] < err[0] < 1.0  # more tokens, closer to the full Hessian

@@ -82,7 +82,7 @@ def test_pruned_model_does_not_depend_on_batch_size(tiny_pipe_dir):
 
 
 def test_prompt_seeds_are_per_prompt_and_distinct():
-    from obslib.sampling import prompt_generators, prompt_seed
+    from obslib.seeds import prompt_generators, prompt_seed
 
     seeds = {prompt_seed(s, i) for s in range(3) for i in range(100)}
     assert len(seeds) == 300 and all(0 <= x < 2**63 for x in seeds)  # no two prompts share noise across seeds
