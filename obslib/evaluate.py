@@ -212,6 +212,13 @@ def _run_cli(args) -> None:
         raise UsageError(f"--guidance {args.guidance}: must be a number in [0, 1000]")
     if not 1 <= args.batch_size <= 4096:
         raise UsageError(f"--batch-size {args.batch_size}: must be an integer in [1, 4096]")
+    if args.prompts is None and args.num_prompts is not None:  # every number before any path
+        n_avail = len(prompts(args.split))
+        if not 2 <= args.num_prompts <= n_avail:
+            raise UsageError(f"--num-prompts {args.num_prompts}: FID/KID need at least 2 images and the {args.split} "
+                             f"split has {n_avail} prompts; allowed: 2 to {n_avail}")
+    elif args.num_prompts is not None and args.num_prompts < 1:
+        raise UsageError(f"--num-prompts {args.num_prompts}: must be at least 1 (the first N prompts of --prompts)")
     index = check_pipeline_dir(args.model_dir)
     if args.reference is not None:
         ref_index = check_pipeline_dir(args.reference)
@@ -302,10 +309,6 @@ def _shapes_cli(args, index: dict) -> None:
                              "evaluator and renders")
     if args.num_prompts is None:
         raise UsageError("give --num-prompts N (the shapes world's held-out prompts) or --prompts FILE")
-    n_avail = len(prompts(args.split))
-    if not 2 <= args.num_prompts <= n_avail:
-        raise UsageError(f"--num-prompts {args.num_prompts}: FID/KID need at least 2 images and the {args.split} split "
-                         f"has {n_avail} prompts; allowed: 2 to {n_avail}")
     steps = DEFAULT_SAMPLING["num_inference_steps"] if args.steps is None else args.steps
     window = _window(args, steps)
     check_device(args.device)
@@ -473,12 +476,14 @@ def add_cli(sub) -> None:
     p.add_argument("--prompts", metavar="FILE", default=None,
                    help="evaluation prompts, one per line (any pipeline; default: the shapes world's held-out prompts)")
     p.add_argument("--num-prompts", type=int, default=None, metavar="N",
-                   help="shapes world: prompts of the split to score (>= 2); with --prompts: the first N of the file")
+                   help="shapes world: prompts of the split to score (>= 2); with --prompts: the first N of the file "
+                        "(default: needed for the shapes world; every prompt of --prompts)")
     p.add_argument("--clip-model", metavar="LOCAL_DIR", default=None,
                    help="a local CLIP directory (transformers CLIPModel + processor): CLIP score, and FID/KID in its "
-                        "image-embedding space")
+                        "image-embedding space (default: none, no CLIP score)")
     p.add_argument("--real-images", metavar="DIR", default=None,
-                   help="FID/KID against these images (png/jpg/webp/bmp) instead of the reference's; needs --clip-model")
+                   help="FID/KID against these images (png/jpg/webp/bmp) instead of the reference's; needs --clip-model "
+                        "(default: the reference's images)")
     p.add_argument("--split", choices=SPLITS, default="heldout", help="shapes world: prompt split (default: heldout)")
     p.add_argument("--steps", type=int, default=None, metavar="T",
                    help="sampling steps (default: the model's own; shapes world "
