@@ -225,9 +225,12 @@ def _run_cli(args) -> None:
         if ref_index["_class_name"] != index["_class_name"]:
             raise UsageError(f"--reference {args.reference!r} is a {ref_index['_class_name']} and MODEL_DIR a "
                              f"{index['_class_name']}; PSNR/SSIM compare a pruned model with its own dense parent")
-    if args.prompts is None:
-        return _shapes_cli(args, index)
-    return _prompts_cli(args)
+    # transformers warns on stderr at import time (e.g. "requires torchvision"); keep the CLI's stderr clean
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import torch
+
+    with torch.no_grad():  # not torch.set_grad_enabled(False): the caller's (a test's, a notebook's) state survives
+        return _shapes_cli(args, index) if args.prompts is None else _prompts_cli(args)
 
 
 def _grid_path(out: str) -> str:
@@ -314,10 +317,6 @@ def _shapes_cli(args, index: dict) -> None:
     check_device(args.device)
     grid = _check_outputs(args)
 
-    # transformers warns on stderr at import time (e.g. "requires torchvision"); keep the CLI's stderr clean
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    import torch
-
     from .shapes.classifier import load_classifier
 
     try:
@@ -326,7 +325,6 @@ def _shapes_cli(args, index: dict) -> None:
         raise UsageError(str(e)) from None
     pipe = _load(args.model_dir, args.device)
     ref = _load(args.reference, args.device) if args.reference is not None else None
-    torch.set_grad_enabled(False)
     ps = prompts(args.split, args.num_prompts)
     images, ref_images = _sample(args, pipe, ref, ps, window, steps, args.guidance, None)
     metrics = evaluate_pipeline(pipe, args.num_prompts, steps, args.seed, reference=ref_images, split=args.split,
@@ -414,12 +412,8 @@ def _prompts_cli(args) -> None:
     check_device(args.device)
     grid = _check_outputs(args)
 
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    import torch
-
     pipe = _load(args.model_dir, args.device)
     ref = _load(args.reference, args.device) if args.reference is not None else None
-    torch.set_grad_enabled(False)
     defaults = sampling_defaults(ref if ref is not None else pipe)
     steps = defaults["num_inference_steps"] if args.steps is None else args.steps
     guidance = defaults["guidance_scale"] if args.guidance is None else args.guidance

@@ -93,6 +93,7 @@ def _prompt_file(tmp_path, ps=PROMPTS):
 def _evaluate(model, out, *extra):
     code = main(["evaluate", model, "--out", str(out), *extra])
     assert code == 0
+    assert torch.is_grad_enabled()  # the command leaves the caller's autograd state alone
     return json.load(open(out))
 
 

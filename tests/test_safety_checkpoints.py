@@ -437,7 +437,8 @@ def test_save_pruned_names_its_own_argument(tiny_pipe_dir):
 def test_prompt_encoding_shows_progress(tiny_pipe, capsys):
     from obslib.sampling import CalibrationRunner
 
-    CalibrationRunner(tiny_pipe, prompts("train", 6), 2, 4.0, 0, 2, {}, progress=True)
+    runner = CalibrationRunner(tiny_pipe, prompts("train", 6), 2, 4.0, 0, 2, {}, progress=True)
+    assert len(runner.inputs) == 3  # encoded on first use, once, in batches of 2
     assert "encode 6 prompts" in capsys.readouterr().err
 
 
