@@ -21,7 +21,7 @@ import numpy as np
 
 from .config import MAX_SEED
 from .errors import UsageError
-from .prompt_eval import PSNR_CAP_DB, reconstruction_metrics  # noqa: F401  (obslib.evaluate.*, as before)
+from .prompt_eval import reconstruction_metrics
 from .sampling import CALL_KEYS
 from .seeds import prompt_generators
 from .io import check_output_file, check_pipeline_dir, quiet_diffusers, write_json
@@ -327,10 +327,10 @@ def _shapes_cli(args, index: dict) -> None:
     ref = _load(args.reference, args.device) if args.reference is not None else None
     ps = prompts(args.split, args.num_prompts)
     images, ref_images = _sample(args, pipe, ref, ps, window, steps, args.guidance, None)
-    metrics = evaluate_pipeline(pipe, args.num_prompts, steps, args.seed, reference=ref_images, split=args.split,
-                                guidance=args.guidance, classifier=clf, batch_size=args.batch_size, images=images)
+    metrics = evaluate_pipeline(pipe, args.num_prompts, steps, args.seed, split=args.split, guidance=args.guidance,
+                                classifier=clf, batch_size=args.batch_size, images=images)
     psnr = None
-    if ref_images is not None:
+    if ref_images is not None:  # PSNR/SSIM here, not in evaluate_pipeline: per prompt, with their intervals
         from .prompt_eval import with_interval
 
         per = reconstruction_metrics(images, ref_images, per_prompt=True)["per_prompt"]
@@ -386,7 +386,7 @@ def _prompts_cli(args) -> None:
     """Any supported pipeline on a prompt file: PSNR/SSIM against --reference, CLIP score with --clip-model,
     FID/KID against the reference's images or --real-images, an image grid."""
     from .io import check_device
-    from .prompt_eval import IMAGE_SUFFIXES, check_clip_dir, evaluate_prompts, load_clip, read_images
+    from .prompt_eval import check_clip_dir, evaluate_prompts, image_files, load_clip, read_images
     from .sampling import read_prompt_file, sampling_defaults
 
     ps = read_prompt_file(args.prompts)
@@ -398,9 +398,7 @@ def _prompts_cli(args) -> None:
     if args.clip_model is not None:
         check_clip_dir(args.clip_model)  # its weights load after the pipelines
     if args.real_images is not None:
-        if not os.path.isdir(args.real_images) or sum(
-                f.lower().endswith(IMAGE_SUFFIXES) for f in os.listdir(args.real_images)) < 2:
-            read_images(args.real_images, (8, 8))  # the one-line error
+        image_files(args.real_images)  # a folder with at least 2 images, else the one-line error
         if args.clip_model is None:
             raise UsageError("--real-images: FID/KID against real images are computed in CLIP's embedding space; "
                              "give --clip-model LOCAL_DIR too")

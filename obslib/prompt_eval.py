@@ -193,11 +193,8 @@ def fid_kid(fake: np.ndarray, real: np.ndarray, boot: int = FID_BOOT, seed: int 
 
 
 # ----------------------------------------------------------------------------------------- real images
-def read_images(folder: str, size: tuple[int, int], limit: int = MAX_REAL_IMAGES) -> np.ndarray:
-    """The images of a folder (its own files, sorted), centre-cropped to the generated images' aspect and resized
-    to ``size`` (H, W); uint8 (N, H, W, 3)."""
-    from PIL import Image, UnidentifiedImageError
-
+def image_files(folder: str, limit: int = MAX_REAL_IMAGES) -> list[str]:
+    """The image files of a folder (its own, sorted; at most ``limit``), at least 2, else ``UsageError``."""
     if not os.path.isdir(folder):
         raise UsageError(f"--real-images {folder!r} is not a directory; expected a folder of images "
                          f"({', '.join(IMAGE_SUFFIXES)})")
@@ -206,6 +203,15 @@ def read_images(folder: str, size: tuple[int, int], limit: int = MAX_REAL_IMAGES
     if len(names) < 2:
         raise UsageError(f"--real-images {folder!r} holds {len(names)} image(s) ({', '.join(IMAGE_SUFFIXES)}); FID/KID "
                          "need at least 2")
+    return names
+
+
+def read_images(folder: str, size: tuple[int, int], limit: int = MAX_REAL_IMAGES) -> np.ndarray:
+    """The images of a folder (its own files, sorted), centre-cropped to the generated images' aspect and resized
+    to ``size`` (H, W); uint8 (N, H, W, 3)."""
+    from PIL import Image, UnidentifiedImageError
+
+    names = image_files(folder, limit)
     h, w = size
     out = []
     for n in names:

@@ -11,7 +11,7 @@ from .archs import find_denoiser
 from .errors import UsageError
 from .hessian import Calibration
 from .config import is_kind
-from .seeds import prompt_generators, prompt_seed  # noqa: F401  (obslib.sampling.prompt_seed)
+from .seeds import prompt_generators
 from .io import DEFAULTS_FILE, quiet_diffusers, read_defaults
 from .weighting import timestep_weights
 

@@ -247,7 +247,7 @@ def test_summary_interval_uses_prompts_and_seeds():
 
 
 def test_reconstruction_metrics_are_per_image_means():
-    from obslib.evaluate import PSNR_CAP_DB, reconstruction_metrics
+    from obslib.prompt_eval import PSNR_CAP_DB, reconstruction_metrics
 
     rng = np.random.default_rng(0)
     ref = rng.integers(0, 256, (3, 16, 16, 3)).astype(np.uint8)
