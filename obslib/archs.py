@@ -44,6 +44,8 @@ class ArchSpec:
     component: str  # pipeline attribute holding the denoiser
     blocks: tuple[str, ...]  # regexes over module names, in execution order
     units: tuple[tuple[str, ...], ...]  # basic units within a block, in execution order
+    # (block regex, units) for blocks whose units differ from ``units`` (Flux's single-stream blocks)
+    units_for: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = ()
     heads: tuple[HeadGroup, ...] = ()
     neurons: tuple[NeuronGroup, ...] = ()
     skip_structured_if: tuple[str, ...] = ()  # block attribute paths that, when truthy, skip the block
@@ -78,7 +80,8 @@ SD3 = ArchSpec(
 FLUX = ArchSpec(
     name="flux", component="transformer",
     blocks=(r"transformer_blocks\.\d+", r"single_transformer_blocks\.\d+"),
-    units=_MMDIT_UNITS + (("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), ("proj_out",)),
+    units=_MMDIT_UNITS,
+    units_for=((r"single_transformer_blocks\.\d+", (("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), ("proj_out",))),),
     heads=_MMDIT_HEADS + (HeadGroup("attn", ("proj_out",), ("attn.to_q", "attn.to_k", "attn.to_v"), out_cols="attn.inner_dim"),),
     neurons=_MMDIT_NEURONS + (NeuronGroup(("proj_mlp",), "proj_out", down_cols="mlp_hidden_dim"),),
     chain=_MMDIT_CHAIN,  # single-stream blocks take and return both streams too (diffusers >= 0.32)
@@ -177,10 +180,15 @@ def attr_truthy(module: nn.Module, path: str) -> bool:
 
 
 def block_units(block_name: str, block: nn.Module, spec: ArchSpec) -> list[list[str]]:
-    """Basic units of one block as lists of full layer names (absent layers skipped)."""
-    units = []
-    for unit in spec.units:
+    """Basic units of one block as lists of full layer names (absent layers skipped); a layer named by two
+    units is an error in the table (it would be pruned twice)."""
+    table = next((u for rx, u in spec.units_for if re.fullmatch(rx, block_name)), spec.units)
+    units, seen = [], set()
+    for unit in table:
         names = [f"{block_name}.{n}" for n in unit if has(block, n) and isinstance(block.get_submodule(n), (nn.Linear, nn.Conv2d))]
+        if seen & set(names):
+            raise ValueError(f"architecture table {spec.name!r}: {sorted(seen & set(names))[0]} is in two units")
+        seen |= set(names)
         if names:
             units.append(names)
     return units

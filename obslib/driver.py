@@ -219,15 +219,28 @@ def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "
         from .propagate import Propagation
 
         spill = os.path.dirname(os.path.abspath(cfg.checkpoint_dir)) if cfg.checkpoint_dir else None
-        prop = Propagation([b for _, b in iter_blocks(den, spec)], spec.chain, calibrate, alphas,
+        named = list(iter_blocks(den, spec))
+        prop = Propagation([b for _, b in named], spec.chain, calibrate, alphas,
                            calibration_runs or 1, None if cfg.record_ram_mb is None else int(cfg.record_ram_mb * 2**20),
-                           spill, progress=cfg.progress, calib_options=calib_options(cfg))
+                           spill, progress=cfg.progress, calib_options=calib_options(cfg),
+                           block_names=[n for n, _ in named])
     try:
         return PackageRun(den, cfg, method, spec, units, packages, calibrate, prop, alphas, steps, ids, n_blocks,
                           structured, targeted, params_before, weighting, component, undo, t0, dist_ctx, shares).run()
     finally:
         if prop is not None:
             prop.close()
+
+
+def _replay_plan(den, spec, packages, pi: int, structured: bool) -> tuple[set, set]:
+    """For package ``pi``'s propagate replay: (the layers this or a later package changes: everything else in
+    a block is final and memoized; the layers whose outputs its Hessians cannot read: those of later
+    packages, since a unit never reads a later unit's output, and, when the package is one basic unit, its
+    own, since no layer of a unit reads another's)."""
+    later = {n for p in packages[pi + 1:] for n in targeted_layers(den, spec, p, structured)}
+    changing = later | set(targeted_layers(den, spec, packages[pi], structured))
+    own = set(package_layers(den, packages[pi])) if len(packages[pi]) == 1 else set()
+    return changing, later | own
 
 
 def _block_ids(n_blocks: int, cfg: PruneConfig) -> list[int]:
@@ -390,7 +403,7 @@ def _package_loop(r: PackageRun) -> dict:
             elif prop.record is None:
                 stats = prop.first(den, b0, layers)
             else:
-                stats = prop.package(b0, b1, layers, desc)
+                stats = prop.package(b0, b1, layers, desc, *_replay_plan(den, spec, packages, pi, structured))
             if dctx is not None:
                 dctx.allreduce_stats(stats)
             check_stats(stats)
@@ -425,6 +438,8 @@ def _package_loop(r: PackageRun) -> dict:
     report.update(sparsity_actual=1 - target_after / target_before, sparsity_counts=counts, packages=len(packages),
                   calibration=None if calibrate is None else cfg.calibration,
                   replay_block_calls=None if prop is None else prop.block_runs,
+                  replay_memo=None if prop is None or prop.memo is None else
+                  {"hits": prop.memo.hits, "peak_mb": prop.memo.peak / 2**20, "not_kept": prop.memo.skipped},
                   distributed=None if dctx is None else {"world_size": dctx.size, "backend": dctx.backend,
                                                          "bytes_sent_per_package": sent_per_package},
                   hessian_mb_per_package=package_mb, layers=layers_report, timestep_weights=alphas,

@@ -15,6 +15,15 @@ come from the dense model rather than from the partly pruned one.
                                    stopping as soon as the last of p's layers in b1 has run
     solve p; R, r := captured record, b0
 
+Within the replayed blocks, a sub-module whose layers are all solved (none is in this or a later package)
+is *settled*: its output is kept per record entry (``ModuleMemo``) and handed back on a later replay when
+its inputs are bitwise equal, so one package per basic unit does not recompute a block's finished part
+(attention, a finished feed-forward) for every unit after it. The memo lives in RAM next to the record,
+within the same limit; what does not fit is recomputed. And a replay does not compute what its Hessians
+cannot read: layers of later packages (a unit never reads a later unit's output) and, for a package of
+one basic unit, its own layers (no layer of a unit reads another's) return zeros after their inputs are
+taken. Results are bitwise identical with or without either.
+
 The first package is calibrated during the dense sampling itself, so K = 1 costs exactly what resample's
 K = 1 costs and gives the same Hessians. How a block's output becomes the next block's input is the
 architecture table's ``chain`` (blocks that do not run one after another, as in a UNet, have none and
@@ -106,11 +115,201 @@ class BlockRecord:
     def __len__(self) -> int:
         return len(self.entries)
 
+    @property
+    def ram_bytes(self) -> int:
+        """What the entries kept in RAM hold (0 once spilled to disk)."""
+        return sum(v.numel() * v.element_size() for *_, t in self.entries if isinstance(t, dict) for v in t.values())
+
     def drop(self) -> None:
         for *_, t in self.entries:
             if isinstance(t, str) and os.path.exists(t):
                 os.remove(t)
         self.entries.clear()
+
+
+class ModuleMemo:
+    """Outputs of settled sub-modules of the replayed blocks, one per (module, record entry, call).
+
+    ``install(blocks, changing)`` wraps the ``forward`` of every sub-module (of a block, by index) that holds
+    a weight layer and none of the ``changing`` layer names (and is in eval mode: its output is then a
+    function of its inputs and weights, as in every diffusers block). A wrapped call whose inputs equal the
+    kept ones returns the kept output; any other call computes and keeps (inputs, output), unless an
+    ancestor is keeping its own (which makes the children's unreachable). Kept tensors are referenced, not
+    copied (a GPU's are copied to the CPU); a kept tensor changed in place since (its version counter moved)
+    is a miss. ``set_entry`` is called per replayed record entry; ``drop_before(b)`` frees the blocks no
+    replay reaches again.
+
+    Used when the blocks run on the CPU, where it was measured. On a GPU every kept tensor would cross to
+    host memory and back, which nobody has timed yet, so replays there recompute (the stubs still apply)."""
+
+    def __init__(self, limit_bytes: int, say=print):
+        self.limit, self.say = limit_bytes, say
+        self.store: dict[int, dict[int, dict]] = {}  # block -> entry -> (name, call) -> _Kept
+        self.bytes = self.peak = self.hits = self.skipped = 0
+        self.entry = 0
+        self._calls: dict[str, int] = {}
+        self._depth = 0  # > 0 while a wrapped module computes an output it will keep
+        self._wrapped: list[tuple[nn.Module, object]] = []
+
+    def set_entry(self, entry: int) -> None:
+        self.entry = entry
+        self._calls.clear()
+
+    def install(self, blocks: dict[int, tuple[str, nn.Module]], changing: set[str]) -> None:
+        for b, (bname, block) in blocks.items():
+            for qname, m in block.named_modules():
+                full = f"{bname}.{qname}"
+                if (not qname or not _has_weight_layer(m) or any(x.training for x in m.modules())
+                        or any(p == full or p.startswith(full + ".") for p in changing)):
+                    continue  # the block itself, nothing to save, dropout live, or changed by a package to come
+                _replace_forward(m, self._wrap(b, full, m.forward), self._wrapped)
+
+    def remove(self) -> None:
+        _restore_forwards(self._wrapped)
+
+    def _wrap(self, b: int, name: str, forward):
+        def call(*args, **kwargs):
+            k = self._calls[name] = self._calls.get(name, -1) + 1
+            kept = self.store.get(b, {}).get(self.entry, {}).get((name, k))
+            if kept is not None and kept.matches((args, kwargs)):
+                self.hits += 1
+                return kept.output()
+            if self._depth:  # an ancestor keeps the whole result
+                return forward(*args, **kwargs)
+            self._depth += 1
+            try:
+                out = forward(*args, **kwargs)
+            finally:
+                self._depth -= 1
+            self._keep(b, name, k, (args, kwargs), out)
+            return out
+        return call
+
+    def _keep(self, b: int, name: str, call: int, inputs, out) -> None:
+        if not _storable(out):
+            return
+        kept = self.store.setdefault(b, {}).setdefault(self.entry, {})
+        for k in [k for k in kept if k == (name, call) or k[0].startswith(name + ".")]:  # replaced or unreachable
+            self.bytes -= kept.pop(k).size
+        new = _Kept(inputs, out)
+        if self.bytes + new.size > self.limit:
+            if not self.skipped:
+                self.say(f"propagate: the memo of finished sub-modules reached its {self.limit / 2**20:.0f} MiB "
+                         "limit; what does not fit is recomputed")
+            self.skipped += 1
+            return
+        kept[(name, call)] = new
+        self.bytes += new.size
+        self.peak = max(self.peak, self.bytes)
+
+    def drop_before(self, block: int) -> None:
+        for b in [b for b in self.store if b < block]:
+            self.bytes -= sum(v.size for kept in self.store.pop(b).values() for v in kept.values())
+
+    def clear(self) -> None:
+        self.store.clear()
+        self.bytes = 0
+
+
+class _Kept:
+    """One kept call: its inputs and output (tensors with their version counters at the time)."""
+
+    def __init__(self, inputs, out):
+        self.device = next(_tensors(out), torch.empty(0)).device
+        self.inputs, self.out = _stash(inputs), _stash(out)
+        self.tensors = list(_tensors((self.inputs, self.out)))
+        self.versions = [t._version for t in self.tensors]
+        self.size = sum(t.numel() * t.element_size() for t in self.tensors)
+
+    def matches(self, inputs) -> bool:
+        return all(t._version == v for t, v in zip(self.tensors, self.versions)) and _same(inputs, self.inputs)
+
+    def output(self):
+        return self.out if self.device.type == "cpu" else _to(self.out, self.device)
+
+
+_MISSING = object()
+
+
+def _replace_forward(m: nn.Module, forward, undo: list) -> None:
+    """Set ``m.forward`` for the length of a replay, remembering what to put back (``_restore_forwards``)."""
+    undo.append((m, m.__dict__.get("forward", _MISSING)))
+    m.forward = forward
+
+
+def _restore_forwards(undo: list) -> None:
+    for m, old in reversed(undo):
+        if old is _MISSING:
+            del m.__dict__["forward"]
+        else:
+            m.forward = old
+    undo.clear()
+
+
+def _has_weight_layer(m: nn.Module) -> bool:
+    return any(isinstance(x, (nn.Linear, nn.Conv1d, nn.Conv2d)) for x in m.modules())
+
+
+def _same(a, b) -> bool:
+    """Bitwise equality of call arguments (tensors, containers of them, plain values); ``b`` is the kept side."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if a is b:
+            return True
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        return torch.equal(a.detach().to(b.device), b)
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if a is None or isinstance(a, (bool, int, float, str)):
+        return type(a) is type(b) and a == b
+    return a is b  # anything else must be the very same object
+
+
+def _storable(x) -> bool:
+    if isinstance(x, torch.Tensor):
+        return True
+    if isinstance(x, (tuple, list)):
+        return type(x) in (tuple, list) and all(_storable(v) for v in x)
+    return x is None or isinstance(x, (bool, int, float, str))
+
+
+def _stash(x):
+    """x with every tensor detached and on the CPU (a CPU tensor is the same object: no copy)."""
+    if isinstance(x, torch.Tensor):
+        return x if x.device.type == "cpu" and not x.requires_grad else x.detach().to("cpu")
+    if isinstance(x, (tuple, list)):
+        return type(x)(_stash(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _stash(v) for k, v in x.items()}
+    return x
+
+
+def _to(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, device) for v in x)
+    return x
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (tuple, list)):
+        for v in x:
+            yield from _tensors(v)
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors(v)
+
+
+def _stub_forward(layer: nn.Linear):
+    """A forward that reads its input (hooks still see it) but computes nothing: zeros of the output's shape."""
+    def forward(input, *args, **kwargs):
+        return input.new_zeros(*input.shape[:-1], layer.out_features)
+    return forward
 
 
 class _Seq:
@@ -139,7 +338,7 @@ class Propagation:
 
     def __init__(self, blocks: list[nn.Module], chain: tuple, calibrate, alphas: list[float], n_runs: int,
                  ram_limit: int | None = None, spill_parent: str | None = None, progress: bool = True, say=None,
-                 calib_options: dict | None = None):
+                 calib_options: dict | None = None, block_names: list[str] | None = None, memo: bool = True):
         if not chain:
             raise UsageError("--calibration propagate needs a denoiser whose blocks run one after another "
                              "(MMDiT, Flux, DiT/PixArt); this one interleaves other layers (a UNet): use resample")
@@ -160,6 +359,8 @@ class Propagation:
         self.say = say or (lambda s: tqdm.write(s) if progress else None)
         self.record: BlockRecord | None = None
         self.block_runs = 0  # block calls made by replays (the cost beyond the one sampling pass)
+        self.block_names = block_names
+        self.memo = ModuleMemo(self.ram_limit, self.say) if memo and block_names is not None else None
 
     def _new_record(self, b: int) -> BlockRecord:
         return BlockRecord(b, self.n_runs * len(self.alphas), self.ram_limit, os.path.join(self.spill_dir, f"b{b:04d}"),
@@ -188,9 +389,15 @@ class Propagation:
         self.run_prompts = calib.run_prompts
         return calib.stats
 
-    def package(self, b0: int, b1: int, layers: dict, desc: str = "calibrate package") -> dict:
+    def package(self, b0: int, b1: int, layers: dict, desc: str = "calibrate package", changing=None,
+                not_needed=()) -> dict:
         """Replay the record from its block through b1 with hooks on ``layers`` (all in blocks b0..b1),
-        capturing block b0's inputs as the next record when b0 is past the record's block."""
+        capturing block b0's inputs as the next record when b0 is past the record's block.
+
+        ``changing``: the names of every layer this or a later package changes; given, the sub-modules
+        holding none of them are memoized (``ModuleMemo``); without it nothing is. ``not_needed``: linear
+        layers whose outputs none of ``layers`` reads; they still see their inputs (and hooks) but compute
+        nothing, returning zeros."""
         rec, r = self.record, self.record.block
         if b0 < r:
             raise RuntimeError(f"package starts at block {b0}, before the recorded block {r}")
@@ -208,11 +415,24 @@ class Propagation:
                     raise _Stop
             return hook
 
+        memo = self.memo if changing is not None and rec.device.type == "cpu" else None  # see ModuleMemo
+        if memo is not None:
+            memo.limit = self.ram_limit - rec.ram_bytes
+            memo.install({b: (self.block_names[b], self.blocks[b]) for b in range(r, b1 + 1)},
+                         set(changing) | set(layers))
+        stubbed: list = []
+        for b in range(r, b1 + 1) if not_needed else ():
+            for q, m in self.blocks[b].named_modules():
+                if isinstance(m, nn.Linear) and f"{self.block_names[b]}.{q}" in not_needed:
+                    _replace_forward(m, _stub_forward(m), stubbed)
         prev_run = None
         try:
             with calib:  # its hooks first: the stop hooks run after the statistics are taken
                 handles += [layers[n].register_forward_hook(stop_hook(n)) for n in last]
-                for run, step, kw in tqdm(rec, desc=desc, total=len(rec), leave=False, disable=not self.progress):
+                for i, (run, step, kw) in enumerate(tqdm(rec, desc=desc, total=len(rec), leave=False,
+                                                         disable=not self.progress)):
+                    if memo is not None:
+                        memo.set_entry(i)
                     if run != prev_run:
                         if prev_run is not None:
                             calib.end_run()
@@ -227,9 +447,14 @@ class Propagation:
         finally:
             for h in handles:
                 h.remove()
+            if memo is not None:
+                memo.remove()
+            _restore_forwards(stubbed)
         if new is not None:
             rec.drop()
             self.record = new
+            if self.memo is not None:
+                self.memo.drop_before(b0)  # no replay starts before b0 again
         return calib.stats
 
     def _forward(self, r: int, b1: int, kw: dict):
@@ -251,6 +476,8 @@ class Propagation:
         return kw
 
     def close(self) -> None:
+        if self.memo is not None:
+            self.memo.clear()
         if self.record is not None:
             self.record.drop()
         owned.rmtree_scratch(self.spill_dir)

@@ -103,6 +103,40 @@ def test_every_supported_class_has_a_table():
 
 
 @pytest.mark.parametrize("arch", list(BUILDERS))
+def test_every_targeted_layer_is_in_exactly_one_unit(arch):
+    """A layer named by two units would be pruned twice (Flux's double-stream q/k/v once were)."""
+    from obslib.packages import layer_units
+
+    torch.manual_seed(0)
+    model, _ = BUILDERS[arch]()
+    spec = spec_for(model)
+    units = layer_units(model, spec, list(range(len(iter_blocks(model, spec)))))
+    names = [n for u in units for n in u.hessian_layers]
+    assert len(names) == len(set(names))
+    if arch == "flux":  # double-stream blocks as MMDiT (4 units), single-stream: q/k/v + proj_mlp, then proj_out
+        per_block = {}
+        for u in units:
+            per_block.setdefault(u.block, []).append([n.split(".", 2)[2] for n in u.hessian_layers])
+        assert [len(v) for k, v in per_block.items() if k.startswith("transformer_blocks")] == [4, 4]
+        assert per_block["single_transformer_blocks.0"] == [["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"],
+                                                            ["proj_out"]]
+
+
+def test_a_table_naming_a_layer_in_two_units_is_refused():
+    import dataclasses
+
+    from obslib.archs import block_units
+
+    torch.manual_seed(0)
+    model, _ = BUILDERS["dit"]()
+    spec = spec_for(model)
+    bad = dataclasses.replace(spec, units=spec.units + (spec.units[0],))
+    name, block = iter_blocks(model, spec)[0]
+    with pytest.raises(ValueError, match="is in two units"):
+        block_units(name, block, bad)
+
+
+@pytest.mark.parametrize("arch", list(BUILDERS))
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "structured"])
 def test_prune_forward_save_reload(arch, pattern, tmp_path):
     torch.manual_seed(0)

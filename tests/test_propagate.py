@@ -278,3 +278,93 @@ def subprocess_dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
     return p.pid
+
+
+@pytest.mark.parametrize("pattern, sparsity", [("unstructured", 0.5), ("structured", 0.25)])
+def test_memo_and_stubs_change_no_bit(tiny_pipe_dir, monkeypatch, pattern, sparsity):
+    """One package per unit: replays that reuse settled sub-modules' outputs and skip layers no Hessian reads
+    give bitwise the weights of plain replays (every block recomputed up to the package's last layer)."""
+    import obslib.driver as driver
+
+    a, b = obslib.load_pipeline(tiny_pipe_dir), obslib.load_pipeline(tiny_pipe_dir)
+    den = a.transformer
+    spec = spec_for(den)
+    ids = list(range(len(iter_blocks(den, spec))))
+    k = len(layer_units(den, spec, ids)) if pattern != "structured" else len(structured_units(den, spec, ids[1:-1]))
+    cfg = PruneConfig(**BASE, pattern=pattern, sparsity=sparsity, packages=k, calibration="propagate")
+    ra = obslib.prune(a, cfg)
+    monkeypatch.setattr(driver, "_replay_plan", lambda *args: (None, set()))  # plain replays
+    rb = obslib.prune(b, cfg)
+    assert ra["replay_memo"]["hits"] > 0 and rb["replay_memo"]["hits"] == 0
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[n], wb[n]) for n in wa)
+    assert not any("forward" in m.__dict__ for m in a.transformer.modules())  # every wrapper removed
+
+
+def test_replay_plan_stubs_own_layers_only_for_one_unit(tiny_pipe):
+    from obslib.driver import _replay_plan
+
+    den = tiny_pipe.transformer
+    spec = spec_for(den)
+    units = layer_units(den, spec, list(range(len(iter_blocks(den, spec)))))
+    one = split_packages(units, len(units))
+    changing, not_needed = _replay_plan(den, spec, one, 1, False)
+    own, later = set(one[1][0].hessian_layers), {n for u in units[2:] for n in u.hessian_layers}
+    assert not_needed == own | later and changing == own | later
+    two = split_packages(units, len(units) // 2)  # two units a package: the second reads the first's outputs
+    changing, not_needed = _replay_plan(den, spec, two, 0, False)
+    assert not_needed == {n for u in units[2:] for n in u.hessian_layers}
+    assert changing == not_needed | {n for u in units[:2] for n in u.hessian_layers}
+
+
+def test_module_memo_reuses_only_equal_untouched_calls():
+    import torch.nn as nn
+
+    from obslib.propagate import ModuleMemo
+
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)).eval()
+    calls = []
+    block[0].register_forward_hook(lambda m, i, o: calls.append(0))
+    memo = ModuleMemo(2**20, say=lambda s: None)
+    memo.install({0: ("blocks.0", block)}, changing={"blocks.0.1"})  # layer 1 is still to be pruned
+    assert "forward" in block[0].__dict__ and "forward" not in block[1].__dict__
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        memo.set_entry(0)
+        y0 = block[0](x)
+        memo.set_entry(0)
+        y1 = block[0](x.clone())  # equal inputs: kept output, no compute (hooks still run around the call)
+        assert y1 is y0 and memo.hits == 1
+        y1.add_(1.0)  # changed in place by its reader: the kept output is no longer trusted
+        memo.set_entry(0)
+        y2 = block[0](x)
+        assert memo.hits == 1 and torch.allclose(y2, y0 - 1.0)
+        memo.set_entry(0)
+        y3 = block[0](x + 1)  # other inputs: computed
+        assert memo.hits == 1 and torch.allclose(y3, nn.functional.linear(x + 1, block[0].weight, block[0].bias))
+        memo.set_entry(1)  # another record entry has nothing kept
+        block[0](x)
+        assert memo.hits == 1
+    memo.remove()
+    assert "forward" not in block[0].__dict__
+    assert memo.bytes > 0
+    memo.drop_before(1)
+    assert memo.bytes == 0 and not memo.store
+
+
+def test_memo_limit_keeps_what_fits_and_says_so():
+    import torch.nn as nn
+
+    from obslib.propagate import ModuleMemo
+
+    said = []
+    block = nn.Sequential(nn.Linear(64, 64)).eval()
+    memo = ModuleMemo(3 * 64 * 4 * 2, say=said.append)  # room for one call's input and output of 3 rows, not two
+    memo.install({0: ("b", block)}, changing=set())
+    with torch.no_grad():
+        for e in range(3):
+            memo.set_entry(e)
+            block(torch.randn(3, 64))
+    memo.remove()
+    assert memo.skipped == 2 and len(said) == 1 and "limit" in said[0] and memo.bytes <= memo.limit
