@@ -18,7 +18,7 @@
 #
 # **The question.** How many module packages, and must every package be calibrated by sampling again? Each package is calibrated through the already-pruned earlier ones, so more packages hold fewer Hessians at once. The paper (Table 7, SD3-Medium 30%) finds memory 30.7 → 22.1 GB and time 572 → 2,595 s from K = 1 to 20 (4.5×, every package re-runs full sampling), with “no clear relation” to quality.
 #
-# K contiguous packages of basic units, each calibrated through the already-pruned earlier packages. More packages hold fewer Hessians at once but, calibrated the paper's way (`resample`: full sampling for every package), cost one sampling pass each. `propagate` samples once with the dense model, records what enters the first block, and calibrates each package by replaying that record through its own blocks only, the earlier packages already pruned (as SparseGPT does layer by layer); only the latents' trajectory stays dense. `block` = one package per transformer block, `unit` = one per basic unit (the most packages there can be). Memory is the largest set of float32 Hessians held at once.
+# K contiguous packages of basic units, each calibrated through the already-pruned earlier packages. More packages hold fewer Hessians at once but, calibrated the paper's way (`resample`: full sampling for every package), cost one sampling pass each. `propagate` samples once with the dense model, records what enters the first block, and calibrates each package by replaying that record through its own blocks only, the earlier packages already pruned (as SparseGPT does layer by layer); only the latents' trajectory stays dense. Within a block, a replay reuses the outputs of sub-modules that are already final (their layers pruned, their inputs unchanged, checked bit for bit) and skips layers whose outputs no Hessian of the package reads, so one package per unit runs each block's pruned layers about once instead of once per unit; the weights are bitwise those of plain replays. `block` = one package per transformer block, `unit` = one per basic unit (the most packages there can be). Memory is the largest set of float32 Hessians held at once.
 #
 # Metrics, seeds and the paired comparisons: [glossary](00_walkthrough.ipynb#Glossary-of-the-metrics); verdicts across chapters: [results/claims.md](../results/claims.md).
 
@@ -114,7 +114,9 @@ for c in summary.calibration.unique():
 if "propagate" in summary.calibration.values:
     r = s_.loc[("propagate", k_hi)].prune_s_mean / s_.loc[("propagate", k_lo)].prune_s_mean
     print(f"The goal for propagate was at most 1.5× of K = {k_lo} at K = {k_hi}: measured {r:.2f}× — "
-          + ("met." if r <= 1.5 else "missed (each package replays its block up to its own layers; issue 22 plans a per-unit replay)."))
+          + ("met." if r <= 1.5 else "missed: beyond K = 1's sampling pass, propagate still runs the pruned blocks once "
+             "more over the whole record (and each block's attention twice: once for its output projections' inputs, "
+             "once after they are pruned), which no reuse of final outputs removes."))
 for line in cmp.summary_line([c for c in C if c["context"].startswith("K =")], "psnr"):
     print(line)
 print("For the paper's claim (more packages: less memory, much more time, no clear effect on quality): the memory and "

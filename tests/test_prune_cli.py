@@ -122,16 +122,23 @@ def test_more_processes_than_prompts_is_one_line(tiny_pipe_dir, monkeypatch):
     (["--prompts", "EMPTY"], "is empty"),
     (["--prompts", "MISSING"], "does not exist"),
 ])
-def test_bad_configuration_is_one_line_exit_2(tiny_pipe_dir, tmp_path, args, needle):
+def test_bad_configuration_is_one_line_exit_2(tiny_pipe_dir, tmp_path, capsys, args, needle):
+    """In-process (the CLI's own main); test_missing_model_directory runs the same path as a real process."""
+    from obslib.cli import main
+
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     args = [str(empty) if a == "EMPTY" else str(tmp_path / "nope.txt") if a == "MISSING" else a for a in args]
     out = tmp_path / "out"
-    r = run_cli("prune", tiny_pipe_dir, *args, "--out", str(out))
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("obslib: error:") and needle in lines[0], r.stderr
-    assert "Traceback" not in r.stderr and not out.exists()
+    try:
+        code = main(["prune", tiny_pipe_dir, *args, "--out", str(out)])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("obslib: error:") and needle in lines[0], err
+    assert "Traceback" not in err and not out.exists()
 
 
 def test_missing_model_directory(tmp_path):
