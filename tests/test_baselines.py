@@ -6,7 +6,6 @@ import obslib
 from obslib.baselines import dsnot_refine, wanda_score
 from obslib.hessian import LayerStats
 from obslib.methods import METHODS
-from obslib.obs import reconstruction_error
 from obslib.shapes import prompts
 
 

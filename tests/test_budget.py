@@ -1,6 +1,5 @@
 """Structured parameter budgets (--param-budget), global structured allocation, the unit sparsity map, SlimDiff's
 uniform allocation and the report's FLOPs per image."""
-import json
 import subprocess
 import sys
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import obslib
-from obslib.archs import find_denoiser
 from obslib.config import PruneConfig
 from obslib.sampling import sampling_defaults
 from obslib.archs import iter_blocks, spec_for

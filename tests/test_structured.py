@@ -1,6 +1,5 @@
 """Structured OBS (heads, neurons, RRF) against closed forms, and physical removal against zero-masking."""
 import copy
-import itertools
 
 import pytest
 import torch
