@@ -73,7 +73,8 @@ def _block(name: str, image_tokens: int):
         def inputs():
             return dict(hidden_states=torch.randn(b, image_tokens, dim), encoder_hidden_states=torch.randn(b, n_txt, dim),
                         temb=torch.randn(b, dim), image_rotary_emb=rope)
-    names = [n.lstrip(".") for unit in block_units("", block, spec) for n in unit]
+    where = "transformer_blocks.0" if c["kind"] == "joint" else "single_transformer_blocks.0"  # its units' row
+    names = [n[len(where) + 1:] for unit in block_units(where, block, spec) for n in unit]
     return block, {n: block.get_submodule(n) for n in names}, inputs
 
 

@@ -166,3 +166,18 @@ def test_prune_forward_save_reload(arch, pattern, tmp_path):
         model.save_pretrained(tmp_path / "m")
         re = type(model).from_pretrained(tmp_path / "m").eval()
     assert torch.equal(_run(re, inputs), out)
+
+
+def test_real_size_benchmark_blocks_target_every_unit_layer(monkeypatch):
+    """obslib.bench_scale builds one block of each kind and reads its layers from the same tables."""
+    from obslib import bench_scale
+
+    monkeypatch.setattr(bench_scale, "BLOCKS", {
+        "sd3-medium-joint": dict(kind="joint", dim=32, heads=2, head_dim=16, text_tokens=4),
+        "flux-single": dict(kind="single", dim=32, heads=2, head_dim=16, text_tokens=4)})
+    _, joint, _ = bench_scale._block("sd3-medium-joint", 8)
+    _, single, _ = bench_scale._block("flux-single", 8)
+    assert sorted(single) == ["attn.to_k", "attn.to_q", "attn.to_v", "proj_mlp", "proj_out"]
+    assert sorted(joint) == sorted(["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj",
+                                    "attn.add_v_proj", "attn.to_out.0", "attn.to_add_out", "ff.net.0.proj",
+                                    "ff_context.net.0.proj", "ff.net.2", "ff_context.net.2"])
