@@ -186,8 +186,8 @@ class ModuleMemo:
         return call
 
     def _keep(self, b: int, name: str, call: int, inputs, out) -> None:
-        if not _storable(out):
-            return
+        if not _storable(out) or any(t.is_inference() for t in _tensors((inputs, out))):
+            return  # an object it cannot check, or inference-mode tensors (they keep no version counter)
         kept = self.store.setdefault(b, {}).setdefault(self.entry, {})
         for k in [k for k in kept if k == (name, call) or k[0].startswith(name + ".")]:  # replaced or unreachable
             self.bytes -= kept.pop(k).size

@@ -367,3 +367,20 @@ def test_memo_limit_keeps_what_fits_and_says_so():
             block(torch.randn(3, 64))
     memo.remove()
     assert memo.skipped == 2 and len(said) == 1 and "limit" in said[0] and memo.bytes <= memo.limit
+
+
+def test_module_memo_keeps_nothing_from_inference_mode():
+    import torch.nn as nn
+
+    from obslib.propagate import ModuleMemo
+
+    block = nn.Sequential(nn.Linear(4, 4)).eval()
+    memo = ModuleMemo(2**20, say=lambda s: None)
+    memo.install({0: ("b", block)}, changing=set())
+    x = torch.randn(2, 4)
+    with torch.inference_mode():
+        for _ in range(2):
+            memo.set_entry(0)
+            y = block(x)
+    memo.remove()
+    assert memo.hits == 0 and memo.bytes == 0 and torch.allclose(y, block(x))
