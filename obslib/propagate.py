@@ -135,12 +135,11 @@ class ModuleMemo:
     function of its inputs and weights, as in every diffusers block). A wrapped call whose inputs equal the
     kept ones returns the kept output; any other call computes and keeps (inputs, output), unless an
     ancestor is keeping its own (which makes the children's unreachable). Kept tensors are referenced, not
-    copied (a GPU's are copied to the CPU); a kept tensor changed in place since (its version counter moved)
-    is a miss. ``set_entry`` is called per replayed record entry; ``drop_before(b)`` frees the blocks no
+    copied; a kept tensor changed in place since (its version counter moved) is a miss. ``set_entry`` is called per replayed record entry; ``drop_before(b)`` frees the blocks no
     replay reaches again.
 
-    Used when the blocks run on the CPU, where it was measured. On a GPU every kept tensor would cross to
-    host memory and back, which nobody has timed yet, so replays there recompute (the stubs still apply)."""
+    Used when the blocks run on the CPU, where it was measured. On a GPU the kept outputs would hold device
+    memory and nobody has timed it, so replays there recompute (the stubs still apply)."""
 
     def __init__(self, limit_bytes: int, say=print):
         self.limit, self.say = limit_bytes, say
@@ -215,8 +214,7 @@ class _Kept:
     """One kept call: its inputs and output (tensors with their version counters at the time)."""
 
     def __init__(self, inputs, out):
-        self.device = next(_tensors(out), torch.empty(0)).device
-        self.inputs, self.out = _stash(inputs), _stash(out)
+        self.inputs, self.out = inputs, out  # references (replays run without autograd, on the CPU)
         self.tensors = list(_tensors((self.inputs, self.out)))
         self.versions = [t._version for t in self.tensors]
         self.size = sum(t.numel() * t.element_size() for t in self.tensors)
@@ -225,7 +223,7 @@ class _Kept:
         return all(t._version == v for t, v in zip(self.tensors, self.versions)) and _same(inputs, self.inputs)
 
     def output(self):
-        return self.out if self.device.type == "cpu" else _to(self.out, self.device)
+        return self.out
 
 
 _MISSING = object()
@@ -257,7 +255,7 @@ def _same(a, b) -> bool:
             return True
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape or a.dtype != b.dtype:
             return False
-        return torch.equal(a.detach().to(b.device), b)
+        return torch.equal(a, b)
     if isinstance(a, (tuple, list)):
         return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     if isinstance(a, dict):
@@ -273,25 +271,6 @@ def _storable(x) -> bool:
     if isinstance(x, (tuple, list)):
         return type(x) in (tuple, list) and all(_storable(v) for v in x)
     return x is None or isinstance(x, (bool, int, float, str))
-
-
-def _stash(x):
-    """x with every tensor detached and on the CPU (a CPU tensor is the same object: no copy)."""
-    if isinstance(x, torch.Tensor):
-        return x if x.device.type == "cpu" and not x.requires_grad else x.detach().to("cpu")
-    if isinstance(x, (tuple, list)):
-        return type(x)(_stash(v) for v in x)
-    if isinstance(x, dict):
-        return {k: _stash(v) for k, v in x.items()}
-    return x
-
-
-def _to(x, device):
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to(v, device) for v in x)
-    return x
 
 
 def _tensors(x):
