@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 08 · Does timestep-awareness matter, and why
 #
-# **The question.** The paper's second contribution is the timestep-aware Hessian H = Σ_t α_t X_t X_tᵀ with weights that fall over the trajectory (log-decrease). Its argument is *error accumulation*: an error made at an early, noisy step is carried through every later step, so the early steps' inputs should count more when the mask and the compensation are chosen. Notebook 04 found no scheme detectably better than uniform at the paper's strength (α from 0.8 to 1.2, a ratio of 1.5) and notebook 01 found OBS-Diff indistinguishable from SparseGPT's uniform Hessian. That leaves three possibilities this chapter tells apart:
+# **The question.** The paper's second contribution is the timestep-aware Hessian H = Σ_t α_t X_t X_tᵀ with weights that fall over the trajectory (log-decrease). Its argument is *error accumulation*: an error made at an early, noisy step is carried through every later step, so the early steps' inputs should count more when the mask and the compensation are chosen. Notebooks 01, 02 and 04 found at most a small difference: no scheme detectably better than uniform at 60% at the paper's strength (α from 0.8 to 1.2, a ratio of 1.5), and OBS-Diff ahead of SparseGPT's uniform Hessian on prompt fidelity at 50% and 2:4 only, never on PSNR. That leaves three possibilities this chapter tells apart:
 #
 # 1. **The premise is wrong** here: errors at early steps do not hurt the final image more than late ones. Tested directly by *error injection*: sampling with the pruned weights active in one window of steps only.
 # 2. **The weighting is too weak** to act on it: at a ratio of 1.5 the Hessian barely moves. Tested by how far each step's inputs differ at all, how many mask positions a weighting changes, and by a *strength sweep* up to a ratio of 100 and to one-sided weightings.
@@ -274,10 +274,15 @@ for group in (C3, C4):
             if c["verdict"] != cmp.NONE:
                 hits.append(f"{c['a']} {c['context'].replace('At ', 'at ').replace('Strength at', 'at')} on "
                             f"{cmp.NAMES[c['metric']]}: {says(c)} ({c['verdict']})")
-print(f"- Of {n_all} paired comparisons with uniform (strength sweep and measured weighting), "
-      f"{sum('ahead' in x for x in hits)} ahead and {sum('behind' in x for x in hits)} behind"
-      + (": " + "; ".join(hits) if hits else "") + f". At a 95% level about {0.05 * n_all:.1f} of {n_all} would "
-      "come out either way by chance alone, so none of these is evidence that a weighting helps.")
+ch = cmp.against_chance([c for group in (C3, C4) for c in group if c["b"] == "uniform"])
+side = lambda k: (f"{ch[k]} {k} (chance alone: about {ch['expected_per_side']:.1f}; at least {ch[k]} by chance: "
+                  f"p = {ch['p_' + k]:.2g}, if the comparisons were independent)")
+print(f"- Of {n_all} paired comparisons with uniform (strength sweep and measured weighting), {side('ahead')} and "
+      f"{side('behind')}" + (": " + "; ".join(hits) if hits else "") + ".")
+print("- Read: " + ("more weightings come out ahead than chance alone gives" if ch["p_ahead"] < 0.05 else
+                    "no more come out ahead than chance alone could give, so this is no evidence that a weighting helps")
+      + ("; more come out behind than chance gives: the ones listed behind hurt here." if ch["p_behind"] < 0.05 else
+         "; no more come out behind than chance could give."))
 
 # %% [markdown]
 # ## Try next

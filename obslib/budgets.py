@@ -192,3 +192,19 @@ def recommend(summary: pd.DataFrame, C: list[dict]) -> list[dict]:
         vs = [r for r in C if r["context"] == ctx and pick in (r["a"], r["b"])]
         out.append({"budget": b, "use": pick, "best_fidelity": top, "tied_on_fidelity": tied, "comparisons": vs})
     return out
+
+
+def head_choices(model_dir: str, sparsity: float, num_calib: int, seeds, num_prompts: int) -> pd.DataFrame:
+    """Uniform structured OBS-Diff at ``sparsity`` once per calibration seed: the heads it removes from each block
+    (``block:head`` pairs, the block by its module name), its mean layer error, and its prompt fidelity and PSNR on ``num_prompts`` held-out
+    prompts. Shows whether the per-layer objective, which picks the heads, separates choices the images do."""
+    from .experiments import Evaluator, pruned_pipeline, run_setting
+
+    ev, s, rows = Evaluator(model_dir, num_prompts), Setting(pattern="structured", sparsity=sparsity, num_calib=num_calib), []
+    for seed in seeds:
+        row = run_setting(ev, s, seed)
+        _, rep = pruned_pipeline(model_dir, s, seed)  # the model just evaluated (kept by pruned_pipeline)
+        heads = [(e["name"].split(".attn")[0], h) for e in rep["layers"] if e.get("heads_removed") for h in e["removed_heads"]]
+        rows.append({"seed": seed, "heads_removed": " ".join(f"{b}:{h}" for b, h in heads),
+                     "mean_rel_error": row["mean_rel_error"], "prompt_fidelity": row["prompt_fidelity"], "psnr": row["psnr"]})
+    return pd.DataFrame(rows)

@@ -221,3 +221,16 @@ def interval(r) -> str:
     d = PAIRED[r["metric"]][3]
     unit = " dB" if r["metric"] == "psnr" else ""
     return f"{signed(r['diff'], d)}{unit} [{signed(r['lo'], d)}, {signed(r['hi'], d)}]"
+
+
+def against_chance(rows: list[dict], level: float = 0.95) -> dict:
+    """How many of ``rows`` (comparisons) come out ahead and behind, against what chance alone gives when no
+    difference exists: each side has probability (1 − level) / 2 per comparison, so ``p_ahead`` / ``p_behind`` are
+    the binomial tails P(at least that many) — as if the comparisons were independent (comparisons against one
+    shared reference are not, so read the tails as a rough guide)."""
+    from scipy.stats import binom
+
+    n, q = len(rows), (1 - level) / 2
+    ahead, behind = sum(r["verdict"] == AHEAD for r in rows), sum(r["verdict"] == BEHIND for r in rows)
+    return {"n": n, "ahead": ahead, "behind": behind, "expected_per_side": n * q,
+            "p_ahead": float(binom.sf(ahead - 1, n, q)), "p_behind": float(binom.sf(behind - 1, n, q))}

@@ -107,3 +107,15 @@ def test_outcomes_survive_a_csv_roundtrip(tmp_path):
     back = pd.read_csv(tmp_path / "r.csv")
     x, seeds = cmp.outcomes(back, "prompt_fidelity")
     assert x.tolist() == [[0.0, 1.0, 1.0, 0.0]] and seeds == [0]
+
+
+def test_against_chance_counts_and_binomial_tails():
+    rows = [{"verdict": cmp.AHEAD}] * 2 + [{"verdict": cmp.BEHIND}] * 5 + [{"verdict": cmp.NONE}] * 25
+    ch = cmp.against_chance(rows)
+    assert (ch["n"], ch["ahead"], ch["behind"]) == (32, 2, 5)
+    assert ch["expected_per_side"] == pytest.approx(0.8)
+    # P(X >= 1) = 1 - 0.975^32 - 32 * 0.025 * 0.975^31 for two ahead
+    assert ch["p_ahead"] == pytest.approx(1 - 0.975**32 - 32 * 0.025 * 0.975**31)
+    assert ch["p_behind"] == pytest.approx(0.001119, abs=1e-6)
+    none = cmp.against_chance([{"verdict": cmp.NONE}] * 10)
+    assert (none["ahead"], none["p_ahead"], none["p_behind"]) == (0, 1.0, 1.0)
