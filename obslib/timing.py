@@ -388,3 +388,53 @@ def semi_structured_benchmark(shapes=((1536, 1536), (1536, 6144), (6144, 1536), 
         rows.append({"out": out_f, "in": in_f, "tokens": tokens, **m, "speedup": m["dense_ms"] / m["sparse_2to4_ms"],
                      "max_abs_diff": err, "device": torch.cuda.get_device_name()})
     return {"message": f"2:4 kernels timed on {torch.cuda.get_device_name()}", "rows": rows}
+
+
+def propagate_floor(model_dir: str, packages: int, num_calib: int, sparsity: float = 0.5, repeats: int = 3,
+                    seed: int = 0) -> pd.DataFrame:
+    """What propagate calibration cannot avoid, timed in one process: per round (the three in turn), OBS-Diff's prune
+    with K = 1 (propagate), with ``packages`` packages (propagate), and one calibration sampling pass with no Hessian
+    hooks, of which ``blocks_s`` is the time inside the denoiser's blocks (forward hooks around each block).
+
+    Any propagate schedule samples once and then runs the (pruned) blocks over the recorded trajectory at least once
+    more, so K = 1's prune time plus ``blocks_s`` is its floor on this machine: ``floor_ratio`` = 1 + blocks_s /
+    k1_s, beside the measured ``ratio`` = kK_s / k1_s."""
+    from .archs import iter_blocks, spec_for
+    from .config import PruneConfig
+    from .driver import prune
+    from .io import load_pipeline
+    from .sampling import collect_stats
+    from .shapes import prompts as world_prompts
+
+    calib_prompts = world_prompts("train", num_calib)
+
+    def prune_s(k: int) -> float:
+        rep = prune(load_pipeline(model_dir), PruneConfig(sparsity=sparsity, packages=k, calibration="propagate",
+                                                          prompts=calib_prompts, seed=seed, progress=False,
+                                                          count_flops=False))
+        return rep["timings"]["total_s"]
+
+    def sampling() -> tuple[float, float]:
+        pipe = load_pipeline(model_dir)
+        den = pipe.transformer
+        inside, handles = [0.0], []
+        for _, block in iter_blocks(den, spec_for(den)):
+            handles.append(block.register_forward_pre_hook(lambda m, a: inside.append(-time.perf_counter())))
+            handles.append(block.register_forward_hook(lambda m, a, o: inside.append(time.perf_counter())))
+        try:
+            t = time.perf_counter()
+            collect_stats(pipe, [], calib_prompts, seed=seed)
+            total = time.perf_counter() - t
+        finally:
+            for h in handles:
+                h.remove()
+        return total, float(sum(inside))
+
+    rows = []
+    for r in range(repeats):
+        k1, kk = prune_s(1), prune_s(packages)
+        total, blocks = sampling()
+        rows.append({"round": r, "k1_s": k1, "kK_s": kk, "sampling_s": total, "blocks_s": blocks})
+    df = pd.DataFrame(rows)
+    df["ratio"], df["floor_ratio"] = df.kK_s / df.k1_s, 1 + df.blocks_s / df.k1_s
+    return df
