@@ -103,10 +103,11 @@ plots.save(fig, f"{S['figures']}/05_packages.png")
 # %% [markdown]
 # ## What propagate cannot avoid
 #
-# Every propagate schedule samples once, as K = 1 does, and then runs the blocks over the recorded trajectory at least once more with the earlier packages pruned. So K = 1's prune time plus the time one sampling pass spends inside the blocks is a floor for any schedule of this design. Here K = 1 and K = every unit (propagate) are pruned again, in turn with one calibration sampling pass whose time inside the blocks is measured by hooks, `S['floor_repeats']` rounds in one process. How to read it: `ratio` is K = every unit against K = 1 in that round, `floor_ratio` the floor against K = 1; what lies between them is what a better schedule could still remove.
+# Every propagate schedule samples once, as K = 1 does, and then runs the blocks over the recorded trajectory at least once more with the earlier packages pruned. So K = 1's prune time plus the time one sampling pass spends inside the blocks is a floor for any schedule of this design. Here K = 1 and K = every unit (propagate) are pruned again, in turn with one calibration sampling pass whose time inside the blocks is measured by hooks, `S['floor_repeats']` rounds in one process after `S['floor_warmup']` untimed one. How to read it: `ratio` is K = every unit against K = 1 in that round, `floor_ratio` the floor against K = 1; what lies between them is what a better schedule could still remove.
 
 # %%
-floor = timing.propagate_floor(S["model_dir"], k_hi, S["num_calib"], sparsity, repeats=S["floor_repeats"])
+floor = timing.propagate_floor(S["model_dir"], k_hi, S["num_calib"], sparsity, repeats=S["floor_repeats"],
+                               warmup=S["floor_warmup"])
 floor.to_csv(f"{S['results']}/05_propagate_floor.csv", index=False)
 fm = floor.median(numeric_only=True)
 floor_line = (f"Median of {len(floor)} rounds: K = 1 {fm.k1_s:.1f} s, K = {k_hi} {fm.kK_s:.1f} s ({fm.ratio:.2f}×); one sampling "

@@ -266,18 +266,13 @@ heaviest = sorted({f"{r.setting} seed {r.seed}: step {int(np.argmax([float(x) fo
                    for _, r in sens.iterrows()})
 print(f"- The measured (sensitivity) weights put their largest α at: {'; '.join(heaviest)}.")
 print("Does any weighting beat uniform?")
-n_all, hits = 0, []
-for group in (C3, C4):
-    for c in group:
-        if c["b"] == "uniform":
-            n_all += 1
-            if c["verdict"] != cmp.NONE:
-                hits.append(f"{c['a']} {c['context'].replace('At ', 'at ').replace('Strength at', 'at')} on "
-                            f"{cmp.NAMES[c['metric']]}: {says(c)} ({c['verdict']})")
-ch = cmp.against_chance([c for group in (C3, C4) for c in group if c["b"] == "uniform"])
+vs_uniform = [c for group in (C3, C4) for c in group if c["b"] == "uniform"]
+hits = [f"{c['a']} {c['context'].replace('At ', 'at ').replace('Strength at', 'at')} on {cmp.NAMES[c['metric']]}: "
+        f"{says(c)} ({c['verdict']})" for c in vs_uniform if c["verdict"] != cmp.NONE]
+ch = cmp.against_chance(vs_uniform)
 side = lambda k: (f"{ch[k]} {k} (chance alone: about {ch['expected_per_side']:.1f}; at least {ch[k]} by chance: "
                   f"p = {ch['p_' + k]:.2g}, if the comparisons were independent)")
-print(f"- Of {n_all} paired comparisons with uniform (strength sweep and measured weighting), {side('ahead')} and "
+print(f"- Of {ch['n']} paired comparisons with uniform (strength sweep and measured weighting), {side('ahead')} and "
       f"{side('behind')}" + (": " + "; ".join(hits) if hits else "") + ".")
 print("- Read: " + ("more weightings come out ahead than chance alone gives" if ch["p_ahead"] < 0.05 else
                     "no more come out ahead than chance alone could give, so this is no evidence that a weighting helps")

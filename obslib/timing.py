@@ -391,14 +391,14 @@ def semi_structured_benchmark(shapes=((1536, 1536), (1536, 6144), (6144, 1536), 
 
 
 def propagate_floor(model_dir: str, packages: int, num_calib: int, sparsity: float = 0.5, repeats: int = 3,
-                    seed: int = 0) -> pd.DataFrame:
+                    seed: int = 0, warmup: int = 1) -> pd.DataFrame:
     """What propagate calibration cannot avoid, timed in one process: per round (the three in turn), OBS-Diff's prune
     with K = 1 (propagate), with ``packages`` packages (propagate), and one calibration sampling pass with no Hessian
     hooks, of which ``blocks_s`` is the time inside the denoiser's blocks (forward hooks around each block).
 
     Any propagate schedule samples once and then runs the (pruned) blocks over the recorded trajectory at least once
     more, so K = 1's prune time plus ``blocks_s`` is its floor on this machine: ``floor_ratio`` = 1 + blocks_s /
-    k1_s, beside the measured ``ratio`` = kK_s / k1_s."""
+    k1_s, beside the measured ``ratio`` = kK_s / k1_s. ``warmup`` untimed rounds come first."""
     from .archs import iter_blocks, spec_for
     from .config import PruneConfig
     from .driver import prune
@@ -417,10 +417,16 @@ def propagate_floor(model_dir: str, packages: int, num_calib: int, sparsity: flo
     def sampling() -> tuple[float, float]:
         pipe = load_pipeline(model_dir)
         den = pipe.transformer
-        inside, handles = [0.0], []
+        inside, start, handles = [0.0], [0.0], []
+
+        def enter(m, a):
+            start[0] = time.perf_counter()
+
+        def leave(m, a, o):
+            inside[0] += time.perf_counter() - start[0]
+
         for _, block in iter_blocks(den, spec_for(den)):
-            handles.append(block.register_forward_pre_hook(lambda m, a: inside.append(-time.perf_counter())))
-            handles.append(block.register_forward_hook(lambda m, a, o: inside.append(time.perf_counter())))
+            handles += [block.register_forward_pre_hook(enter), block.register_forward_hook(leave)]
         try:
             t = time.perf_counter()
             collect_stats(pipe, [], calib_prompts, seed=seed)
@@ -428,13 +434,14 @@ def propagate_floor(model_dir: str, packages: int, num_calib: int, sparsity: flo
         finally:
             for h in handles:
                 h.remove()
-        return total, float(sum(inside))
+        return total, inside[0]
 
     rows = []
-    for r in range(repeats):
+    for r in range(warmup + repeats):
         k1, kk = prune_s(1), prune_s(packages)
         total, blocks = sampling()
-        rows.append({"round": r, "k1_s": k1, "kK_s": kk, "sampling_s": total, "blocks_s": blocks})
+        if r >= warmup:
+            rows.append({"round": r - warmup, "k1_s": k1, "kK_s": kk, "sampling_s": total, "blocks_s": blocks})
     df = pd.DataFrame(rows)
     df["ratio"], df["floor_ratio"] = df.kK_s / df.k1_s, 1 + df.blocks_s / df.k1_s
     return df
