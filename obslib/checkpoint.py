@@ -1,11 +1,14 @@
 """Resumable pruning: checkpoint directories that obslib owns, and the package checkpoints of ``prune_model``.
 
 A checkpoint directory (``--checkpoint-dir``, default ``.obslib-ckpt-OUT`` beside ``--out``) is obslib's
-only when it holds the marker ``obslib_checkpoint.json`` and nothing but checkpoint entries: folders named
-``pkg-NNNN`` (package checkpoints), ``it-NNNNNNN`` (gradient flow) or ``step-NNNNNNN`` (the trainer), each with exactly one safetensors
-file and one ``meta.json``, and the ``*.tmp-PID`` folders of an entry being written. Anything else makes
-it someone else's: it is refused before any work and never deleted. Removal after a successful run goes
-file by file through that list, so a file a user put there keeps the directory (and itself) in place.
+only when it holds the marker ``obslib_checkpoint.json`` naming its run (the configuration's fingerprint)
+and nothing but checkpoint entries: folders named ``pkg-NNNN`` (package checkpoints), ``it-NNNNNNN``
+(gradient flow) or ``step-NNNNNNN`` (the trainer), each with exactly one safetensors file and one
+``meta.json`` that records the safetensors file's size and SHA-256, and the ``*.tmp-PID`` folders of an
+entry being written (each with obslib's scratch marker naming that folder, ``obslib/owned.py``). Anything
+else makes it someone else's: it is refused before any work and never deleted. Removal after a successful
+run goes entry by entry, each proven first (fingerprint and hash), so a file a user put there keeps the
+directory (and itself) in place.
 
 After each package, the layers it changed (their weights and biases, whatever their new shapes) and the
 head counts it changed go to ``pkg-NNNN`` (written under a temporary name and renamed, so an entry that
@@ -22,6 +25,7 @@ import json
 import math
 import os
 import re
+import sys
 import tempfile
 from dataclasses import fields
 
@@ -50,8 +54,9 @@ def kind_for(method) -> str | None:
 class CheckpointDir:
     """One checkpoint directory: checked before any work, written entry by entry, removed file by file."""
 
-    def __init__(self, path: str, kind: str, flag: str = "--checkpoint-dir"):
+    def __init__(self, path: str, kind: str, flag: str = "--checkpoint-dir", fingerprint: dict | None = None):
         self.given = os.fspath(path)
+        self.fp = None if fingerprint is None else json.loads(json.dumps(fingerprint))
         self.path, self.kind, self.flag = os.path.abspath(self.given), kind, flag
         self.prefix, digits, self.files = KINDS[kind]
         self._entry = re.compile(rf"^{re.escape(self.prefix)}\d{{{digits}}}$")
@@ -88,6 +93,13 @@ class CheckpointDir:
             raise UsageError(f"{flag} {shown!r}: its parent directory {parent!r} does not exist")
         if os.path.isdir(p):
             problem = self._not_ours()
+            if problem is None and self.fp is not None:
+                theirs = self._marker().get("fingerprint") or {}
+                k = fp_differs(self.fp, theirs)
+                if k is not None:
+                    raise UsageError(f"the checkpoint in {self.path!r} belongs to a different configuration ({k} "
+                                     f"{theirs.get(k)!r} there, {self.fp[k]!r} here; see its {MARKER}); rerun with the "
+                                     "same settings or delete that directory")
             if problem:
                 raise UsageError(f"{flag} {shown!r} is an existing directory that is not an obslib checkpoint ({problem}); "
                                  "give a path that does not exist yet (obslib creates it)")
@@ -97,30 +109,65 @@ class CheckpointDir:
         except OSError as e:
             raise UsageError(f"{flag} {shown!r}: cannot write in {target!r} ({e.strerror or e})") from None
 
+    def _marker(self) -> dict:
+        with open(os.path.join(self.path, MARKER), encoding="utf-8") as f:
+            return json.load(f)
+
     def _not_ours(self) -> str | None:
         """Why the existing directory is not an obslib checkpoint of this kind, or None when it is."""
         marker = os.path.join(self.path, MARKER)
         if not os.path.isfile(marker) or os.path.islink(marker):
             return f"no {MARKER}" if os.listdir(self.path) else "it is empty but obslib did not create it"
         try:
-            with open(marker, encoding="utf-8") as f:
-                meta = json.load(f)
+            meta = self._marker()
         except (OSError, ValueError):
             return f"its {MARKER} is not valid JSON"
         if not isinstance(meta, dict) or meta.get("written_by") != owned.WRITTEN_BY or meta.get("kind") not in KINDS:
             return f"its {MARKER} is not obslib's"
         if meta["kind"] != self.kind:
             return f"it holds {meta['kind']} checkpoints; this method writes {self.kind} checkpoints"
+        if "fingerprint" not in meta or not isinstance(meta["fingerprint"], (dict, type(None))):
+            return f"its {MARKER} names no run (an older obslib's checkpoint; delete it to start over)"
         for name in sorted(os.listdir(self.path)):
             full = os.path.join(self.path, name)
             if name == MARKER:
                 continue
             if os.path.islink(full) or not os.path.isdir(full) or not (self._entry.match(name) or self._tmp.match(name)):
                 return f"it holds {name!r}"
+            allowed = self.files if self._entry.match(name) else (*self.files, owned.SCRATCH)
             for f in os.listdir(full):
-                if f not in self.files or os.path.islink(os.path.join(full, f)) \
+                if f not in allowed or os.path.islink(os.path.join(full, f)) \
                         or not os.path.isfile(os.path.join(full, f)):
                     return f"it holds {os.path.join(name, f)!r}"
+            if self._tmp.match(name):
+                why = self._entry_problem(full)
+                if why:
+                    return f"{name!r}: {why}"
+        return None
+
+    def _entry_problem(self, full: str) -> str | None:
+        """Why one entry (complete, or a temporary one being written) cannot be proven this run's, or None.
+        Proof: its meta.json names the marker's run and the safetensors file's size and SHA-256, or (an entry
+        cut short while written) obslib's scratch marker naming the folder and nothing but entry files."""
+        if os.path.basename(full) and self._tmp.match(os.path.basename(full)) \
+                and owned.scratch_problem(full, purposes=("checkpoint-entry",),
+                                          allowed=lambda rel: rel in self.files) is None:
+            return None
+        mf, tf = os.path.join(full, "meta.json"), os.path.join(full, self.files[0])
+        try:
+            with open(mf, encoding="utf-8") as f:
+                meta = json.load(f)
+            theirs = self._marker().get("fingerprint")
+        except (OSError, ValueError):
+            return "its meta.json is missing or unreadable"
+        rec = meta.get("files", {}).get(self.files[0]) if isinstance(meta, dict) and isinstance(meta.get("files"),
+                                                                                             dict) else None
+        if not isinstance(rec, dict) or not isinstance(rec.get("sha256"), str):
+            return f"its meta.json records no SHA-256 of {self.files[0]} (an older obslib's, or not obslib's)"
+        if theirs is not None and meta.get("fingerprint") != theirs:
+            return "its meta.json names another run than the directory's marker"
+        if not os.path.isfile(tf) or os.path.getsize(tf) != rec.get("bytes") or owned.sha256_file(tf) != rec["sha256"]:
+            return f"its {self.files[0]} is not the file its meta.json records"
         return None
 
     # ------------------------------------------------------------------ entries
@@ -136,22 +183,39 @@ class CheckpointDir:
         return f"{self.prefix}{index:0{digits}d}"
 
     def write(self, index: int, tensors: dict, meta: dict) -> str:
-        """Write one entry atomically (temporary name, then rename); creates the directory and its marker."""
+        """Write one entry atomically (temporary name, then rename); creates the directory and its marker.
+        A full disk is one line naming the entry and the space it needs; nothing half-written is left."""
+        need = sum(t.numel() * t.element_size() for t in tensors.values()) + 2**16
+        final = os.path.join(self.path, self.entry_name(index))
+        tmp = f"{final}.tmp-{os.getpid()}"
+        try:
+            self._write(final, tmp, tensors, meta)
+        except Exception as e:
+            if os.path.isdir(tmp):
+                self._remove_entry(tmp)
+            if owned.is_disk_full(e):
+                raise owned.disk_full(final, need) from None
+            raise
+        return final
+
+    def _write(self, final: str, tmp: str, tensors: dict, meta: dict) -> None:
         from safetensors.torch import save_file
 
         if not os.path.isdir(self.path):
             os.makedirs(self.path)
-            write_json(os.path.join(self.path, MARKER), {"written_by": owned.WRITTEN_BY, "kind": self.kind})
-        final = os.path.join(self.path, self.entry_name(index))
-        tmp = f"{final}.tmp-{os.getpid()}"
+            write_json(os.path.join(self.path, MARKER), {"written_by": owned.WRITTEN_BY, "kind": self.kind,
+                                                         "fingerprint": self.fp})
         if os.path.isdir(tmp):
             self._remove_entry(tmp)
         os.makedirs(tmp)
-        save_file(tensors, os.path.join(tmp, self.files[0]))
+        owned.mark_scratch(tmp, "checkpoint-entry")
+        tf = os.path.join(tmp, self.files[0])
+        save_file(tensors, tf)
+        rec = {"bytes": os.path.getsize(tf), "sha256": owned.sha256_file(tf)}
         with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
-            json.dump(meta, f)
+            json.dump({**meta, "files": {self.files[0]: rec}}, f)
+        owned.unmark_scratch(tmp)
         os.replace(tmp, final)
-        return final
 
     def read(self, name: str, expect_fields: dict) -> tuple[dict, dict]:
         """(tensors, meta) of one entry; anything unreadable or missing is one line naming the file."""
@@ -187,12 +251,21 @@ class CheckpointDir:
             if (self._entry.match(d) or self._tmp.match(d)) and d != name:
                 self._remove_entry(os.path.join(self.path, d))
 
-    def _remove_entry(self, full: str) -> None:
-        owned.remove_tree_of(full, lambda rel: rel in self.files)
+    def _remove_entry(self, full: str) -> bool:
+        """Remove one entry proven this run's (``_entry_problem``); else leave it, with one note."""
+        why = self._entry_problem(full)
+        if why is None and owned.remove_tree_of(full, lambda rel: rel in (*self.files, owned.SCRATCH)):
+            return True
+        print(f"obslib: note: left {full!r} in place: {why or 'it holds files obslib did not write'}", file=sys.stderr)
+        return False
 
     def remove(self) -> bool:
         """Remove the directory after a successful run: only obslib's files, only if it is still ours."""
-        if not os.path.isdir(self.path) or self._not_ours():
+        if not os.path.isdir(self.path):
+            return False
+        problem = self._not_ours()
+        if problem:
+            print(f"obslib: note: left the checkpoint directory {self.path!r} in place: {problem}", file=sys.stderr)
             return False
         for d in os.listdir(self.path):
             if d != MARKER:
@@ -242,9 +315,18 @@ PACKAGE_FIELDS = {
 }
 
 
+def fp_differs(ours: dict, theirs: dict) -> str | None:
+    """The first field of fingerprint ``ours`` that ``theirs`` lacks or holds another value of, or None."""
+    ours = json.loads(json.dumps(ours))
+    for k in ours:
+        if not isinstance(theirs, dict) or k not in theirs or theirs[k] != ours[k]:
+            return k
+    return None
+
+
 class PackageCheckpoint:
     def __init__(self, path: str, fp: dict):
-        self.dir = CheckpointDir(path, "packages")
+        self.dir = CheckpointDir(path, "packages", fingerprint=fp)
         self.path, self.fp = self.dir.path, fp
 
     def saved(self) -> list[str]:

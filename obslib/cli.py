@@ -6,6 +6,7 @@ Bad input is reported as one line on stderr with exit code 2; nothing is written
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shlex
@@ -15,9 +16,10 @@ import time
 import torch
 
 from .archs import find_denoiser
+from . import owned
 from .checkpoint import CheckpointDir, PackageCheckpoint, config_fingerprint, kind_for
 from .config import CALIBRATIONS, PATTERNS, PruneConfig
-from .errors import SolverError, UsageError
+from .errors import SolverError, Terminated, UsageError
 from .io import (check_device, check_output_dir, check_pipeline_dir, ignored_pickles, load_pipeline, save_pruned,
                  tree_bytes)
 from .methods import METHODS
@@ -101,10 +103,12 @@ def add_prune_cli(sub) -> None:
                         "sparsities; structured: every head and neuron ranked by cost per parameter saved, each package "
                         "meeting --param-budget (else --sparsity) of its parameters (default: the method's own; "
                         "slimdiff: global, the others: uniform)")
-    g.add_argument("--refit", type=int, nargs="?", const=REFIT_DEFAULT, default=0, metavar="ITERS",
+    g.add_argument("--refit", action="store_true",
                    help="after the solve, refit the kept weights to the least-squares optimum on the fixed mask "
-                        f"(masked conjugate gradients; ITERS iterations, default {REFIT_DEFAULT}); unstructured and N:M, "
-                        "methods with a Hessian")
+                        "(masked conjugate gradients, --refit-iterations of them); unstructured and N:M, methods with a "
+                        "Hessian")
+    g.add_argument("--refit-iterations", type=int, default=None, metavar="N",
+                   help=f"conjugate-gradient iterations of --refit (default: {REFIT_DEFAULT})")
     g.add_argument("--solver-dtype", default=d.solver_dtype, choices=("float32", "float64"),
                    help=f"OBS solver precision; float64 is used per layer where float32 fails (default: {d.solver_dtype})")
     c = p.add_argument_group("calibration")
@@ -181,8 +185,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def _cli_prune(a) -> None:
     """``obslib prune``: every flag and path is checked before the model is loaded, then prune and save.
     Notes for flags the method ignores come only once the command is known to be valid."""
-    from . import distributed
-
     d = PruneConfig()  # the library's defaults for the flags left out
     if a.dtype not in DTYPES:
         raise UsageError(f"--dtype {a.dtype!r} is unknown; allowed: {', '.join(DTYPES)}")
@@ -191,6 +193,13 @@ def _cli_prune(a) -> None:
                          "(allowed: 1 or more; leave it out for all tokens)")
     if a.num_prompts is not None and a.num_prompts < 1:
         raise UsageError(f"--num-prompts {a.num_prompts} must be >= 1")
+    for flag, v in (("--checkpoint-dir", a.checkpoint_dir), ("--prompts", a.prompts), ("--train-data", a.train_data),
+                    ("--out", a.out), ("MODEL_DIR", a.model_dir)):
+        if v is not None and not v.strip():
+            raise UsageError(f"{flag} {v!r}: expected a path (an empty one names no file)")
+    if a.refit_iterations is not None and a.refit_iterations < 1:
+        raise UsageError(f"--refit-iterations {a.refit_iterations}: must be at least 1 (allowed: 1 to 100000)")
+    refit = (a.refit_iterations or REFIT_DEFAULT) if a.refit else 0
     real = os.path.realpath(a.out) if isinstance(a.out, str) and a.out.strip() else None
     ckdir = a.checkpoint_dir or (real and os.path.join(os.path.dirname(real), f".obslib-ckpt-{os.path.basename(real)}"))
     extra_cfg = {}
@@ -207,14 +216,29 @@ def _cli_prune(a) -> None:
                       block_range=tuple(a.block_range) if a.block_range else None, head_saliency=a.head_saliency,
                       solver_dtype=a.solver_dtype, calibration=a.calibration or d.calibration,
                       record_ram_mb=a.record_ram_mb, progress=not a.quiet, restore_on_failure=False,
-                      measure_error=a.report_error, refit_iterations=a.refit, allocation=a.allocation, head_sparsity=a.head_sparsity,
+                      measure_error=a.report_error, refit_iterations=refit, allocation=a.allocation, head_sparsity=a.head_sparsity,
                       neuron_sparsity=a.neuron_sparsity, param_budget=a.param_budget,
                       calib_tokens=a.calib_tokens).validate()  # every flag, before any path is looked at
     meth = METHODS[a.method]
     check_pipeline_dir(a.model_dir)
     check_device(a.device)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank0 = int(os.environ.get("RANK", "0") or 0) == 0
+    with contextlib.ExitStack() as locks:
+        if rank0:  # one run per --out and checkpoint directory (rank 0 writes them under torchrun)
+            locks.enter_context(owned.RunLock(a.out, "--out"))
+            if ckdir and kind_for(meth) is not None:
+                locks.enter_context(owned.RunLock(ckdir, "--checkpoint-dir"))
+        _prune_locked(a, cfg, meth, ckdir, world, rank0, quiet_notes=a.quiet or not rank0)
+
+
+def _prune_locked(a, cfg, meth, ckdir, world: int, rank0: bool, quiet_notes: bool) -> None:
+    """The rest of ``obslib prune`` once this process owns --out and the checkpoint directory."""
+    from . import distributed
+
     # everything about --out and the checkpoints is settled before the (long) work starts
-    check_output_dir(a.out, [a.model_dir], a.overwrite, need_bytes=tree_bytes(a.model_dir))
+    check_output_dir(a.out, [a.model_dir], a.overwrite, need_bytes=tree_bytes(a.model_dir),
+                     note=None if quiet_notes else io_note)
     training = meth.needs_training
     if training:
         if a.train_data is not None:
@@ -224,19 +248,23 @@ def _cli_prune(a) -> None:
     else:
         cfg = cfg.with_prompts(read_prompt_file(a.prompts) if a.prompts is not None
                                else default_calibration_prompts(a.model_dir, a.num_prompts or DEFAULT_NUM_PROMPTS))
+    if world > 1 and not training and meth.needs_calibration and len(cfg.prompts) < world:
+        raise UsageError(f"torchrun started {world} processes but there are only {len(cfg.prompts)} calibration prompts; "
+                         f"every process samples at least one (allowed: 1 to {len(cfg.prompts)} processes, or more "
+                         "prompts)")
     kind = kind_for(meth)
     command = "obslib " + shlex.join(getattr(a, "argv", None) or sys.argv[1:])
     resume_cmd = command if a.resume else f"{command} --resume"
     ck = None
     if kind is not None:
-        ck = CheckpointDir(ckdir, kind)
+        ck = CheckpointDir(ckdir, kind, fingerprint=config_fingerprint(cfg))
         ck.check(protect=[a.model_dir], out=a.out)
         if kind == "packages":
             PackageCheckpoint(ckdir, config_fingerprint(cfg)).check_config(a.resume, command)
         elif ck.entries() and not a.resume:
             raise UsageError(f"{ckdir!r} holds the checkpoint of an interrupted run; continue it: {resume_cmd}; "
                              "or delete that directory to start over")
-    if not a.quiet:  # the command is valid: now say what it ignores
+    if not quiet_notes:  # the command is valid: now say what it ignores
         notes = []
         for flag, field_ in (("--packages", "packages"), ("--calibration", "calibration")):
             if getattr(a, field_) is not None and field_ in meth.ignores:
@@ -247,6 +275,15 @@ def _cli_prune(a) -> None:
             why = weighting_ignored(meth)
             if why:
                 notes.append(f"{flags} is ignored by {a.method} ({why})")
+            elif a.alpha_ratio is not None and cfg.weighting in ("uniform", "sensitivity"):
+                notes.append(f"--alpha-ratio is ignored with --weighting {cfg.weighting} ("
+                             + ("every step weighs the same)" if cfg.weighting == "uniform"
+                                else "the probe measures the weights)"))
+        if a.calib_tokens is not None and not (meth.needs_calibration or a.report_error and meth.driver is None):
+            notes.append(f"--calib-tokens is ignored: {a.method} needs no calibration (add --report-error to calibrate "
+                         "for the layer errors)")
+        if a.refit_iterations is not None and not a.refit:
+            notes.append("--refit-iterations is ignored without --refit")
         given = [f for f, v in (("--iterations", a.iterations), ("--lr", a.lr), ("--train-data", a.train_data))
                  if v is not None]
         if given and not training:
@@ -269,37 +306,63 @@ def _cli_prune(a) -> None:
     rank0 = not distributed.active() or distributed.dist.get_rank() == 0
     cfg.progress = cfg.progress and rank0
     t0 = time.perf_counter()
-    pipe = load_pipeline(a.model_dir, device=distributed.rank_device(a.device), dtype=DTYPES[a.dtype],
-                         progress=a.verbose and rank0)
-    t_load = time.perf_counter() - t0
     saved_before = len(ck.entries()) if ck is not None else 0
-    try:
+    with _checkpoint_said(ck if rank0 else None, saved_before, resume_cmd):
+        pipe = load_pipeline(a.model_dir, device=distributed.rank_device(a.device), dtype=DTYPES[a.dtype],
+                             progress=a.verbose and rank0)
+        t_load = time.perf_counter() - t0
         report = prune(pipe, cfg)
-    except BaseException as e:
-        if ck is None or not rank0:
-            raise
-        n = len(ck.entries())
-        if n == 0:
-            ck.remove_if_empty()
-            raise
-        where = f"{n} finished step(s) are checkpointed in {ck.path}; continue with: {resume_cmd}"
-        if isinstance(e, (UsageError, SolverError)) and n > saved_before:
-            raise type(e)(f"{e} ({where})") from None
-        if isinstance(e, KeyboardInterrupt):
-            print(f"obslib: interrupted; {where}", file=sys.stderr)
-        elif not isinstance(e, (UsageError, SolverError)):
-            print(f"obslib: {where}", file=sys.stderr)
-        raise
-    if not rank0:
-        return
-    t = time.perf_counter()
-    report["command"] = command  # the model card quotes it
-    save_pruned(pipe, report, a.out, a.model_dir, overwrite=a.overwrite, flag="--out")
-    t_save = time.perf_counter() - t
+        if not rank0:
+            return
+        t = time.perf_counter()
+        report["command"] = command  # the model card quotes it
+        save_pruned(pipe, report, a.out, a.model_dir, overwrite=a.overwrite, flag="--out")
+        t_save = time.perf_counter() - t
     if ck is not None:
         ck.remove()  # the run is complete: its checkpoints (obslib's files only) are no longer needed
     if not a.quiet:
         print(closing_line(a.out, report, pipe, t_load, t_save, time.perf_counter() - t0))
+
+
+def io_note(text: str) -> None:
+    print(f"obslib: note: {text}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _checkpoint_said(ck, saved_before: int, resume_cmd: str):
+    """However the run ends before its output is complete (an error, Ctrl-C, SIGTERM, a full disk), the one line
+    it ends with says where the checkpoint is and the command that continues it; with no checkpoint, that
+    nothing was written."""
+    try:
+        yield
+    except BaseException as e:
+        if isinstance(e, (SystemExit, GeneratorExit)):
+            raise
+        n = len(ck.entries()) if ck is not None else 0
+        if n == 0 and ck is not None:
+            ck.remove_if_empty()
+        diverged = isinstance(e, UsageError) and "diverged" in str(e)
+        if n == 0:
+            where = "nothing was written"
+        elif diverged:
+            where = (f"the checkpoint in {ck.path} holds the diverging run; delete that directory before running "
+                     "with another --lr")
+        else:
+            where = f"{n} finished step(s) are checkpointed in {ck.path}; continue with: {resume_cmd}"
+        if isinstance(e, (UsageError, SolverError)):
+            if n == 0 or (n == saved_before and not diverged and "no space left" not in str(e)):
+                raise
+            raise type(e)(f"{e} ({where})") from None
+        if isinstance(e, KeyboardInterrupt):
+            what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+            print(f"obslib: {what}; {where}", file=sys.stderr)
+            raise
+        if owned.is_disk_full(e):
+            path = getattr(e, "filename", None) or (ck.path if ck is not None else "the output")
+            raise UsageError(f"{owned.disk_full(path)} ({where})") from None
+        if n:
+            print(f"obslib: {where}", file=sys.stderr)
+        raise
 
 
 def closing_line(out: str, report: dict, pipe, t_load: float, t_save: float, wall: float) -> str:
@@ -322,17 +385,64 @@ def closing_line(out: str, report: dict, pipe, t_load: float, t_save: float, wal
             f"save {t_save:.1f} s)")
 
 
+def _shown_on_this_rank(e) -> bool:
+    """Under torchrun an error every rank meets alike (the checks before the work, ranks that disagree) is printed
+    by rank 0 alone, so the refusal reads as one line; one rank's own failure is printed by that rank."""
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        return True
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and not getattr(e, "same_on_every_rank", False)
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _precheck(argv: list[str]) -> None:
+    """Mistakes argparse would report without the value: ``--refit 30`` (a plain switch now), and a value that
+    starts with '-' (``--pruned-steps -1-2``), which argparse takes for an option."""
+    for i, tok in enumerate(argv[:-1]):
+        nxt = argv[i + 1]
+        if tok == "--refit" and re.fullmatch(r"[-+]?\d+", nxt):
+            raise UsageError(f"--refit takes no value (got {nxt!r}); give the iterations as --refit-iterations {nxt}")
+    for i, tok in enumerate(argv[:-1]):
+        nxt = argv[i + 1]
+        if tok in VALUE_FLAGS and nxt.startswith("-") and len(nxt) > 1 and not re.fullmatch(
+                r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-(inf|infinity|nan)", nxt, re.IGNORECASE) \
+                and not nxt.startswith("--"):
+            raise UsageError(f"{tok} {nxt!r}: a value that starts with '-' is read as an option; write {tok}={nxt}")
+
+
+VALUE_FLAGS = ("--pruned-steps", "--prompts", "--out", "--checkpoint-dir", "--train-data", "--reference",
+               "--real-images", "--clip-model")
+
+
 def main(argv=None) -> int:
+    import signal
+
     argv = sys.argv[1:] if argv is None else [str(x) for x in argv]
+    prev = None
+    try:  # SIGTERM (a scheduler, timeout) ends the run the way Ctrl-C does: checkpoint kept, one line
+        prev = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread
+        pass
     try:
+        _precheck(argv)
         args = build_parser().parse_args(argv)
         args.argv = argv  # the command as typed: an interrupted run's closing line repeats it with --resume
         args.func(args)
     except (UsageError, SolverError) as e:
-        print(f"obslib: error: {' '.join(str(e).split())}", file=sys.stderr)
+        if _shown_on_this_rank(e):
+            print(f"obslib: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except Terminated:
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         return 130
+    finally:
+        if prev is not None:
+            signal.signal(signal.SIGTERM, prev)
     return 0
 
 

@@ -75,8 +75,10 @@ class Context:
         self.sent += mine.numel() * 8 * (self.size - 1)
         bad = [r for r, d in enumerate(every) if not torch.equal(d, every[0])]
         if bad:
-            raise UsageError(f"torchrun ranks disagree on the model or settings (rank {bad[0]} differs from rank 0); "
-                             "every rank must get the same command line and model")
+            e = UsageError(f"torchrun ranks disagree on the model or settings (rank {bad[0]} differs from rank 0); "
+                           "every rank must get the same command line and model")
+            e.same_on_every_rank = True  # the command line prints it on rank 0 only
+            raise e
 
     def shard(self, n: int) -> list[int]:
         return list(range(self.rank, n, self.size))

@@ -7,6 +7,7 @@ packages, calibrate each package through the already-pruned model (``obslib.samp
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -23,6 +24,7 @@ from .errors import SolverError, UsageError
 from .hessian import Calibration, calib_options, check_stats, unique_mb, weight_matrix
 from .manifest import with_manifest
 from .methods import METHODS
+from .owned import RunLock
 from .obs import check_finite, output_energy, reconstruction_error
 from .packages import layer_units, package_layers, split_packages, structured_units
 from .sampling import CalibrationRunner, call_kwargs, sampling_defaults
@@ -47,13 +49,22 @@ def prune(pipe, config: PruneConfig) -> dict:
     calibrates = method.needs_calibration or (cfg.measure_error and method.driver is None)
     if cfg.prompts is None and calibrates:
         raise UsageError("no calibration prompts given (PruneConfig.prompts: a list of strings)")
-    if cfg.checkpoint_dir is not None:  # a path that could lose a user's files is refused before any work
-        from .checkpoint import CheckpointDir, kind_for
+    from .checkpoint import CheckpointDir, config_fingerprint, kind_for
 
-        kind = kind_for(method)
-        if kind is not None:
+    kind = kind_for(method) if cfg.checkpoint_dir is not None else None
+    with contextlib.ExitStack() as held:
+        if kind is not None:  # one run per checkpoint directory; a path that could lose a user's files is refused
+            from . import distributed
+
+            if not distributed.active() or distributed.dist.get_rank() == 0:  # rank 0 writes the checkpoints
+                held.enter_context(RunLock(cfg.checkpoint_dir, "checkpoint_dir"))
             source = getattr(pipe, "name_or_path", None)
-            CheckpointDir(cfg.checkpoint_dir, kind, "checkpoint_dir").check(protect=[source] if source else [])
+            CheckpointDir(cfg.checkpoint_dir, kind, "checkpoint_dir", config_fingerprint(cfg)).check(
+                protect=[source] if source else [])
+        return _prune(pipe, cfg, method, calibrates)
+
+
+def _prune(pipe, cfg: PruneConfig, method, calibrates: bool) -> dict:
     defaults = sampling_defaults(pipe)
     steps = cfg.steps or defaults["num_inference_steps"]
     guidance = cfg.guidance if cfg.guidance is not None else defaults["guidance_scale"]
@@ -91,6 +102,7 @@ def prune(pipe, config: PruneConfig) -> dict:
         report = prune_model(den, calibrate, cfg, steps, component=comp, undo=undo, train_batches=train_batches,
                              calibration_runs=len(runner.batches) if calibrate is not None else None, dist_ctx=dctx,
                              alphas=alphas)
+        check_finite_result(den, cfg)
     except BaseException:
         if undo is not None:
             undo.rollback()
@@ -103,6 +115,16 @@ def prune(pipe, config: PruneConfig) -> dict:
         report["timings"]["sensitivity_probe_s"] = probe["seconds"]
         report["timings"]["total_s"] += probe["seconds"]
     return report
+
+
+def check_finite_result(den, cfg) -> None:
+    """No output obslib's own loader would refuse: NaN or infinite pruned weights are one line naming the layers."""
+    bad = [n for n, p in den.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        hint = f" (gradient-flow training diverged: lower --lr, now {cfg.lr:g})" if cfg.method == "gradient-flow" else ""
+        raise UsageError(f"the pruned weights of {len(bad)} parameter(s) are NaN or infinite ({', '.join(bad[:3])}{more})"
+                         f"{hint}; nothing was written")
 
 
 def _count_flops(pipe, steps, guidance, cfg, msl, before: dict | None = None) -> dict:

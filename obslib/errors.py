@@ -7,3 +7,7 @@ class UsageError(ValueError):
 
 class SolverError(ValueError):
     """A layer cannot be solved: non-finite weights or statistics, or a Hessian that stays singular."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, ``timeout``): handled like Ctrl-C, so whatever the run leaves is said in one line."""

@@ -271,10 +271,10 @@ def _fingerprint(cfg, units) -> dict:
     return {**config_fingerprint(cfg), "units": [u.hessian_layers for u in units]}
 
 
-def _ckpt(ckdir: str):
+def _ckpt(ckdir: str, fp: dict | None = None):
     from .checkpoint import CheckpointDir
 
-    return CheckpointDir(ckdir, "gradient-flow")
+    return CheckpointDir(ckdir, "gradient-flow", fingerprint=fp)
 
 
 def _latest(ckdir: str | None):
@@ -289,7 +289,7 @@ def _save(ckdir: str, it: int, params: dict, opt, ema, chosen, log, fp) -> None:
 
     ot, groups = optim_tensors(opt, "opt")
     tensors = {**{f"param.{k}": v.detach().contiguous() for k, v in params.items()}, **ot, "ema": ema.contiguous()}
-    ck = _ckpt(ckdir)
+    ck = _ckpt(ckdir, fp)
     final = ck.write(it, tensors, {"iteration": it, "chosen": chosen, "loss": log, "optim": groups, "fingerprint": fp})
     ck.keep_only(os.path.basename(final))  # the newest complete checkpoint only
 
@@ -306,7 +306,7 @@ def _restore(ckdir: str, name: str, params: dict, opt, fp, ema_like: torch.Tenso
     from .checkpoint import DELETE_HINT
     from .shapes.train import optim_restore
 
-    ck = _ckpt(ckdir)
+    ck = _ckpt(ckdir, fp)
     state, meta = ck.read(name, _FIELDS)
     where = os.path.join(ck.path, name)
     if json.loads(json.dumps(fp)) != meta["fingerprint"]:
@@ -428,6 +428,11 @@ def gradient_flow_prune(den, cfg, steps: int, component: str, undo, block_ids: l
                     _set_gates(masks, chosen, 1.0 - (it + 1) / ramp_end)
                 torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
                 opt.step()
+                if not bool(torch.isfinite(loss.detach())) or not all(bool(torch.isfinite(p).all())
+                                                                       for p in params.values()):
+                    raise UsageError(f"gradient-flow training diverged at iteration {it + 1} of {n} (loss "
+                                     f"{float(loss.detach()):.4g}, or NaN/inf weights) with --lr {cfg.lr:g}; lower "
+                                     "--lr (nothing was written)")
                 if it % 10 == 0 or it == n - 1:
                     log.append([it, float(loss.detach())])
                 bar.set_postfix(loss=f"{float(loss.detach()):.4f}")

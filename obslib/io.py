@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 
 import torch
@@ -60,15 +61,18 @@ def quiet_diffusers():
 # ---------------------------------------------------------------------------------------------------
 # Output directories: never lose a user's files.
 #
-# An output directory is written into a temporary sibling ``.obslib-tmp-<name>-<pid>-<random>`` that
-# replaces the destination only when complete. Replacing an existing destination is one atomic
-# ``renameat2(RENAME_EXCHANGE)`` where the file system supports it (the old contents land in the temporary
-# name and are removed afterwards); elsewhere it is two renames through ``.obslib-old-<name>-<pid>-...``,
-# and a run killed between them is repaired by the next run to the same destination. Temporary
-# directories whose process is gone are recognised by name and removed by that next run.
+# An output directory is written into a temporary sibling ``.obslib-tmp-<name>-<pid>-<random>`` (marked as
+# obslib's scratch: ``obslib/owned.py``) that replaces the destination only when complete. Replacing an existing
+# destination is one atomic ``renameat2(RENAME_EXCHANGE)`` where the file system supports it (the old contents
+# land in the temporary name, are marked and removed file by file); elsewhere it is two renames through
+# ``.obslib-old-<name>-<pid>-...``, and a run killed between them is repaired by the next run to the same
+# destination. A leftover is removed or moved back only when its marker, its file list and its contents prove
+# it obslib's and its process is gone; anything else beside ``--out`` is left alone, with one note.
 
 WRITTEN_BY = "obslib"
 _SCRATCH = re.compile(r"^\.obslib-(tmp|old)-(?P<base>.+)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
+# what diffusers' save_pretrained (and obslib's JSON writes) put in an output being written
+SAVE_KINDS = (".json", ".safetensors", ".txt", ".model", ".md", ".tmp")
 
 
 def written_by_obslib(path: str) -> bool:
@@ -77,9 +81,14 @@ def written_by_obslib(path: str) -> bool:
     return owned.not_ours(path) == []
 
 
-def clean_stale(out: str) -> list[str]:
+def _note(text: str) -> None:
+    print(f"obslib: note: {text}", file=sys.stderr)
+
+
+def clean_stale(out: str, note=_note) -> list[str]:
     """Remove the temporary directories a killed run left beside ``out``; put back an ``out`` that a kill
-    between the two renames of a replacement left missing. Returns what was removed or restored."""
+    between the two renames of a replacement left missing. Only what is proven obslib's is touched; each
+    leftover that is not gets one ``note``. Returns what was removed or restored."""
     out = os.path.abspath(out)
     parent, base = os.path.dirname(out), os.path.basename(out)
     if not os.path.isdir(parent):
@@ -89,13 +98,24 @@ def clean_stale(out: str) -> list[str]:
         m = _SCRATCH.match(name)
         if m["base"] != base:
             continue
-        path = os.path.join(parent, name)
+        path, pid = os.path.join(parent, name), int(m["pid"])
         if m.group(1) == "old" and not os.path.lexists(out):
-            os.replace(path, out)  # the replacement never completed: the old output is the last good one
-            done.append(f"restored {out} from {name}")
+            why = owned.scratch_problem(path, pid=pid, purposes=("old",))
+            if why is None and owned.not_ours(path, skip=(owned.SCRATCH,)) != []:
+                why = "it has no complete obslib file list"
+            if why is None:
+                owned.unmark_scratch(path)
+                os.replace(path, out)  # the replacement never completed: the old output is the last good one
+                done.append(f"restored {out} from {name}")
+                continue
         else:
-            owned.rmtree_scratch(path)
-            done.append(f"removed {name}")
+            why = owned.remove_scratch(path, pid=pid, purposes=("tmp", "old"),
+                                       allowed=lambda rel: rel.endswith(SAVE_KINDS))
+            if why is None:
+                done.append(f"removed {name}")
+                continue
+        if note is not None:
+            note(f"left {path!r} alone: it is named like a leftover of an obslib run, but {why}")
     return done
 
 
@@ -110,15 +130,8 @@ def tree_bytes(path: str) -> int:
     return total
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def check_output_dir(out, protect=(), overwrite: bool = False, need_bytes: int = 0, flag: str = "--out") -> str:
+def check_output_dir(out, protect=(), overwrite: bool = False, need_bytes: int = 0, flag: str = "--out",
+                     note=_note) -> str:
     """Refuse an output directory that could lose a user's files, before any work is done.
 
     ``protect`` are directories that must survive (the model being pruned): ``out`` may be none of them, lie
@@ -150,7 +163,7 @@ def check_output_dir(out, protect=(), overwrite: bool = False, need_bytes: int =
     parent = os.path.dirname(real)
     if not os.path.isdir(parent):
         raise UsageError(f"{flag} {out!r}: its parent directory {parent!r} does not exist")
-    clean_stale(real)
+    clean_stale(real, note)
     if os.path.lexists(real):
         if not os.path.isdir(real):
             raise UsageError(f"{flag} {out!r} is an existing file; choose a new directory name")
@@ -160,8 +173,9 @@ def check_output_dir(out, protect=(), overwrite: bool = False, need_bytes: int =
                                  "to replace an earlier obslib output")
             extra = owned.not_ours(real)
             if extra is None:
-                raise UsageError(f"{flag} {out!r} was not written by obslib (it has no {owned.FILE_LIST} list of "
-                                 "the files obslib wrote); refusing to replace it, even with --overwrite")
+                why = owned.file_list_problem(real)[1]
+                raise UsageError(f"{flag} {out!r} was not written by obslib ({why}); refusing to replace it, even "
+                                 "with --overwrite")
             if extra:
                 more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
                 raise UsageError(f"{flag} {out!r} holds files obslib did not write ({', '.join(extra[:3])}{more}); "
@@ -174,7 +188,7 @@ def check_output_dir(out, protect=(), overwrite: bool = False, need_bytes: int =
         free = shutil.disk_usage(parent).free
         need = int(need_bytes * 1.05) + 16 * 2**20
         if free < need:
-            raise UsageError(f"{flag} {out!r}: {parent!r} has {_human(free)} free; the output needs about {_human(need)}")
+            raise UsageError(f"{flag} {out!r}: {parent!r} has {owned.human(free)} free; the output needs about {owned.human(need)}")
     return real
 
 
@@ -200,12 +214,12 @@ def check_output_file(out: str, protect=(), flag: str = "--out") -> None:
         try:
             with open(out, encoding="utf-8") as f:
                 old = json.load(f)
-            ok = isinstance(old, dict) and (old.get("written_by") == "obslib"
-                                            or {"prompt_fidelity", "fid", "kid", "num_prompts", "split"} <= set(old))
+            ok = isinstance(old, dict) and old.get("written_by") == WRITTEN_BY  # obslib's own marker, never key names
         except (OSError, ValueError):
             ok = False
         if not ok:
-            raise UsageError(f"{flag} {out!r} exists and is not an obslib metrics file; refusing to replace it")
+            raise UsageError(f"{flag} {out!r} exists and is not an obslib metrics file (no \"written_by\": \"obslib\" "
+                             "in it); refusing to replace it")
     try:
         fd, probe = tempfile.mkstemp(prefix=f"{base}.{os.getpid()}.", suffix=".tmp", dir=parent)
         os.close(fd)
@@ -243,6 +257,7 @@ def _finish(out: str, tmp: str, overwrite: bool) -> None:
     written it since the check before the work)."""
     import errno
 
+    owned.unmark_scratch(tmp)  # the complete output goes in without obslib's scratch marker
     umask = os.umask(0)
     os.umask(umask)
     mode = (os.stat(out).st_mode & 0o7777) if os.path.isdir(out) else (0o777 & ~umask)
@@ -262,14 +277,23 @@ def _finish(out: str, tmp: str, overwrite: bool) -> None:
         raise UsageError(f"--out {out!r} was written by another process while this one worked; nothing was "
                          "replaced (this run's result is discarded)")
     if _exchange(tmp, out):
-        owned.rmtree_scratch(tmp)  # now holds the old contents (checked above: every file obslib's)
+        _drop_old(tmp)  # now holds the old contents (checked above: every file obslib's)
         return
     parent, base = os.path.dirname(out), os.path.basename(out)
     old = tempfile.mkdtemp(prefix=f".obslib-old-{base}-{os.getpid()}-", dir=parent)
     os.rmdir(old)
     os.replace(out, old)
+    owned.mark_scratch(old, "old")  # a kill from here on is repaired by the next run (clean_stale)
     os.replace(tmp, out)
-    owned.rmtree_scratch(old)
+    _drop_old(old)
+
+
+def _drop_old(path: str) -> None:
+    """Remove the replaced output (every file on its list, checked just before the swap), marked first."""
+    owned.mark_scratch(path, "old")
+    why = owned.remove_scratch(path, pid=os.getpid(), purposes=("old",))
+    if why:
+        _note(f"left the replaced output {path!r} in place: {why}")
 
 
 def atomic_dir(out: str, overwrite: bool = False):
@@ -282,21 +306,30 @@ def atomic_dir(out: str, overwrite: bool = False):
         def __enter__(self):
             self.out = os.path.realpath(out)
             parent, base = os.path.dirname(self.out), os.path.basename(self.out)
-            clean_stale(self.out)
-            self.tmp = tempfile.mkdtemp(prefix=f".obslib-tmp-{base}-{os.getpid()}-", dir=parent)
+            clean_stale(self.out, note=None)  # the check before the work has named what it leaves alone
+            self.tmp = owned.make_scratch(parent, f".obslib-tmp-{base}-{os.getpid()}-", "tmp")
             return self.tmp
 
         def __exit__(self, exc_type, exc, tb):
             if exc_type is not None:
-                owned.rmtree_scratch(self.tmp)
+                self._drop()
                 return False
             out, tmp = self.out, self.tmp
             try:
                 _finish(out, tmp, overwrite)
             except BaseException:
-                owned.rmtree_scratch(tmp)
+                self._drop()
                 raise
             return False
+
+        def _drop(self):
+            if not os.path.isdir(self.tmp):
+                return
+            if owned.scratch_marker(self.tmp) is None:  # unmarked just before the swap
+                owned.mark_scratch(self.tmp, "tmp")
+            why = owned.remove_scratch(self.tmp, pid=os.getpid(), allowed=lambda rel: True)  # this run's own
+            if why:
+                _note(f"left {self.tmp!r} in place: {why}")
 
     return _Atomic()
 
@@ -318,7 +351,18 @@ def save_pipeline(pipe, out: str, manifest: dict | None = None, extra_json: dict
     survive, an existing non-obslib directory is never replaced, and the write is atomic."""
     source = getattr(pipe, "name_or_path", None)
     protect = [p for p in (source, *protect) if p and os.path.isdir(p)]
-    check_output_dir(out, protect, overwrite, need_bytes=pipeline_bytes(pipe), flag=flag)
+    need = pipeline_bytes(pipe)
+    with owned.RunLock(out, flag):
+        check_output_dir(out, protect, overwrite, need_bytes=need, flag=flag)
+        try:
+            _write_pipeline(pipe, out, overwrite, manifest, extra_json, extra_text)
+        except Exception as e:  # an OSError, or safetensors' own error type wrapping one
+            if owned.is_disk_full(e):
+                raise owned.disk_full(out, need) from None
+            raise
+
+
+def _write_pipeline(pipe, out, overwrite, manifest, extra_json, extra_text) -> None:
     with atomic_dir(out, overwrite) as tmp, quiet_loading():  # no "Writing model shards" bars
         pipe.save_pretrained(tmp, safe_serialization=True)
         if manifest is not None:

@@ -1,29 +1,44 @@
-"""What obslib may delete: only what it wrote, checked file by file.
+"""What obslib may delete: only what it can prove it wrote, checked file by file.
 
 Every directory obslib writes as an output carries ``obslib_files.json``: the list of every file it wrote
-in it, at every depth, with its size (and, for files up to 1 MiB, its SHA-256). A directory may be
-replaced (``--overwrite``) only when what is in it now is exactly that list: a file a user added at any
-depth, a file edited since, a symbolic link or an extra folder makes it someone else's.
+in it, at every depth, with its size and SHA-256. A directory may be replaced (``--overwrite``) only when
+what is in it now is exactly that list: a file a user added at any depth, a file edited since (whatever its
+size), a symbolic link or an extra folder makes it someone else's. A file list is checked before it is used
+(JSON of the right shape, keys relative and inside the directory, no ``..``, at most ``MAX_LISTED`` entries).
 
-The same rule guards the other paths obslib creates and later removes: checkpoint directories
-(``obslib/checkpoint.py``), the propagate record's spill directory and the temporary siblings of an atomic
-write. Leftovers of a killed run are recognised by their name, which carries the dead process's PID, and
-by their contents. Path relations (``inside``, ``overlaps``) are here too, so that every path flag is
-refused the same way when it is, contains or lies inside a directory that must survive.
+Scratch directories (the temporary half of an atomic write, the old half of a swap, the propagate record's
+spill directory, a checkpoint entry being written) carry ``.obslib-scratch.json``: the PID of the process
+that made the directory and the directory's own device and inode number, so a folder a user named like
+one, or copied from one, is not mistaken for it. A leftover of a killed run is removed (or moved back)
+only when its name and marker agree on a PID that is no longer alive, its marker names this very
+directory, and its contents are what the marker and file list allow; anything else is left alone.
+
+Two runs on one path: ``RunLock`` is a lock file beside the path (``.obslib-lock-NAME``, created
+atomically with its owner's PID, ``flock``-ed while held), so the second run is refused in one line.
+
+What a forged file list (or marker) can still do: it is JSON anyone can write. A list crafted to name a
+file of the user's with that file's exact size and SHA-256 makes obslib treat the file as its own, and
+``--overwrite`` then deletes it. Nothing can be reached outside the directory the list is in.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import tempfile
 
 FILE_LIST = "obslib_files.json"
+SCRATCH = ".obslib-scratch.json"
 WRITTEN_BY = "obslib"
-HASH_LIMIT = 2**20  # files up to this size are also compared by SHA-256 (configs and reports a user might edit)
+MAX_LISTED = 100_000  # entries of a file list obslib reads (a real pipeline has well under 100)
+MAX_LIST_BYTES = 64 * 2**20
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def inside(child: str, parent: str) -> bool:
@@ -43,10 +58,10 @@ def overlap(path: str, other: str) -> str | None:
     return None
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(2**20), b""):
+        for chunk in iter(lambda: f.read(2**22), b""):
             h.update(chunk)
     return h.hexdigest()
 
@@ -68,16 +83,19 @@ def _walk(root: str):
     return sorted(files), sorted(dirs), sorted(links)
 
 
-def describe(root: str) -> dict:
-    """The file list of ``root`` as it is now (what ``write_file_list`` records)."""
+def _key(rel: str) -> str:
+    return rel.replace(os.sep, "/")
+
+
+def describe(root: str, skip=(FILE_LIST, SCRATCH)) -> dict:
+    """The file list of ``root`` as it is now (what ``write_file_list`` records): size and SHA-256 of every file."""
     files, _, _ = _walk(root)
     out = {}
     for rel in files:
-        if rel == FILE_LIST:
+        if rel in skip:
             continue
         full = os.path.join(root, rel)
-        size = os.path.getsize(full)
-        out[rel.replace(os.sep, "/")] = {"bytes": size, "sha256": _sha256(full) if size <= HASH_LIMIT else None}
+        out[_key(rel)] = {"bytes": os.path.getsize(full), "sha256": sha256_file(full)}
     return out
 
 
@@ -86,20 +104,45 @@ def write_file_list(root: str) -> None:
     write_json(os.path.join(root, FILE_LIST), {"written_by": WRITTEN_BY, "files": describe(root)})
 
 
-def read_file_list(root: str) -> dict | None:
+def _bad_key(k) -> bool:
+    if not isinstance(k, str) or not k or len(k) > 4096 or "\x00" in k or "\\" in k:
+        return True
+    parts = k.split("/")
+    return k.startswith("/") or any(p in ("", ".", "..") for p in parts) or k in (FILE_LIST, SCRATCH)
+
+
+def file_list_problem(root: str) -> tuple[dict | None, str | None]:
+    """(the checked file list of ``root``, None) or (None, why it cannot be used). A list is used only when it
+    is obslib's JSON, bounded, and every key is a relative path inside ``root`` with a size and a SHA-256."""
     f = os.path.join(root, FILE_LIST)
-    if not os.path.isfile(f) or os.path.islink(f):
-        return None
+    if not os.path.lexists(f):
+        return None, f"it has no {FILE_LIST} list of the files obslib wrote"
+    if os.path.islink(f) or not os.path.isfile(f):
+        return None, f"its {FILE_LIST} is not a regular file"
+    if os.path.getsize(f) > MAX_LIST_BYTES:
+        return None, f"its {FILE_LIST} is larger than {MAX_LIST_BYTES // 2**20} MiB"
     try:
         with open(f, encoding="utf-8") as fh:
             obj = json.load(fh)
     except (OSError, ValueError):
-        return None
+        return None, f"its {FILE_LIST} is not valid JSON"
     files = obj.get("files") if isinstance(obj, dict) and obj.get("written_by") == WRITTEN_BY else None
-    if not isinstance(files, dict) or not all(isinstance(v, dict) and isinstance(v.get("bytes"), int)
-                                              for v in files.values()):
-        return None
-    return files
+    if not isinstance(files, dict):
+        return None, f"its {FILE_LIST} is not obslib's"
+    if len(files) > MAX_LISTED:
+        return None, f"its {FILE_LIST} names {len(files)} files; at most {MAX_LISTED} are allowed"
+    for k, v in files.items():
+        if _bad_key(k):
+            return None, f"its {FILE_LIST} names {str(k)[:80]!r}, which is not a relative path inside it"
+        if not (isinstance(v, dict) and isinstance(v.get("bytes"), int) and not isinstance(v.get("bytes"), bool)
+                and v["bytes"] >= 0 and (v.get("sha256") is None or (isinstance(v["sha256"], str)
+                                                                    and _HEX64.match(v["sha256"])))):
+            return None, f"its {FILE_LIST} entry for {k[:80]!r} is malformed"
+    return files, None
+
+
+def read_file_list(root: str) -> dict | None:
+    return file_list_problem(root)[0]
 
 
 def is_listed_unchanged(root: str, rel: str) -> bool:
@@ -108,7 +151,7 @@ def is_listed_unchanged(root: str, rel: str) -> bool:
     full = os.path.join(root, rel)
     if entry is None or os.path.islink(full) or not os.path.isfile(full) or not entry.get("sha256"):
         return False
-    return os.path.getsize(full) == entry["bytes"] and _sha256(full) == entry["sha256"]
+    return os.path.getsize(full) == entry["bytes"] and sha256_file(full) == entry["sha256"]
 
 
 def replace_listed_text(root: str, rel: str, text: str) -> None:
@@ -120,34 +163,35 @@ def replace_listed_text(root: str, rel: str, text: str) -> None:
     f = os.path.join(root, FILE_LIST)
     with open(f, encoding="utf-8") as fh:
         obj = json.load(fh)
-    size = os.path.getsize(full)
-    obj["files"][rel] = {"bytes": size, "sha256": _sha256(full) if size <= HASH_LIMIT else None}
+    obj["files"][rel] = {"bytes": os.path.getsize(full), "sha256": sha256_file(full)}
     write_json(f, obj)
 
 
-def not_ours(root: str) -> list[str] | None:
-    """What under ``root`` obslib did not write: [] when every file at every depth is on its file list,
-    unchanged; None when the directory has no (valid) file list at all."""
+def not_ours(root: str, skip=()) -> list[str] | None:
+    """What under ``root`` obslib did not write: [] when every file at every depth is on its (checked) file
+    list, unchanged in size and SHA-256; None when the directory has no usable file list. ``skip``: top-level
+    names left out of the comparison (a scratch marker checked separately)."""
     listed = read_file_list(root)
     if listed is None:
         return None
     files, dirs, links = _walk(root)
     bad = list(links)
     for rel in files:
-        key = rel.replace(os.sep, "/")
-        if rel == FILE_LIST:
+        key = _key(rel)
+        if rel == FILE_LIST or rel in skip:
             continue
         entry = listed.get(key)
         full = os.path.join(root, rel)
         if entry is None:
             bad.append(rel)
             continue
-        size = os.path.getsize(full)
-        if size != entry["bytes"] or (entry.get("sha256") and size <= HASH_LIMIT and _sha256(full) != entry["sha256"]):
+        if entry.get("sha256") is None:
+            bad.append(f"{rel} (listed without a SHA-256 by an older obslib: cannot be checked)")
+        elif os.path.getsize(full) != entry["bytes"] or sha256_file(full) != entry["sha256"]:
             bad.append(f"{rel} (changed)")
     needed = {os.path.dirname(k) for k in listed}
     needed |= {p for k in needed for p in _parents(k)}
-    extra_dirs = [d for d in dirs if d.replace(os.sep, "/") not in needed]
+    extra_dirs = [d for d in dirs if _key(d) not in needed]
     shown = [b.split(" (")[0] for b in bad]  # a foreign folder is named only when nothing in it is already named
     bad += [d for d in extra_dirs if not any(inside(os.path.join("/", x), os.path.join("/", d)) for x in shown)
             and not any(inside(os.path.join("/", e), os.path.join("/", d)) for e in extra_dirs)]
@@ -155,7 +199,7 @@ def not_ours(root: str) -> list[str] | None:
 
 
 def _parents(rel: str):
-    while rel:
+    while rel and rel != os.path.dirname(rel):
         rel = os.path.dirname(rel)
         if rel:
             yield rel
@@ -178,27 +222,62 @@ def write_json(path: str, obj) -> None:
 
 
 def write_text(path: str, text: str) -> None:
-    """Write a text file atomically (a temporary file beside it, then one rename)."""
+    """Write a text file atomically (a temporary file beside it, then one rename); a full disk is one line."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if is_disk_full(e):
+            raise disk_full(path, len(text.encode("utf-8"))) from None
         raise
 
 
+# ---------------------------------------------------------------------------------------- a full disk
+def is_disk_full(e: BaseException) -> bool:
+    """An OSError with ENOSPC/EDQUOT, or a library's error that wraps one (safetensors: 'No space left')."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def disk_full(path: str, need_bytes: int | None = None):
+    """The one-line error for a full disk at ``path`` (a ``UsageError``)."""
+    from .errors import UsageError
+
+    try:
+        free = human(shutil.disk_usage(os.path.dirname(os.path.abspath(path)) or ".").free)
+    except OSError:
+        free = "unknown"
+    need = f"{human(need_bytes)} needed, " if need_bytes else ""
+    return UsageError(f"no space left on the device while writing {path!r} ({need}{free} free); free some space "
+                      "and run again")
+
+
+# ---------------------------------------------------------------------------------------- processes
 def pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except (PermissionError, OverflowError):
+        return pid < 2**31
     return True
 
 
@@ -214,13 +293,98 @@ def dead_leftovers(parent: str, pattern: re.Pattern) -> list[str]:
     return out
 
 
+# ---------------------------------------------------------------------------------------- scratch dirs
+def make_scratch(parent: str, prefix: str, purpose: str) -> str:
+    """A new directory ``parent/prefixXXXX`` with its marker (this PID, its own device and inode)."""
+    d = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        mark_scratch(d, purpose)
+    except BaseException:
+        os.rmdir(d)
+        raise
+    return d
+
+
+def mark_scratch(d: str, purpose: str) -> None:
+    st = os.lstat(d)
+    with open(os.path.join(d, SCRATCH), "w", encoding="utf-8") as f:
+        json.dump({"written_by": WRITTEN_BY, "purpose": purpose, "pid": os.getpid(), "dev": st.st_dev,
+                   "ino": st.st_ino}, f)
+
+
+def unmark_scratch(d: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(d, SCRATCH))
+
+
+def scratch_marker(d: str) -> dict | None:
+    """The marker of ``d`` when it is obslib's and names this very directory (device and inode), else None."""
+    f = os.path.join(d, SCRATCH)
+    try:
+        if os.path.islink(d) or os.path.islink(f) or not os.path.isfile(f) or os.path.getsize(f) > 4096:
+            return None
+        with open(f, encoding="utf-8") as fh:
+            m = json.load(fh)
+        st = os.lstat(d)
+    except (OSError, ValueError):
+        return None
+    ok = (isinstance(m, dict) and m.get("written_by") == WRITTEN_BY and isinstance(m.get("purpose"), str)
+          and all(isinstance(m.get(k), int) and not isinstance(m.get(k), bool) for k in ("pid", "dev", "ino"))
+          and (m["dev"], m["ino"]) == (st.st_dev, st.st_ino))
+    return m if ok else None
+
+
+def scratch_problem(d: str, pid: int | None = None, purposes=None, allowed=None) -> str | None:
+    """Why ``d`` cannot be proven one of obslib's scratch directories (None when it can): its marker must name
+    this directory, ``pid`` (when given) and one of ``purposes``; with a file list, every file must be on it,
+    unchanged; without one, every file must satisfy ``allowed`` (default: none may exist)."""
+    m = scratch_marker(d)
+    if m is None:
+        return f"it has no valid {SCRATCH} marker naming this directory"
+    if pid is not None and m["pid"] != pid:
+        return f"its marker names process {m['pid']}, its name process {pid}"
+    if purposes is not None and m["purpose"] not in purposes:
+        return f"its marker is for {m['purpose']!r}"
+    files, _, links = _walk(d)
+    if links:
+        return f"it holds a symbolic link ({links[0]})"
+    if os.path.lexists(os.path.join(d, FILE_LIST)):
+        bad = not_ours(d, skip=(SCRATCH,))
+        if bad is None:
+            return file_list_problem(d)[1]
+        return f"it holds {bad[0]}" if bad else None
+    odd = [f for f in files if f != SCRATCH and not (allowed and allowed(_key(f)))]
+    return f"it holds {odd[0]}, which obslib does not write there" if odd else None
+
+
+def remove_scratch(d: str, **checks) -> str | None:
+    """Remove a scratch directory proven obslib's (``scratch_problem``), file by file, the marker last.
+    Returns None when removed, else why it was left alone."""
+    problem = scratch_problem(d, **checks)
+    if problem:
+        return problem
+    files, dirs, _ = _walk(d)
+    for f in files:
+        if f != SCRATCH:
+            os.remove(os.path.join(d, f))
+    for sub in sorted(dirs, key=lambda x: -x.count(os.sep)):
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(d, sub))
+    unmark_scratch(d)
+    try:
+        os.rmdir(d)
+    except OSError as e:
+        return f"it could not be emptied ({e.strerror or e})"
+    return None
+
+
 def remove_tree_of(root: str, allowed) -> bool:
     """Remove ``root`` only when every file under it satisfies ``allowed(relative path)``, no link is
     in it and every folder can be emptied; returns whether it was removed. Nothing else is touched."""
     if not os.path.isdir(root) or os.path.islink(root):
         return False
     files, dirs, links = _walk(root)
-    if links or not all(allowed(f.replace(os.sep, "/")) for f in files):
+    if links or not all(allowed(_key(f)) for f in files):
         return False
     for f in files:
         os.remove(os.path.join(root, f))
@@ -239,12 +403,110 @@ def remove_tree_of(root: str, allowed) -> bool:
 def remove_listed(root: str) -> None:
     """Remove a directory obslib wrote (``not_ours(root) == []``), file by file: nothing unlisted is deleted."""
     listed = set(read_file_list(root) or {})
-    remove_tree_of(root, lambda rel: rel in listed or rel == FILE_LIST)
+    remove_tree_of(root, lambda rel: rel in listed or rel in (FILE_LIST, SCRATCH))
 
 
-def rmtree_scratch(path: str) -> None:
-    """Remove one of obslib's own temporary directories (named ``.obslib-*``, made by this process with
-    ``mkdtemp``): the only place a whole tree is removed without a file list."""
-    if not os.path.basename(path).startswith(".obslib-"):
-        raise ValueError(f"refusing to remove {path!r}: not an obslib temporary directory")
-    shutil.rmtree(path, ignore_errors=True)
+# ---------------------------------------------------------------------------------------- one run per path
+LOCK_PREFIX = ".obslib-lock-"
+
+
+class RunLock:
+    """Exclusive use of ``path`` by one obslib process, for as long as the ``with`` block runs.
+
+    The lock is the file ``.obslib-lock-NAME`` beside ``path``: created atomically (a hard link of a complete
+    temporary file, so it is never seen half-written) holding its owner's PID, and ``flock``-ed while held. A
+    second run finds it locked, or naming a live process, and is refused in one line. A lock whose process is
+    gone is removed (only when it is an obslib lock); a file of that name that is not is never touched.
+    Re-entrant within one process."""
+
+    _held: dict[str, list] = {}
+
+    def __init__(self, path, flag: str = "--out"):
+        ok = isinstance(path, (str, os.PathLike)) and str(path).strip()
+        self.real = os.path.realpath(os.fspath(path)) if ok else None  # a bad path: the path checks name it
+        self.flag, self.shown = flag, os.fspath(path) if ok else path
+        self.file = self.real and os.path.join(os.path.dirname(self.real), LOCK_PREFIX + os.path.basename(self.real))
+
+    def _refuse(self, why: str):
+        from .errors import UsageError
+
+        return UsageError(f"{self.flag} {self.shown!r}: {why}")
+
+    def _read(self) -> dict | None:
+        try:
+            if os.path.islink(self.file) or not os.path.isfile(self.file) or os.path.getsize(self.file) > 4096:
+                return None
+            with open(self.file, encoding="utf-8") as f:
+                d = json.load(f)
+        except (OSError, ValueError):
+            return None
+        ok = isinstance(d, dict) and d.get("written_by") == WRITTEN_BY and d.get("kind") == "lock" \
+            and isinstance(d.get("pid"), int) and not isinstance(d.get("pid"), bool)
+        return d if ok else None
+
+    def __enter__(self):
+        if self.real is None:
+            return self
+        held = RunLock._held.get(self.real)
+        if held is not None:
+            held[1] += 1
+            return self
+        parent = os.path.dirname(self.real)
+        if not os.path.isdir(parent):
+            return self  # nothing can be written there; the path checks say so in their own words
+        for _ in range(20):
+            tmp = os.path.join(parent, f"{LOCK_PREFIX}{os.getpid()}-{os.urandom(4).hex()}.tmp")
+            try:
+                with open(tmp, "x", encoding="utf-8") as f:
+                    json.dump({"written_by": WRITTEN_BY, "kind": "lock", "pid": os.getpid(), "path": self.real}, f)
+                try:
+                    os.link(tmp, self.file)
+                    created = True
+                except FileExistsError:
+                    created = False
+            except OSError as e:
+                if is_disk_full(e):
+                    raise disk_full(self.file, 4096) from None
+                return self  # a read-only parent: the write checks refuse it in their own words
+            finally:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+            fd = os.open(self.file, os.O_RDONLY) if os.path.isfile(self.file) and not os.path.islink(self.file) else None
+            if created:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # ours: nobody else keeps it (see below)
+                RunLock._held[self.real] = [fd, 1]
+                return self
+            info = self._read()
+            if info is None:
+                if fd is not None:
+                    os.close(fd)
+                raise self._refuse(f"{self.file!r} is in the way and obslib did not write it (obslib keeps its lock "
+                                   "for a path there); move it away")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                free = not pid_alive(info["pid"])
+            except BlockingIOError:
+                free = False
+            if not free:
+                os.close(fd)
+                raise self._refuse(f"another obslib run (process {info['pid']}) is using it; wait for that run to "
+                                   f"finish, or choose another {self.flag}")
+            with contextlib.suppress(OSError):  # a dead run's lock: removed only if the file is still that one
+                if os.stat(self.file).st_ino == os.fstat(fd).st_ino:
+                    os.remove(self.file)
+            os.close(fd)
+        raise self._refuse(f"could not take the lock {self.file!r}")
+
+    def __exit__(self, *exc):
+        held = RunLock._held.get(self.real)
+        if held is None:
+            return False
+        held[1] -= 1
+        if held[1] == 0:
+            fd = held[0]
+            with contextlib.suppress(OSError):
+                if os.stat(self.file).st_ino == os.fstat(fd).st_ino:
+                    os.remove(self.file)
+            os.close(fd)
+            del RunLock._held[self.real]
+        return False

@@ -17,6 +17,7 @@ the CLIP model is a local directory (``load_clip``), loaded with ``local_files_o
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -303,9 +304,18 @@ def write_grid(path: str, prompts: list[str], model_images: np.ndarray, referenc
         axes[i, 0].set_ylabel("\n".join(textwrap.wrap(prompts[i], 28)[:3]), fontsize=7)
     fig.tight_layout()
     tmp = f"{path}.{os.getpid()}.tmp.png"
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=100, metadata={"Software": "obslib evaluate"})
+        fig.savefig(buf, format="png", dpi=100, metadata={"Software": "obslib evaluate"})
+        with open(tmp, "wb") as f:
+            f.write(buf.getvalue())
         os.replace(tmp, path)
+    except Exception as e:  # a full disk is one line naming the grid and its size
+        from .owned import disk_full, is_disk_full
+
+        if is_disk_full(e):
+            raise disk_full(path, len(buf.getvalue())) from None
+        raise
     finally:
         plt.close(fig)
         if os.path.exists(tmp):

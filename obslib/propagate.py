@@ -32,9 +32,11 @@ disk as one safetensors file per step, read back memory-mapped.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import re
+import sys
 import tempfile
 
 import torch
@@ -100,7 +102,14 @@ class BlockRecord:
                 os.makedirs(self.spill_dir, exist_ok=True)
         if self.on_disk:
             path = os.path.join(self.spill_dir, f"b{self.block:04d}-{len(self.entries):06d}.safetensors")
-            save_file(tensors, path)
+            try:
+                save_file(tensors, path)
+            except Exception as e:  # a full disk is one line naming the path and the space the record needs
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+                if owned.is_disk_full(e):
+                    raise owned.disk_full(path, size * (self.expected - len(self.entries))) from None
+                raise
             self.entries.append((run, step, rest, path))
         else:
             self.entries.append((run, step, rest, tensors))
@@ -329,9 +338,8 @@ class Propagation:
         _remove_dead_records(spill_parent or tempfile.gettempdir())
         # ours alone (the PID lets a later run remove it if this one is killed); removed by close
         try:
-            self.spill_dir = tempfile.mkdtemp(prefix=f".obslib-record-{os.getpid()}-", dir=spill_parent)
-            with open(os.path.join(self.spill_dir, RECORD_MARKER), "w", encoding="utf-8") as f:
-                f.write('{"written_by": "obslib", "kind": "propagate-record"}\n')
+            self.spill_dir = owned.make_scratch(spill_parent or tempfile.gettempdir(), f".obslib-record-{os.getpid()}-",
+                                                "propagate-record")
         except OSError as e:
             raise UsageError(f"cannot create the propagate record's spill directory in {spill_parent!r} "
                              f"({e.strerror or e}); give a writable --checkpoint-dir location") from None
@@ -459,21 +467,27 @@ class Propagation:
             self.memo.clear()
         if self.record is not None:
             self.record.drop()
-        owned.rmtree_scratch(self.spill_dir)
+        owned.remove_scratch(self.spill_dir, pid=os.getpid(), purposes=("propagate-record",), allowed=_recorded)
 
 
-RECORD_MARKER = "obslib_record.json"
 _RECORD = re.compile(r"^\.obslib-record-(?P<pid>\d+)-\w+$")
+_RECORDED = re.compile(r"^b\d{4}/b\d{4}-\d{6}\.safetensors$")
+
+
+def _recorded(rel: str) -> bool:
+    return bool(_RECORDED.match(rel))
 
 
 def _remove_dead_records(parent: str) -> None:
-    """Spill directories that a killed run left in ``parent`` (named .obslib-record-PID-*, PID no longer
-    alive, holding the record marker and nothing but recorded safetensors files)."""
+    """Spill directories that a killed run left in ``parent``: removed only when the name's PID is gone, the
+    directory's marker names it and that PID, and it holds nothing but recorded safetensors files."""
     for name in owned.dead_leftovers(parent, _RECORD):
         full = os.path.join(parent, name)
-        if os.path.isfile(os.path.join(full, RECORD_MARKER)):
-            owned.remove_tree_of(full, lambda rel: rel == RECORD_MARKER or (rel.endswith(".safetensors")
-                                                                            and rel.startswith("b")))
+        why = owned.remove_scratch(full, pid=int(_RECORD.match(name)["pid"]), purposes=("propagate-record",),
+                                   allowed=_recorded)
+        if why:
+            print(f"obslib: note: left {full!r} alone: it is named like an obslib propagate record, but {why}",
+                  file=sys.stderr)
 
 
 def _in_block(block: nn.Module, module: nn.Module) -> bool:

@@ -253,14 +253,16 @@ def test_a_killed_runs_spill_directory_is_removed_by_the_next_run(tmp_path):
     from obslib.propagate import _remove_dead_records
 
     dead = subprocess_dead_pid()
+    from test_safety import _marked_dead
+
     left = tmp_path / f".obslib-record-{dead}-abc123"
     (left / "b0000").mkdir(parents=True)
-    (left / "b0000" / "x.safetensors").write_bytes(b"0")
-    (left / "obslib_record.json").write_text("{}")
-    mine = tmp_path / f".obslib-record-{dead}-def456"  # a dead PID's name, but a user's file in it: kept
+    (left / "b0000" / "b0000-000000.safetensors").write_bytes(b"0")
+    _marked_dead(left, "propagate-record", dead)
+    mine = tmp_path / f".obslib-record-{dead}-def456"  # a dead PID's name and marker, but a user's file in it: kept
     (mine / "b0000").mkdir(parents=True)
     (mine / "notes.txt").write_text("mine")
-    (mine / "obslib_record.json").write_text("{}")
+    _marked_dead(mine, "propagate-record", dead)
     alive = tmp_path / f".obslib-record-{os.getpid()}-zzz"
     alive.mkdir()
     user = tmp_path / ".obslib-record-notes"  # not ours by name: never touched

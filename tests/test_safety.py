@@ -14,7 +14,7 @@ import obslib
 from obslib.config import PruneConfig
 from obslib.io import UsageError, check_output_dir, clean_stale, write_json
 from obslib.obs import SolverError, damped_inverse, obs_prune
-from obslib.owned import write_file_list
+from obslib.owned import sha256_file, write_file_list
 from obslib.shapes import prompts
 from obslib.structured import prune_neurons
 
@@ -108,7 +108,8 @@ def test_a_copied_report_does_not_make_a_user_folder_replaceable(model_copy, tmp
     one_line(*cli(["prune", model_copy, "--num-prompts", "2", "--out", folder, "--overwrite"], capsys),
              "was not written by obslib (it has no obslib_files.json")
     write_json(str(folder / "obslib_files.json"), {"written_by": "obslib", "files": {
-        "pruning_report.json": {"bytes": os.path.getsize(folder / "pruning_report.json"), "sha256": None}}})
+        "pruning_report.json": {"bytes": os.path.getsize(folder / "pruning_report.json"),
+                                "sha256": sha256_file(str(folder / "pruning_report.json"))}}})
     one_line(*cli(["prune", model_copy, "--num-prompts", "2", "--out", folder, "--overwrite"], capsys),
              "holds files obslib did not write (notes.txt)")
     trained = tmp_path / "trained"
@@ -197,21 +198,35 @@ def test_read_only_out_is_found_before_the_prune(model_copy, capsys):
     one_line(rc, err, "cannot write in")
 
 
+def _marked_dead(d, purpose, pid):
+    """A scratch folder as a killed obslib process leaves it: its marker names the folder and the (dead) PID."""
+    from obslib import owned
+
+    owned.mark_scratch(str(d), purpose)
+    m = json.load(open(d / owned.SCRATCH))
+    m["pid"] = pid
+    (d / owned.SCRATCH).write_text(json.dumps(m))
+
+
 def test_stale_temporaries_of_a_killed_run_are_cleaned(tmp_path):
     out = tmp_path / "out"
     dead = 2**22 + 12345  # above the default pid_max: no such process
-    (tmp_path / f".obslib-tmp-out-{dead}-abc123").mkdir()
-    (tmp_path / f".obslib-tmp-other-{dead}-abc123").mkdir()  # another destination's: left alone
+    for name in (f".obslib-tmp-out-{dead}-abc123", f".obslib-tmp-other-{dead}-abc123"):
+        (tmp_path / name).mkdir()
+        _marked_dead(tmp_path / name, "tmp", dead)
     (tmp_path / f".obslib-tmp-out-{os.getpid()}-live99").mkdir()  # a live run's: left alone
     done = clean_stale(out)
-    assert done == [f"removed .obslib-tmp-out-{dead}-abc123"]
+    assert done == [f"removed .obslib-tmp-out-{dead}-abc123"]  # another destination's: left alone
     assert sorted(os.listdir(tmp_path)) == [f".obslib-tmp-other-{dead}-abc123", f".obslib-tmp-out-{os.getpid()}-live99"]
     # a kill between the two renames of a replacement: --out missing, the old one parked -> put back
     old = tmp_path / f".obslib-old-out-{dead}-xyz"
     old.mkdir()
     (old / "pruning_report.json").write_text("{}")
+    write_file_list(str(old))
+    _marked_dead(old, "old", dead)
     clean_stale(out)
     assert (out / "pruning_report.json").read_text() == "{}" and not old.exists()
+    assert sorted(os.listdir(out)) == ["obslib_files.json", "pruning_report.json"]  # the marker is not carried in
 
 
 def test_sigkill_while_saving_leaves_out_untouched_and_next_run_cleans(tiny_pipe_dir, tmp_path):
@@ -253,7 +268,7 @@ def test_failed_save_and_exchange_fallback(tiny_pipe, tmp_path, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(type(tiny_pipe), "save_pretrained", broken)
-        with pytest.raises(OSError):
+        with pytest.raises(UsageError, match="no space left on the device while writing"):
             obslib.save_pruned(tiny_pipe, {"method": "magnitude"}, str(out), overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["out"] and json.load(open(out / "pruning_report.json"))["marker"] == 1
     monkeypatch.setattr(io, "_exchange", lambda a, b: False)  # a file system without RENAME_EXCHANGE
@@ -331,7 +346,7 @@ def _prompt_file(tmp_path, kind):
     (["--device", "cuda:7"], "device 'cuda:7' is not usable here"),
     (["--device", "meta"], "device 'meta' is not usable here"),
     (["--device", "cpu:99"], "device 'cpu:99' is not usable here"),
-    (["--prompts", ""], "prompt file '' does not exist"),
+    (["--prompts", ""], "--prompts '': expected a path"),
     (["--prompts", "/tmp"], "is not a regular file"),
     (["--prompts", "BINARY"], "is binary"),
     (["--prompts", "LATIN1"], "is not UTF-8 text (byte 0xe9"),
