@@ -63,10 +63,9 @@ class CheckpointDir:
         self._tmp = re.compile(rf"^{re.escape(self.prefix)}\d{{{digits}}}\.tmp-\d+$")
 
     # ------------------------------------------------------------------ checks (before any work)
-    def check(self, protect=(), out: str | None = None) -> None:
-        """Refuse a path that could lose a user's files: a file, a link, the model (or inside it, or holding
-        it), ``--out`` (or inside it), a folder whose parent is missing or not writable, or an existing
-        folder that is not an obslib checkpoint of this kind."""
+    def check_place(self, protect=(), out: str | None = None) -> None:
+        """Refuse a path that could lose a user's files by where it is: a file, a link, the model (or inside it,
+        or holding it), ``--out`` (or inside it, or holding it), a folder whose parent is missing."""
         p, flag, shown = self.path, self.flag, self.given
         if os.path.islink(p):
             raise UsageError(f"{flag} {shown!r} is a symbolic link; give a real path")
@@ -91,6 +90,13 @@ class CheckpointDir:
         parent = os.path.dirname(p)
         if not os.path.isdir(parent):
             raise UsageError(f"{flag} {shown!r}: its parent directory {parent!r} does not exist")
+
+    def check(self, protect=(), out: str | None = None) -> None:
+        """``check_place``, then refuse a folder whose parent is not writable, or an existing folder that is not
+        an obslib checkpoint of this kind (or of another run)."""
+        self.check_place(protect, out)
+        p, flag, shown = self.path, self.flag, self.given
+        parent = os.path.dirname(p)
         if os.path.isdir(p):
             problem = self._not_ours()
             if problem is None and self.fp is not None:
@@ -105,7 +111,7 @@ class CheckpointDir:
                                  "give a path that does not exist yet (obslib creates it)")
         try:  # permission bits do not bind root, and a file system may be read-only: try it
             target = p if os.path.isdir(p) else parent
-            os.rmdir(tempfile.mkdtemp(prefix=".obslib-probe-", dir=target))
+            os.rmdir(tempfile.mkdtemp(prefix=f".obslib-probe-{os.getpid()}-", dir=target))
         except OSError as e:
             raise UsageError(f"{flag} {shown!r}: cannot write in {target!r} ({e.strerror or e})") from None
 
@@ -120,9 +126,10 @@ class CheckpointDir:
             return f"no {MARKER}" if os.listdir(self.path) else "it is empty but obslib did not create it"
         try:
             meta = self._marker()
-        except (OSError, ValueError):
+        except owned.JSON_ERRORS:
             return f"its {MARKER} is not valid JSON"
-        if not isinstance(meta, dict) or meta.get("written_by") != owned.WRITTEN_BY or meta.get("kind") not in KINDS:
+        if not isinstance(meta, dict) or meta.get("written_by") != owned.WRITTEN_BY \
+                or not isinstance(meta.get("kind"), str) or meta["kind"] not in KINDS:
             return f"its {MARKER} is not obslib's"
         if meta["kind"] != self.kind:
             return f"it holds {meta['kind']} checkpoints; this method writes {self.kind} checkpoints"
@@ -132,6 +139,9 @@ class CheckpointDir:
             full = os.path.join(self.path, name)
             if name == MARKER:
                 continue
+            if name.startswith(".obslib-probe-") and os.path.isdir(full) and not os.path.islink(full) \
+                    and not os.listdir(full):
+                continue  # another process's write probe (empty, removed at once)
             if os.path.islink(full) or not os.path.isdir(full) or not (self._entry.match(name) or self._tmp.match(name)):
                 return f"it holds {name!r}"
             allowed = self.files if self._entry.match(name) else (*self.files, owned.SCRATCH)
@@ -139,10 +149,8 @@ class CheckpointDir:
                 if f not in allowed or os.path.islink(os.path.join(full, f)) \
                         or not os.path.isfile(os.path.join(full, f)):
                     return f"it holds {os.path.join(name, f)!r}"
-            if self._tmp.match(name):
-                why = self._entry_problem(full)
-                if why:
-                    return f"{name!r}: {why}"
+            # an entry cut short while written that obslib cannot prove (a kill before its marker) is never read:
+            # it does not make the directory someone else's, and removal leaves it in place with a note
         return None
 
     def _entry_problem(self, full: str) -> str | None:
@@ -158,7 +166,7 @@ class CheckpointDir:
             with open(mf, encoding="utf-8") as f:
                 meta = json.load(f)
             theirs = self._marker().get("fingerprint")
-        except (OSError, ValueError):
+        except (*owned.JSON_ERRORS, AttributeError):
             return "its meta.json is missing or unreadable"
         rec = meta.get("files", {}).get(self.files[0]) if isinstance(meta, dict) and isinstance(meta.get("files"),
                                                                                              dict) else None
@@ -190,10 +198,10 @@ class CheckpointDir:
         tmp = f"{final}.tmp-{os.getpid()}"
         try:
             self._write(final, tmp, tensors, meta)
-        except Exception as e:
+        except BaseException as e:  # Ctrl-C and SIGTERM too: no half-written entry stays
             if os.path.isdir(tmp):
                 self._remove_entry(tmp)
-            if owned.is_disk_full(e):
+            if isinstance(e, Exception) and owned.is_disk_full(e):
                 raise owned.disk_full(final, need) from None
             raise
         return final
@@ -268,8 +276,11 @@ class CheckpointDir:
             print(f"obslib: note: left the checkpoint directory {self.path!r} in place: {problem}", file=sys.stderr)
             return False
         for d in os.listdir(self.path):
+            full = os.path.join(self.path, d)
+            if d.startswith(".obslib-probe-") and owned.remove_empty_leftover(full):
+                continue  # a write probe a kill left behind: empty
             if d != MARKER:
-                self._remove_entry(os.path.join(self.path, d))
+                self._remove_entry(full)
         if sorted(os.listdir(self.path)) == [MARKER]:
             os.remove(os.path.join(self.path, MARKER))
             os.rmdir(self.path)

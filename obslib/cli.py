@@ -222,8 +222,12 @@ def _cli_prune(a) -> None:
     meth = METHODS[a.method]
     check_pipeline_dir(a.model_dir)
     check_device(a.device)
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    rank0 = int(os.environ.get("RANK", "0") or 0) == 0
+    world = _world()
+    rank0 = world <= 1 or int(os.environ.get("RANK", "0") or 0) == 0
+    # the paths' relations first (no lock file is ever put inside the model or --out), then the locks, then the rest
+    check_output_dir(a.out, [a.model_dir], a.overwrite, clean=False, verify_existing=False, note=None)
+    if ckdir and kind_for(meth) is not None:
+        CheckpointDir(ckdir, kind_for(meth)).check_place(protect=[a.model_dir], out=a.out)
     with contextlib.ExitStack() as locks:
         if rank0:  # one run per --out and checkpoint directory (rank 0 writes them under torchrun)
             locks.enter_context(owned.RunLock(a.out, "--out"))
@@ -238,7 +242,7 @@ def _prune_locked(a, cfg, meth, ckdir, world: int, rank0: bool, quiet_notes: boo
 
     # everything about --out and the checkpoints is settled before the (long) work starts
     check_output_dir(a.out, [a.model_dir], a.overwrite, need_bytes=tree_bytes(a.model_dir),
-                     note=None if quiet_notes else io_note)
+                     note=None if quiet_notes else io_note, clean=rank0)
     training = meth.needs_training
     if training:
         if a.train_data is not None:
@@ -307,7 +311,7 @@ def _prune_locked(a, cfg, meth, ckdir, world: int, rank0: bool, quiet_notes: boo
     cfg.progress = cfg.progress and rank0
     t0 = time.perf_counter()
     saved_before = len(ck.entries()) if ck is not None else 0
-    with _checkpoint_said(ck if rank0 else None, saved_before, resume_cmd):
+    with _checkpoint_said(ck, saved_before, resume_cmd, a.out, rank0):
         pipe = load_pipeline(a.model_dir, device=distributed.rank_device(a.device), dtype=DTYPES[a.dtype],
                              progress=a.verbose and rank0)
         t_load = time.perf_counter() - t0
@@ -316,10 +320,10 @@ def _prune_locked(a, cfg, meth, ckdir, world: int, rank0: bool, quiet_notes: boo
             return
         t = time.perf_counter()
         report["command"] = command  # the model card quotes it
-        save_pruned(pipe, report, a.out, a.model_dir, overwrite=a.overwrite, flag="--out")
+        save_pruned(pipe, report, a.out, a.model_dir, overwrite=a.overwrite, flag="--out", notes=False)
         t_save = time.perf_counter() - t
-    if ck is not None:
-        ck.remove()  # the run is complete: its checkpoints (obslib's files only) are no longer needed
+        if ck is not None:
+            ck.remove()  # the run is complete: its checkpoints (obslib's files only) are no longer needed
     if not a.quiet:
         print(closing_line(a.out, report, pipe, t_load, t_save, time.perf_counter() - t0))
 
@@ -329,33 +333,44 @@ def io_note(text: str) -> None:
 
 
 @contextlib.contextmanager
-def _checkpoint_said(ck, saved_before: int, resume_cmd: str):
+def _checkpoint_said(ck, saved_before: int, resume_cmd: str, out: str, rank0: bool = True):
     """However the run ends before its output is complete (an error, Ctrl-C, SIGTERM, a full disk), the one line
     it ends with says where the checkpoint is and the command that continues it; with no checkpoint, that
-    nothing was written."""
+    nothing was written. Under torchrun rank 0 says it (the other ranks write nothing)."""
+    from .io import COMPLETED
+
     try:
         yield
     except BaseException as e:
-        if isinstance(e, (SystemExit, GeneratorExit)):
+        if isinstance(e, (SystemExit, GeneratorExit)) or not rank0:
+            if isinstance(e, KeyboardInterrupt):
+                e.said = True
+            raise
+        if os.path.realpath(out) in COMPLETED:  # interrupted just after the swap: the output is complete
+            if ck is not None:
+                ck.remove()
+            if isinstance(e, KeyboardInterrupt):
+                e.said = True
+                print(f"obslib: {_stopped(e)} after {out} was written (it is complete)", file=sys.stderr)
             raise
         n = len(ck.entries()) if ck is not None else 0
         if n == 0 and ck is not None:
             ck.remove_if_empty()
-        diverged = isinstance(e, UsageError) and "diverged" in str(e)
+        same_again = isinstance(e, UsageError) and ("diverged" in str(e) or "NaN or infinite" in str(e))
         if n == 0:
             where = "nothing was written"
-        elif diverged:
-            where = (f"the checkpoint in {ck.path} holds the diverging run; delete that directory before running "
-                     "with another --lr")
+        elif same_again:
+            where = (f"the checkpoint in {ck.path} holds these settings' steps, which would give the same result; "
+                     "delete that directory before running with other settings")
         else:
             where = f"{n} finished step(s) are checkpointed in {ck.path}; continue with: {resume_cmd}"
         if isinstance(e, (UsageError, SolverError)):
-            if n == 0 or (n == saved_before and not diverged and "no space left" not in str(e)):
+            if n == 0 or (n == saved_before and not same_again and "no space left" not in str(e)):
                 raise
             raise type(e)(f"{e} ({where})") from None
         if isinstance(e, KeyboardInterrupt):
-            what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-            print(f"obslib: {what}; {where}", file=sys.stderr)
+            e.said = True
+            print(f"obslib: {_stopped(e)}; {where}", file=sys.stderr)
             raise
         if owned.is_disk_full(e):
             path = getattr(e, "filename", None) or (ck.path if ck is not None else "the output")
@@ -363,6 +378,17 @@ def _checkpoint_said(ck, saved_before: int, resume_cmd: str):
         if n:
             print(f"obslib: {where}", file=sys.stderr)
         raise
+
+
+def _stopped(e) -> str:
+    return "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+
+
+def _world() -> int:
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    except ValueError:
+        return 1
 
 
 def closing_line(out: str, report: dict, pipe, t_load: float, t_save: float, wall: float) -> str:
@@ -388,14 +414,20 @@ def closing_line(out: str, report: dict, pipe, t_load: float, t_save: float, wal
 def _shown_on_this_rank(e) -> bool:
     """Under torchrun an error every rank meets alike (the checks before the work, ranks that disagree) is printed
     by rank 0 alone, so the refusal reads as one line; one rank's own failure is printed by that rank."""
-    if int(os.environ.get("RANK", "0") or 0) == 0:
+    if _world() <= 1 or int(os.environ.get("RANK", "0") or 0) == 0:
         return True
     import torch.distributed as dist
 
-    return dist.is_available() and dist.is_initialized() and not getattr(e, "same_on_every_rank", False)
+    shown = dist.is_available() and dist.is_initialized() and not getattr(e, "same_on_every_rank", False)
+    if not shown:
+        time.sleep(1.0)  # let rank 0 print its line before torchrun, seeing this rank exit, stops the others
+    return shown
 
 
 def _on_sigterm(signum, frame):
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
     raise Terminated()
 
 
@@ -422,9 +454,10 @@ def main(argv=None) -> int:
     import signal
 
     argv = sys.argv[1:] if argv is None else [str(x) for x in argv]
-    prev = None
+    prev, installed = signal.getsignal(signal.SIGTERM), False
     try:  # SIGTERM (a scheduler, timeout) ends the run the way Ctrl-C does: checkpoint kept, one line
-        prev = signal.signal(signal.SIGTERM, _on_sigterm)
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        installed = True
     except ValueError:  # not the main thread
         pass
     try:
@@ -436,13 +469,13 @@ def main(argv=None) -> int:
         if _shown_on_this_rank(e):
             print(f"obslib: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    except Terminated:
-        return 128 + signal.SIGTERM
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated): one line, unless the run said it already
+        if not getattr(e, "said", False) and (_world() <= 1 or int(os.environ.get("RANK", "0") or 0) == 0):
+            print(f"obslib: {_stopped(e)}; nothing was written", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(e, Terminated) else 130
     finally:
-        if prev is not None:
-            signal.signal(signal.SIGTERM, prev)
+        if installed:
+            signal.signal(signal.SIGTERM, prev if prev is not None else signal.SIG_DFL)
     return 0
 
 

@@ -124,7 +124,7 @@ def check_finite_result(den, cfg) -> None:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         hint = f" (gradient-flow training diverged: lower --lr, now {cfg.lr:g})" if cfg.method == "gradient-flow" else ""
         raise UsageError(f"the pruned weights of {len(bad)} parameter(s) are NaN or infinite ({', '.join(bad[:3])}{more})"
-                         f"{hint}; nothing was written")
+                         f"{hint}; no output was written")
 
 
 def _count_flops(pipe, steps, guidance, cfg, msl, before: dict | None = None) -> dict:

@@ -432,7 +432,7 @@ def gradient_flow_prune(den, cfg, steps: int, component: str, undo, block_ids: l
                                                                        for p in params.values()):
                     raise UsageError(f"gradient-flow training diverged at iteration {it + 1} of {n} (loss "
                                      f"{float(loss.detach()):.4g}, or NaN/inf weights) with --lr {cfg.lr:g}; lower "
-                                     "--lr (nothing was written)")
+                                     "--lr (no output was written)")
                 if it % 10 == 0 or it == n - 1:
                     log.append([it, float(loss.detach())])
                 bar.set_postfix(loss=f"{float(loss.detach()):.4f}")

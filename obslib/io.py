@@ -94,11 +94,17 @@ def clean_stale(out: str, note=_note) -> list[str]:
     if not os.path.isdir(parent):
         return []
     done = []
+    mark = owned.scratch_marker(out) if os.path.isdir(out) and not os.path.islink(out) else None
+    if mark is not None and mark["purpose"] == "old" and owned.process_gone(mark) is True:
+        owned.unmark_scratch(out)  # a run killed just before its swap had marked the old output: it stays as it was
     for name in owned.dead_leftovers(parent, _SCRATCH):
         m = _SCRATCH.match(name)
         if m["base"] != base:
             continue
         path, pid = os.path.join(parent, name), int(m["pid"])
+        if owned.remove_empty_leftover(path):  # killed before its marker: nothing in it
+            done.append(f"removed {name}")
+            continue
         if m.group(1) == "old" and not os.path.lexists(out):
             why = owned.scratch_problem(path, pid=pid, purposes=("old",))
             if why is None and owned.not_ours(path, skip=(owned.SCRATCH,)) != []:
@@ -131,14 +137,15 @@ def tree_bytes(path: str) -> int:
 
 
 def check_output_dir(out, protect=(), overwrite: bool = False, need_bytes: int = 0, flag: str = "--out",
-                     note=_note) -> str:
+                     note=_note, clean: bool = True, verify_existing: bool = True) -> str:
     """Refuse an output directory that could lose a user's files, before any work is done.
 
     ``protect`` are directories that must survive (the model being pruned): ``out`` may be none of them, lie
     inside one, or contain one. An existing ``out`` must be an empty directory, or (with ``overwrite``) a
     directory that obslib wrote. Its parent must exist and be writable, with room for ``need_bytes``.
-    Stale temporary directories of a killed earlier run to the same destination are cleaned up.
-    Returns the absolute destination.
+    Stale temporary directories of a killed earlier run to the same destination are cleaned up (``clean``;
+    under torchrun rank 0 alone does it). ``verify_existing=False`` leaves the hashing of an existing output to
+    the check just before the swap. Returns the absolute destination.
     """
     if not isinstance(out, (str, os.PathLike)) or not str(out).strip():
         raise UsageError(f"{flag} {out!r}: expected a directory path")
@@ -163,7 +170,8 @@ def check_output_dir(out, protect=(), overwrite: bool = False, need_bytes: int =
     parent = os.path.dirname(real)
     if not os.path.isdir(parent):
         raise UsageError(f"{flag} {out!r}: its parent directory {parent!r} does not exist")
-    clean_stale(real, note)
+    if clean:
+        clean_stale(real, note)
     if os.path.lexists(real):
         if not os.path.isdir(real):
             raise UsageError(f"{flag} {out!r} is an existing file; choose a new directory name")
@@ -171,11 +179,15 @@ def check_output_dir(out, protect=(), overwrite: bool = False, need_bytes: int =
             if not overwrite:
                 raise UsageError(f"{flag} {out!r} exists and is not empty; choose a new directory, or pass --overwrite "
                                  "to replace an earlier obslib output")
-            extra = owned.not_ours(real)
+            extra = owned.not_ours(real) if verify_existing else []
             if extra is None:
                 why = owned.file_list_problem(real)[1]
                 raise UsageError(f"{flag} {out!r} was not written by obslib ({why}); refusing to replace it, even "
                                  "with --overwrite")
+            if extra and all("by an older obslib" in x for x in extra):
+                raise UsageError(f"{flag} {out!r} was written by an older obslib, which recorded no SHA-256 for its "
+                                 f"large files ({extra[0].split(' (')[0]}), so it cannot be checked; delete it yourself "
+                                 "or choose a new directory")
             if extra:
                 more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
                 raise UsageError(f"{flag} {out!r} holds files obslib did not write ({', '.join(extra[:3])}{more}); "
@@ -252,46 +264,78 @@ def _rename2(a: str, b: str, flags: int) -> int:
     return 0 if fn(-100, os.fsencode(a), -100, os.fsencode(b), flags) == 0 else ctypes.get_errno()
 
 
+COMPLETED: set[str] = set()  # outputs this process swapped into place (an interrupt right after is told apart)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Ctrl-C and SIGTERM wait (are delivered right after) while the swap renames run: no half-done swap."""
+    import signal
+    import threading
+
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    main = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _finish(out: str, tmp: str, overwrite: bool) -> None:
     """Move the complete ``tmp`` to ``out``, re-checking ``out`` at this moment (another run may have
-    written it since the check before the work)."""
+    written it since the check before the work). Every folder that a kill could leave beside ``out`` carries a
+    valid marker at every moment: the marker of the old output is written into ``out`` before the swap and
+    travels with its inode."""
     import errno
 
-    owned.unmark_scratch(tmp)  # the complete output goes in without obslib's scratch marker
     umask = os.umask(0)
     os.umask(umask)
     mode = (os.stat(out).st_mode & 0o7777) if os.path.isdir(out) else (0o777 & ~umask)
     os.chmod(tmp, mode)  # mkdtemp makes 0700; the output gets the usual permissions (or the replaced dir's)
-    if not os.path.lexists(out):
-        rc = _rename2(tmp, out, 1)  # RENAME_NOREPLACE: never replaces what appeared meanwhile
-        if rc == 0:
-            return
-        if rc not in (errno.ENOSYS, errno.EINVAL):
-            if rc == errno.EEXIST:
-                raise UsageError(f"--out {out!r} was created by another process while this one worked; "
-                                 "nothing was replaced (this run's result is discarded)")
-            raise OSError(rc, os.strerror(rc), out)
-        os.replace(tmp, out)  # a file system without renameat2: replaces an empty directory at most
-        return
-    if os.listdir(out) and not (overwrite and written_by_obslib(out)):
+    replacing = os.path.lexists(out)
+    if replacing and os.listdir(out) and not (overwrite and written_by_obslib(out)):
         raise UsageError(f"--out {out!r} was written by another process while this one worked; nothing was "
                          "replaced (this run's result is discarded)")
-    if _exchange(tmp, out):
-        _drop_old(tmp)  # now holds the old contents (checked above: every file obslib's)
-        return
-    parent, base = os.path.dirname(out), os.path.basename(out)
-    old = tempfile.mkdtemp(prefix=f".obslib-old-{base}-{os.getpid()}-", dir=parent)
-    os.rmdir(old)
-    os.replace(out, old)
-    owned.mark_scratch(old, "old")  # a kill from here on is repaired by the next run (clean_stale)
-    os.replace(tmp, out)
+    old = None
+    with _signals_held():
+        if not replacing:
+            owned.unmark_scratch(tmp)  # the complete output goes in without obslib's scratch marker
+            rc = _rename2(tmp, out, 1)  # RENAME_NOREPLACE: never replaces what appeared meanwhile
+            if rc in (errno.ENOSYS, errno.EINVAL):
+                os.replace(tmp, out)  # a file system without renameat2: replaces an empty directory at most
+            elif rc != 0:
+                owned.mark_scratch(tmp, "tmp")
+                if rc == errno.EEXIST:
+                    raise UsageError(f"--out {out!r} was created by another process while this one worked; "
+                                     "nothing was replaced (this run's result is discarded)")
+                raise OSError(rc, os.strerror(rc), out)
+            COMPLETED.add(out)
+            return
+        owned.mark_scratch(out, "old")  # travels with the old output's inode, wherever the swap puts it
+        owned.unmark_scratch(tmp)
+        if _exchange(tmp, out):
+            old = tmp  # now holds the old contents (checked above: every file obslib's)
+        else:
+            parent, base = os.path.dirname(out), os.path.basename(out)
+            old = tempfile.mkdtemp(prefix=f".obslib-old-{base}-{os.getpid()}-", dir=parent)
+            os.rmdir(old)
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)
+                owned.unmark_scratch(out)
+                owned.mark_scratch(tmp, "tmp")
+                raise
+        COMPLETED.add(out)
     _drop_old(old)
 
 
 def _drop_old(path: str) -> None:
-    """Remove the replaced output (every file on its list, checked just before the swap), marked first."""
-    owned.mark_scratch(path, "old")
-    why = owned.remove_scratch(path, pid=os.getpid(), purposes=("old",))
+    """Remove the replaced output (every file on its list, checked just before the swap, so not hashed again)."""
+    why = owned.remove_scratch(path, pid=os.getpid(), purposes=("old",), trusted=True)
     if why:
         _note(f"left the replaced output {path!r} in place: {why}")
 
@@ -327,7 +371,7 @@ def atomic_dir(out: str, overwrite: bool = False):
                 return
             if owned.scratch_marker(self.tmp) is None:  # unmarked just before the swap
                 owned.mark_scratch(self.tmp, "tmp")
-            why = owned.remove_scratch(self.tmp, pid=os.getpid(), allowed=lambda rel: True)  # this run's own
+            why = owned.remove_scratch(self.tmp, pid=os.getpid(), trusted=True)  # this run's own
             if why:
                 _note(f"left {self.tmp!r} in place: {why}")
 
@@ -344,16 +388,18 @@ def pipeline_bytes(pipe) -> int:
 
 
 def save_pipeline(pipe, out: str, manifest: dict | None = None, extra_json: dict[str, object] | None = None,
-                  protect=(), overwrite: bool = False, flag: str = "out", extra_text: dict[str, str] | None = None) -> None:
+                  protect=(), overwrite: bool = False, flag: str = "out", extra_text: dict[str, str] | None = None,
+                  notes: bool = True) -> None:
     """Save a pipeline with safetensors; optional structured-pruning manifest and extra JSON files.
 
     ``out`` is checked first (``check_output_dir``): the pipeline's own source directory and ``protect``
-    survive, an existing non-obslib directory is never replaced, and the write is atomic."""
+    survive, an existing non-obslib directory is never replaced, and the write is atomic. ``notes``: say what
+    is left alone beside ``out`` (the command line has said it before the work)."""
     source = getattr(pipe, "name_or_path", None)
     protect = [p for p in (source, *protect) if p and os.path.isdir(p)]
     need = pipeline_bytes(pipe)
     with owned.RunLock(out, flag):
-        check_output_dir(out, protect, overwrite, need_bytes=need, flag=flag)
+        check_output_dir(out, protect, overwrite, need_bytes=need, flag=flag, note=_note if notes else None)
         try:
             _write_pipeline(pipe, out, overwrite, manifest, extra_json, extra_text)
         except Exception as e:  # an OSError, or safetensors' own error type wrapping one
@@ -376,7 +422,7 @@ def _write_pipeline(pipe, out, overwrite, manifest, extra_json, extra_text) -> N
 
 
 def save_pruned(pipe, report: dict, out: str, model_dir: str | None = None, overwrite: bool = False,
-                flag: str = "out") -> None:
+                flag: str = "out", notes: bool = True) -> None:
     """Write the pruned pipeline, its report and (when shapes changed) its manifest atomically.
 
     The same rules as the command line: ``out`` may not be, contain or lie inside the model directory
@@ -402,7 +448,7 @@ def save_pruned(pipe, report: dict, out: str, model_dir: str | None = None, over
     name = os.path.basename(os.path.normpath(os.fspath(out))) if isinstance(out, (str, os.PathLike)) else "pruned"
     card = card_text(extra["pruning_report.json"], source, name)
     save_pipeline(pipe, out, manifest=report.get("manifest"), extra_json=extra, extra_text={CARD: card},
-                  protect=[source] if source else [], overwrite=overwrite, flag=flag)
+                  protect=[source] if source else [], overwrite=overwrite, flag=flag, notes=notes)
 
 
 def _version() -> str:

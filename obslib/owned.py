@@ -31,13 +31,16 @@ import math
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 
 FILE_LIST = "obslib_files.json"
 SCRATCH = ".obslib-scratch.json"
 WRITTEN_BY = "obslib"
 MAX_LISTED = 100_000  # entries of a file list obslib reads (a real pipeline has well under 100)
 MAX_LIST_BYTES = 64 * 2**20
+JSON_ERRORS = (OSError, ValueError, RecursionError, TypeError)  # what reading a crafted JSON file can raise
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -124,7 +127,7 @@ def file_list_problem(root: str) -> tuple[dict | None, str | None]:
     try:
         with open(f, encoding="utf-8") as fh:
             obj = json.load(fh)
-    except (OSError, ValueError):
+    except JSON_ERRORS:
         return None, f"its {FILE_LIST} is not valid JSON"
     files = obj.get("files") if isinstance(obj, dict) and obj.get("written_by") == WRITTEN_BY else None
     if not isinstance(files, dict):
@@ -267,6 +270,41 @@ def disk_full(path: str, need_bytes: int | None = None):
 
 
 # ---------------------------------------------------------------------------------------- processes
+def _proc_start(pid: int) -> str | None:
+    """The start time of process ``pid`` since boot (clock ticks), with this boot's id: with the PID it names one
+    process for good (a PID reused later, or the same PID in a restarted container, has another). None off Linux."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            start = f.read().rsplit(")", 1)[1].split()[19]
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f"{f.read().strip()}:{start}"
+    except (OSError, IndexError):
+        return None
+
+
+def process_identity() -> dict:
+    """What obslib records of the process that makes a marker or a lock."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "started": _proc_start(os.getpid())}
+
+
+def process_gone(info: dict) -> bool | None:
+    """Whether the process a marker or lock names has ended: True, False, or None when this machine cannot tell
+    (it ran on another host)."""
+    pid = info.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        return True
+    host = info.get("host")
+    if isinstance(host, str) and host != socket.gethostname():
+        return None
+    started = info.get("started")
+    if pid == os.getpid():  # this process, or an earlier one that had the same PID (a restarted container)
+        return isinstance(started, str) and started != _proc_start(pid)
+    if not pid_alive(pid):
+        return True
+    now = _proc_start(pid)
+    return isinstance(started, str) and now is not None and now != started  # the PID was reused
+
+
 def pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -282,13 +320,22 @@ def pid_alive(pid: int) -> bool:
 
 
 def dead_leftovers(parent: str, pattern: re.Pattern) -> list[str]:
-    """Entries of ``parent`` whose names match ``pattern`` (a ``pid`` group) and whose process is gone."""
+    """Entries of ``parent`` whose names match ``pattern`` (a ``pid`` group) and whose process is gone: by its
+    marker where it has one (PID, host and start time), else by the PID in the name. Another host's are kept."""
     if not os.path.isdir(parent):
         return []
     out = []
     for name in sorted(os.listdir(parent)):
         m = pattern.match(name)
-        if m and not pid_alive(int(m["pid"])) and not os.path.islink(os.path.join(parent, name)):
+        full = os.path.join(parent, name)
+        if not m or os.path.islink(full) or not os.path.isdir(full):
+            continue
+        marker = scratch_marker(full)
+        if marker is not None and marker["pid"] == int(m["pid"]):
+            gone = process_gone(marker)
+        else:
+            gone = int(m["pid"]) != os.getpid() and not pid_alive(int(m["pid"]))
+        if gone is not False:  # None (another host): the caller leaves it alone with a note
             out.append(name)
     return out
 
@@ -306,10 +353,10 @@ def make_scratch(parent: str, prefix: str, purpose: str) -> str:
 
 
 def mark_scratch(d: str, purpose: str) -> None:
-    st = os.lstat(d)
-    with open(os.path.join(d, SCRATCH), "w", encoding="utf-8") as f:
-        json.dump({"written_by": WRITTEN_BY, "purpose": purpose, "pid": os.getpid(), "dev": st.st_dev,
-                   "ino": st.st_ino}, f)
+    """Write ``d``'s marker (atomically): this process (PID, host, start time) and the folder's inode, which a
+    copy of the folder does not share (the device number is not kept: it changes across NFS clients and remounts)."""
+    write_json(os.path.join(d, SCRATCH), {"written_by": WRITTEN_BY, "purpose": purpose, **process_identity(),
+                                          "ino": os.lstat(d).st_ino})
 
 
 def unmark_scratch(d: str) -> None:
@@ -326,15 +373,15 @@ def scratch_marker(d: str) -> dict | None:
         with open(f, encoding="utf-8") as fh:
             m = json.load(fh)
         st = os.lstat(d)
-    except (OSError, ValueError):
+    except JSON_ERRORS:
         return None
     ok = (isinstance(m, dict) and m.get("written_by") == WRITTEN_BY and isinstance(m.get("purpose"), str)
-          and all(isinstance(m.get(k), int) and not isinstance(m.get(k), bool) for k in ("pid", "dev", "ino"))
-          and (m["dev"], m["ino"]) == (st.st_dev, st.st_ino))
+          and all(isinstance(m.get(k), int) and not isinstance(m.get(k), bool) for k in ("pid", "ino"))
+          and m["ino"] == st.st_ino)
     return m if ok else None
 
 
-def scratch_problem(d: str, pid: int | None = None, purposes=None, allowed=None) -> str | None:
+def scratch_problem(d: str, pid: int | None = None, purposes=None, allowed=None, trusted: bool = False) -> str | None:
     """Why ``d`` cannot be proven one of obslib's scratch directories (None when it can): its marker must name
     this directory, ``pid`` (when given) and one of ``purposes``; with a file list, every file must be on it,
     unchanged; without one, every file must satisfy ``allowed`` (default: none may exist)."""
@@ -345,9 +392,13 @@ def scratch_problem(d: str, pid: int | None = None, purposes=None, allowed=None)
         return f"its marker names process {m['pid']}, its name process {pid}"
     if purposes is not None and m["purpose"] not in purposes:
         return f"its marker is for {m['purpose']!r}"
+    if m.get("host") not in (None, socket.gethostname()):
+        return f"it was made by a run on host {m['host']!r}, whose processes this machine cannot see"
     files, _, links = _walk(d)
     if links:
         return f"it holds a symbolic link ({links[0]})"
+    if trusted:  # this process's own, checked by its caller (e.g. just before a swap): no second hash
+        return None
     if os.path.lexists(os.path.join(d, FILE_LIST)):
         bad = not_ours(d, skip=(SCRATCH,))
         if bad is None:
@@ -358,24 +409,39 @@ def scratch_problem(d: str, pid: int | None = None, purposes=None, allowed=None)
 
 
 def remove_scratch(d: str, **checks) -> str | None:
-    """Remove a scratch directory proven obslib's (``scratch_problem``), file by file, the marker last.
-    Returns None when removed, else why it was left alone."""
-    problem = scratch_problem(d, **checks)
-    if problem:
-        return problem
-    files, dirs, _ = _walk(d)
-    for f in files:
-        if f != SCRATCH:
-            os.remove(os.path.join(d, f))
-    for sub in sorted(dirs, key=lambda x: -x.count(os.sep)):
-        with contextlib.suppress(OSError):
-            os.rmdir(os.path.join(d, sub))
-    unmark_scratch(d)
+    """Remove a scratch directory proven obslib's (``scratch_problem``), file by file, its file list and then its
+    marker last (so a removal cut short is still proven the same way). Returns None when removed, else why it was
+    left alone. A file that disappears meanwhile (another rank cleaning the same leftover) is not an error."""
     try:
+        problem = scratch_problem(d, **checks)
+        if problem:
+            return problem
+        files, dirs, _ = _walk(d)
+        for f in sorted(files, key=lambda f: (f in (FILE_LIST, SCRATCH), f == SCRATCH)):
+            if f != SCRATCH:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(d, f))
+        for sub in sorted(dirs, key=lambda x: -x.count(os.sep)):
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(d, sub))
+        unmark_scratch(d)
         os.rmdir(d)
+    except FileNotFoundError:
+        return None if not os.path.lexists(d) else "it changed while obslib removed it"
     except OSError as e:
         return f"it could not be emptied ({e.strerror or e})"
     return None
+
+
+def remove_empty_leftover(d: str) -> bool:
+    """A leftover folder with nothing in it at all (a kill before its marker was written): removing it loses nothing."""
+    try:
+        if not os.path.islink(d) and os.path.isdir(d) and not os.listdir(d):
+            os.rmdir(d)
+            return True
+    except OSError:
+        pass
+    return False
 
 
 def remove_tree_of(root: str, allowed) -> bool:
@@ -413,11 +479,13 @@ LOCK_PREFIX = ".obslib-lock-"
 class RunLock:
     """Exclusive use of ``path`` by one obslib process, for as long as the ``with`` block runs.
 
-    The lock is the file ``.obslib-lock-NAME`` beside ``path``: created atomically (a hard link of a complete
-    temporary file, so it is never seen half-written) holding its owner's PID, and ``flock``-ed while held. A
-    second run finds it locked, or naming a live process, and is refused in one line. A lock whose process is
-    gone is removed (only when it is an obslib lock); a file of that name that is not is never touched.
-    Re-entrant within one process."""
+    The lock is the file ``.obslib-lock-NAME`` beside ``path``. It is made complete before anyone can see it (a
+    temporary file holding its owner's PID and host, ``flock``-ed, then hard-linked into place), and stays
+    ``flock``-ed while held: the kernel releases that when the owner dies, however it dies. So a second run that
+    cannot take the ``flock`` is refused in one line, and one that can has found a dead run's lock, which it
+    removes (only when it is an obslib lock: a file of that name obslib did not write is never touched).
+    Re-entrant within one process. Where the file system has no ``flock`` or no hard links, the lock falls
+    back to the PID (and start time) it records."""
 
     _held: dict[str, list] = {}
 
@@ -438,11 +506,49 @@ class RunLock:
                 return None
             with open(self.file, encoding="utf-8") as f:
                 d = json.load(f)
-        except (OSError, ValueError):
+        except JSON_ERRORS:
             return None
         ok = isinstance(d, dict) and d.get("written_by") == WRITTEN_BY and d.get("kind") == "lock" \
             and isinstance(d.get("pid"), int) and not isinstance(d.get("pid"), bool)
         return d if ok else None
+
+    def _create(self, parent: str):
+        """Try to put a complete, flock-ed lock file in place: its fd, or None when one exists already."""
+        tmp = os.path.join(parent, f"{LOCK_PREFIX}{os.getpid()}-{os.urandom(4).hex()}.tmp")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+            os.write(fd, json.dumps({"written_by": WRITTEN_BY, "kind": "lock", **process_identity(),
+                                     "path": self.real}).encode())
+            try:
+                os.link(tmp, self.file)
+            except FileExistsError:
+                os.close(fd)
+                return None
+            except OSError as e:  # no hard links here: an exclusive create (a reader may see it empty, briefly)
+                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV):
+                    raise
+                os.close(fd)
+                try:
+                    fd = os.open(self.file, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                except FileExistsError:
+                    return None
+                with contextlib.suppress(OSError):
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.write(fd, json.dumps({"written_by": WRITTEN_BY, "kind": "lock", **process_identity(),
+                                         "path": self.real}).encode())
+            return fd
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
     def __enter__(self):
         if self.real is None:
@@ -454,50 +560,53 @@ class RunLock:
         parent = os.path.dirname(self.real)
         if not os.path.isdir(parent):
             return self  # nothing can be written there; the path checks say so in their own words
-        for _ in range(20):
-            tmp = os.path.join(parent, f"{LOCK_PREFIX}{os.getpid()}-{os.urandom(4).hex()}.tmp")
+        for _ in range(50):
             try:
-                with open(tmp, "x", encoding="utf-8") as f:
-                    json.dump({"written_by": WRITTEN_BY, "kind": "lock", "pid": os.getpid(), "path": self.real}, f)
-                try:
-                    os.link(tmp, self.file)
-                    created = True
-                except FileExistsError:
-                    created = False
+                fd = self._create(parent)
             except OSError as e:
                 if is_disk_full(e):
                     raise disk_full(self.file, 4096) from None
                 return self  # a read-only parent: the write checks refuse it in their own words
-            finally:
-                with contextlib.suppress(OSError):
-                    os.remove(tmp)
-            fd = os.open(self.file, os.O_RDONLY) if os.path.isfile(self.file) and not os.path.islink(self.file) else None
-            if created:
-                fcntl.flock(fd, fcntl.LOCK_EX)  # ours: nobody else keeps it (see below)
+            if fd is not None:
                 RunLock._held[self.real] = [fd, 1]
                 return self
+            try:  # someone's lock is there: alive (flock held, or a live PID) or a dead run's
+                other = os.open(self.file, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # its owner just removed it: try again
+            except OSError:
+                other = None
             info = self._read()
+            if info is None and other is not None and os.fstat(other).st_size == 0:
+                os.close(other)
+                time.sleep(0.05)  # (no hard links) an exclusive create about to be written
+                continue
             if info is None:
-                if fd is not None:
-                    os.close(fd)
+                if other is not None:
+                    os.close(other)
                 raise self._refuse(f"{self.file!r} is in the way and obslib did not write it (obslib keeps its lock "
                                    "for a path there); move it away")
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                free = not pid_alive(info["pid"])
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                gone = True
             except BlockingIOError:
-                free = False
-            if not free:
-                os.close(fd)
-                raise self._refuse(f"another obslib run (process {info['pid']}) is using it; wait for that run to "
-                                   f"finish, or choose another {self.flag}")
+                gone = False
+            except OSError:  # no flock on this file system: the PID and start time it records decide
+                gone = process_gone(info) is True
+            if not gone:
+                os.close(other)
+                where = "" if info.get("host") in (None, socket.gethostname()) else f" on host {info['host']!r}"
+                raise self._refuse(f"another obslib run (process {info['pid']}{where}) is using it; wait for that run "
+                                   f"to finish, or choose another {self.flag}")
             with contextlib.suppress(OSError):  # a dead run's lock: removed only if the file is still that one
-                if os.stat(self.file).st_ino == os.fstat(fd).st_ino:
+                if os.stat(self.file).st_ino == os.fstat(other).st_ino:
                     os.remove(self.file)
-            os.close(fd)
+            os.close(other)
         raise self._refuse(f"could not take the lock {self.file!r}")
 
     def __exit__(self, *exc):
+        if self.real is None:
+            return False
         held = RunLock._held.get(self.real)
         if held is None:
             return False

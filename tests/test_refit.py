@@ -78,6 +78,6 @@ def test_cli_refit_bad_method_is_one_line_exit_2(tiny_pipe_dir, tmp_path, capsys
     assert main(["prune", tiny_pipe_dir, "--method", "magnitude", "--refit", "--num-prompts", "2", "--out", str(out)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "--refit needs a method" in lines[0] and not out.exists()
-    assert main(["prune", tiny_pipe_dir, "--refit", "5", "--sparsity", "0.5", "--num-prompts", "2", "--steps", "2",
+    assert main(["prune", tiny_pipe_dir, "--refit", "--refit-iterations", "5", "--sparsity", "0.5", "--num-prompts", "2", "--steps", "2",
                  "--packages", "1", "--out", str(out), "--quiet"]) == 0, capsys.readouterr().err
     assert json.load(open(out / "pruning_report.json"))["config"]["refit_iterations"] == 5

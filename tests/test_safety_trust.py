@@ -93,6 +93,13 @@ def _user_record(p):
     (d / "obslib_record.json").write_text('{"written_by": "obslib", "kind": "propagate-record"}')
 
 
+def _other_host(p):  # another machine's run on a shared file system: its PIDs mean nothing here
+    d = _left_by_dead_run(p, f".obslib-tmp-out-{DEAD}-nfs", "tmp", lambda d: (d / "a.json").write_text("{}"))
+    m = json.load(open(d / owned.SCRATCH))
+    m["host"] = "another-node"
+    (d / owned.SCRATCH).write_text(json.dumps(m))
+
+
 LEFT_ALONE = [  # (what lies beside --out, the note's words)
     ("a user's folder named like obslib's temporary output", _user_tmp, "no valid .obslib-scratch.json marker"),
     ("a user's folder named like the old half of a swap, --out missing", _user_old, "no valid .obslib-scratch.json"),
@@ -101,6 +108,7 @@ LEFT_ALONE = [  # (what lies beside --out, the note's words)
     ("a user's file inside a real leftover", _user_file_in_real_tmp, "thesis.tex, which obslib does not write there"),
     ("the old half without a complete file list", _old_half_without_list, "which obslib does not write there"),
     ("the old half whose list does not match", _forged_list_in_old, "notes.md"),
+    ("another host's leftover", _other_host, "made by a run on host 'another-node'"),
 ]
 
 
@@ -129,41 +137,73 @@ def test_a_user_record_folder_is_left_alone(tiny_pipe, tmp_path, capsys):
 
 
 def test_real_leftovers_of_a_killed_run_are_removed_or_restored(tmp_path):
+    """Including one whose PID is this process's own (a restarted container gives the same PID): its marker's
+    start time tells the two processes apart."""
     out = tmp_path / "out"
+    me = tmp_path / f".obslib-tmp-out-{os.getpid()}-old"
+    me.mkdir()
+    owned.mark_scratch(str(me), "tmp")
+    m = json.load(open(me / owned.SCRATCH))
+    m["started"] = "another-boot:1"
+    (me / owned.SCRATCH).write_text(json.dumps(m))
+    (tmp_path / f".obslib-tmp-out-{DEAD}-empty").mkdir()  # killed before it held anything
     _left_by_dead_run(tmp_path, f".obslib-tmp-out-{DEAD}-abc", "tmp",  # killed during save_pretrained: no list yet
                       lambda d: ((d / "transformer").mkdir(), (d / "transformer" / "w.safetensors").write_bytes(b"x")))
     _left_by_dead_run(tmp_path, f".obslib-old-out-{DEAD}-xyz", "old", lambda d: _fake_output(d, marker=1))
     done = clean_stale(str(out), note=None)
-    assert done == [f"restored {out} from .obslib-old-out-{DEAD}-xyz", f"removed .obslib-tmp-out-{DEAD}-abc"]
+    assert sorted(done) == sorted([f"restored {out} from .obslib-old-out-{DEAD}-xyz", f"removed .obslib-tmp-out-{DEAD}-abc",
+                                   f"removed .obslib-tmp-out-{DEAD}-empty", f"removed .obslib-tmp-out-{os.getpid()}-old"])
     assert sorted(os.listdir(tmp_path)) == ["out"] and owned.not_ours(str(out)) == []
     assert json.load(open(out / "pruning_report.json"))["marker"] == 1
 
 
 # ------------------------------------------------------ checkpoint directories: a marker naming the run, entries that match
-def _planted(ck, how):
-    ck.mkdir()
-    fp = {"method": "obs-diff"}
-    marker = {"written_by": "obslib", "kind": "packages", "fingerprint": fp}
-    if how == "legacy marker":
-        marker.pop("fingerprint")
-    (ck / "obslib_checkpoint.json").write_text(json.dumps(marker))
-    e = ck / ("pkg-0000.tmp-1234" if how != "complete entry without hash" else "pkg-0000")
-    e.mkdir()
-    (e / "weights.safetensors").write_bytes(b"my thesis, named like a checkpoint")
-    (e / "meta.json").write_text(json.dumps({"fingerprint": fp, "package": 0}))
-
-
-@pytest.mark.parametrize("how, needle", [
-    ("user file in a temporary entry", "'pkg-0000.tmp-1234': its meta.json records no SHA-256"),
-    ("legacy marker", "names no run (an older obslib's checkpoint"),
-])
-def test_a_planted_checkpoint_directory_is_refused_and_kept(tiny_pipe_dir, tmp_path, capsys, how, needle):
+def test_a_planted_checkpoint_directory_is_refused_and_kept(tiny_pipe_dir, tmp_path, capsys):
+    """A marker written by hand for no run (no fingerprint, as older obslib wrote them), over a user's file
+    named like a checkpoint entry: refused before any work, with and without --resume, every byte kept."""
     ck = tmp_path / ".obslib-ckpt-out"
-    _planted(ck, how)
+    (ck / "pkg-0000.tmp-1234").mkdir(parents=True)
+    (ck / "obslib_checkpoint.json").write_text(json.dumps({"written_by": "obslib", "kind": "packages"}))
+    (ck / "pkg-0000.tmp-1234" / "weights.safetensors").write_bytes(b"my thesis, named like a checkpoint")
     before = tree(tmp_path)
     for extra in ([], ["--resume"]):
-        one_line(*cli(["prune", tiny_pipe_dir, *FAST, "--out", tmp_path / "out", *extra], capsys), needle)
+        one_line(*cli(["prune", tiny_pipe_dir, *FAST, "--out", tmp_path / "out", *extra], capsys),
+                 "names no run (an older obslib's checkpoint")
     assert tree(tmp_path) == before and sorted(os.listdir(tmp_path)) == [".obslib-ckpt-out"]
+
+
+def test_a_users_file_in_a_real_checkpoint_entry_survives_its_removal(tmp_path, capsys):
+    """Inside a checkpoint directory obslib did write, a file it cannot prove (a user's file in a temporary
+    entry, or an entry edited since) is never deleted: the directory stays, with one note per entry."""
+    from obslib.checkpoint import CheckpointDir
+
+    ck = CheckpointDir(str(tmp_path / "ck"), "packages", fingerprint={"a": 1})
+    ck.write(0, {"w": torch.ones(2)}, {"fingerprint": {"a": 1}, "package": 0})
+    ck.write(1, {"w": torch.ones(2)}, {"fingerprint": {"a": 1}, "package": 1})
+    planted = tmp_path / "ck" / "pkg-0002.tmp-1234"
+    planted.mkdir()
+    (planted / "weights.safetensors").write_bytes(b"my thesis, named like a checkpoint")
+    edited = tmp_path / "ck" / "pkg-0001" / "weights.safetensors"
+    edited.write_bytes(b"edited by the user")
+    ck.check()  # still obslib's: an entry cut short is never read
+    assert not ck.remove()
+    assert sorted(os.listdir(tmp_path / "ck")) == ["obslib_checkpoint.json", "pkg-0001", "pkg-0002.tmp-1234"]
+    assert edited.read_bytes() == b"edited by the user"
+    assert (planted / "weights.safetensors").read_bytes() == b"my thesis, named like a checkpoint"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(e.startswith("obslib: note: left ") for e in err), err
+
+
+def test_an_interrupted_checkpoint_write_leaves_no_half_entry(tmp_path, monkeypatch):
+    import safetensors.torch as st
+
+    from obslib.checkpoint import CheckpointDir
+
+    ck = CheckpointDir(str(tmp_path / "ck"), "packages", fingerprint={"a": 1})
+    monkeypatch.setattr(st, "save_file", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        ck.write(0, {"w": torch.ones(2)}, {"fingerprint": {"a": 1}, "package": 0})
+    assert sorted(os.listdir(tmp_path / "ck")) == ["obslib_checkpoint.json"]
 
 
 def test_a_checkpoint_marker_of_another_run_is_refused(tiny_pipe_dir, tmp_path, capsys):
@@ -175,20 +215,6 @@ def test_a_checkpoint_marker_of_another_run_is_refused(tiny_pipe_dir, tmp_path, 
     one_line(*cli(["prune", tiny_pipe_dir, *FAST, "--out", tmp_path / "out", "--checkpoint-dir", ck, "--resume"],
                   capsys), "belongs to a different configuration (method None there, 'obs-diff' here")
     assert tree(tmp_path) == before
-
-
-def test_a_checkpoint_entry_changed_after_the_run_wrote_it_is_kept(tmp_path, capsys):
-    from obslib.checkpoint import CheckpointDir
-
-    ck = CheckpointDir(str(tmp_path / "ck"), "packages", fingerprint={"a": 1})
-    ck.write(0, {"w": torch.ones(2)}, {"fingerprint": {"a": 1}, "package": 0})
-    ck.write(1, {"w": torch.ones(2)}, {"fingerprint": {"a": 1}, "package": 1})
-    mine = tmp_path / "ck" / "pkg-0001" / "weights.safetensors"
-    mine.write_bytes(b"edited by the user")
-    assert not ck.remove()
-    assert sorted(os.listdir(tmp_path / "ck")) == ["obslib_checkpoint.json", "pkg-0001"]
-    assert mine.read_bytes() == b"edited by the user"
-    assert "left " in capsys.readouterr().err
 
 
 # ------------------------------------------------------ file lists are checked before they are used
@@ -268,9 +294,15 @@ def test_bad_flags_name_their_value(tiny_pipe_dir, tmp_path, capsys, monkeypatch
 
 def test_a_refusal_before_the_work_is_printed_by_rank_0_only(tiny_pipe_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
+    args = ["prune", tiny_pipe_dir, "--num-prompts", "3", "--out", tmp_path / "out"]
+    monkeypatch.setenv("RANK", "0")
+    one_line(*cli(args, capsys), "torchrun started 4 processes but there are only 3 calibration prompts")
     monkeypatch.setenv("RANK", "2")
-    rc, err = cli(["prune", tiny_pipe_dir, "--num-prompts", "3", "--out", tmp_path / "out"], capsys)
+    rc, err = cli(args, capsys)
     assert rc == 2 and err == [] and os.listdir(tmp_path) == []
+    monkeypatch.setenv("WORLD_SIZE", "1")  # RANK without torchrun's WORLD_SIZE: a single process, which speaks
+    one_line(*cli(["prune", tiny_pipe_dir, "--num-prompts", "0", "--out", tmp_path / "out"], capsys),
+             "--num-prompts 0 must be >= 1")
 
 
 def test_refit_is_a_switch_that_never_takes_the_model_path(tiny_pipe_dir, tmp_path, capsys):
@@ -340,7 +372,7 @@ def test_a_non_finite_pruned_model_is_refused_naming_the_layers(tiny_pipe, monke
     from obslib.shapes import prompts
 
     with pytest.raises(UsageError, match=r"the pruned weights of 1 parameter\(s\) are NaN or infinite "
-                                         r"\(transformer_blocks.1.attn.to_q.weight\); nothing was written"):
+                                         r"\(transformer_blocks.1.attn.to_q.weight\); no output was written"):
         obslib.prune(tiny_pipe, PruneConfig(prompts=prompts("train", 2), steps=2, batch_size=2, packages=1,
                                             progress=False))
     after = tiny_pipe.transformer.state_dict()
@@ -456,16 +488,28 @@ def test_a_signal_during_the_save_names_the_checkpoint(tiny_pipe_dir, tmp_path, 
 
 
 # ------------------------------------------------------ two runs on one --out or checkpoint directory
-def _start(args):
-    code = f"from obslib.cli import main; import sys; sys.exit(main({['prune', *map(str, args)]!r}))"
+def _start(args, go):
+    """A prune that, once in its calibration, waits until the file ``go`` exists (so the second run meets it)."""
+    code = f"""
+import os, sys, time
+import obslib.sampling as s
+real = s.CalibrationRunner.run
+def run(self, *a, **k):
+    while not os.path.exists({str(go)!r}):
+        time.sleep(0.05)
+    return real(self, *a, **k)
+s.CalibrationRunner.run = run
+from obslib.cli import main
+sys.exit(main({['prune', *map(str, args)]!r}))
+"""
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.parametrize("second", ["same --out", "same --checkpoint-dir"])
 def test_a_second_run_on_the_same_paths_is_refused_while_the_first_finishes(tiny_pipe_dir, tmp_path, second):
-    ck = tmp_path / "ck"
-    first = _start([tiny_pipe_dir, *FAST, "--packages", "4", "--out", tmp_path / "out", "--checkpoint-dir", ck])
+    ck, go = tmp_path / "ck", tmp_path.parent / f"{tmp_path.name}-go"
+    first = _start([tiny_pipe_dir, *FAST, "--packages", "4", "--out", tmp_path / "out", "--checkpoint-dir", ck], go)
     lock = tmp_path / (".obslib-lock-ck" if second == "same --checkpoint-dir" else ".obslib-lock-out")
     t = time.time()
     while not lock.exists() and time.time() - t < 120 and first.poll() is None:
@@ -479,6 +523,7 @@ def test_a_second_run_on_the_same_paths_is_refused_while_the_first_finishes(tiny
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"obslib: error: {flag} ") \
         and "another obslib run (process " in lines[0], lines
+    go.write_text("")
     _, err = first.communicate(timeout=600)
     assert first.returncode == 0, err
     assert sorted(os.listdir(tmp_path)) == ["out"]  # exactly one output, nothing else left
@@ -493,10 +538,21 @@ def test_a_lock_file_obslib_did_not_write_is_never_touched(tiny_pipe_dir, tmp_pa
     assert (tmp_path / ".obslib-lock-out").read_text() == "my notes"
 
 
-def test_a_dead_runs_lock_is_taken_over(tiny_pipe, tmp_path):
-    (tmp_path / ".obslib-lock-out").write_text(json.dumps({"written_by": "obslib", "kind": "lock", "pid": DEAD}))
+@pytest.mark.parametrize("pid", [DEAD, os.getpid()], ids=["dead PID", "this PID (a restarted container)"])
+def test_a_dead_runs_lock_is_taken_over(tiny_pipe, tmp_path, pid):
+    """Whatever PID it names: nobody holds its flock, so its process is gone."""
+    (tmp_path / ".obslib-lock-out").write_text(json.dumps({"written_by": "obslib", "kind": "lock", "pid": pid}))
     obslib.save_pruned(tiny_pipe, {"method": "magnitude"}, str(tmp_path / "out"))
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_a_marker_a_killed_swap_left_in_the_old_output_is_removed(tiny_pipe, tmp_path):
+    out = tmp_path / "out"
+    obslib.save_pruned(tiny_pipe, {"method": "magnitude"}, str(out))
+    _marked = json.dumps({"written_by": "obslib", "purpose": "old", "pid": DEAD, "ino": os.lstat(out).st_ino})
+    (out / owned.SCRATCH).write_text(_marked)  # killed after marking the old output, before the swap
+    obslib.save_pruned(tiny_pipe, {"method": "magnitude"}, str(out), overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["out"] and owned.not_ours(str(out)) == []
 
 
 def test_a_lock_is_re_entrant_and_refuses_a_live_owner(tmp_path):
@@ -511,3 +567,22 @@ def test_a_lock_is_re_entrant_and_refuses_a_live_owner(tmp_path):
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert f"another obslib run (process {os.getpid()}) is using it" in r.stdout
     assert os.listdir(tmp_path) == []
+
+
+def test_an_interrupt_right_after_the_swap_says_the_output_is_complete(tiny_pipe_dir, tmp_path, capsys, monkeypatch):
+    import obslib.io as io
+
+    out = tmp_path / "out"
+    assert cli(["prune", tiny_pipe_dir, *FAST, "--packages", "2", "--out", out], capsys)[0] == 0
+    real = io._drop_old
+
+    def interrupted(path):  # Ctrl-C delivered as the swap's held signals are let through
+        real(path)
+        raise KeyboardInterrupt()
+
+    monkeypatch.setattr(io, "_drop_old", interrupted)
+    rc, err = cli(["prune", tiny_pipe_dir, *FAST, "--packages", "2", "--sparsity", "0.3", "--overwrite", "--out", out],
+                  capsys)
+    assert rc == 130 and err == [f"obslib: interrupted after {out} was written (it is complete)"], err
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # its checkpoint removed, nothing else left
+    assert json.load(open(out / "pruning_report.json"))["sparsity_target"] == 0.3
