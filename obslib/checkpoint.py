@@ -277,8 +277,8 @@ class CheckpointDir:
             return False
         for d in os.listdir(self.path):
             full = os.path.join(self.path, d)
-            if d.startswith(".obslib-probe-") and owned.remove_empty_leftover(full):
-                continue  # a write probe a kill left behind: empty
+            if (d.startswith(".obslib-probe-") or self._tmp.match(d)) and owned.remove_empty_leftover(full):
+                continue  # a write probe, or an entry killed before its marker: empty
             if d != MARKER:
                 self._remove_entry(full)
         if sorted(os.listdir(self.path)) == [MARKER]:

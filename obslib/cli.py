@@ -242,7 +242,7 @@ def _prune_locked(a, cfg, meth, ckdir, world: int, rank0: bool, quiet_notes: boo
 
     # everything about --out and the checkpoints is settled before the (long) work starts
     check_output_dir(a.out, [a.model_dir], a.overwrite, need_bytes=tree_bytes(a.model_dir),
-                     note=None if quiet_notes else io_note, clean=rank0)
+                     note=None if quiet_notes else io_note, clean=rank0, verify_existing=rank0)
     training = meth.needs_training
     if training:
         if a.train_data is not None:
@@ -324,8 +324,8 @@ def _prune_locked(a, cfg, meth, ckdir, world: int, rank0: bool, quiet_notes: boo
         t_save = time.perf_counter() - t
         if ck is not None:
             ck.remove()  # the run is complete: its checkpoints (obslib's files only) are no longer needed
-    if not a.quiet:
-        print(closing_line(a.out, report, pipe, t_load, t_save, time.perf_counter() - t0))
+        if not a.quiet:
+            print(closing_line(a.out, report, pipe, t_load, t_save, time.perf_counter() - t0))
 
 
 def io_note(text: str) -> None:
@@ -339,6 +339,7 @@ def _checkpoint_said(ck, saved_before: int, resume_cmd: str, out: str, rank0: bo
     nothing was written. Under torchrun rank 0 says it (the other ranks write nothing)."""
     from .io import COMPLETED
 
+    COMPLETED.discard(os.path.realpath(out))  # an earlier run in this process to the same --out is not this one
     try:
         yield
     except BaseException as e:
@@ -356,7 +357,7 @@ def _checkpoint_said(ck, saved_before: int, resume_cmd: str, out: str, rank0: bo
         n = len(ck.entries()) if ck is not None else 0
         if n == 0 and ck is not None:
             ck.remove_if_empty()
-        same_again = isinstance(e, UsageError) and ("diverged" in str(e) or "NaN or infinite" in str(e))
+        same_again = isinstance(e, UsageError) and ("diverged" in str(e) or "the pruned weights of" in str(e))
         if n == 0:
             where = "nothing was written"
         elif same_again:
@@ -470,7 +471,8 @@ def main(argv=None) -> int:
             print(f"obslib: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated): one line, unless the run said it already
-        if not getattr(e, "said", False) and (_world() <= 1 or int(os.environ.get("RANK", "0") or 0) == 0):
+        said = getattr(e, "said", False) or getattr(e.__context__, "said", False)
+        if not said and argv[:1] == ["prune"] and (_world() <= 1 or int(os.environ.get("RANK", "0") or 0) == 0):
             print(f"obslib: {_stopped(e)}; nothing was written", file=sys.stderr)
         return 128 + signal.SIGTERM if isinstance(e, Terminated) else 130
     finally:

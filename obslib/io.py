@@ -95,8 +95,8 @@ def clean_stale(out: str, note=_note) -> list[str]:
         return []
     done = []
     mark = owned.scratch_marker(out) if os.path.isdir(out) and not os.path.islink(out) else None
-    if mark is not None and mark["purpose"] == "old" and owned.process_gone(mark) is True:
-        owned.unmark_scratch(out)  # a run killed just before its swap had marked the old output: it stays as it was
+    if mark is not None and owned.process_gone(mark) is True:
+        owned.unmark_scratch(out)  # a run killed inside its swap: the output in place stays as it is
     for name in owned.dead_leftovers(parent, _SCRATCH):
         m = _SCRATCH.match(name)
         if m["base"] != base:
@@ -269,18 +269,25 @@ COMPLETED: set[str] = set()  # outputs this process swapped into place (an inter
 
 @contextlib.contextmanager
 def _signals_held():
-    """Ctrl-C and SIGTERM wait (are delivered right after) while the swap renames run: no half-done swap."""
+    """Ctrl-C and SIGTERM wait (are delivered right after) while the swap renames run: no half-done swap. The
+    handlers only record the signal meanwhile (a signal mask would not do: with other threads running, the kernel
+    hands the signal to one of them and Python still runs the handler in the main thread)."""
     import signal
     import threading
 
-    sigs = {signal.SIGINT, signal.SIGTERM}
-    main = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs) if main else None
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got, prev = [], {}
     try:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            prev[s] = signal.signal(s, lambda n, f: got.append(n))
         yield
     finally:
-        if main:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, h in prev.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        for s in dict.fromkeys(got):
+            signal.raise_signal(s)  # now, to the handler the process had
 
 
 def _finish(out: str, tmp: str, overwrite: bool) -> None:
@@ -298,37 +305,40 @@ def _finish(out: str, tmp: str, overwrite: bool) -> None:
     if replacing and os.listdir(out) and not (overwrite and written_by_obslib(out)):
         raise UsageError(f"--out {out!r} was written by another process while this one worked; nothing was "
                          "replaced (this run's result is discarded)")
+    # the new output keeps its "tmp" marker through the rename (the marker names its inode) and loses it only once
+    # it is in place: a kill at any moment leaves marked folders, and a marker left in --out is removed next time
     old = None
     with _signals_held():
         if not replacing:
-            owned.unmark_scratch(tmp)  # the complete output goes in without obslib's scratch marker
             rc = _rename2(tmp, out, 1)  # RENAME_NOREPLACE: never replaces what appeared meanwhile
             if rc in (errno.ENOSYS, errno.EINVAL):
                 os.replace(tmp, out)  # a file system without renameat2: replaces an empty directory at most
             elif rc != 0:
-                owned.mark_scratch(tmp, "tmp")
                 if rc == errno.EEXIST:
                     raise UsageError(f"--out {out!r} was created by another process while this one worked; "
                                      "nothing was replaced (this run's result is discarded)")
                 raise OSError(rc, os.strerror(rc), out)
+            owned.unmark_scratch(out)
             COMPLETED.add(out)
             return
         owned.mark_scratch(out, "old")  # travels with the old output's inode, wherever the swap puts it
-        owned.unmark_scratch(tmp)
-        if _exchange(tmp, out):
-            old = tmp  # now holds the old contents (checked above: every file obslib's)
-        else:
-            parent, base = os.path.dirname(out), os.path.basename(out)
-            old = tempfile.mkdtemp(prefix=f".obslib-old-{base}-{os.getpid()}-", dir=parent)
-            os.rmdir(old)
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old, out)
-                owned.unmark_scratch(out)
-                owned.mark_scratch(tmp, "tmp")
-                raise
+        try:
+            if _exchange(tmp, out):
+                old = tmp  # now holds the old contents (checked above: every file obslib's)
+            else:
+                parent, base = os.path.dirname(out), os.path.basename(out)
+                old = tempfile.mkdtemp(prefix=f".obslib-old-{base}-{os.getpid()}-", dir=parent)
+                os.rmdir(old)
+                os.replace(out, old)
+                try:
+                    os.replace(tmp, out)
+                except BaseException:
+                    os.replace(old, out)
+                    raise
+        except BaseException:
+            owned.unmark_scratch(out)  # the old output stays as it was
+            raise
+        owned.unmark_scratch(out)
         COMPLETED.add(out)
     _drop_old(old)
 
@@ -369,8 +379,11 @@ def atomic_dir(out: str, overwrite: bool = False):
         def _drop(self):
             if not os.path.isdir(self.tmp):
                 return
-            if owned.scratch_marker(self.tmp) is None:  # unmarked just before the swap
-                owned.mark_scratch(self.tmp, "tmp")
+            if owned.scratch_marker(self.tmp) is None:  # never expected: the marker stays until the swap
+                try:
+                    owned.mark_scratch(self.tmp, "tmp")
+                except (OSError, UsageError):
+                    pass
             why = owned.remove_scratch(self.tmp, pid=os.getpid(), trusted=True)  # this run's own
             if why:
                 _note(f"left {self.tmp!r} in place: {why}")

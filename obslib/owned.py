@@ -424,6 +424,8 @@ def remove_scratch(d: str, **checks) -> str | None:
         for sub in sorted(dirs, key=lambda x: -x.count(os.sep)):
             with contextlib.suppress(OSError):
                 os.rmdir(os.path.join(d, sub))
+        if sorted(os.listdir(d)) != [SCRATCH]:
+            return "it could not be emptied"  # still marked: the next run proves it the same way
         unmark_scratch(d)
         os.rmdir(d)
     except FileNotFoundError:
@@ -571,19 +573,21 @@ class RunLock:
                 RunLock._held[self.real] = [fd, 1]
                 return self
             try:  # someone's lock is there: alive (flock held, or a live PID) or a dead run's
-                other = os.open(self.file, os.O_RDONLY)
+                try:
+                    other = os.open(self.file, os.O_RDWR)  # NFSv4 takes an exclusive flock on a writable fd only
+                except PermissionError:
+                    other = os.open(self.file, os.O_RDONLY)
             except FileNotFoundError:
                 continue  # its owner just removed it: try again
-            except OSError:
-                other = None
+            except OSError as e:
+                raise self._refuse(f"cannot open the lock {self.file!r} ({e.strerror or e})") from None
             info = self._read()
             if info is None and other is not None and os.fstat(other).st_size == 0:
                 os.close(other)
                 time.sleep(0.05)  # (no hard links) an exclusive create about to be written
                 continue
             if info is None:
-                if other is not None:
-                    os.close(other)
+                os.close(other)
                 raise self._refuse(f"{self.file!r} is in the way and obslib did not write it (obslib keeps its lock "
                                    "for a path there); move it away")
             try:
@@ -597,7 +601,7 @@ class RunLock:
                 os.close(other)
                 where = "" if info.get("host") in (None, socket.gethostname()) else f" on host {info['host']!r}"
                 raise self._refuse(f"another obslib run (process {info['pid']}{where}) is using it; wait for that run "
-                                   f"to finish, or choose another {self.flag}")
+                                   f"to finish, or choose another {self.flag} (its lock: {self.file!r})")
             with contextlib.suppress(OSError):  # a dead run's lock: removed only if the file is still that one
                 if os.stat(self.file).st_ino == os.fstat(other).st_ino:
                     os.remove(self.file)

@@ -586,3 +586,33 @@ def test_an_interrupt_right_after_the_swap_says_the_output_is_complete(tiny_pipe
     assert rc == 130 and err == [f"obslib: interrupted after {out} was written (it is complete)"], err
     assert sorted(os.listdir(tmp_path)) == ["out"]  # its checkpoint removed, nothing else left
     assert json.load(open(out / "pruning_report.json"))["sparsity_target"] == 0.3
+
+
+def test_ctrl_c_inside_the_swap_waits_until_the_swap_is_done(tiny_pipe, tmp_path, monkeypatch):
+    import obslib.io as io
+
+    out = tmp_path / "out"
+    obslib.save_pruned(tiny_pipe, {"method": "magnitude", "marker": 1}, str(out))
+    real = io._exchange
+
+    def exchange_under_ctrl_c(a, b):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives in the middle of the renames
+        return real(a, b)
+
+    monkeypatch.setattr(io, "_exchange", exchange_under_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        obslib.save_pruned(tiny_pipe, {"method": "magnitude", "marker": 2}, str(out), overwrite=True)
+    assert json.load(open(out / "pruning_report.json"))["marker"] == 2  # the swap finished first
+    assert sorted(os.listdir(tmp_path)) == ["out"] and owned.not_ours(str(out)) == []
+
+
+def test_a_failed_swap_leaves_the_old_output_exactly_as_it_was(tiny_pipe, tmp_path, monkeypatch):
+    import obslib.io as io
+
+    out = tmp_path / "out"
+    obslib.save_pruned(tiny_pipe, {"method": "magnitude", "marker": 1}, str(out))
+    before = tree(out)
+    monkeypatch.setattr(io, "_exchange", lambda a, b: _enospc())
+    with pytest.raises(UsageError, match="no space left"):
+        obslib.save_pruned(tiny_pipe, {"method": "magnitude", "marker": 2}, str(out), overwrite=True)
+    assert tree(out) == before and sorted(os.listdir(tmp_path)) == ["out"]  # no marker left in it, no temporary
