@@ -18,7 +18,7 @@
 #
 # **The question.** Can whole attention heads and FFN neurons be removed — a model that is really smaller and faster — and does OBS's group compensation beat criteria without it? The paper (structured results, SD3.5-Large at 15–30%) keeps FID at 32.6–34.5 while L1-norm collapses (FID 159–346). This chapter adds the two peer methods the study was built to compare with: SlimDiff and gradient-flow pruning (our reconstructions).
 #
-# Attention heads (exact group-OBS saliency, RRF across the image and text output projections) and FFN neurons are physically removed from every block but the first and the last; compared with L1-norm, FLAP and the peer method SlimDiff (our reconstruction: spectral slimming of the query-key and value-output head dimensions and of the FFN width, with a global allocator; `obslib/slimdiff.py`) and the peer method gradient-flow pruning (our reconstruction: soft gates on the same heads and neurons, GraSP criterion, trained on the model's own flow-matching loss for `S['gf_iterations']` iterations; `obslib/gradflow.py`). For OBS-Diff, L1-norm, FLAP and gradient flow the sparsity is the share of heads and neurons removed per block (identical shapes); for SlimDiff it is the share of the same blocks' attention and FFN parameters removed, so **the methods remove different amounts at the same nominal sparsity**: compare them at equal `params_drop_%` (the figure's x-axis). A last table is an ablation of gradient flow's criterion.
+# Attention heads (exact group-OBS saliency, RRF across the image and text output projections) and FFN neurons are physically removed from every block but the first and the last; compared with L1-norm, FLAP and the peer method SlimDiff (our reconstruction: spectral slimming of the query-key and value-output head dimensions and of the FFN width, with a global allocator; `obslib/slimdiff.py`) and the peer method gradient-flow pruning (our reconstruction: soft gates on the same heads and neurons, GraSP criterion, trained on the model's own flow-matching loss for 400 iterations, 3 in quick mode; `obslib/gradflow.py`). For OBS-Diff, L1-norm, FLAP and gradient flow the sparsity is the share of heads and neurons removed per block (identical shapes); for SlimDiff it is the share of the same blocks' attention and FFN parameters removed, so **the methods remove different amounts at the same nominal sparsity**: compare them at equal `params_drop_%` (the figure's x-axis). A last table is an ablation of gradient flow's criterion.
 #
 # **At the same size.** The second half of the chapter asks every variant for the same share of the targeted layers' parameters (`--param-budget`, 10–30%), so the paired comparisons are at equal size, and crosses two solvers (OBS-Diff's group OBS, SlimDiff's spectral closed forms) with two allocations (uniform; SlimDiff's own) to split the structured gap into an allocation part and a solver part. OBS-Diff's own global allocation (`--allocation global`: every head and neuron ranked by its OBS cost per parameter saved) and L1-norm at the same budget complete it. Metrics, seeds and the paired comparisons: [glossary](00_walkthrough.ipynb#Glossary-of-the-metrics); verdicts across chapters: [results/claims.md](../results/claims.md).
 
@@ -55,7 +55,7 @@ gran
 # %% [markdown]
 # ## What runs, and why these settings
 #
-# Heads and neurons are removed from every block but the first and the last (the paper's choice), at 10–30%. L1-norm and FLAP are the paper's and our structured baselines; SlimDiff spends one global budget of attention and FFN parameters; gradient flow trains the targeted blocks for `S['gf_iterations']` iterations while its soft gates close. The last grid row reruns gradient flow at the middle sparsity with the opposite criterion.
+# Heads and neurons are removed from every block but the first and the last (the paper's choice), at 10–30%. L1-norm and FLAP are the paper's and our structured baselines; SlimDiff spends one global budget of attention and FFN parameters; gradient flow trains the targeted blocks for 400 iterations (quick mode: 3; `S['gf_iterations']`) while its soft gates close. The last grid row reruns gradient flow at the middle sparsity with the opposite criterion.
 
 # %%
 grid = [ex.Setting(method="dense", num_calib=S["num_calib"])]
@@ -111,7 +111,7 @@ cmp.table(C)
 # %% [markdown]
 # ## At equal parameter counts: what runs
 #
-# Each variant removes `S['param_budgets']` of the targeted layers' parameters (attention q/k/v/out and FFN up/down of every block but the first and last, biases included):
+# Each variant removes 10%, 20% and 30% (quick mode: 20%; `S['param_budgets']`) of the targeted layers' parameters (attention q/k/v/out and FFN up/down of every block but the first and last, biases included):
 #
 # - **OBS-Diff · uniform** — every block loses the same heads (the budget's share, rounded to whole heads) and FFN neurons make up the rest (`--param-budget`);
 # - **OBS-Diff · global** — every head and neuron ranked by its OBS removal cost relative to its layer's output, per parameter saved (`--allocation global`);
@@ -183,7 +183,7 @@ spend.pivot(index="allocation", columns="where", values="share_of_removed").roun
 # %% [markdown]
 # ## Which head goes: a near-tie the layer objective cannot see
 #
-# From 20% on, uniform OBS-Diff removes one head of every 4-head block, and which one is decided by the layer-wise OBS cost on the calibration statistics. Here the uniform prune at the middle nominal sparsity runs with `S['head_seeds']` calibration seeds — only the noise of the calibration prompts changes — and each result is scored as above: the heads removed (`block:head`), the mean layer error the solver minimises, prompt fidelity and PSNR. How to read it: rows that share a head set should agree; if different head sets have nearly the same layer error but clearly different fidelity, the layer objective cannot tell apart choices the images can, and the 3-seed comparisons of uniform OBS-Diff above depend on which way that tie fell.
+# From 20% on, uniform OBS-Diff removes one head of every 4-head block, and which one is decided by the layer-wise OBS cost on the calibration statistics. Here the uniform prune at the middle nominal sparsity runs with 6 calibration seeds, 0–5 (quick mode: seed 0; `S['head_seeds']`) — only the noise of the calibration prompts changes — and each result is scored as above: the heads removed (`block:head`), the mean layer error the solver minimises, prompt fidelity and PSNR. How to read it: rows that share a head set should agree; if different head sets have nearly the same layer error but clearly different fidelity, the layer objective cannot tell apart choices the images can, and the 3-seed comparisons of uniform OBS-Diff above depend on which way that tie fell.
 
 # %%
 hc = bd.head_choices(S["model_dir"], s_mid, S["num_calib"], S["head_seeds"], S["num_eval_prompts"])

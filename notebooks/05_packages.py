@@ -103,7 +103,7 @@ plots.save(fig, f"{S['figures']}/05_packages.png")
 # %% [markdown]
 # ## What propagate cannot avoid
 #
-# Every propagate schedule samples once, as K = 1 does, and then runs the blocks over the recorded trajectory at least once more with the earlier packages pruned. So K = 1's prune time plus the time one sampling pass spends inside the blocks is a floor for any schedule of this design. Here K = 1 and K = every unit (propagate) are pruned again, in turn with one calibration sampling pass whose time inside the blocks is measured by hooks, `S['floor_repeats']` rounds in one process after `S['floor_warmup']` untimed one. How to read it: `ratio` is K = every unit against K = 1 in that round, `floor_ratio` the floor against K = 1; what lies between them is what a better schedule could still remove.
+# Every propagate schedule samples once, as K = 1 does, and then runs the blocks over the recorded trajectory at least once more with the earlier packages pruned. So K = 1's prune time plus the time one sampling pass spends inside the blocks is a floor for any schedule of this design. Here K = 1 and K = every unit (propagate) are pruned again, in turn with one calibration sampling pass whose time inside the blocks is measured by hooks, 5 rounds in one process after 1 untimed one (quick mode: 1 round, no warm-up; `S['floor_repeats']`, `S['floor_warmup']`). How to read it: `ratio` is K = every unit against K = 1 in that round, `floor_ratio` the floor against K = 1; what lies between them is what a better schedule could still remove.
 
 # %%
 floor = timing.propagate_floor(S["model_dir"], k_hi, S["num_calib"], sparsity, repeats=S["floor_repeats"],

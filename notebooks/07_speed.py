@@ -57,7 +57,7 @@ print(f"before timing: 1-minute load average {start['load_1m']:.2f} on {start['c
 # OBS-Diff structured at each sparsity (the shapes notebook 03 scores), and chapter 03's equal-parameter variants
 # (global OBS-Diff and SlimDiff at each budget). Per variant the pipeline runs once to find its transformer calls (how
 # many, at which batch). Dense is timed on its own; every pruned variant is timed **in alternation with dense**, call
-# by call (the order swapped every pair), `S['timing_repeats']` transformer forwards and half as many whole-pipeline
+# by call (the order swapped every pair), 7 transformer forwards (quick mode: 2; `S['timing_repeats']`) and half as many whole-pipeline
 # runs (at least two), each after a warm-up: its speed-up is the median of the per-pair ratios, its spread their
 # minimum and maximum, so drift of a shared machine over minutes hits dense and the variant alike.
 #
