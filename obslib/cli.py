@@ -21,7 +21,7 @@ from .checkpoint import CheckpointDir, PackageCheckpoint, config_fingerprint, ki
 from .config import CALIBRATIONS, PATTERNS, PruneConfig
 from .errors import SolverError, Terminated, UsageError
 from .io import (check_device, check_output_dir, check_pipeline_dir, ignored_pickles, load_pipeline, save_pruned,
-                 tree_bytes)
+                 say_note, tree_bytes)
 from .methods import METHODS
 from .driver import prune
 from .sampling import default_calibration_prompts, read_prompt_file
@@ -242,7 +242,7 @@ def _prune_locked(a, cfg, meth, ckdir, world: int, rank0: bool, quiet_notes: boo
 
     # everything about --out and the checkpoints is settled before the (long) work starts
     check_output_dir(a.out, [a.model_dir], a.overwrite, need_bytes=tree_bytes(a.model_dir),
-                     note=None if quiet_notes else io_note, clean=rank0, verify_existing=rank0)
+                     note=None if quiet_notes else say_note, clean=rank0, verify_existing=rank0)
     training = meth.needs_training
     if training:
         if a.train_data is not None:
@@ -326,10 +326,6 @@ def _prune_locked(a, cfg, meth, ckdir, world: int, rank0: bool, quiet_notes: boo
             ck.remove()  # the run is complete: its checkpoints (obslib's files only) are no longer needed
         if not a.quiet:
             print(closing_line(a.out, report, pipe, t_load, t_save, time.perf_counter() - t0))
-
-
-def io_note(text: str) -> None:
-    print(f"obslib: note: {text}", file=sys.stderr)
 
 
 @contextlib.contextmanager

@@ -81,11 +81,11 @@ def written_by_obslib(path: str) -> bool:
     return owned.not_ours(path) == []
 
 
-def _note(text: str) -> None:
+def say_note(text: str) -> None:
     print(f"obslib: note: {text}", file=sys.stderr)
 
 
-def clean_stale(out: str, note=_note) -> list[str]:
+def clean_stale(out: str, note=say_note) -> list[str]:
     """Remove the temporary directories a killed run left beside ``out``; put back an ``out`` that a kill
     between the two renames of a replacement left missing. Only what is proven obslib's is touched; each
     leftover that is not gets one ``note``. Returns what was removed or restored."""
@@ -137,7 +137,7 @@ def tree_bytes(path: str) -> int:
 
 
 def check_output_dir(out, protect=(), overwrite: bool = False, need_bytes: int = 0, flag: str = "--out",
-                     note=_note, clean: bool = True, verify_existing: bool = True) -> str:
+                     note=say_note, clean: bool = True, verify_existing: bool = True) -> str:
     """Refuse an output directory that could lose a user's files, before any work is done.
 
     ``protect`` are directories that must survive (the model being pruned): ``out`` may be none of them, lie
@@ -347,7 +347,7 @@ def _drop_old(path: str) -> None:
     """Remove the replaced output (every file on its list, checked just before the swap, so not hashed again)."""
     why = owned.remove_scratch(path, pid=os.getpid(), purposes=("old",), trusted=True)
     if why:
-        _note(f"left the replaced output {path!r} in place: {why}")
+        say_note(f"left the replaced output {path!r} in place: {why}")
 
 
 def atomic_dir(out: str, overwrite: bool = False):
@@ -386,7 +386,7 @@ def atomic_dir(out: str, overwrite: bool = False):
                     pass
             why = owned.remove_scratch(self.tmp, pid=os.getpid(), trusted=True)  # this run's own
             if why:
-                _note(f"left {self.tmp!r} in place: {why}")
+                say_note(f"left {self.tmp!r} in place: {why}")
 
     return _Atomic()
 
@@ -412,7 +412,7 @@ def save_pipeline(pipe, out: str, manifest: dict | None = None, extra_json: dict
     protect = [p for p in (source, *protect) if p and os.path.isdir(p)]
     need = pipeline_bytes(pipe)
     with owned.RunLock(out, flag):
-        check_output_dir(out, protect, overwrite, need_bytes=need, flag=flag, note=_note if notes else None)
+        check_output_dir(out, protect, overwrite, need_bytes=need, flag=flag, note=say_note if notes else None)
         try:
             _write_pipeline(pipe, out, overwrite, manifest, extra_json, extra_text)
         except Exception as e:  # an OSError, or safetensors' own error type wrapping one
