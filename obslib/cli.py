@@ -415,10 +415,10 @@ def _shown_on_this_rank(e) -> bool:
         return True
     import torch.distributed as dist
 
-    shown = dist.is_available() and dist.is_initialized() and not getattr(e, "same_on_every_rank", False)
-    if not shown:
+    if not (dist.is_available() and dist.is_initialized()):  # a check before the work: every rank meets it alike
         time.sleep(1.0)  # let rank 0 print its line before torchrun, seeing this rank exit, stops the others
-    return shown
+        return False
+    return not getattr(e, "same_on_every_rank", False)  # (inside a process group no rank may linger)
 
 
 def _on_sigterm(signum, frame):
