@@ -50,9 +50,13 @@ tour: install
 	$(VENV)/bin/obslib prune models/shapes-sd3 --sparsity 0.5 --num-prompts 16 --out .tmp/obs50 --overwrite
 	$(VENV)/bin/obslib evaluate .tmp/obs50 --reference models/shapes-sd3 --num-prompts 64 --out .tmp/obs50.json
 
-# the whole study: every notebook with its full parameters through papermill
+# the whole study: every notebook with its full parameters through papermill, under one numerical regime (two torch
+# threads, AVX2 kernels in torch, MKL and oneDNN): the regime is part of every cached row's key (obslib.experiments.regime),
+# so the committed results/runs.csv is reused on any x86-64 machine with AVX2, and rows of another regime are recomputed
+STUDY_ENV := MPLBACKEND=Agg OBSLIB_THREADS=2 OMP_NUM_THREADS=2 \
+  ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
 study: install
-	MPLBACKEND=Agg $(PY) -m obslib.study
+	$(STUDY_ENV) $(PY) -m obslib.study
 
 # retrain the embedded default model the way the committed one was trained (both stages resumable;
 # ~38 + ~90 min on 2 idle CPU cores): 5,000 steps on free placement, then 9,000 on the world's lattice

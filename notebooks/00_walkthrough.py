@@ -488,9 +488,16 @@ print(f"For the paper's claim: the mechanism {mechanism}, and the timestep weigh
 #   and ground-truth renders of the same prompts. KID is the unbiased estimator, so a model indistinguishable from
 #   the renders scores around 0 and can score below it; it is reported with its own standard error.
 # - **Paired comparisons.** Two settings A and B are compared on the same prompts and seeds by the difference of
-#   their means, A − B, with a 95% interval from a paired bootstrap over prompts, stratified by seed (each seed's
-#   prompts resampled with the same indices for A and B). For prompt fidelity the exact McNemar p-value over the
-#   discordant (seed, prompt) pairs is given beside it. The verdict is read off the interval alone: **ahead** if
-#   the whole interval favours A, **behind** if it favours B, **no difference detected** if it contains 0.
+#   their means, A − B, with a 95% interval from a *two-level* paired bootstrap: each replicate draws the seeds with
+#   replacement, then the prompts within every drawn seed, the same indices for A and B (`obslib.compare`). A seed
+#   decides the calibration draw (which pruned model exists) and the evaluation noise, so the interval covers the
+#   variance between pruned models and between prompts. It does not cover what all seeds share: this model, this
+#   prompt set, this numerical regime; and with 3–5 seeds a bootstrap over seeds is somewhat too narrow, which is
+#   why chapter 09 replicates the quoted verdicts on held-out seeds. The p-value comes from the same replicates, so
+#   `p < 0.05` exactly when the interval excludes 0. The verdict: **ahead** if the whole interval favours A,
+#   **behind** if it favours B, **no difference detected** if it contains 0. A claim's comparisons (settings ×
+#   metrics) form a family, corrected by Holm's method in chapter 09 and results/claims.md. McNemar's exact p over
+#   the discordant (seed, prompt) pairs is kept in results/comparisons.csv (`mcnemar_p`) as a description only: it
+#   treats every pair as independent, seeds pooled.
 # - **rel_error** (layer level, this chapter): the relative output error of one pruned layer on the calibration
 #   inputs, defined in section 5.

@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 01 · Unstructured sparsity (Table 1 and Fig. 4 analogues)
 #
-# **The question.** How much of every attention and FFN weight matrix can be zeroed before the images change, and does OBS-Diff's compensated, timestep-weighted solver beat the calibration-free and compensation-free baselines? The paper (Table 1, Fig. 4) says yes by a wide margin on SD3-Medium: at 50% ImageReward .65 for OBS-Diff against −.11 (Wanda), −.59 (DSnoT) and −2.27 (magnitude), and the gap widens at 60%.
+# **The question.** How much of every attention and FFN weight matrix can be zeroed before the images change, and does OBS-Diff's compensated, timestep-weighted solver beat the baselines that compensate nothing (magnitude reads no calibration data; Wanda and DSnoT read the calibration inputs' norms but never update a kept weight)? The paper (Table 1, Fig. 4) says yes by a wide margin on SD3-Medium: at 50% ImageReward .65 for OBS-Diff against −.11 (Wanda), −.59 (DSnoT) and −2.27 (magnitude), and the gap widens at 60%.
 #
 # Every method at 30–70% unstructured sparsity of all attention/FFN linear layers of the MMDiT, calibrated with the same prompts, packages (K = 4) and log-decrease weighting (SparseGPT = the same solver with uniform weights).
 #
@@ -61,7 +61,7 @@ ex.format_table(summary[summary.sparsity.isin([0.0, 0.5, 0.6])], ["method", "spa
 # %% [markdown]
 # ## Paired comparisons
 #
-# OBS-Diff against every other method at every sparsity, on prompt fidelity (share of prompts fully right; McNemar's exact p beside it) and PSNR against the dense images. `difference` is OBS-Diff minus the other method.
+# OBS-Diff against every other method at every sparsity, on prompt fidelity (share of prompts fully right) and PSNR against the dense images, with the two-level bootstrap's p (the verdict's rule; see the glossary). `difference` is OBS-Diff minus the other method.
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -164,7 +164,7 @@ mid = f"At {0.5:.0%}" if 0.5 in S["sparsities"] else f"At {S['sparsities'][0]:.0
 wins = [m for m in base if v.get((mid, m, "psnr")) == "ahead"]
 sg = v.get((mid, "sparsegpt", "psnr"), "not run")
 print(f"For the paper's claim: {mid.lower()}, OBS-Diff reproduces the dense images more closely (PSNR) than "
-      f"{len(wins)} of the {len(base)} calibration-free baselines ({', '.join(wins) or 'none'}). Against SparseGPT, "
+      f"{len(wins)} of the {len(base)} compensation-free baselines ({', '.join(wins) or 'none'}). Against SparseGPT, "
       f"the same compensated solver with uniform timestep weights, the PSNR verdict is '{sg}'"
       + (": the gain over the baselines comes from the compensated solver, not from the weighting (notebook 04)."
          if sg == "no difference detected" else ": notebook 04 tests the weighting directly."))

@@ -73,6 +73,15 @@ show = means.assign(value=[f"{m:.3f} [{lo:.3f}, {hi:.3f}]" if k == "prompt_fidel
 show.pivot_table(index=["setting", "first", "window"], columns="metric", values="value", aggfunc="first").droplevel("first")
 
 # %% [markdown]
+# **Every reading of the damage.** The mean of per-image PSNR above weighs every image alike. The same per-image values read as the PSNR of the pooled MSE (total pixel damage, led by the few images that changed most), the median, the share of images below 30 dB, SSIM, and the share of prompts whose fidelity verdict differs from the dense image's (`obslib.timesteps.premise_metrics`) can order the windows differently; chapter 09 reads the premise on all of them.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+premise = ts.premise_metrics(D)
+premise.to_csv(f"{S['results']}/08_premise_metrics.csv", index=False)
+print(premise.drop(columns=["first", "last", "images"]).rename(columns=ts.PREMISE_COLUMNS).round(3).to_string(index=False))
+
+# %% [markdown]
 # **The paired comparisons.** The first half against the second half, and the first window against the last (a − b: a higher PSNR means *less* harm from pruning those steps); and the prompt fidelity each window costs against the dense model.
 
 # %%

@@ -4,12 +4,24 @@ Every method of the study is evaluated on the same held-out prompts with the sam
 settings are compared by the difference of their per-prompt outcomes, not by whether two independent
 intervals overlap (which ignores the pairing and is far too conservative).
 
-* ``paired_bootstrap``: the difference of means (a − b) and its 95% percentile interval from a bootstrap
-  over prompts, stratified by seed (each seed's prompts are resampled with the same indices for a and b).
-* ``mcnemar_exact``: for 0/1 outcomes (prompt fidelity), the exact two-sided McNemar p-value from the
-  discordant pairs over all (seed, prompt) pairs.
+The seed is the unit of replication: a seed decides the calibration draw (which pruned model exists) and the
+evaluation noise (which images are drawn), so a comparison must say how sure we are about the *method*, not
+about a few particular pruned models.
+
+* ``paired_bootstrap``: the difference of means (a − b), its 95% interval and a two-sided p-value from a
+  two-level bootstrap: each replicate resamples the seeds with replacement, then the prompts within every
+  drawn seed (the same indices for a and b). The interval covers the variance between seeds (calibration draw
+  and evaluation noise) as well as between prompts. It does not cover what the seeds share: the model, the
+  prompt set, the numerical regime. With few seeds a percentile bootstrap over seeds is somewhat too narrow
+  (5 seeds give 126 distinct draws); the held-out replication is the check on that.
+* The p-value is read off the same replicates: ``p = 2·min(#(d* ≤ 0), #(d* ≥ 0)) / n_boot``, and the interval
+  is the pair of order statistics for which ``p < 1 − level`` exactly when the interval excludes zero, so a
+  verdict and the p printed beside it never disagree.
+* ``mcnemar_exact``: for 0/1 outcomes (prompt fidelity), the exact two-sided McNemar p over all (seed, prompt)
+  pairs. It treats every pair as independent (seeds pooled), so it is descriptive only and never decides.
+* ``holm``: Holm's step-down adjustment of a family's p-values (a claim's settings × metrics).
 * ``verdict``: ``ahead`` when the whole interval favours a, ``behind`` when it favours b, otherwise
-  ``no difference detected`` — decided by the interval alone.
+  ``no difference detected``.
 
 ``compare`` applies these to rows of ``results/runs.csv`` (which keep per-prompt outcomes in ``pp_*``
 columns), ``write_comparisons`` collects the results in ``results/comparisons.csv`` and ``sentence``
@@ -32,32 +44,76 @@ PAIRED = {
 }
 NAMES = {"prompt_fidelity": "prompt fidelity", "attribute_accuracy": "attribute accuracy", "psnr": "PSNR", "ssim": "SSIM"}
 COLUMNS = ["chapter", "context", "a", "b", "metric", "n_prompts", "n_seeds", "mean_a", "mean_b", "diff", "lo", "hi",
-           "p", "verdict"]
+           "p", "verdict", "mcnemar_p", "seeds"]
 AHEAD, BEHIND, NONE = "ahead", "behind", "no difference detected"
+N_BOOT = 4000
+LEVEL = 0.95
 
 
-def paired_bootstrap(a, b, n_boot: int = 4000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
-    """Mean of a − b over (seed, prompt) pairs and its percentile interval.
+def bootstrap_test(a, b, n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL, over_seeds: bool = True) -> dict:
+    """Mean of a − b over (seed, prompt) pairs with its interval and two-sided p from one set of replicates.
 
-    ``a``, ``b``: arrays of shape (seeds, prompts) with the same prompt in the same column. Each bootstrap
-    replicate resamples the prompts of every seed with replacement (the same indices for a and b) and
-    averages the differences; a constant shift c gives exactly (c, c, c)."""
+    ``a``, ``b``: arrays of shape (seeds, prompts) with the same prompt in the same column. A replicate draws the
+    seeds with replacement (``over_seeds``; with one seed, or ``over_seeds=False``, every seed is kept once), then
+    the prompts of every drawn seed with replacement, the same indices for a and b, and averages the differences.
+    ``lo``/``hi`` are the k-th smallest and k-th largest replicate, k = n_boot·(1 − level)/2, so that
+    ``p < 1 − level`` exactly when the interval excludes zero. A constant shift c gives (c, c, c) with p = 0
+    (p = 1 when c = 0)."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.shape != b.shape or a.ndim != 2 or a.size == 0:
         raise ValueError(f"paired outcomes must be two equal (seeds, prompts) arrays; got {a.shape} and {b.shape}")
     d = a - b
     if not np.isfinite(d).all():
         raise ValueError("paired outcomes contain NaN or infinite values")
+    k = n_boot * (1 - level) / 2
+    if k < 1 or abs(k - round(k)) > 1e-9:
+        raise ValueError(f"n_boot·(1 − level)/2 must be a whole number ≥ 1; got n_boot={n_boot}, level={level}")
+    k = int(round(k))
     n_seeds, n_prompts = d.shape
     diff = float(d.mean())
     if np.all(d == d.flat[0]):
-        return diff, diff, diff
+        return {"diff": diff, "lo": diff, "hi": diff, "p": 1.0 if diff == 0 else 0.0}
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n_prompts, size=(n_boot, n_seeds, n_prompts))
-    boot = np.take_along_axis(np.broadcast_to(d, (n_boot, n_seeds, n_prompts)), idx, axis=2).mean(axis=(1, 2))
-    tail = 100 * (1 - level) / 2
-    lo, hi = np.percentile(boot, [tail, 100 - tail])
-    return diff, float(lo), float(hi)
+    if over_seeds and n_seeds > 1:
+        rows = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
+        cols = rng.integers(0, n_prompts, size=(n_boot, n_seeds, n_prompts))
+        boot = d[rows[:, :, None], cols].mean(axis=(1, 2))
+    else:  # prompts within each seed only (the draw the study used before seeds were resampled)
+        idx = rng.integers(0, n_prompts, size=(n_boot, n_seeds, n_prompts))
+        boot = np.take_along_axis(np.broadcast_to(d, (n_boot, n_seeds, n_prompts)), idx, axis=2).mean(axis=(1, 2))
+    boot = np.sort(boot)
+    below, above = int(np.sum(boot <= 0)), int(np.sum(boot >= 0))
+    return {"diff": diff, "lo": float(boot[k - 1]), "hi": float(boot[n_boot - k]),
+            "p": min(1.0, 2 * min(below, above) / n_boot)}
+
+
+def paired_bootstrap(a, b, n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL,
+                     over_seeds: bool = True) -> tuple[float, float, float]:
+    """(difference, lo, hi) of ``bootstrap_test``."""
+    r = bootstrap_test(a, b, n_boot=n_boot, seed=seed, level=level, over_seeds=over_seeds)
+    return r["diff"], r["lo"], r["hi"]
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm's step-down adjusted p-values (same order as given): the i-th smallest p times (m − i + 1), made
+    monotone, capped at 1. A verdict survives the family's correction when its adjusted p is below 1 − level."""
+    p = np.asarray(pvalues, dtype=float)
+    m = len(p)
+    if m == 0:
+        return p
+    order = np.argsort(p, kind="stable")
+    adj = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    out = np.empty(m)
+    out[order] = adj
+    return out
+
+
+def adjusted_verdict(diff: float, p_adjusted: float, higher: bool = True, level: float = LEVEL) -> str:
+    """The verdict after a family's correction: ahead/behind by the sign of the difference where the adjusted p is
+    below 1 − level, otherwise no difference detected."""
+    if not (np.isfinite(p_adjusted) and p_adjusted < 1 - level) or diff == 0:
+        return NONE
+    return AHEAD if (diff > 0) == higher else BEHIND
 
 
 def mcnemar_exact(a, b) -> float:
@@ -95,8 +151,10 @@ def outcomes(rows: pd.DataFrame, metric: str) -> tuple[np.ndarray, list]:
 
 
 def compare(rows_a: pd.DataFrame, rows_b: pd.DataFrame, metrics=("prompt_fidelity", "psnr"), a: str = "a",
-            b: str = "b", chapter: str = "", context: str = "", n_boot: int = 4000) -> list[dict]:
-    """Paired comparison of two settings (rows of runs.csv, one per seed) on each metric, over their common seeds."""
+            b: str = "b", chapter: str = "", context: str = "", n_boot: int = N_BOOT) -> list[dict]:
+    """Paired comparison of two settings (rows of runs.csv, one per seed) on each metric, over their common seeds:
+    difference, two-level bootstrap interval and p (``bootstrap_test``, the verdict's rule), and for prompt
+    fidelity McNemar's p beside it (descriptive)."""
     common = sorted(set(rows_a.seed) & set(rows_b.seed))
     if not common:
         raise ValueError(f"{a} and {b} share no seed")
@@ -107,12 +165,13 @@ def compare(rows_a: pd.DataFrame, rows_b: pd.DataFrame, metrics=("prompt_fidelit
         xb, _ = outcomes(rows_b, m)
         if xa.shape != xb.shape:
             raise ValueError(f"{a} and {b} were scored on different prompts: {xa.shape} vs {xb.shape}")
-        diff, lo, hi = paired_bootstrap(xa, xb, n_boot=n_boot)
+        t = bootstrap_test(xa, xb, n_boot=n_boot)
         higher = PAIRED[m][1]
         out.append({"chapter": chapter, "context": context, "a": a, "b": b, "metric": m, "n_prompts": xa.shape[1],
-                    "n_seeds": xa.shape[0], "mean_a": float(xa.mean()), "mean_b": float(xb.mean()), "diff": diff,
-                    "lo": lo, "hi": hi, "p": mcnemar_exact(xa, xb) if m == "prompt_fidelity" else np.nan,
-                    "verdict": verdict(lo, hi, higher)})
+                    "n_seeds": xa.shape[0], "mean_a": float(xa.mean()), "mean_b": float(xb.mean()), "diff": t["diff"],
+                    "lo": t["lo"], "hi": t["hi"], "p": t["p"], "verdict": verdict(t["lo"], t["hi"], higher),
+                    "mcnemar_p": mcnemar_exact(xa, xb) if m == "prompt_fidelity" else np.nan,
+                    "seeds": " ".join(str(int(x)) for x in common)})
     return out
 
 
@@ -130,6 +189,13 @@ def compare_in(df: pd.DataFrame, col: str, a, b, where: dict | None = None, labe
     return compare(ra, rb, a=name_a, b=name_b, **kw)
 
 
+def pvalue(p: float, n_boot: int = N_BOOT) -> str:
+    """A bootstrap p as text: two significant digits, '< 0.00025' where no replicate crossed zero."""
+    if not np.isfinite(p):
+        return ""
+    return f"< {1 / n_boot:.2g}" if p == 0 else f"{p:.2g}"
+
+
 def signed(x: float, digits: int) -> str:
     """A signed number with a true minus sign: +0.070, −1.25."""
     return f"{x:+.{digits}f}".replace("-", "−")
@@ -137,11 +203,12 @@ def signed(x: float, digits: int) -> str:
 
 def sentence(r) -> str:
     """One comparison in words: 'At 50%, obs-diff − wanda in prompt fidelity (share of prompts fully right):
-    +0.070 [95% +0.030, +0.110], McNemar p = 0.001, 64 prompts × 3 seeds — obs-diff ahead.'"""
+    +0.070 [95% +0.030, +0.110], p = 0.001, 64 prompts × 3 seeds — obs-diff ahead.' (p: the two-level
+    bootstrap's, the rule of the verdict)."""
     r = dict(r)
     _, _, what, digits = PAIRED[r["metric"]]
     head = f"{r['context']}, " if r.get("context") else ""
-    p = f", McNemar p = {r['p']:.2g}" if np.isfinite(r.get("p", np.nan)) else ""
+    p = f", p = {pvalue(r['p'])}" if np.isfinite(r.get("p", np.nan)) else ""
     tail = {AHEAD: f"{r['a']} ahead", BEHIND: f"{r['a']} behind", NONE: "no difference detected"}[r["verdict"]]
     return (f"{head}{r['a']} − {r['b']} in {NAMES[r['metric']]} ({what}): {signed(r['diff'], digits)} "
             f"[95% {signed(r['lo'], digits)}, {signed(r['hi'], digits)}]{p}, {int(r['n_prompts'])} prompts × "
@@ -164,16 +231,17 @@ def write_comparisons(rows: list[dict], chapter: str, path: str) -> pd.DataFrame
 
 def read_comparisons(path: str) -> pd.DataFrame:
     """The comparisons table, its names read as text (a chapter "01" stays "01")."""
-    return pd.read_csv(path, dtype={k: str for k in ("chapter", "context", "a", "b", "metric", "verdict")}, keep_default_na=False,
-                       na_values={"p": [""], "diff": [""], "lo": [""], "hi": [""]})
+    return pd.read_csv(path, dtype={k: str for k in ("chapter", "context", "a", "b", "metric", "verdict", "seeds")},
+                       keep_default_na=False, na_values={k: [""] for k in ("p", "diff", "lo", "hi", "mcnemar_p")})
 
 
 def table(rows: list[dict]) -> pd.DataFrame:
-    """Comparisons for display: difference with its interval, p and verdict."""
+    """Comparisons for display: difference with its interval (seeds and prompts resampled), the bootstrap p that
+    decides the verdict, and the verdict."""
     df = pd.DataFrame(rows, columns=COLUMNS)
     digits = df.metric.map(lambda m: PAIRED[m][3])
     df["difference [95%]"] = [f"{signed(d, k)} [{signed(lo, k)}, {signed(hi, k)}]" for d, lo, hi, k in zip(df["diff"], df.lo, df.hi, digits)]
-    df["p"] = df.p.map(lambda p: f"{p:.2g}" if np.isfinite(p) else "")
+    df["p"] = df.p.map(pvalue)
     return df[["context", "a", "b", "metric", "difference [95%]", "p", "verdict"]]
 
 

@@ -174,20 +174,51 @@ def pruned_pipeline(model_dir: str, s: Setting, seed: int, progress: bool = Fals
     return _PRUNED[key]
 
 
+def regime() -> str:
+    """The numerical regime this process computes under: torch's version, its thread count and the CPU kernel sets
+    of torch (ATen), MKL and oneDNN. Float32 results round differently under another regime, and the rounding moves
+    masks and images by as much as the smaller effects the study judges, so the regime is part of every cached row's
+    key: rows of two regimes are never paired (a row of another regime is recomputed).
+
+    MKL and oneDNN report no dispatch of their own: an unset ``MKL_ENABLE_INSTRUCTIONS`` / ``ONEDNN_MAX_CPU_ISA``
+    is recorded as ``auto`` with the widest vector set the CPU offers, which is what they pick then."""
+    cap = str(torch.backends.cpu.get_cpu_capability()).lower()
+    native = _cpu_vector_set()
+    mkl = os.environ.get("MKL_ENABLE_INSTRUCTIONS") or f"auto-{native}"
+    dnnl = os.environ.get("ONEDNN_MAX_CPU_ISA") or f"auto-{native}"
+    return f"torch{torch.__version__.split('+')[0]}-t{torch.get_num_threads()}-aten-{cap}-mkl-{mkl}-dnnl-{dnnl}".lower()
+
+
+def _cpu_vector_set() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return "unknown"
+    return "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
+
+
 def cache_tag(ev: Evaluator) -> str:
-    """The part of a cached row's key that names the model, the evaluation prompts and the evaluation version."""
+    """The part of a cached row's key that names the model, the evaluation prompts, the evaluation and seeding
+    versions and the numerical regime (``regime()``)."""
     import hashlib
 
     prompts_digest = hashlib.sha1("\n".join(ev.prompts).encode()).hexdigest()[:8]
-    return f"{model_fingerprint(ev.model_dir)}/{ev.num_prompts}/{prompts_digest}/{EVAL_VERSION}/{SEEDING_VERSION}"
+    return (f"{model_fingerprint(ev.model_dir)}/{ev.num_prompts}/{prompts_digest}/{EVAL_VERSION}/{SEEDING_VERSION}/"
+            f"{regime()}")
 
 
-def read_cache(out_csv: str) -> pd.DataFrame:
-    """The cached rows of a study CSV made under the current evaluation and seeding versions (older ones are
-    recomputed: rows sampled with another seeding are other models and other images)."""
+def read_cache(out_csv: str, others: bool = False) -> pd.DataFrame:
+    """The cached rows of a study CSV made under the current evaluation and seeding versions and this process's
+    numerical regime (others are recomputed: rows sampled with another seeding are other models and other images,
+    rows of another regime round differently). ``others=True``: the rows that are not, which stay in the file as
+    they are (a record of earlier runs, never paired with this regime's rows)."""
     done = pd.read_csv(out_csv, dtype={c: str for c in PP_COLUMNS}) if os.path.exists(out_csv) else pd.DataFrame()
     if "key" in done and len(done):
-        done = done[done["key"].astype(str).str.split("|").str[0].str.endswith(f"/{EVAL_VERSION}/{SEEDING_VERSION}")]
+        mine = done["key"].astype(str).str.split("|").str[0].str.endswith(f"/{EVAL_VERSION}/{SEEDING_VERSION}/{regime()}")
+        done = done[~mine if others else mine]
+    elif others:
+        done = pd.DataFrame()
     return done
 
 
@@ -213,7 +244,7 @@ def run_grid(settings: list[Setting], seeds, out_csv: str, evaluator: Evaluator 
     def key(s, sd):
         return f"{tag}|{s.key(sd)}"
 
-    done = read_cache(out_csv)  # rows made before per-prompt outcomes were kept are recomputed
+    done = read_cache(out_csv)  # rows of other versions or another regime are recomputed
     keys = set(done["key"]) if "key" in done else set()
     todo = [(s, sd) for sd in seeds for s in settings if key(s, sd) not in keys]  # seed-major: reuse pruned models
     rows = done.to_dict("records")
@@ -221,7 +252,7 @@ def run_grid(settings: list[Setting], seeds, out_csv: str, evaluator: Evaluator 
         row = run_setting(ev, s, sd)
         row["key"] = key(s, sd)
         rows.append(row)
-        write_csv(pd.DataFrame(rows), out_csv)
+        write_csv(pd.concat([read_cache(out_csv, others=True), pd.DataFrame(rows)], ignore_index=True), out_csv)
     df = pd.DataFrame(rows)
     wanted = {key(s, sd) for s in settings for sd in seeds}
     return df[df["key"].isin(wanted)].reset_index(drop=True)

@@ -104,3 +104,54 @@ def paired_panels(comparisons, path: str, metrics=("prompt_fidelity", "psnr"), t
     if title:
         fig.suptitle(title, fontsize=10)
     save(fig, path)
+
+
+def replication_panels(verdicts, path: str, metrics=("prompt_fidelity", "psnr"), title: str | None = None) -> None:
+    """Each comparison of ``obslib.verdicts.judge`` twice: on the study seeds (filled where detected after Holm) and
+    on the held-out seeds (squares, filled where detected), 95% two-level intervals, one panel per metric."""
+    import pandas as pd
+
+    v = pd.DataFrame(verdicts)
+    rows = max(int((v.metric == m).sum()) for m in metrics)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.8 * len(metrics), 0.42 * rows + 1.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        c = v[v.metric == metric].reset_index(drop=True)
+        y = np.arange(len(c))[::-1].astype(float)
+        for dy, pre, marker, colour, name, col in ((0.15, "", "o", "C0", "study seeds", "verdict_holm"),
+                                                   (-0.15, "heldout_", "s", "C1", "held-out seeds", "heldout_verdict")):
+            d, lo, hi = c[pre + "diff"], c[pre + "lo"], c[pre + "hi"]
+            det = (c[col] != "no difference detected").to_numpy()
+            ax.errorbar(d, y + dy, xerr=[d - lo, hi - d], fmt="none", ecolor=colour, capsize=2, lw=1)
+            ax.scatter(d[det], (y + dy)[det], color=colour, marker=marker, zorder=3, label=f"{name}, detected")
+            ax.scatter(d[~det], (y + dy)[~det], facecolor="white", edgecolor=colour, marker=marker, zorder=3,
+                       label=f"{name}, not detected")
+        ax.axvline(0, color="k", lw=1)
+        ax.set_yticks(y, [f"{ctx}: {a} − {b}" for ctx, a, b in zip(c.context, c.a, c.b)], fontsize=8)
+        ax.set_xlabel(PANEL_LABELS.get(metric, metric))
+    for ax in axes[0][1:]:
+        ax.set_yticklabels([])
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    save(fig, path)
+
+
+def seed_differences(df, path: str, title: str | None = None) -> None:
+    """Per comparison (rows) the mean difference of every seed (dots; study seeds filled, held-out hollow): how far
+    apart the seeds — calibration draws and evaluation noise — put the same comparison."""
+    import pandas as pd
+
+    d = pd.DataFrame(df)
+    names = list(dict.fromkeys(d.comparison))
+    fig, ax = plt.subplots(figsize=(7.5, 0.36 * len(names) + 1.4))
+    y = {n: len(names) - 1 - i for i, n in enumerate(names)}
+    for held, g in d.groupby("heldout"):
+        ax.scatter(g["diff"], [y[n] for n in g.comparison], facecolor="white" if held else "C0", edgecolor="C0",
+                   label="held-out seed" if held else "study seed", zorder=3)
+    ax.axvline(0, color="k", lw=1)
+    ax.set_yticks(list(y.values()), list(y.keys()), fontsize=8)
+    ax.set_xlabel("mean difference a − b of one seed")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    if title:
+        ax.set_title(title, fontsize=10)
+    save(fig, path)

@@ -74,7 +74,7 @@ def run_injection(settings: list[Setting], seeds, windows: list[tuple[int, int]]
             row.update(seed=sd, window=window_label(w), first=w[0], last=w[1], steps=steps,
                        sparsity_actual=rep["sparsity_actual"], **ev.score(images, s, sd), key=key(s, sd, w))
             rows.append(row)
-            write_csv(pd.DataFrame(rows), out_csv)
+            write_csv(pd.concat([read_cache(out_csv, others=True), pd.DataFrame(rows)], ignore_index=True), out_csv)
     df = pd.DataFrame(rows)
     wanted = {key(s, sd, w) for s in settings for sd in seeds for w in windows}
     return df[df["key"].isin(wanted)].reset_index(drop=True)
@@ -106,9 +106,47 @@ def injection_frame(injected: pd.DataFrame, whole: pd.DataFrame) -> pd.DataFrame
     return pd.concat(parts, ignore_index=True)
 
 
+def pooled_psnr(psnr_db) -> float:
+    """PSNR of the pooled MSE of images whose per-image PSNRs (data range 1) are given: −10·log10(mean 10^(−dB/10)).
+    One badly changed image weighs by its error, not by its decibels, so this reading and the mean of per-image
+    dB can order two settings differently."""
+    x = np.asarray(psnr_db, dtype=float)
+    return float(-10 * np.log10(np.mean(10 ** (-x / 10))))
+
+
+PREMISE_COLUMNS = {"mean_db": "mean of per-image PSNR (dB)", "pooled_db": "PSNR of the pooled MSE (dB)",
+                   "median_db": "median PSNR (dB)", "below_30db": "images below 30 dB", "ssim": "mean SSIM",
+                   "prompt_fidelity": "prompt fidelity", "fidelity_flips": "prompts whose verdict flips vs dense"}
+
+
+def premise_metrics(frame: pd.DataFrame, threshold_db: float = 30.0) -> pd.DataFrame:
+    """Every reading of "how much did the images change" per setting and window of an ``injection_frame``: the mean,
+    pooled-MSE and median PSNR, the share of images below ``threshold_db``, mean SSIM, prompt fidelity, and the share
+    of (seed, prompt) pairs whose prompt-fidelity verdict differs from the dense image's (the evaluator reads the
+    composition differently). Each answers another question: the mean of dB weighs every image alike (a typical
+    image), the pooled MSE weighs images by their error (total pixel damage, dominated by a few heavily changed
+    images), the median and the share below 30 dB separate "a few images a lot" from "every image a little"."""
+    rows = []
+    dense = frame[frame.window == DENSE]
+    for (setting, window), g in frame[frame.window != DENSE].groupby(["setting", "window"], sort=False):
+        psnr, _ = outcomes(g, "psnr")
+        ssim, _ = outcomes(g, "ssim")
+        fid, seeds = outcomes(g, "prompt_fidelity")
+        d = dense[dense.setting == setting]
+        flips = np.nan
+        if len(d) and set(seeds) <= set(d.seed):
+            dfid, _ = outcomes(d[d.seed.isin(seeds)], "prompt_fidelity")
+            flips = float(np.mean(dfid != fid))
+        rows.append({"setting": setting, "window": window, "first": int(g["first"].iloc[0]), "last": int(g["last"].iloc[0]),
+                     "mean_db": float(psnr.mean()), "pooled_db": pooled_psnr(psnr), "median_db": float(np.median(psnr)),
+                     "below_30db": float(np.mean(psnr < threshold_db)), "ssim": float(ssim.mean()),
+                     "prompt_fidelity": float(fid.mean()), "fidelity_flips": flips, "images": psnr.size})
+    return pd.DataFrame(rows)
+
+
 def window_means(df: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Per setting and window: the mean of a metric over seeds x prompts and its 95% interval (bootstrap over
-    prompts stratified by seed, as in ``obslib.compare``)."""
+    """Per setting and window: the mean of a metric over seeds x prompts and its 95% interval (the two-level
+    bootstrap of ``obslib.compare``: seeds, then prompts)."""
     rows = []
     for (setting, window), g in df.groupby(["setting", "window"], sort=False):
         if g[PAIRED[metric][0]].isna().any():  # the dense model has no PSNR against itself

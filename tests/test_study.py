@@ -62,7 +62,7 @@ def test_claims_say_no_difference_detected_for_null_results(tmp_path):
             for w in ("log-decrease", "linear-decrease")]
     rows = [dict(r, b="uniform") for r in rows]
     _comparisons(tmp_path, rows)
-    (row,) = [r for r in claim_rows(str(tmp_path)) if r["claim"].startswith("Log-decrease")]
+    (row,) = [r for r in claim_rows(str(tmp_path)) if r["claim"].startswith("At 60% unstructured: log-decrease")]
     assert row["verdict"] == "no difference detected" and "mixed" not in row["verdict"]
     assert "log-decrease − uniform, PSNR: +0.01 dB [−0.20, +0.20]" in row["ours"]
 
@@ -107,3 +107,23 @@ def test_premise_claim_reads_the_halves_the_right_way_round(tmp_path, first_minu
     assert row["verdict"].startswith(expect)
     sign = "−" if d > 0 else "+"
     assert f"steps 11-20 − steps 1-10, PSNR: {sign}{abs(d):.2f} dB" in row["ours"]
+
+
+def test_partly_verdicts_name_the_setting_and_metric_not_the_baseline_twice(tmp_path):
+    rows = [_row("At 50%", "wanda", "psnr", 2.0, 1.0, 3.0, "ahead"),
+            _row("At 50%", "wanda", "prompt_fidelity", 0.01, -0.02, 0.04, "no difference detected")]
+    _comparisons(tmp_path, rows)
+    (row,) = [r for r in claim_rows(str(tmp_path)) if "OBS-Diff ahead of Wanda" in r["claim"]]
+    assert row["verdict"] == ("partly reproduced: ahead on wanda on PSNR at 50%; "
+                              "not told apart on wanda on prompt fidelity at 50%")
+    assert row["basis"].startswith("3 seeds, prompts resampled within seeds")
+
+
+def test_family_with_two_level_p_is_corrected_by_holm(tmp_path):
+    """Two comparisons each with p = 0.04: unadjusted both ahead, after Holm (0.08) neither."""
+    rows = [dict(_row("At 50%", b, "psnr", 1.0, 0.1, 2.0, "ahead"), p=0.04, seeds="0 1 2 3 4", n_seeds=5)
+            for b in ("wanda", "dsnot")]
+    _comparisons(tmp_path, rows)
+    (row,) = [r for r in claim_rows(str(tmp_path)) if "OBS-Diff ahead of Wanda" in r["claim"]]
+    assert row["verdict"] == "no difference detected"
+    assert "Holm p = 0.08; unadjusted: ahead" in row["ours"] and row["basis"].startswith("5 seeds, seeds and prompts")

@@ -1,0 +1,272 @@
+"""The verdicts the study quotes, rerun on at least five study seeds and replicated on held-out seeds.
+
+A *family* is one claim: its comparisons (settings × metrics), each "a ahead of b" in the claimed direction. Every
+family is scored twice under one numerical regime (``experiments.regime``, part of every row's cache key):
+
+* on the study seeds (``STUDY_SEEDS``), with the two-level paired bootstrap of ``obslib.compare`` (seeds, then
+  prompts) and Holm's correction within the family; the verdict after Holm decides, the unadjusted one is beside it;
+* on held-out seeds (``HELDOUT_SEEDS``) that nothing in the study was chosen on, the same way.
+
+A comparison *replicates* when its held-out estimate has the same sign as on the study seeds and, for a detected
+difference, the held-out unadjusted interval excludes zero too (a held-out set of three seeds has less power, so
+"same sign, not detected" is reported apart, as ``weaker``); an undetected one replicates when the held-out one is not
+detected after Holm either. The paper's claims read ``reproduced`` / ``not reproduced``, the study's own hypotheses
+``supported`` / ``not supported``; both ``partly`` when some comparisons of the family are detected in the claimed
+direction and none against it.
+
+``families(num_calib)`` lists the claims and their settings; ``run`` computes the rows (cached in ``results/runs.csv``
+like every chapter's); ``judge`` turns them into one row per comparison; ``claim_table`` into one row per claim.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from .compare import AHEAD, BEHIND, NONE, PAIRED, adjusted_verdict, bootstrap_test, holm, outcomes, verdict
+from .experiments import Setting, run_grid
+
+STUDY_SEEDS = (0, 1, 2, 3, 4)
+HELDOUT_SEEDS = (100, 101, 102)
+METRICS = ("prompt_fidelity", "psnr")
+BASELINES = ("wanda", "dsnot", "magnitude")
+
+
+@dataclass(frozen=True)
+class Pair:
+    context: str  # the setting, named in every sentence ('At 50% unstructured')
+    a: str
+    b: str
+    setting_a: Setting
+    setting_b: Setting
+
+
+@dataclass
+class Family:
+    key: str  # a short name to pick families by ('baselines 50%')
+    claim: str
+    source: str  # "paper" (the paper's claim) or "ours" (the study's own hypothesis)
+    paper: str  # what the paper reports
+    pairs: list[Pair] = field(default_factory=list)
+    metrics: tuple[str, ...] = METRICS
+
+
+def families(num_calib: int = 16, structured=(0.1, 0.2, 0.3), keys=None) -> list[Family]:
+    """The claims rerun on the study and held-out seeds (``keys``: only those families): OBS-Diff against the paper's baselines (50%, 60%
+    unstructured, 2:4, structured against L1-norm) and the timestep-aware against the uniform Hessian (SparseGPT:
+    the same solver with uniform weights) at 50%, 60% and 2:4."""
+    def st(method, pattern="unstructured", sparsity=0.5):
+        return Setting(method=method, pattern=pattern, sparsity=sparsity, num_calib=num_calib)
+
+    out = []
+    for key, ctx, pattern, sp, paper in (
+            ("baselines 50%", "At 50% unstructured", "unstructured", 0.5,
+             "SD3-M ImageReward: OBS-Diff .647 > Wanda −.108 > DSnoT −.594 > Magnitude −2.27"),
+            ("baselines 60%", "At 60% unstructured", "unstructured", 0.6,
+             "SD3-M ImageReward: OBS-Diff .121 > Wanda −2.06 > DSnoT −2.23 > Magnitude −2.28"),
+            ("baselines 2:4", "At 2:4", "2:4", 0.5, "SD3.5-L ImageReward: OBS-Diff .449, DSnoT .031, Wanda −.136, Magnitude −.471")):
+        out.append(Family(key, f"{ctx[3:]}: OBS-Diff ahead of Wanda, DSnoT and magnitude", "paper", paper,
+                          [Pair(ctx, "obs-diff", b, st("obs-diff", pattern, sp), st(b, pattern, sp)) for b in BASELINES]))
+    out.append(Family("structured l1", "Structured (heads and neurons): OBS-Diff ahead of L1-norm", "paper",
+                      "SD3.5-L at 15–30%: OBS-Diff FID 32.6–34.5, L1-norm collapses (FID 159–346)",
+                      [Pair(f"At {s:.0%} structured", "obs-diff", "l1-norm", st("obs-diff", "structured", s),
+                            st("l1-norm", "structured", s)) for s in structured]))
+    out.append(Family("weighting 50%", "50% unstructured: log-decrease timestep weights ahead of uniform ones (OBS-Diff against "
+                      "SparseGPT, the same solver with uniform weights)", "paper",
+                      "ImageReward at 50%: log-decrease .6438, uniform .6355 (the paper's weighting ablation)",
+                      [Pair("At 50% unstructured", "log-decrease", "uniform", st("obs-diff"), st("sparsegpt"))]))
+    out.append(Family("weighting 60% 2:4", "60% unstructured and 2:4: log-decrease timestep weights ahead of uniform ones", "ours",
+                      "not in the paper (its ablation is at 50%)",
+                      [Pair(ctx, "log-decrease", "uniform", st("obs-diff", p, sp), st("sparsegpt", p, sp))
+                       for ctx, p, sp in (("At 60% unstructured", "unstructured", 0.6), ("At 2:4", "2:4", 0.5))]))
+    refit = {"refit_iterations": 20}
+    out.append(Family("refit", "Ours: refitting the kept weights on the fixed mask (--refit) ahead of OBS-Diff's sequential "
+                      "update", "ours", "not in the paper (OBS-Diff uses SparseGPT's sequential update)",
+                      [Pair(ctx, "refit", "obs-diff", Setting(**{**st("obs-diff", p, sp).__dict__, "extra": refit}),
+                            st("obs-diff", p, sp))
+                       for ctx, p, sp in (("At 50% unstructured", "unstructured", 0.5), ("At 60% unstructured", "unstructured", 0.6),
+                                          ("At 70% unstructured", "unstructured", 0.7), ("At 2:4", "2:4", 0.5))]))
+    out.append(Family("allocation unstructured", "Ours: a global per-layer allocation (--allocation global) ahead of the "
+                      "uniform one, OBS-Diff unstructured", "ours", "not in the paper (every layer at the same sparsity)",
+                      [Pair(f"At {sp:.0%} unstructured", "global", "uniform",
+                            Setting(**{**st("obs-diff", "unstructured", sp).__dict__, "extra": {"allocation": "global"}}),
+                            st("obs-diff", "unstructured", sp)) for sp in (0.5, 0.6, 0.7)]))
+
+    def budget(method, b, **extra):
+        return Setting(method=method, pattern="structured", sparsity=b, num_calib=num_calib, extra=extra)
+
+    out.append(Family("structured allocation", "Ours: a global structured allocation (every head and neuron by OBS cost "
+                      "per parameter) ahead of the uniform one", "ours", "not in the paper (the same share from every block)",
+                      [Pair(f"At {b:.0%} of the parameters", "OBS-Diff · global", "OBS-Diff · uniform",
+                            budget("obs-diff", b, param_budget=b, allocation="global"), budget("obs-diff", b, param_budget=b))
+                       for b in structured]))
+    out.append(Family("structured slimdiff", "Structured, at equal parameter counts: OBS-Diff (uniform, as the paper runs "
+                      "it) ahead of the peer SlimDiff (our reconstruction)", "ours", "not compared in the OBS-Diff paper",
+                      [Pair(f"At {b:.0%} of the parameters", "OBS-Diff · uniform", "SlimDiff · its allocation",
+                            budget("obs-diff", b, param_budget=b), budget("slimdiff", b)) for b in structured]))
+    if keys is not None:
+        unknown = set(keys) - {f.key for f in out}
+        if unknown:
+            raise ValueError(f"unknown families {sorted(unknown)}; allowed: {', '.join(f.key for f in out)}")
+        out = [f for f in out if f.key in keys]
+    return out
+
+
+def settings_of(fams: list[Family]) -> list[Setting]:
+    """Every setting the families need, once, dense first (its images are every PSNR's reference)."""
+    seen, out = set(), [Setting(method="dense", num_calib=fams[0].pairs[0].setting_a.num_calib)] if fams else []
+    for f in fams:
+        for p in f.pairs:
+            for s in (p.setting_a, p.setting_b):
+                if s.key(0) not in seen:
+                    seen.add(s.key(0))
+                    out.append(s)
+    return out
+
+
+def run(fams: list[Family], seeds, runs_csv: str, **ev_kwargs) -> pd.DataFrame:
+    """The rows of every setting of ``fams`` on ``seeds`` (cached in ``runs_csv``; see ``experiments.run_grid``)."""
+    return run_grid(settings_of(fams), list(seeds), runs_csv, **ev_kwargs)
+
+
+def _rows(df: pd.DataFrame, s: Setting) -> pd.DataFrame:
+    keys = df.key.astype(str).str.split("|", n=1).str[1]
+    return df[keys.isin({s.key(int(sd)) for sd in df.seed.unique()})]
+
+
+def _score(df: pd.DataFrame, fam: Family, seeds) -> list[dict]:
+    out = []
+    sub = df[df.seed.isin(list(seeds))]
+    for p in fam.pairs:
+        ra, rb = _rows(sub, p.setting_a), _rows(sub, p.setting_b)
+        for m in fam.metrics:
+            xa, sa = outcomes(ra, m)
+            xb, sb = outcomes(rb, m)
+            if sa != sb or sorted(sa) != sorted(int(x) for x in seeds):
+                raise ValueError(f"{fam.claim}: {p.a} and {p.b} need rows on seeds {list(seeds)}; have {sa} and {sb}")
+            t = bootstrap_test(xa, xb)
+            out.append({"context": p.context, "a": p.a, "b": p.b, "metric": m, **t,
+                        "verdict": verdict(t["lo"], t["hi"], PAIRED[m][1]), "n_seeds": len(sa)})
+    ph = holm([r["p"] for r in out])
+    for r, q in zip(out, ph):
+        r["p_holm"] = float(q)
+        r["verdict_holm"] = adjusted_verdict(r["diff"], q, PAIRED[r["metric"]][1])
+    return out
+
+
+def replicates(study: dict, held: dict) -> str:
+    """'yes' / 'weaker' / 'no' (module docstring) for one comparison on the study and the held-out seeds."""
+    same_sign = np.sign(study["diff"]) == np.sign(held["diff"])
+    if study["verdict_holm"] == NONE:
+        return "yes" if held["verdict_holm"] == NONE else "no"
+    if same_sign and held["verdict"] == study["verdict_holm"]:
+        return "yes"
+    return "weaker" if same_sign else "no"
+
+
+def judge(df: pd.DataFrame, fams: list[Family], seeds=STUDY_SEEDS, heldout=HELDOUT_SEEDS) -> pd.DataFrame:
+    """One row per comparison of every family: difference, two-level interval, p, Holm-adjusted p and both verdicts
+    on the study seeds, the same on the held-out seeds, and whether it replicates."""
+    rows = []
+    for f in fams:
+        st, ho = _score(df, f, seeds), (_score(df, f, heldout) if heldout else None)
+        for i, r in enumerate(st):
+            row = {"claim": f.claim, "source": f.source, "paper": f.paper, **r}
+            if ho is not None:
+                h = ho[i]
+                row.update({f"heldout_{k}": h[k] for k in ("diff", "lo", "hi", "p", "p_holm", "verdict", "verdict_holm", "n_seeds")})
+                row["replicates"] = replicates(r, h)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def family_verdict(verdicts, source: str) -> str:
+    """A claim's word from its comparisons' verdicts after Holm, each a ahead of b in the claimed direction."""
+    yes, no = ("reproduced", "not reproduced") if source == "paper" else ("supported", "not supported")
+    v = list(verdicts)
+    if v and all(x == AHEAD for x in v):
+        return yes
+    if any(x == BEHIND for x in v):
+        return no
+    if all(x == NONE for x in v):
+        return f"{no} (no difference detected)"
+    return f"partly {yes}"
+
+
+def claim_table(j: pd.DataFrame) -> pd.DataFrame:
+    """One row per claim: its verdict after Holm on the study seeds, the same on the held-out seeds, and how many of
+    its comparisons replicate."""
+    rows = []
+    for claim, g in j.groupby("claim", sort=False):
+        src = g.source.iloc[0]
+        row = {"claim": claim, "source": src, "comparisons": len(g),
+               "verdict (study seeds, Holm)": family_verdict(g.verdict_holm, src),
+               "verdict (study seeds, unadjusted)": family_verdict(g.verdict, src)}
+        if "replicates" in g:
+            row["verdict (held-out seeds, Holm)"] = family_verdict(g.heldout_verdict_holm, src)
+            row["replicate"] = f"{int((g.replicates == 'yes').sum())} of {len(g)}"
+            row["weaker"] = int((g.replicates == "weaker").sum())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def noise_floor(setting: Setting, seeds, threads, runs_csv: str, **ev_kwargs) -> tuple[pd.DataFrame, list[dict]]:
+    """The same setting under two numerical regimes (torch thread counts ``threads``, e.g. (1, 2)): per seed, how many
+    mask positions of the pruned layers flip between the two prunes and how far the metrics move; and the paired
+    comparison of the two regimes' rows as if they were two methods (``compare.compare``) — the size of difference
+    that float rounding alone makes. The rows are cached in ``runs_csv`` under their own regime's key."""
+    import torch
+
+    from . import experiments as ex
+    from .compare import compare
+
+    if len(threads) != 2:
+        raise ValueError(f"threads must name two thread counts; got {threads}")
+    n0 = torch.get_num_threads()
+    rows, masks = {}, {}
+    try:
+        for t in threads:
+            torch.set_num_threads(int(t))
+            ex._PRUNED.clear()
+            ev = ex.Evaluator(**ev_kwargs)  # dense reference images of this regime
+            rows[t] = run_grid([setting], list(seeds), runs_csv, evaluator=ev, progress=False).assign(regime=ex.regime())
+            for sd in seeds:
+                ex._PRUNED.clear()
+                pipe, _ = ex.pruned_pipeline(ev.model_dir, setting, sd)
+                masks[t, sd] = {n: (p == 0) for n, p in pipe.transformer.named_parameters() if p.dim() == 2}
+    finally:
+        torch.set_num_threads(n0)
+        ex._PRUNED.clear()
+    ta, tb = threads
+    per_seed = []
+    for sd in seeds:
+        ma, mb = masks[ta, sd], masks[tb, sd]
+        flipped = sum(int((ma[n] != mb[n]).sum()) for n in ma)
+        pruned = sum(int(ma[n].sum()) for n in ma)
+        ra, rb = (rows[t][rows[t].seed == sd].iloc[0] for t in threads)
+        pa, pb = (np.array([float(x) for x in r.pp_psnr.split(";")]) for r in (ra, rb))
+        per_seed.append({"seed": sd, "regime_a": ra.regime, "regime_b": rb.regime, "mask_positions_flipped": flipped,
+                         "share_of_pruned_positions": flipped / max(pruned, 1),
+                         "prompt_fidelity_a": ra.prompt_fidelity, "prompt_fidelity_b": rb.prompt_fidelity,
+                         "psnr_a": ra.psnr, "psnr_b": rb.psnr, "mean_abs_image_psnr_change": float(np.mean(np.abs(pa - pb))),
+                         "images_changed": float(np.mean(pa != pb))})
+    label = f"{setting.sparsity:.0%} {setting.pattern}" if setting.pattern != "2:4" else "2:4"
+    cmp_rows = compare(rows[tb], rows[ta], a=f"{tb} threads", b=f"{ta} threads", chapter="09 noise floor",
+                       context=f"{setting.method} at {label}")
+    return pd.DataFrame(per_seed), cmp_rows
+
+
+def seed_table(df: pd.DataFrame, fams: list[Family], metric: str, heldout=HELDOUT_SEEDS) -> pd.DataFrame:
+    """One row per comparison of ``fams`` on ``metric`` and seed: that seed's mean difference a − b (the spread the
+    two-level interval covers)."""
+    rows = []
+    for f in fams:
+        for p in f.pairs:
+            xa, sa = outcomes(_rows(df, p.setting_a), metric)
+            xb, sb = outcomes(_rows(df, p.setting_b), metric)
+            common = sorted(set(sa) & set(sb))
+            for sd in common:
+                rows.append({"comparison": f"{p.context}: {p.a} − {p.b}", "seed": sd, "heldout": sd in set(heldout),
+                             "diff": float(xa[sa.index(sd)].mean() - xb[sb.index(sd)].mean())})
+    return pd.DataFrame(rows)
