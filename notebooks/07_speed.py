@@ -90,14 +90,23 @@ fig, ax = plt.subplots(figsize=(6.4, 3.6))
 x = 100 * table.params_removed
 dx = 0.012 * max(x.max(), 1)      # the two series side by side at each setting
 ok, pruned = table.accepted.astype(bool), table.kind == "nominal"   # the budget variants: the table and the text
-ax.plot(x, table.flops_ratio_inv, "k--", lw=1.2, label="predicted by FLOPs\n(dense FLOPs / pruned FLOPs)")
+for kind, ls, name in (("nominal", "--", "uniform OBS-Diff"), ("budget", ":", "equal-budget variants")):
+    k = (table.kind == kind) | (table.kind == "dense")  # one FLOPs line per series, from dense, sorted by size
+    if (table.kind == kind).any():
+        line = table[k].sort_values("params_removed")
+        ax.plot(100 * line.params_removed, line.flops_ratio_inv, "k" + ls, lw=1.1, label=f"FLOPs predict ({name})")
 for part, shift, color, label in (("transformer", -dx, "C0", "transformer forward"), ("pipeline", dx, "C1", "whole pipeline")):
     y = table[f"{part}_speedup"]
-    err = np.vstack([y - table[f"{part}_speedup_lo"], table[f"{part}_speedup_hi"] - y])[:, pruned]
-    ax.errorbar(x[pruned] + shift, y[pruned], yerr=err, color=color, lw=1, capsize=3, ls="none")
-    for keep, fill, word in ((ok, color, "measured"), (~ok, "none", "rejected by the checks")):
+    sel = table.kind != "dense"
+    err = np.vstack([y - table[f"{part}_speedup_lo"], table[f"{part}_speedup_hi"] - y])[:, sel]
+    ax.errorbar(x[sel] + shift, y[sel], yerr=err, color=color, lw=1, capsize=3, ls="none")
+    for keep, fill, word in ((ok & table[f"{part}_quoted"], color, "measured"),
+                             (~(ok & table[f"{part}_quoted"]) & sel, "none", "not quoted (rejected, or medians disagree)")):
         if keep.any():
             ax.plot(x[keep] + shift, y[keep], "o", color=color, mfc=fill, label=f"{label}, {word}")
+for _, r in table[table.kind == "budget"].iterrows():  # the budget variants by name
+    ax.annotate(r.variant, (100 * r.params_removed, r.transformer_speedup), fontsize=6, xytext=(3, -9),
+                textcoords="offset points")
 top = ax.secondary_xaxis("top")  # which setting each point is, off the data
 top.set_xticks(x[pruned], [f"{v:.0%}" for v in table.sparsity[pruned]], fontsize=8)
 top.set_xlabel("structured sparsity setting", fontsize=8)
@@ -124,6 +133,9 @@ print(f"dense: the {int(d.steps)} transformer calls take {share:.0%} of the pipe
 for _, r in table[table.kind != "dense"].iterrows():
     amdahl = 1 / (share / r.transformer_speedup + 1 - share)
     flag = "" if r.speedup_accepted else " [rejected]"
+    if r.speedup_accepted and not r.transformer_quoted:
+        flag = (f" [no speed-up quoted: per-pair median {r.transformer_speedup:.2f}× but median {r.transformer_ms:.1f} ms "
+                f"against dense {d.transformer_ms:.1f} ms]")
     print(f"{r.variant}{flag} ({r.params_removed:.1%} of parameters removed): transformer {r.transformer_speedup:.2f}× "
           f"(spread {r.transformer_speedup_lo:.2f}–{r.transformer_speedup_hi:.2f}×), FLOPs predict "
           f"{r.flops_ratio_inv:.2f}× -> {r.transformer_vs_flops} the FLOPs ratio; pipeline {r.pipeline_speedup:.2f}× "
@@ -171,12 +183,14 @@ print("Every measurement passed the idle and plausibility checks (load average "
       f"{n_bad} of {len(table)} measurements still failed the idle or plausibility checks after "
       f"{table.attempts.max()} attempt(s) (reasons above), so the speed-ups below are not trustworthy; "
       "rerun on an idle machine.")
+q = lambda r: f"{r.transformer_speedup:.2f}×" if r.transformer_quoted else "no quoted speed-up"
 print(f"Structurally pruned by OBS-Diff at {' / '.join(f'{s:.0%}' for s in p.sparsity)}, the transformer ran "
-      f"{' / '.join(f'{v:.2f}' for v in p.transformer_speedup)}× as fast as dense where the FLOPs predict "
+      f"{' / '.join(q(r) for _, r in p.iterrows())} (as fast as dense; quoted only where the paired ratio and the medians "
+      "agree in direction) where the FLOPs predict "
       f"{' / '.join(f'{v:.2f}' for v in p.flops_ratio_inv)}× ({', '.join(p.transformer_vs_flops)} the prediction), "
       f"and the whole {int(d.steps)}-step pipeline {' / '.join(f'{v:.2f}' for v in p.pipeline_speedup)}×.")
 both = [(r, PAPER[round(r.sparsity, 2)]) for _, r in p.iterrows() if round(r.sparsity, 2) in PAPER]
-good = [(r, q) for r, q in both if r.speedup_accepted]
+good = [(r, q) for r, q in both if r.speedup_accepted and r.transformer_quoted]
 skipped = [f"{r.sparsity:.0%}" for r, q in both if not r.speedup_accepted]
 if both and not good:
     print("With rejected measurements nothing follows for the paper's 1.20–1.31× per-block claim at 20–30% structured.")
@@ -189,7 +203,7 @@ elif good:
 bv = table[table.kind == "budget"]
 if len(bv):
     print("At equal shares of the targeted parameters (chapter 03's variants): " + "; ".join(
-        f"{r.variant} ({r.params_removed:.1%} of the transformer) {r.transformer_speedup:.2f}× "
+        f"{r.variant} ({r.params_removed:.1%} of the transformer) {q(r)} "
         f"(FLOPs predict {r.flops_ratio_inv:.2f}×){'' if r.speedup_accepted else ' [rejected]'}" for _, r in bv.iterrows())
         + ".")
 print(f"This CPU study of a {int(d.params) / 1e6:.1f}M-parameter transformer at {IMAGE_SIZE}² pixels says nothing "

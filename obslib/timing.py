@@ -342,6 +342,12 @@ def add_speedups(df: pd.DataFrame) -> pd.DataFrame:
     df["transformer_vs_flops"] = [compare_to_flops(lo, hi, f) for lo, hi, f in
                                   zip(df.transformer_speedup_lo, df.transformer_speedup_hi, df.flops_ratio_inv)]
     df["speedup_accepted"] = df.accepted.astype(bool) & bool(d.accepted)
+    # a speed-up is quoted only where the per-pair ratio and the two medians agree in direction (a paired median of
+    # 1.17x beside a pruned median slower than dense's says the machine drifted, not that pruning sped it up)
+    for part, unit in (("transformer", "ms"), ("pipeline", "s")):
+        by_medians = d[f"{part}_{unit}"] / df[f"{part}_{unit}"]
+        df[f"{part}_medians_ratio"] = by_medians
+        df[f"{part}_quoted"] = df.speedup_accepted & ((df[f"{part}_speedup"] > 1) == (by_medians > 1))
     return df
 
 

@@ -171,3 +171,19 @@ def test_paired_times_alternate_and_give_per_pair_ratios():
     assert r["ratio"] == pytest.approx(float(np.median(ref_times))) and r["ratio_lo"] == 3.5 and r["ratio_hi"] == 7.0
     with pytest.raises(ValueError):
         timing.paired_times(fn, ref, repeats=0)
+
+
+def test_a_speedup_is_quoted_only_where_the_paired_ratio_and_the_medians_agree():
+    """Chapter 07's 30% row: per-pair median 1.165x faster while its median call (79.9 ms) was slower than dense's
+    (74.8 ms): not quoted. A row whose ratio and medians agree is."""
+    base = dict(transformer_ms_min=70.0, transformer_ms_max=90.0, pipeline_s=1.6, pipeline_s_min=1.5, pipeline_s_max=1.7,
+                accepted=True)
+    rows = [dict(base, variant="dense", kind="dense", params=100, gflops=5.0, transformer_ms=74.8),
+            dict(base, variant="30%", kind="nominal", params=87, gflops=4.2, transformer_ms=79.9,
+                 paired_transformer_speedup=1.165, paired_transformer_speedup_lo=0.9, paired_transformer_speedup_hi=1.3),
+            dict(base, variant="g30", kind="budget", params=85, gflops=4.0, transformer_ms=61.3,
+                 paired_transformer_speedup=1.156, paired_transformer_speedup_lo=1.0, paired_transformer_speedup_hi=1.3)]
+    df = timing.add_speedups(pd.DataFrame(rows)).set_index("variant")
+    assert df.loc["30%", "transformer_speedup"] == pytest.approx(1.165)
+    assert df.loc["30%", "transformer_medians_ratio"] == pytest.approx(74.8 / 79.9)
+    assert not df.loc["30%", "transformer_quoted"] and df.loc["g30", "transformer_quoted"]
