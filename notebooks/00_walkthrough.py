@@ -388,8 +388,9 @@ for name in names:
     rows.append(row)
 block_errors = pd.DataFrame(rows)
 block_errors.to_csv(f"{S['results']}/00_block_errors.csv", index=False)
-fig, ax = plt.subplots(figsize=(7, 0.32 * len(block_errors) + 1))
+fig, ax = plt.subplots(figsize=(7, 0.5 * len(block_errors) + 1))  # room for one tick label per layer
 block_errors.set_index("layer")[["magnitude", "wanda", "obs-diff"]].iloc[::-1].plot.barh(ax=ax, logx=True, width=0.8)
+ax.tick_params(axis="y", labelsize=8)
 ax.set_xlabel("rel_error, relative output error of the layer (log scale)"); ax.set_ylabel(f"layer of {prefix[:-1]}")
 ax.legend(fontsize=8, title="method", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
 plots.save(fig, f"{S['figures']}/00_block_errors.png")

@@ -95,7 +95,8 @@ cmp.table(C)
 # %%
 fig, ax = plt.subplots(1, 3, figsize=(13, 3.4))
 for a, (m, lab) in zip(ax, [("hessian_mb", "peak Hessian memory (MiB)"), ("prune_s", "prune wall time (s)"), ("psnr", "PSNR vs dense (dB)")]):
-    sns.pointplot(df, x="packages", y=m, hue="calibration", errorbar="sd", ax=a, dodge=0.2, legend=a is ax[-1])
+    sns.pointplot(df, x="packages", y=m, hue="calibration", errorbar="sd", ax=a, dodge=0.2, legend=a is ax[-1],
+                  linestyle="none")  # K is categorical (1, 2, …, block, unit): no lines between its values
     a.set_ylabel(lab); a.set_xlabel("packages K")
 plots.legend_outside(ax[-1], "calibration")
 plots.save(fig, f"{S['figures']}/05_packages.png")

@@ -100,7 +100,7 @@ cmp.table(C + G)
 # Left: prompt fidelity (where the calibration-size effect shows) and PSNR against the number of calibration prompts (log scale; bands: one standard deviation over seeds). Right: the dense-minus-pruned prompt-fidelity gap under each sampling change, with its 95% paired interval — a gap that grows under a change means the pruned model follows the dense one less well there.
 
 # %%
-fig, ax = plt.subplots(1, 3, figsize=(14, 3.4))
+fig, ax = plt.subplots(1, 3, figsize=(15, 3.4), gridspec_kw={"wspace": 0.75})  # room for the third panel's labels
 one = summary.assign(m="obs-diff 50%")
 plots.metric_lines(one, "num_calib", "m", "prompt_fidelity", ax[0], "prompt fidelity (share of prompts)", "calibration prompts", legend=False)
 plots.metric_lines(one, "num_calib", "m", "psnr", ax[1], "PSNR vs dense (dB)", "calibration prompts", legend=False)
