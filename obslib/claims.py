@@ -39,7 +39,17 @@ def quote(r) -> str:
     text = f"{r.a} − {r.b}, {NAMES[r.metric]}: {interval(r)}, {_final(r)}"
     if "p_holm" in r and isinstance(r.p_holm, float) and r.p_holm == r.p_holm:
         text += f" (Holm p = {pvalue(r.p_holm)}" + ("" if r.verdict == _final(r) else f"; unadjusted: {r.verdict}") + ")"
-    return text
+    return text + _borderline(r)
+
+
+def _borderline(r) -> str:
+    """For a chapter row written before the two-level bootstrap (its p is McNemar's): say so where McNemar's p and the
+    interval's verdict disagree."""
+    legacy = not (isinstance(r.get("seeds"), str) and r.get("seeds").strip())
+    p = r.get("p")
+    if legacy and r.metric == "prompt_fidelity" and isinstance(p, float) and p == p and p >= 0.05 and r.verdict != NONE:
+        return f" (borderline: McNemar p = {p:.2g} disagrees with the interval)"
+    return ""
 
 
 def _final(r) -> str:
@@ -227,7 +237,8 @@ def claim_rows(results: str) -> list[dict]:
         rows.append({"claim": "The pruned model tracks the dense one under other CFG, steps and samplers",
                      "paper": "SD3-M 50%, IR dense→pruned: CFG 5 .83→.53, 7 .85→.64, 9 .83→.70; steps 15 .70→.49, 50 .94→.72; Heun .92→.72",
                      "ours": "dense − pruned prompt fidelity: " + "; ".join(
-                         f"{r.context} {signed(r['diff'], 3)} [{signed(r.lo, 3)}, {signed(r.hi, 3)}]" for _, r in t.iterrows()),
+                         f"{r.context} {signed(r['diff'], 3)} [{signed(r.lo, 3)}, {signed(r.hi, 3)}]{_borderline(r)}"
+                         for _, r in t.iterrows()),
                      "verdict": "the gap is detected under " + ", ".join(t[t.verdict == AHEAD].context) if (t.verdict == AHEAD).any()
                      else "no gap detected under any change"})
     return rows
