@@ -126,7 +126,7 @@ cmp.table(floor_cmp)
 pm_path = f"{S['results']}/08_premise_metrics.csv"
 premise = pd.read_csv(pm_path) if os.path.exists(pm_path) else pd.DataFrame()
 if len(premise):
-    cols = ["setting", "window", "mean_db", "pooled_db", "median_db", "below_30db", "ssim", "prompt_fidelity", "fidelity_flips"]
+    cols = ["setting", "window", "mean_db", "pooled_db", "median_db", "below_30db", "ssim", "prompt_fidelity", "fidelity_flips", "fid"]
     print(premise[cols].rename(columns=ts.PREMISE_COLUMNS).round(3).to_string(index=False))
 else:
     print("no chapter 08 rows yet: run 08_timesteps first")
@@ -188,7 +188,8 @@ if len(premise):
                   f"{worse('pooled_db')} ({e.pooled_db:.1f} vs {l.pooled_db:.1f} dB), SSIM the {worse('ssim')} "
                   f"({e.ssim:.3f} vs {l.ssim:.3f}), images below 30 dB the {worse('below_30db', higher=False)} "
                   f"({e.below_30db:.0%} vs {l.below_30db:.0%}), prompt fidelity the {worse('prompt_fidelity')} "
-                  f"({e.prompt_fidelity:.3f} vs {l.prompt_fidelity:.3f}).")
+                  f"({e.prompt_fidelity:.3f} vs {l.prompt_fidelity:.3f}), FID to the renders the "
+                  f"{worse('fid', higher=False)} ({e.fid:.2f} vs {l.fid:.2f}).")
 
 # %%
 # NBVAL_CHECK_OUTPUT

@@ -116,14 +116,16 @@ def pooled_psnr(psnr_db) -> float:
 
 PREMISE_COLUMNS = {"mean_db": "mean of per-image PSNR (dB)", "pooled_db": "PSNR of the pooled MSE (dB)",
                    "median_db": "median PSNR (dB)", "below_30db": "images below 30 dB", "ssim": "mean SSIM",
-                   "prompt_fidelity": "prompt fidelity", "fidelity_flips": "prompts whose verdict flips vs dense"}
+                   "prompt_fidelity": "prompt fidelity", "fidelity_flips": "prompts whose verdict flips vs dense",
+                   "fid": "FID to the renders (evaluator features)"}
 
 
 def premise_metrics(frame: pd.DataFrame, threshold_db: float = 30.0) -> pd.DataFrame:
     """Every reading of "how much did the images change" per setting and window of an ``injection_frame``: the mean,
     pooled-MSE and median PSNR, the share of images below ``threshold_db``, mean SSIM, prompt fidelity, and the share
     of (seed, prompt) pairs whose prompt-fidelity verdict differs from the dense image's (the evaluator reads the
-    composition differently). Each answers another question: the mean of dB weighs every image alike (a typical
+    composition differently), and the mean FID of the seeds' images to the ground-truth renders (the evaluator's
+    features: a distribution distance, not a per-image one). Each answers another question: the mean of dB weighs every image alike (a typical
     image), the pooled MSE weighs images by their error (total pixel damage, dominated by a few heavily changed
     images), the median and the share below 30 dB separate "a few images a lot" from "every image a little"."""
     rows = []
@@ -140,7 +142,8 @@ def premise_metrics(frame: pd.DataFrame, threshold_db: float = 30.0) -> pd.DataF
         rows.append({"setting": setting, "window": window, "first": int(g["first"].iloc[0]), "last": int(g["last"].iloc[0]),
                      "mean_db": float(psnr.mean()), "pooled_db": pooled_psnr(psnr), "median_db": float(np.median(psnr)),
                      "below_30db": float(np.mean(psnr < threshold_db)), "ssim": float(ssim.mean()),
-                     "prompt_fidelity": float(fid.mean()), "fidelity_flips": flips, "images": psnr.size})
+                     "prompt_fidelity": float(fid.mean()), "fidelity_flips": flips,
+                     "fid": float(g["fid"].mean()) if "fid" in g else np.nan, "images": psnr.size})
     return pd.DataFrame(rows)
 
 
