@@ -125,6 +125,12 @@ def _prune_key(s: Setting, seed: int) -> str:
 _PRUNED: dict[str, tuple] = {}  # the last pruned model, reused by settings that differ only in evaluation
 
 
+def forget_pruned() -> None:
+    """Drop the kept pruned model (``pruned_pipeline``'s reuse), e.g. before pruning the same setting under another
+    numerical regime."""
+    _PRUNED.clear()
+
+
 def run_setting(ev: Evaluator, s: Setting, seed: int, progress: bool = False) -> dict:
     """Prune a fresh copy of the model with one setting and seed (or reuse the identical last one), evaluate it."""
     row = {k: v for k, v in s.__dict__.items() if k != "extra"}

@@ -228,16 +228,16 @@ def noise_floor(setting: Setting, seeds, threads, runs_csv: str, **ev_kwargs) ->
     try:
         for t in threads:
             torch.set_num_threads(int(t))
-            ex._PRUNED.clear()
+            ex.forget_pruned()
             ev = ex.Evaluator(**ev_kwargs)  # dense reference images of this regime
             rows[t] = run_grid([setting], list(seeds), runs_csv, evaluator=ev, progress=False).assign(regime=ex.regime())
             for sd in seeds:
-                ex._PRUNED.clear()
+                ex.forget_pruned()
                 pipe, _ = ex.pruned_pipeline(ev.model_dir, setting, sd)
                 masks[t, sd] = {n: (p == 0) for n, p in pipe.transformer.named_parameters() if p.dim() == 2}
     finally:
         torch.set_num_threads(n0)
-        ex._PRUNED.clear()
+        ex.forget_pruned()
     ta, tb = threads
     per_seed = []
     for sd in seeds:
