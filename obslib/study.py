@@ -34,6 +34,7 @@ _FULL = dict(seeds=[0, 1, 2], num_eval_prompts=64, num_calib=16,
              sensitivity=[["unstructured", 0.5], ["unstructured", 0.6], ["2:4", 0.5]], refit_sparsities=[0.5, 0.6, 0.7],
              param_budgets=[0.1, 0.2, 0.3], head_seeds=[0, 1, 2, 3, 4, 5], floor_repeats=5, floor_warmup=1,
              verdict_seeds=[0, 1, 2, 3, 4], heldout_seeds=[100, 101, 102],
+             verdict_more_seeds={"weighting 50%": [5, 6, 7, 8, 9]},  # 5 seeds left it at Holm p = 0.049
              verdict_families=["baselines 50%", "baselines 60%", "baselines 2:4", "structured l1", "weighting 50%",
                                "weighting 60% 2:4", "refit", "allocation unstructured", "structured allocation",
                                "structured slimdiff"], noise_floor=[["unstructured", 0.5], ["2:4", 0.5]], noise_threads=[1, 2])
@@ -41,7 +42,7 @@ _QUICK = dict(seeds=[0], num_eval_prompts=8, num_calib=4, sparsities=[0.5], stru
               calib_sizes=[2, 4], packages=[1, 4], cfg_values=[4.0], step_values=[10], timing_repeats=2, gf_iterations=3,
               gf_lr=2e-4, inject_windows=5, inject_structured=0.2, strength_ratios=[100],
               sensitivity=[["unstructured", 0.5]], refit_sparsities=[0.5], param_budgets=[0.2], head_seeds=[0], floor_repeats=1, floor_warmup=0,
-              verdict_seeds=[0], heldout_seeds=[100], verdict_families=["baselines 50%", "weighting 50%"],
+              verdict_seeds=[0], heldout_seeds=[100], verdict_more_seeds={}, verdict_families=["baselines 50%", "weighting 50%"],
               noise_floor=[["unstructured", 0.5]], noise_threads=[1, 2])
 
 

@@ -125,9 +125,16 @@ def settings_of(fams: list[Family]) -> list[Setting]:
     return out
 
 
-def run(fams: list[Family], seeds, runs_csv: str, **ev_kwargs) -> pd.DataFrame:
-    """The rows of every setting of ``fams`` on ``seeds`` (cached in ``runs_csv``; see ``experiments.run_grid``)."""
-    return run_grid(settings_of(fams), list(seeds), runs_csv, **ev_kwargs)
+def run(fams: list[Family], seeds, runs_csv: str, more_seeds: dict | None = None, **ev_kwargs) -> pd.DataFrame:
+    """The rows of every setting of ``fams`` on ``seeds``, and of the families named in ``more_seeds`` (family key ->
+    further study seeds, for verdicts that came out close) on those too (cached in ``runs_csv``; see
+    ``experiments.run_grid``)."""
+    parts = [run_grid(settings_of(fams), list(seeds), runs_csv, **ev_kwargs)]
+    for f in fams:
+        extra = [sd for sd in (more_seeds or {}).get(f.key, []) if sd not in set(seeds)]
+        if extra:
+            parts.append(run_grid(settings_of([f]), extra, runs_csv, **ev_kwargs))
+    return pd.concat(parts, ignore_index=True).drop_duplicates("key").reset_index(drop=True)
 
 
 def _rows(df: pd.DataFrame, s: Setting) -> pd.DataFrame:
@@ -165,12 +172,15 @@ def replicates(study: dict, held: dict) -> str:
     return "weaker" if same_sign else "no"
 
 
-def judge(df: pd.DataFrame, fams: list[Family], seeds=STUDY_SEEDS, heldout=HELDOUT_SEEDS) -> pd.DataFrame:
+def judge(df: pd.DataFrame, fams: list[Family], seeds=STUDY_SEEDS, heldout=HELDOUT_SEEDS,
+          more_seeds: dict | None = None) -> pd.DataFrame:
     """One row per comparison of every family: difference, two-level interval, p, Holm-adjusted p and both verdicts
-    on the study seeds, the same on the held-out seeds, and whether it replicates."""
+    on the study seeds (``seeds``, plus ``more_seeds[family key]`` for a family whose verdict came out close), the
+    same on the held-out seeds, and whether it replicates."""
     rows = []
     for f in fams:
-        st, ho = _score(df, f, seeds), (_score(df, f, heldout) if heldout else None)
+        mine = list(seeds) + [sd for sd in (more_seeds or {}).get(f.key, []) if sd not in set(seeds)]
+        st, ho = _score(df, f, mine), (_score(df, f, heldout) if heldout else None)
         for i, r in enumerate(st):
             row = {"claim": f.claim, "source": f.source, "paper": f.paper, **r}
             if ho is not None:
