@@ -159,7 +159,8 @@ if len(premise):
 for _, r in claims.iterrows():
     held = f" On the held-out seeds: {r['verdict (held-out seeds, Holm)']}; {r['replicate']} comparisons replicate" + (
         f" ({r['weaker']} weaker)." if r["weaker"] else ".")
-    print(f"{r.claim}: {r['verdict (study seeds, Holm)']} on {len(seeds)} study seeds after Holm "
+    n = int(J[J.claim == r.claim].n_seeds.max())
+    print(f"{r.claim}: {r['verdict (study seeds, Holm)']} on {n} study seed{'s' if n != 1 else ''} after Holm "
           f"(unadjusted: {r['verdict (study seeds, unadjusted)']}).{held}")
 bad = J[J.replicates == "no"]
 print(f"{int((J.replicates == 'yes').sum())} of {len(J)} comparisons replicate on the held-out seeds, "
@@ -187,13 +188,14 @@ if len(premise):
         halves = g[g.window.isin(["steps 1-10", "steps 11-20"])].set_index("window")
         if len(halves) == 2:
             e, l = halves.loc["steps 1-10"], halves.loc["steps 11-20"]
-            worse = lambda col, higher=True: "first" if (e[col] < l[col]) == higher else "second"
-            print(f"{setting}, pruned only in the first half vs only in the second: the mean of per-image dB says the "
-                  f"{worse('mean_db')} half hurts more ({e.mean_db:.1f} vs {l.mean_db:.1f} dB); the pooled MSE says the "
-                  f"{worse('pooled_db')} ({e.pooled_db:.1f} vs {l.pooled_db:.1f} dB), SSIM the {worse('ssim')} "
-                  f"({e.ssim:.3f} vs {l.ssim:.3f}), images below 30 dB the {worse('below_30db', higher=False)} "
-                  f"({e.below_30db:.0%} vs {l.below_30db:.0%}), prompt fidelity the {worse('prompt_fidelity')} "
-                  f"({e.prompt_fidelity:.3f} vs {l.prompt_fidelity:.3f}), FID to the renders the "
+            worse = lambda col, higher=True: ("neither" if e[col] == l[col] else
+                                              "the first" if (e[col] < l[col]) == higher else "the second")
+            print(f"{setting}, pruned only in the first half vs only in the second, which half hurts more: the mean of "
+                  f"per-image dB says {worse('mean_db')} ({e.mean_db:.1f} vs {l.mean_db:.1f} dB); the pooled MSE says "
+                  f"{worse('pooled_db')} ({e.pooled_db:.1f} vs {l.pooled_db:.1f} dB), SSIM {worse('ssim')} "
+                  f"({e.ssim:.3f} vs {l.ssim:.3f}), images below 30 dB {worse('below_30db', higher=False)} "
+                  f"({e.below_30db:.0%} vs {l.below_30db:.0%}), prompt fidelity {worse('prompt_fidelity')} "
+                  f"({e.prompt_fidelity:.3f} vs {l.prompt_fidelity:.3f}), FID to the renders "
                   f"{worse('fid', higher=False)} ({e.fid:.2f} vs {l.fid:.2f}).")
 
 # %%
