@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pandas as pd
 
 from .compare import AHEAD, BEHIND, NAMES, NONE, PAIRED, adjusted_verdict, holm, interval, pvalue, read_comparisons, signed
@@ -46,7 +47,7 @@ def _borderline(r) -> str:
     """For a chapter row written before the two-level bootstrap (its p is McNemar's): say so where McNemar's p and the
     interval's verdict disagree."""
     legacy = not (isinstance(r.get("seeds"), str) and r.get("seeds").strip())
-    p = r.get("p")
+    p = r.get("mcnemar_p") if legacy else np.nan
     if legacy and r.metric == "prompt_fidelity" and isinstance(p, float) and p == p and p >= 0.05 and r.verdict != NONE:
         return f" (borderline: McNemar p = {p:.2g} disagrees with the interval)"
     return ""
@@ -72,7 +73,7 @@ def _where(r) -> str:
 
 def correct(t: pd.DataFrame) -> pd.DataFrame:
     """The family ``t`` with Holm-adjusted p (``p_holm``) and the verdict after it (``verdict_holm``). Rows written
-    before the two-level bootstrap (no ``seeds`` column: their p is McNemar's or missing) are left uncorrected."""
+    before the two-level bootstrap (no ``seeds`` column: McNemar's p, if any, is in ``mcnemar_p``) are left uncorrected."""
     t = t.copy()
     new = "seeds" in t and t["seeds"].astype(str).str.strip().ne("").all() and t["p"].notna().all()
     if not new or t.empty:

@@ -127,3 +127,11 @@ def test_family_with_two_level_p_is_corrected_by_holm(tmp_path):
     (row,) = [r for r in claim_rows(str(tmp_path)) if "OBS-Diff ahead of Wanda" in r["claim"]]
     assert row["verdict"] == "no difference detected"
     assert "Holm p = 0.08; unadjusted: ahead" in row["ours"] and row["basis"].startswith("5 seeds, seeds and prompts")
+
+
+def test_a_chapter_row_whose_mcnemar_p_disagrees_with_its_interval_is_marked_borderline(tmp_path):
+    rows = [dict(_row("At 50%", "wanda", "prompt_fidelity", 0.05, 0.005, 0.1, "ahead"), mcnemar_p=0.064),
+            dict(_row("At 50%", "dsnot", "prompt_fidelity", 0.2, 0.1, 0.3, "ahead"), mcnemar_p=0.001)]
+    _comparisons(tmp_path, rows)
+    (row,) = [r for r in claim_rows(str(tmp_path)) if "OBS-Diff ahead of Wanda" in r["claim"]]
+    assert row["ours"].count("borderline") == 1 and "borderline: McNemar p = 0.064 disagrees" in row["ours"]
