@@ -46,7 +46,7 @@ print("numerical regime of this run:", ex.regime())
 # Each family below is one claim; its comparisons are "a ahead of b" in the claimed direction. The settings are the chapters' own (16 calibration prompts, K = 4 packages, 64 held-out prompts per seed), so the rows are the same ones chapters 01–03 would compute under this regime. SparseGPT is OBS-Diff's solver with uniform timestep weights (a test checks that their rows are bit-identical), so OBS-Diff − SparseGPT *is* the paper's weighting claim. The study seeds are 0–4; where a claim's verdict came out close on them (the paper's weighting claim at 50%: Holm p = 0.049 on 5 seeds), five more study seeds (5–9) are spent on it. The held-out seeds 100–102 were fixed before any of their rows existed and never chose anything.
 
 # %%
-fams = vd.families(S["num_calib"], S["structured_sparsities"], keys=S["verdict_families"])
+fams = vd.families(S["num_calib"], S["structured_sparsities"], keys=S["verdict_families"], grid=S)
 seeds, heldout = S["verdict_seeds"], S["heldout_seeds"]
 pd.DataFrame([{"family": f.key, "claim": f.claim, "source": f.source,
                "comparisons": f"{len(f.pairs)} settings × {len(f.metrics)} metrics"} for f in fams])

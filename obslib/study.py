@@ -37,12 +37,17 @@ _FULL = dict(seeds=[0, 1, 2], num_eval_prompts=64, num_calib=16,
              verdict_more_seeds={"weighting 50%": [5, 6, 7, 8, 9]},  # 5 seeds left it at Holm p = 0.049
              verdict_families=["baselines 50%", "baselines 60%", "baselines 2:4", "structured l1", "weighting 50%",
                                "weighting 60% 2:4", "refit", "allocation unstructured", "structured allocation",
-                               "structured slimdiff"], noise_floor=[["unstructured", 0.5], ["2:4", 0.5]], noise_threads=[1, 2])
+                               "structured slimdiff", "weighting 4:8", "weighting schemes 60%", "weighting strength 60%",
+                               "one-sided weighting 60%", "sensitivity vs uniform", "sensitivity vs log-decrease",
+                               "structured slimdiff nominal", "allocation part obs", "allocation part slimdiff",
+                               "solver part", "calibration size", "robustness", "structured gradient flow", "packages"],
+             verdict_calib_sizes=[4, 16, 64], noise_floor=[["unstructured", 0.5], ["2:4", 0.5]], noise_threads=[1, 2])
 _QUICK = dict(seeds=[0], num_eval_prompts=8, num_calib=4, sparsities=[0.5], structured_sparsities=[0.2],
               calib_sizes=[2, 4], packages=[1, 4], cfg_values=[4.0], step_values=[10], timing_repeats=2, gf_iterations=3,
               gf_lr=2e-4, inject_windows=5, inject_structured=0.2, strength_ratios=[100],
               sensitivity=[["unstructured", 0.5]], refit_sparsities=[0.5], param_budgets=[0.2], head_seeds=[0], floor_repeats=1, floor_warmup=0,
               verdict_seeds=[0], heldout_seeds=[100], verdict_more_seeds={}, verdict_families=["baselines 50%", "weighting 50%"],
+              verdict_calib_sizes=[2, 4],
               noise_floor=[["unstructured", 0.5]], noise_threads=[1, 2])
 
 

@@ -52,10 +52,13 @@ class Family:
     metrics: tuple[str, ...] = METRICS
 
 
-def families(num_calib: int = 16, structured=(0.1, 0.2, 0.3), keys=None) -> list[Family]:
-    """The claims rerun on the study and held-out seeds (``keys``: only those families): OBS-Diff against the paper's baselines (50%, 60%
-    unstructured, 2:4, structured against L1-norm) and the timestep-aware against the uniform Hessian (SparseGPT:
-    the same solver with uniform weights) at 50%, 60% and 2:4."""
+def families(num_calib: int = 16, structured=(0.1, 0.2, 0.3), keys=None, grid: dict | None = None) -> list[Family]:
+    """The claims rerun on the study and held-out seeds (``keys``: only those families): OBS-Diff against the paper's
+    baselines (50%, 60% unstructured, 2:4, structured against L1-norm), the timestep-aware against the uniform Hessian
+    (SparseGPT: the same solver with uniform weights) at 50%, 60%, 2:4, refit and the allocations; with ``grid`` (the
+    study's settings, ``obslib.study.settings``: model, gradient-flow, sensitivity, package, calibration-size and
+    robustness grids) also the chapters' other claims (``CHAPTER_FAMILIES``), on the chapters' own settings so that
+    their rows are shared."""
     def st(method, pattern="unstructured", sparsity=0.5):
         return Setting(method=method, pattern=pattern, sparsity=sparsity, num_calib=num_calib)
 
@@ -96,6 +99,10 @@ def families(num_calib: int = 16, structured=(0.1, 0.2, 0.3), keys=None) -> list
     def budget(method, b, **extra):
         return Setting(method=method, pattern="structured", sparsity=b, num_calib=num_calib, extra=extra)
 
+    out.append(Family("weighting 4:8", "4:8: the timestep-aware Hessian (OBS-Diff) ahead of the uniform one (SparseGPT)",
+                      "ours", "not compared in the paper (weighting ablation only, at 50% unstructured)",
+                      [Pair("At 4:8", "log-decrease", "uniform", st("obs-diff", "4:8"), st("sparsegpt", "4:8"))]))
+
     out.append(Family("structured allocation", "Ours: a global structured allocation (every head and neuron by OBS cost "
                       "per parameter) ahead of the uniform one", "ours", "not in the paper (the same share from every block)",
                       [Pair(f"At {b:.0%} of the parameters", "OBS-Diff · global", "OBS-Diff · uniform",
@@ -105,12 +112,134 @@ def families(num_calib: int = 16, structured=(0.1, 0.2, 0.3), keys=None) -> list
                       "it) ahead of the peer SlimDiff (our reconstruction)", "ours", "not compared in the OBS-Diff paper",
                       [Pair(f"At {b:.0%} of the parameters", "OBS-Diff · uniform", "SlimDiff · its allocation",
                             budget("obs-diff", b, param_budget=b), budget("slimdiff", b)) for b in structured]))
+    if grid is not None:
+        out += _chapter_families(st, budget, num_calib, structured, grid, keys)
     if keys is not None:
         unknown = set(keys) - {f.key for f in out}
         if unknown:
             raise ValueError(f"unknown families {sorted(unknown)}; allowed: {', '.join(f.key for f in out)}")
         out = [f for f in out if f.key in keys]
     return out
+
+
+CHAPTER_FAMILIES = ("weighting schemes 60%", "weighting strength 60%", "one-sided weighting 60%",
+                    "sensitivity vs uniform", "sensitivity vs log-decrease", "structured slimdiff nominal",
+                    "structured gradient flow", "allocation part obs", "allocation part slimdiff", "solver part",
+                    "packages", "calibration size", "robustness")
+
+
+def _chapter_families(st, budget, num_calib: int, structured, grid: dict, keys) -> list[Family]:
+    """The families of chapters 03–06 and 08 (``CHAPTER_FAMILIES``; only those in ``keys`` when given: some need the
+    model loaded), each on the settings its chapter runs (``grid``: ``obslib.study.settings``)."""
+    from .timesteps import strength_settings
+    from .weighting import PAPER_SCHEMES
+
+    want = set(CHAPTER_FAMILIES if keys is None else keys)
+    out = []
+    w60 = Setting(method="obs-diff", sparsity=0.6, num_calib=num_calib)
+
+    def wt(base, w):
+        return Setting(**{**base.__dict__, "weighting": w})
+
+    out.append(Family("weighting schemes 60%", "At 60% unstructured: every weighting of the paper's ablation ahead of "
+                      "uniform weighting (chapter 04)", "ours", "not at this sparsity in the paper (its ablation, at 50%: "
+                      "log-decrease .6438, linear-decrease .6384, uniform .6355, log-increase .6244, linear-increase .6174)",
+                      [Pair("At 60% unstructured", w, "uniform", wt(w60, w), wt(w60, "uniform"))
+                       for w in PAPER_SCHEMES if w != "uniform"]))
+    strong = strength_settings(w60, schemes=("log-decrease",), ratios=[r for r in grid["strength_ratios"] if r != 1.5],
+                               one_sided=())
+    out.append(Family("weighting strength 60%", "Stronger decreasing weightings ahead of uniform (60% unstructured)", "ours",
+                      "not in the paper (only α in [0.8, 1.2])",
+                      [Pair("At 60% unstructured", f"log-decrease ×{s.extra['alpha_max'] / s.extra['alpha_min']:.3g}",
+                            "uniform", s, wt(w60, "uniform")) for s in strong]))
+    sided = strength_settings(w60, schemes=(), ratios=(), one_sided=("first-half", "second-half"))
+    out.append(Family("one-sided weighting 60%", "One-sided weightings (only the first / only the second half of the "
+                      "steps) ahead of uniform (60%)", "ours", "not in the paper",
+                      [Pair("At 60% unstructured", f"{s.weighting} only", "uniform", s, wt(w60, "uniform")) for s in sided]))
+    sens = [(f"At {sp:.0%} unstructured" if p == "unstructured" else f"At {p}", Setting(
+        method="obs-diff", pattern=p, sparsity=sp, num_calib=num_calib)) for p, sp in grid["sensitivity"]]
+    for key, b, claim in (("sensitivity vs uniform", "uniform", "A measured weighting (sensitivity: α_t from the harm of an "
+                           "error at step t) ahead of uniform"),
+                          ("sensitivity vs log-decrease", "log-decrease", "The measured weighting ahead of the paper's "
+                           "log-decrease")):
+        out.append(Family(key, claim, "ours", "not in the paper (ours)",
+                          [Pair(ctx, "sensitivity", b, wt(s, "sensitivity"), wt(s, b)) for ctx, s in sens]))
+    out.append(Family("structured slimdiff nominal", "Structured, at the same nominal sparsity (--sparsity): OBS-Diff "
+                      "ahead of the peer SlimDiff (our reconstruction; SlimDiff's sparsity counts parameters, OBS-Diff's "
+                      "heads and neurons)", "ours", "not compared in the OBS-Diff paper",
+                      [Pair(f"At {s:.0%} structured", "obs-diff", "slimdiff", st("obs-diff", "structured", s),
+                            st("slimdiff", "structured", s)) for s in structured]))
+    gf = {"iterations": grid["gf_iterations"], "lr": grid["gf_lr"], "gradient_criterion": "lower"}
+    mid = structured[len(structured) // 2]
+    out.append(Family("structured gradient flow", "Structured: OBS-Diff ahead of the peer gradient flow (our "
+                      f"reconstruction, {grid['gf_iterations']} iterations, the 'lower' criterion its ablation prefers)",
+                      "ours", "not compared in the OBS-Diff paper",
+                      [Pair(f"At {mid:.0%} structured", "obs-diff", "gradient-flow", st("obs-diff", "structured", mid),
+                            Setting(method="gradient-flow", pattern="structured", sparsity=mid, num_calib=num_calib,
+                                    extra=gf))]))
+    if want & {"allocation part obs", "solver part"}:
+        from .budgets import slimdiff_shares
+
+        on_slim = {b: budget("obs-diff", b, unit_sparsity=slimdiff_shares(grid["model_dir"], b, num_calib)) for b in structured}
+    else:
+        on_slim = {b: None for b in structured}
+    ctx = "At {:.0%} of the parameters"
+    out.append(Family("allocation part obs", "Allocation part: OBS-Diff on SlimDiff's allocation ahead of OBS-Diff "
+                      "uniform", "ours", "not in either paper",
+                      [Pair(ctx.format(b), "OBS-Diff · SlimDiff's allocation", "OBS-Diff · uniform", on_slim[b],
+                            budget("obs-diff", b, param_budget=b)) for b in structured]))
+    out.append(Family("allocation part slimdiff", "Allocation part: SlimDiff's own allocation ahead of SlimDiff uniform",
+                      "ours", "not in either paper (SlimDiff's abstract credits its allocator)",
+                      [Pair(ctx.format(b), "SlimDiff · its allocation", "SlimDiff · uniform", budget("slimdiff", b),
+                            budget("slimdiff", b, allocation="uniform")) for b in structured]))
+    out.append(Family("solver part", "Solver part: SlimDiff's closed forms ahead of OBS on the same allocation", "ours",
+                      "not in either paper",
+                      [Pair(ctx.format(b), "SlimDiff · its allocation", "OBS-Diff · SlimDiff's allocation",
+                            budget("slimdiff", b), on_slim[b]) for b in structured]))
+    if "packages" in want:
+        k_hi = units_of(grid["model_dir"])
+        p50 = Setting(method="obs-diff", sparsity=0.5, num_calib=num_calib)
+        out.append(Family("packages", f"More packages: one per unit (K = {k_hi}) against one (K = 1), quality at 50% "
+                          "unstructured", "paper",
+                          "K=1 30.7 GB 572 s IR .857; K=4 24.1 GB 897 s .844; K=20 22.1 GB 2595 s .856 (resample): "
+                          "no quality trend", [
+                              Pair(f"{cal.capitalize()} calibration", f"K = {k_hi}", "K = 1",
+                                   Setting(**{**p50.__dict__, "packages": k_hi, "extra": {"calibration": cal}}),
+                                   Setting(**{**p50.__dict__, "packages": 1, "extra": {"calibration": cal}}))
+                              for cal in ("resample", "propagate")]))
+    sizes = sorted(grid["verdict_calib_sizes"])
+    out.append(Family("calibration size", f"More calibration prompts ahead of fewer ({sizes[-1]} against each smaller "
+                      "set; the paper: quality rises, then flattens)", "paper",
+                      "quality rises steeply up to ~100 prompts, then flat (SD3-M)",
+                      [Pair("At 50% unstructured", f"{sizes[-1]} prompts", f"{n} prompts",
+                            Setting(method="obs-diff", sparsity=0.5, num_calib=sizes[-1]),
+                            Setting(method="obs-diff", sparsity=0.5, num_calib=n)) for n in sizes[:-1]]))
+    from .shapes.model import DEFAULT_SAMPLING
+
+    changes = [("At the default sampling", {})]
+    changes += [(f"At CFG {g:g}", {"eval_guidance": g}) for g in grid["cfg_values"]
+                if g != DEFAULT_SAMPLING["guidance_scale"]]
+    changes += [(f"At {n} steps", {"eval_steps": n}) for n in grid["step_values"]
+                if n != DEFAULT_SAMPLING["num_inference_steps"]]
+    changes += [("With Heun", {"eval_sampler": "heun"})]
+    out.append(Family("robustness", "Under other CFG, steps and samplers the dense model stays ahead of the pruned one "
+                      "(OBS-Diff, 50% unstructured): the gap the paper reports under every change", "ours", "SD3-M 50%, IR dense→pruned: CFG 5 .83→.53, 7 .85→.64, "
+                      "9 .83→.70; steps 15 .70→.49, 50 .94→.72; Heun .92→.72",
+                      [Pair(c, "dense", "obs-diff", Setting(method="dense", sparsity=0.5, num_calib=num_calib, **kw),
+                            Setting(method="obs-diff", sparsity=0.5, num_calib=num_calib, **kw)) for c, kw in changes],
+                      metrics=("prompt_fidelity",)))
+    return [f for f in out if f.key in want]
+
+
+def units_of(model_dir: str) -> int:
+    """The number of basic units (one package each at the finest split) of the model at ``model_dir``."""
+    from .archs import iter_blocks, spec_for
+    from .io import load_pipeline
+    from .packages import layer_units
+
+    den = load_pipeline(model_dir).transformer
+    spec = spec_for(den)
+    return len(layer_units(den, spec, list(range(len(iter_blocks(den, spec))))))
 
 
 def settings_of(fams: list[Family]) -> list[Setting]:
@@ -182,7 +311,7 @@ def judge(df: pd.DataFrame, fams: list[Family], seeds=STUDY_SEEDS, heldout=HELDO
         mine = list(seeds) + [sd for sd in (more_seeds or {}).get(f.key, []) if sd not in set(seeds)]
         st, ho = _score(df, f, mine), (_score(df, f, heldout) if heldout else None)
         for i, r in enumerate(st):
-            row = {"claim": f.claim, "source": f.source, "paper": f.paper, **r}
+            row = {"family": f.key, "claim": f.claim, "source": f.source, "paper": f.paper, **r}
             if ho is not None:
                 h = ho[i]
                 row.update({f"heldout_{k}": h[k] for k in ("diff", "lo", "hi", "p", "p_holm", "verdict", "verdict_holm", "n_seeds")})
