@@ -121,6 +121,67 @@ fig.tight_layout()
 plots.save(fig, f"{S['figures']}/08_injection.png")
 
 # %% [markdown]
+# **The same prompts, window by window.** The first six held-out prompts of the first seed at 50% unstructured: the dense model (top row), the pruned weights active in one window only (one row per window, noisy steps first), and at every step (bottom row). Read down a column: a change of layout (a shape appears, vanishes or moves) is what the evaluator's reading and prompt fidelity register; a change of edges and shades is what PSNR registers and the evaluator may not.
+
+# %%
+imgs, labels = ts.window_images(inject[0], S["seeds"][0], windows[:S["inject_windows"]], 6, S["model_dir"])
+per_row = len(imgs) // len(labels)
+fig = plots.image_grid(imgs, [lab if j == 0 else "" for lab in labels for j in range(per_row)], ncols=per_row, width=1.5)
+plots.save(fig, f"{S['figures']}/08_window_images.png")
+
+# %% [markdown]
+# ### The same error at every step
+#
+# A window's damage above mixes two things: how much an error made at those steps hurts the final image, and how large the pruned model's error is at those steps (its inputs differ from step to step, and so does its error). To separate them, the probe below (`obslib.timesteps.run_equal_probe`) first measures the pruned model's relative prediction error ‖v_pruned − v_dense‖ / ‖v_dense‖ at every step along the dense trajectory, then samples the dense model with Gaussian noise of *one* relative size — the mean of those errors — added to its prediction in one window only. Every window now receives an error of the same size; what still differs between windows is only where the error lands.
+
+# %%
+probe = ts.run_equal_probe(inject[:1], S["seeds"], windows, f"{S['results']}/08_equal_probe_runs.csv",
+                           model_dir=S["model_dir"], num_prompts=S["num_eval_prompts"])
+NOISE = "equal-size noise"
+P = ts.injection_frame(probe, whole)
+P = P[P.window != ts.WHOLE].assign(setting=NOISE)
+rel_steps = np.mean([[float(x) for x in r.split(";")] for r in probe.drop_duplicates("seed").rel_error_steps], axis=0)
+probe_size = float(probe.drop_duplicates("seed").rel.mean())
+print(f"the pruned model's ({ts.setting_label(probe.iloc[0])}) relative prediction error per step, mean over "
+      f"{probe.seed.nunique()} seeds: " + ", ".join(f"{x:.3f}" for x in rel_steps) + f"; the probe's size: {probe_size:.3f}")
+probe_means = pd.concat([ts.window_means(P, m) for m in ("psnr", "prompt_fidelity")])
+probe_premise = ts.premise_metrics(P)
+probe_premise.to_csv(f"{S['results']}/08_equal_probe_metrics.csv", index=False)
+print(probe_premise.drop(columns=["first", "last", "images"]).rename(columns=ts.PREMISE_COLUMNS).round(3).to_string(index=False))
+
+# %%
+# NBVAL_CHECK_OUTPUT
+C5 = []
+for a, b, what in ((first, second, "Halves"), (w0, w1, "End windows")):
+    C5 += cmp.compare_in(P, "window", a, b, where={"setting": NOISE}, metrics=("prompt_fidelity", "psnr"),
+                         chapter="08 timesteps", context=f"{what}, {NOISE}")
+cmp.table(C5)
+
+# %% [markdown]
+# **The figure.** Left: the pruned model's relative prediction error at each step (how large the error is where it is made) and the probe's one size (dashed). Right: PSNR against the dense images per window, for the pruned weights (as above) and for the equal-size noise, both read two ways — the mean of per-image dB (a typical image) and the PSNR of the pooled MSE (total pixel damage). If the pruned curve's shape came from the error's size, the noise curve would be flat.
+
+# %%
+fig, ax = plt.subplots(1, 2, figsize=(13, 3.8))
+ax[0].plot(range(1, len(rel_steps) + 1), rel_steps, marker="o", label="pruned model, per step")
+ax[0].axhline(probe_size, ls="--", color="k", lw=1, label="equal-size probe")
+ax[0].set_xlabel("step (1 = pure noise)")
+ax[0].set_ylabel("relative prediction error")
+plots.legend_outside(ax[0])
+eq_labels = [ts.window_label(w) for w in equal]
+both = pd.concat([premise, probe_premise])
+both = both[both.window.isin(eq_labels) & both.setting.isin([ts.setting_label(probe.iloc[0]), NOISE])]
+for i, (setting, g) in enumerate(both.groupby("setting", sort=False)):
+    g = g.sort_values("first")
+    mid = (g["first"] + g["last"]) / 2
+    ax[1].plot(mid, g.mean_db, marker="o", color=f"C{i}", label=f"{setting}, mean of dB")
+    ax[1].plot(mid, g.pooled_db, marker="s", ls=":", color=f"C{i}", label=f"{setting}, pooled MSE")
+ax[1].set_xlabel("window of the error (centre; 1 = pure noise)")
+ax[1].set_ylabel("PSNR vs dense (dB)")
+plots.legend_outside(ax[1])
+fig.tight_layout()
+plots.save(fig, f"{S['figures']}/08_equal_probe.png")
+
+# %% [markdown]
 # ## 2 · How much can a weighting change? Per-step inputs and masks
 #
 # The weighting only reweights the steps' input statistics, so it can only matter where those differ. One calibration run keeps each step's X_tᵀX_t for three kinds of layer (the image-stream query projection, the attention output and the FFN down-projection) in the first, middle and last block. Left: the relative distance of each step's H_t from their mean, ‖H_t − H̄‖_F / ‖H̄‖_F. Then every weighting of notebook 04 (at its 1.5× strength) and of the strength sweep forms its H from the same statistics (exactly: H = 2 Σ_t α_t X_tᵀX_t / Σ_t α_t n_t), and OBS at 50% is solved with it: the share of mask positions that differ from the uniform Hessian's mask, and the change in layer error measured on the uniform H (every step counted alike).
@@ -208,7 +269,7 @@ for setting in df4.setting.unique():
     for a, b in (("sensitivity", "uniform"), ("sensitivity", "log-decrease"), ("log-decrease", "uniform")):
         C4 += cmp.compare_in(df4, "weighting", a, b, where={"setting": setting}, metrics=("prompt_fidelity", "psnr"),
                              chapter="08 timesteps", context=f"At {setting}")
-cmp.write_comparisons(C1 + F1 + C3 + C4, "08 timesteps", f"{S['results']}/comparisons.csv")
+cmp.write_comparisons(C1 + F1 + C3 + C4 + C5, "08 timesteps", f"{S['results']}/comparisons.csv")
 cmp.table(C4)
 
 # %% [markdown]
@@ -256,6 +317,17 @@ for setting in D.setting.unique():
           f"First window − last window ({w0} − {w1}): PSNR {says(e['psnr'])}: {reading(e['psnr'], 'PSNR')}. "
           "PSNR by window, first to last: " + ", ".join(f"{m:.1f}" for m in order["mean"])
           + f" dB (the whole-trajectory prune: {means[(means.metric == 'psnr') & (means.setting == setting) & (means.window == ts.WHOLE)]['mean'].iloc[0]:.1f} dB).")
+h5 = {c["metric"]: c for c in C5 if c["context"] == f"Halves, {NOISE}"}
+e5 = {c["metric"]: c for c in C5 if c["context"] == f"End windows, {NOISE}"}
+nz = probe_premise[probe_premise.window.isin(eq_labels)].sort_values("first")
+print(f"- The same relative error ({probe_size:.3f}) in every window: only the first half − only the second half: PSNR "
+      f"{says(h5['psnr'])}, prompt fidelity {says(h5['prompt_fidelity'])}: {reading(h5['psnr'], 'PSNR')}; "
+      f"{reading(h5['prompt_fidelity'], 'prompt fidelity')}. First window − last window: PSNR {says(e5['psnr'])}: "
+      f"{reading(e5['psnr'], 'PSNR')}. Mean-of-dB PSNR by window, first to last: " + ", ".join(f"{m:.1f}" for m in nz.mean_db)
+      + " dB; pooled-MSE PSNR: " + ", ".join(f"{m:.1f}" for m in nz.pooled_db) + " dB.")
+print(f"- The pruned model's own relative error is {rel_steps[0]:.3f} at step 1 and {rel_steps[-1]:.3f} at the last step "
+      f"(largest {rel_steps.max():.3f} at step {int(np.argmax(rel_steps)) + 1}, smallest {rel_steps.min():.3f} at step "
+      f"{int(np.argmin(rel_steps)) + 1}).")
 cost = {c["context"].split(", ")[1] + "|" + c["a"]: c for c in F1}
 lost = [f"{k.split('|')[1]} ({k.split('|')[0]}: {says(c)})" for k, c in cost.items()
         if c["verdict"] == cmp.BEHIND and c["a"] != ts.WHOLE]

@@ -122,14 +122,14 @@ cmp.table(floor_cmp)
 # %% [markdown]
 # ## 5 · The premise on every metric
 #
-# Chapter 08 pruned the model in one window of steps only and read the damage as the mean of per-image PSNR, which says the *last* steps hurt most. The same per-image values read other ways (`obslib.timesteps.premise_metrics`, from chapter 08's rows: 3 seeds × 64 prompts per window) tell another story. The mean of dB weighs every image alike — a typical image; the PSNR of the pooled MSE weighs images by their error — total pixel damage, dominated by the few images that changed a lot; the median and the share of images below 30 dB separate "a few images a lot" from "every image a little"; SSIM reads structure; the last column counts prompts whose fidelity verdict differs from the dense image's (the evaluator reads the composition differently).
+# Chapter 08 pruned the model in one window of steps only and read the damage as the mean of per-image PSNR, which says the *last* steps hurt most. The same per-image values read other ways (`obslib.timesteps.premise_metrics`, from chapter 08's rows: 3 seeds × 64 prompts per window) tell another story. The mean of dB weighs every image alike — a typical image; the PSNR of the pooled MSE weighs images by their error — total pixel damage, dominated by the few images that changed a lot; the median and the share of images below 30 dB separate "a few images a lot" from "every image a little"; SSIM reads structure; two columns count prompts whose fidelity verdict differs from the dense image's, and images whose composition changed (the evaluator's reading scores another share of the prompt's attributes than on the dense image: a lower bound, blind to what the evaluator does not read); FID is a distance between distributions, not images. Chapter 08 adds image grids per window and an error of the same size in every window.
 
 # %%
 # NBVAL_CHECK_OUTPUT
 pm_path = f"{S['results']}/08_premise_metrics.csv"
 premise = pd.read_csv(pm_path) if os.path.exists(pm_path) else pd.DataFrame()
 if len(premise):
-    cols = ["setting", "window", "mean_db", "pooled_db", "median_db", "below_30db", "ssim", "prompt_fidelity", "fidelity_flips", "fid"]
+    cols = ["setting", "window"] + [c for c in ts.PREMISE_COLUMNS if c in premise]
     print(premise[cols].rename(columns=ts.PREMISE_COLUMNS).round(3).to_string(index=False))
 else:
     print("no chapter 08 rows yet: run 08_timesteps first")

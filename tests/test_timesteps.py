@@ -271,3 +271,61 @@ def test_evaluate_full_window_scores_the_pruned_model(tiny_pipe_dir, tmp_path):
         res[name] = json.load(open(out))
     assert res["all"]["psnr"] == res["plain"]["psnr"] and res["all"]["pruned_steps"] == [1, 3]
     assert res["first"]["psnr"] != res["plain"]["psnr"]
+
+
+def test_equal_probe_has_the_asked_relative_size_and_the_meter_keeps_the_dense_trajectory(tiny_pipe_dir):
+    from obslib.timesteps import ErrorMeter, OutputNoise
+
+    dense = obslib.load_pipeline(tiny_pipe_dir)
+    twin = obslib.load_pipeline(tiny_pipe_dir).transformer
+    pruned = obslib.load_pipeline(tiny_pipe_dir)
+    obslib.prune(pruned, obslib.PruneConfig(method="magnitude", sparsity=0.7, progress=False, measure_error=False))
+    ps, steps = prompts("heldout", 3), 3
+
+    def images(pipe):
+        return generate(pipe, ps, seed=5, steps=steps, progress=False)
+
+    ref = images(dense)
+    meter = ErrorMeter(twin, pruned.transformer, steps)
+    with StepSwitch(dense.transformer, meter, (1, steps), steps):
+        metered = images(dense)
+    assert np.array_equal(metered, ref)  # the meter returns the dense prediction: the trajectory is the dense one
+    per_step = meter.per_step()
+    assert len(per_step) == steps and all(0.01 < e < 10 for e in per_step)
+
+    # the probe's noise has exactly the asked size relative to the prediction, sample by sample, and is reproducible
+    x = torch.randn(2, 4, 8, 8)
+    probe = OutputNoise(lambda v: (v,), 0.25, seed=3)
+    out = probe(x)[0]
+    rel = ((out - x).flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1))
+    assert torch.allclose(rel, torch.full((2,), 0.25), atol=1e-5)
+    assert torch.equal(OutputNoise(lambda v: (v,), 0.25, seed=3)(x)[0], out)
+    assert not torch.equal(probe(x)[0], out)  # the next call draws new noise
+    with StepSwitch(dense.transformer, OutputNoise(twin, 0.0, seed=1), (1, steps), steps):
+        assert np.array_equal(images(dense), ref)  # size 0: the dense images, bit for bit
+    with StepSwitch(dense.transformer, OutputNoise(twin, 0.3, seed=1), (2, 2), steps):
+        assert not np.array_equal(images(dense), ref)
+
+
+def test_premise_metrics_read_the_same_images_every_way():
+    from obslib.compare import encode
+    from obslib.timesteps import DENSE, pooled_psnr, premise_metrics
+
+    def row(window, seed, psnr, fid, att, first=1, last=2):
+        return {"setting": "s", "window": window, "seed": seed, "first": first, "last": last, "fid": 10.0,
+                "pp_psnr": encode(psnr, 3), "pp_ssim": encode([0.9] * len(psnr), 4), "pp_fidelity": encode(fid),
+                "pp_attributes": encode(att, 4)}
+
+    rows = [row(DENSE, sd, [0.0, 0.0], [1, 0], [1.0, 0.5], 0, 0) for sd in (0, 1)]
+    # window A: one image badly changed (20 dB), the other untouched (60 dB); its reading changes on one image
+    rows += [row("A", 0, [20.0, 60.0], [0, 0], [0.75, 0.5]), row("A", 1, [60.0, 60.0], [1, 0], [1.0, 0.5])]
+    # window B: every image a little (35 dB), no reading changes
+    rows += [row("B", sd, [35.0, 35.0], [1, 0], [1.0, 0.5], 3, 4) for sd in (0, 1)]
+    m = premise_metrics(pd.DataFrame(rows)).set_index("window")
+    assert m.loc["A", "mean_db"] == pytest.approx(50.0) and m.loc["B", "mean_db"] == pytest.approx(35.0)
+    assert m.loc["A", "pooled_db"] == pytest.approx(pooled_psnr([20, 60, 60, 60]))
+    assert m.loc["A", "pooled_db"] < m.loc["B", "pooled_db"] < m.loc["A", "mean_db"]  # the two readings disagree
+    assert m.loc["A", "median_db"] == 60.0 and m.loc["A", "below_30db"] == 0.25 and m.loc["B", "below_30db"] == 0.0
+    assert m.loc["A", "fidelity_flips"] == 0.25 and m.loc["B", "fidelity_flips"] == 0.0
+    assert m.loc["A", "composition_changed"] == 0.25 and m.loc["B", "composition_changed"] == 0.0
+    assert m.loc["A", "images"] == 4
