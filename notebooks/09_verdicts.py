@@ -16,14 +16,14 @@
 # %% [markdown]
 # # 09 · Which verdicts survive a rerun?
 #
-# **The question.** Chapters 01–08 each judge their comparisons on three seeds with an interval that resamples the prompts of every seed but never the seeds. A seed decides the calibration draw — which pruned model exists — and the evaluation noise, so those intervals say how sure we are about three particular pruned models, not about the method. Rerun on seeds the study never used, the paper's own claim (the timestep-aware Hessian ahead of the uniform one at 50%) flipped sign. This chapter reruns the claims of the paper under rules meant to survive a second reader:
+# **The question.** Chapters 01–08 each judge their comparisons on three seeds with an interval that resamples the prompts of every seed but never the seeds. A seed decides the calibration draw — which pruned model exists — and the evaluation noise, so those intervals say how sure we are about three particular pruned models, not about the method. Rerun on seeds the study never used, the paper's own claim (the timestep-aware Hessian ahead of the uniform one at 50%) flipped sign. This chapter reruns every comparison `results/claims.md` quotes — the paper's claims and the study's own hypotheses from chapters 01–08 — under rules meant to survive a second reader:
 #
 # 1. **The seed is the unit of replication.** Every comparison here rests on 5 study seeds, and its 95% interval comes from a *two-level* paired bootstrap: seeds resampled, then prompts within each drawn seed, the same indices for both settings (`obslib.compare.bootstrap_test`). Its p-value comes from the same replicates, so a verdict and the p beside it never disagree.
 # 2. **A claim is a family.** Its settings × metrics are corrected together by Holm's step-down method; the verdict after Holm decides, the unadjusted one is shown beside it.
 # 3. **One numerical regime.** Every row is computed under one stated regime (torch version, thread count, the CPU kernel sets of torch, MKL and oneDNN), which is part of its cache key (`obslib.experiments.regime`); a row of another regime is recomputed, never paired. Section 3 measures how far the regime alone moves masks and metrics.
 # 4. **Held-out seeds.** Every comparison is scored again on seeds nothing was chosen on; a verdict *replicates* when the held-out estimate agrees.
 #
-# The paper (OBS-Diff) claims that OBS-Diff beats Wanda, DSnoT and magnitude pruning at 50% and 60% unstructured and 2:4, that it beats L1-norm structured pruning, and (its weighting ablation) that log-decrease timestep weights beat uniform ones. Metrics and the glossary of the comparisons: [00](00_walkthrough.ipynb#Glossary-of-the-metrics).
+# The paper (OBS-Diff) claims that OBS-Diff beats Wanda, DSnoT and magnitude pruning at 50% and 60% unstructured and 2:4, that it beats L1-norm structured pruning, and (its weighting ablation) that log-decrease timestep weights beat uniform ones; it also reports that more calibration prompts help up to about 100, that more packages cost time but not quality, and that a pruned model keeps its quality under other CFG, steps and samplers. The study's own hypotheses: refitting the kept weights, global allocations (unstructured and structured), other weightings (stronger, one-sided, measured), the structured peers and the decomposition of their gap into allocation and solver. The premise (an early error hurts more) is read on every metric in section 5 from chapter 08's window rows. Metrics and the glossary of the comparisons: [00](00_walkthrough.ipynb#Glossary-of-the-metrics).
 
 # %% tags=["parameters"]
 mode = "full"  # "quick" = the tiny grid run by `make test` (also set by OBSLIB_MODE)
@@ -43,7 +43,7 @@ print("numerical regime of this run:", ex.regime())
 # %% [markdown]
 # ## 1 · What runs, and why these settings
 #
-# Each family below is one claim; its comparisons are "a ahead of b" in the claimed direction. The settings are the chapters' own (16 calibration prompts, K = 4 packages, 64 held-out prompts per seed), so the rows are the same ones chapters 01–03 would compute under this regime. SparseGPT is OBS-Diff's solver with uniform timestep weights (a test checks that their rows are bit-identical), so OBS-Diff − SparseGPT *is* the paper's weighting claim. The study seeds are 0–4; where a claim's verdict came out close on them (the paper's weighting claim at 50%: Holm p = 0.049 on 5 seeds), five more study seeds (5–9) are spent on it. The held-out seeds 100–102 were fixed before any of their rows existed and never chose anything.
+# Each family below is one claim; its comparisons are "a ahead of b" in the claimed direction. The settings are the chapters' own (16 calibration prompts, K = 4 packages, 64 held-out prompts per seed), so the rows are the same ones chapters 01–08 compute under this regime (a chapter rerun after this one reads them from the cache). SparseGPT is OBS-Diff's solver with uniform timestep weights (a test checks that their rows are bit-identical), so OBS-Diff − SparseGPT *is* the paper's weighting claim. The study seeds are 0–4; where a claim's verdict came out close on them (the paper's weighting claim at 50%: Holm p = 0.049 on 5 seeds), five more study seeds (5–9) are spent on it. The held-out seeds 100–102 were fixed before any of their rows existed and never chose anything.
 
 # %%
 fams = vd.families(S["num_calib"], S["structured_sparsities"], keys=S["verdict_families"], grid=S)
@@ -207,7 +207,39 @@ if len(probe):
     print(f"The sensitivity probe (chapter 08) puts its largest α on step 1 in {sum(first)} of {len(first)} prunes.")
 
 # %% [markdown]
-# The reconciliation, as the study's run reads (the full-mode numbers of `results/08_premise_metrics.csv`): an error in the first steps changes a minority of images a lot (their pixels, not necessarily what the evaluator reads), an error in the last steps changes every image a little. Totals of pixel damage (pooled MSE, SSIM, the share of badly changed images) follow the paper's premise; the typical image (mean and median of dB) does not; prompt fidelity, the composition reading, barely separates the halves. The sensitivity probe of chapter 08 measures the harm of an error at step t on the pooled MSE of the latents and puts its largest weight on step 1 in most prunes — it reads the damage the way the pooled MSE does, so it agrees with the paper and with that reading, not with the mean of dB. What this chapter does not yet control is the size of the error per window: the pruned weights' error differs from step to step, so "where an error hurts" and "how large it is there" are still confounded (an equal-size perturbation per window is the next experiment).
+# **Reading it with the error's size held equal.** The pruned weights' error is not the same size at every step, so "where an error hurts" and "how large the error is there" are confounded in the window rows above. Chapter 08 adds Gaussian noise of one relative size — the pruned model's mean relative prediction error — to the dense prediction in each window (`results/08_equal_probe_metrics.csv`); the lines below read it the same ways.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+ep_path = f"{S['results']}/08_equal_probe_metrics.csv"
+eprobe = pd.read_csv(ep_path) if os.path.exists(ep_path) else pd.DataFrame()
+readings = (("mean_db", "the mean of per-image dB", True), ("pooled_db", "the pooled MSE", True), ("ssim", "SSIM", True),
+            ("below_30db", "images below 30 dB", False), ("prompt_fidelity", "prompt fidelity", True),
+            ("composition_changed", "changed compositions", False))
+
+
+def hurts_more(g, col, higher):
+    h = g[g.window.isin(["steps 1-10", "steps 11-20"])].set_index("window")
+    if len(h) < 2 or col not in h or h[col].isna().any():
+        return None
+    e, l = h.loc["steps 1-10", col], h.loc["steps 11-20", col]
+    return "neither" if e == l else "the first half" if (e < l) == higher else "the second half"
+
+
+for name, frame in (("pruned weights", premise), ("equal-size noise", eprobe)):
+    for setting, g in (frame.groupby("setting", sort=False) if len(frame) else []):
+        said = {lab: hurts_more(g, col, hi) for col, lab, hi in readings}
+        said = {k: v for k, v in said.items() if v is not None}
+        if said:
+            groups = {}
+            for lab, v in said.items():
+                groups.setdefault(v, []).append(lab)
+            print(f"{name} ({setting}), which half hurts more: " + "; ".join(f"{v}: {', '.join(labs)}" for v, labs in groups.items()) + ".")
+if not len(eprobe):
+    print("no equal-size probe rows yet: run 08_timesteps first")
+
+# %% [markdown]
+# How to reconcile: the mean of dB answers "how much does a typical image change", the pooled MSE and the share below 30 dB "how much pixel damage in total, and is it concentrated in a few images", prompt fidelity and changed compositions "does the evaluator read another picture". Where the readings name different halves, an early error changes a few images a lot while a late one changes every image a little. Where the equal-size noise names the same half as the pruned weights on a reading, the profile on that reading belongs to the trajectory, not to the size of the pruning error; where it names the other half, the pruned model's error size drives it. The sensitivity probe of chapter 08 scores an error at step t by the pooled MSE of the final latents, so it follows the pooled reading.
 #
 # ## Try next
 #
