@@ -51,7 +51,7 @@ tour: install
 	$(VENV)/bin/obslib evaluate .tmp/obs50 --reference models/shapes-sd3 --num-prompts 64 --out .tmp/obs50.json
 
 # the whole study: every notebook with its full parameters through papermill, under one numerical regime (two torch
-# threads, AVX2 kernels in torch, MKL and oneDNN): the regime is part of every cached row's key (obslib.experiments.regime),
+# threads, AVX2 kernels in torch, MKL and oneDNN): the regime is part of every cached row's key (obslib.study.experiments.regime),
 # so the committed results/runs.csv is reused on any x86-64 machine with AVX2, and rows of another regime are recomputed
 STUDY_ENV := MPLBACKEND=Agg OBSLIB_THREADS=2 OMP_NUM_THREADS=2 \
   ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2

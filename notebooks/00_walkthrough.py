@@ -51,7 +51,8 @@ warnings.filterwarnings("ignore", category=TqdmWarning)  # "IProgress not found"
 import numpy as np, pandas as pd, matplotlib.pyplot as plt, seaborn as sns
 import torch
 import obslib
-from obslib import evaluate, study, plots
+from obslib import evaluate, study
+from obslib.study import plots
 from obslib.archs import block_units, iter_blocks, spec_for
 from obslib.hessian import LayerStats, weight_matrix
 from obslib.io import quiet_diffusers
@@ -490,7 +491,7 @@ print(f"For the paper's claim: the mechanism {mechanism}, and the timestep weigh
 #   the renders scores around 0 and can score below it; it is reported with its own standard error.
 # - **Paired comparisons.** Two settings A and B are compared on the same prompts and seeds by the difference of
 #   their means, A − B, with a 95% interval from a *two-level* paired bootstrap: each replicate draws the seeds with
-#   replacement, then the prompts within every drawn seed, the same indices for A and B (`obslib.compare`). A seed
+#   replacement, then the prompts within every drawn seed, the same indices for A and B (`obslib.study.compare`). A seed
 #   decides the calibration draw (which pruned model exists) and the evaluation noise, so the interval covers the
 #   variance between pruned models and between prompts. It does not cover what all seeds share: this model, this
 #   prompt set, this numerical regime; and with 3–5 seeds a bootstrap over seeds is somewhat too narrow, which is

@@ -30,7 +30,8 @@ import os
 import numpy as np, pandas as pd, matplotlib.pyplot as plt, seaborn as sns
 import torch
 import obslib
-from obslib import study, experiments as ex, plots, compare as cmp
+from obslib import study
+from obslib.study import experiments as ex, plots, compare as cmp
 S = study.settings(mode)          # grid sizes of this mode and output folders
 torch.set_num_threads(int(os.environ.get("OBSLIB_THREADS", os.cpu_count())))
 sns.set_theme(style="whitegrid", font_scale=0.9)

@@ -31,7 +31,8 @@ import os
 import numpy as np, pandas as pd, matplotlib.pyplot as plt, seaborn as sns
 import torch
 import obslib
-from obslib import study, experiments as ex, plots, compare as cmp, budgets as bd
+from obslib import study
+from obslib.study import experiments as ex, plots, compare as cmp, budgets as bd
 from obslib.shapes import prompts
 from obslib.surgery import n_remove
 S = study.settings(mode)          # grid sizes of this mode and output folders

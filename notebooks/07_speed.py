@@ -38,7 +38,8 @@ import os
 import numpy as np, pandas as pd, matplotlib.pyplot as plt, seaborn as sns
 import torch
 from IPython.display import display
-from obslib import study, timing, plots
+from obslib import study
+from obslib.study import timing, plots
 from obslib.shapes.world import IMAGE_SIZE
 S = study.settings(mode)          # grid sizes of this mode and output folders
 if S["mode"] == "quick":          # a smoke test: one pruned variant, two prompts, one attempt (problems recorded)

@@ -32,7 +32,8 @@ import os
 import numpy as np, pandas as pd, matplotlib.pyplot as plt, seaborn as sns
 import torch
 import obslib
-from obslib import study, experiments as ex, plots, compare as cmp, timesteps as ts
+from obslib import study
+from obslib.study import experiments as ex, plots, compare as cmp, timesteps as ts
 from obslib.shapes import prompts as world_prompts
 from obslib.shapes.model import DEFAULT_SAMPLING
 from obslib.weighting import ABLATION_SCHEMES
@@ -73,7 +74,7 @@ show = means.assign(value=[f"{m:.3f} [{lo:.3f}, {hi:.3f}]" if k == "prompt_fidel
 show.pivot_table(index=["setting", "first", "window"], columns="metric", values="value", aggfunc="first").droplevel("first")
 
 # %% [markdown]
-# **Every reading of the damage.** The mean of per-image PSNR above weighs every image alike. The same per-image values read as the PSNR of the pooled MSE (total pixel damage, led by the few images that changed most), the median, the share of images below 30 dB, SSIM, and the share of prompts whose fidelity verdict differs from the dense image's (`obslib.timesteps.premise_metrics`) can order the windows differently; chapter 09 reads the premise on all of them.
+# **Every reading of the damage.** The mean of per-image PSNR above weighs every image alike. The same per-image values read as the PSNR of the pooled MSE (total pixel damage, led by the few images that changed most), the median, the share of images below 30 dB, SSIM, and the share of prompts whose fidelity verdict differs from the dense image's (`obslib.study.timesteps.premise_metrics`) can order the windows differently; chapter 09 reads the premise on all of them.
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -132,7 +133,7 @@ plots.save(fig, f"{S['figures']}/08_window_images.png")
 # %% [markdown]
 # ### The same error at every step
 #
-# A window's damage above mixes two things: how much an error made at those steps hurts the final image, and how large the pruned model's error is at those steps (its inputs differ from step to step, and so does its error). To separate them, the probe below (`obslib.timesteps.run_equal_probe`) first measures the pruned model's relative prediction error ‖v_pruned − v_dense‖ / ‖v_dense‖ at every step along the dense trajectory, then samples the dense model with Gaussian noise of *one* relative size — the mean of those errors — added to its prediction in one window only. Every window now receives an error of the same size; what still differs between windows is only where the error lands.
+# A window's damage above mixes two things: how much an error made at those steps hurts the final image, and how large the pruned model's error is at those steps (its inputs differ from step to step, and so does its error). To separate them, the probe below (`obslib.study.timesteps.run_equal_probe`) first measures the pruned model's relative prediction error ‖v_pruned − v_dense‖ / ‖v_dense‖ at every step along the dense trajectory, then samples the dense model with Gaussian noise of *one* relative size — the mean of those errors — added to its prediction in one window only. Every window now receives an error of the same size; what still differs between windows is only where the error lands.
 
 # %%
 probe = ts.run_equal_probe(inject[:1], S["seeds"], windows, f"{S['results']}/08_equal_probe_runs.csv",

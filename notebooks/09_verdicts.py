@@ -18,9 +18,9 @@
 #
 # **The question.** Chapters 01–08 each judge their comparisons on three seeds with an interval that resamples the prompts of every seed but never the seeds. A seed decides the calibration draw — which pruned model exists — and the evaluation noise, so those intervals say how sure we are about three particular pruned models, not about the method. Rerun on seeds the study never used, the paper's own claim (the timestep-aware Hessian ahead of the uniform one at 50%) flipped sign. This chapter reruns every comparison `results/claims.md` quotes — the paper's claims and the study's own hypotheses from chapters 01–08 — under rules meant to survive a second reader:
 #
-# 1. **The seed is the unit of replication.** Every comparison here rests on 5 study seeds, and its 95% interval comes from a *two-level* paired bootstrap: seeds resampled, then prompts within each drawn seed, the same indices for both settings (`obslib.compare.bootstrap_test`). Its p-value comes from the same replicates, so a verdict and the p beside it never disagree.
+# 1. **The seed is the unit of replication.** Every comparison here rests on 5 study seeds, and its 95% interval comes from a *two-level* paired bootstrap: seeds resampled, then prompts within each drawn seed, the same indices for both settings (`obslib.study.compare.bootstrap_test`). Its p-value comes from the same replicates, so a verdict and the p beside it never disagree.
 # 2. **A claim is a family.** Its settings × metrics are corrected together by Holm's step-down method; the verdict after Holm decides, the unadjusted one is shown beside it.
-# 3. **One numerical regime.** Every row is computed under one stated regime (torch version, thread count, the CPU kernel sets of torch, MKL and oneDNN), which is part of its cache key (`obslib.experiments.regime`); a row of another regime is recomputed, never paired. Section 3 measures how far the regime alone moves masks and metrics.
+# 3. **One numerical regime.** Every row is computed under one stated regime (torch version, thread count, the CPU kernel sets of torch, MKL and oneDNN), which is part of its cache key (`obslib.study.experiments.regime`); a row of another regime is recomputed, never paired. Section 3 measures how far the regime alone moves masks and metrics.
 # 4. **Held-out seeds.** Every comparison is scored again on seeds nothing was chosen on; a verdict *replicates* when the held-out estimate agrees.
 #
 # The paper (OBS-Diff) claims that OBS-Diff beats Wanda, DSnoT and magnitude pruning at 50% and 60% unstructured and 2:4, that it beats L1-norm structured pruning, and (its weighting ablation) that log-decrease timestep weights beat uniform ones; it also reports that more calibration prompts help up to about 100, that more packages cost time but not quality, and that a pruned model keeps its quality under other CFG, steps and samplers. The study's own hypotheses: refitting the kept weights, global allocations (unstructured and structured), other weightings (stronger, one-sided, measured), the structured peers and the decomposition of their gap into allocation and solver. The premise (an early error hurts more) is read on every metric in section 5 from chapter 08's window rows. Metrics and the glossary of the comparisons: [00](00_walkthrough.ipynb#Glossary-of-the-metrics).
@@ -33,7 +33,8 @@ import os
 import numpy as np, pandas as pd, matplotlib.pyplot as plt, seaborn as sns
 import torch
 import obslib
-from obslib import study, experiments as ex, plots, compare as cmp, verdicts as vd, timesteps as ts
+from obslib import study
+from obslib.study import experiments as ex, plots, compare as cmp, verdicts as vd, timesteps as ts
 S = study.settings(mode)          # grid sizes of this mode and output folders
 torch.set_num_threads(int(os.environ.get("OBSLIB_THREADS", os.cpu_count())))
 sns.set_theme(style="whitegrid", font_scale=0.9)
@@ -122,7 +123,7 @@ cmp.table(floor_cmp)
 # %% [markdown]
 # ## 5 · The premise on every metric
 #
-# Chapter 08 pruned the model in one window of steps only and read the damage as the mean of per-image PSNR, which says the *last* steps hurt most. The same per-image values read other ways (`obslib.timesteps.premise_metrics`, from chapter 08's rows: 3 seeds × 64 prompts per window) tell another story. The mean of dB weighs every image alike — a typical image; the PSNR of the pooled MSE weighs images by their error — total pixel damage, dominated by the few images that changed a lot; the median and the share of images below 30 dB separate "a few images a lot" from "every image a little"; SSIM reads structure; two columns count prompts whose fidelity verdict differs from the dense image's, and images whose composition changed (the evaluator's reading scores another share of the prompt's attributes than on the dense image: a lower bound, blind to what the evaluator does not read); FID is a distance between distributions, not images. Chapter 08 adds image grids per window and an error of the same size in every window.
+# Chapter 08 pruned the model in one window of steps only and read the damage as the mean of per-image PSNR, which says the *last* steps hurt most. The same per-image values read other ways (`obslib.study.timesteps.premise_metrics`, from chapter 08's rows: 3 seeds × 64 prompts per window) tell another story. The mean of dB weighs every image alike — a typical image; the PSNR of the pooled MSE weighs images by their error — total pixel damage, dominated by the few images that changed a lot; the median and the share of images below 30 dB separate "a few images a lot" from "every image a little"; SSIM reads structure; two columns count prompts whose fidelity verdict differs from the dense image's, and images whose composition changed (the evaluator's reading scores another share of the prompt's attributes than on the dense image: a lower bound, blind to what the evaluator does not read); FID is a distance between distributions, not images. Chapter 08 adds image grids per window and an error of the same size in every window.
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -243,7 +244,7 @@ if not len(eprobe):
 #
 # ## Try next
 #
-# Add a family to `obslib.verdicts.families` (any pair of settings), or more study seeds where a verdict is close: the held-out seeds check it. `S['noise_threads']` takes any two thread counts; to compare kernel sets, run the chapter under another `ATEN_CPU_CAPABILITY` — its rows get another key.
+# Add a family to `obslib.study.verdicts.families` (any pair of settings), or more study seeds where a verdict is close: the held-out seeds check it. `S['noise_threads']` takes any two thread counts; to compare kernel sets, run the chapter under another `ATEN_CPU_CAPABILITY` — its rows get another key.
 
 # %%
 assert set(J.n_seeds) <= {len(seeds)} | {len(seeds) + len(v) for v in more.values()} and set(J.heldout_n_seeds) == {len(heldout)}

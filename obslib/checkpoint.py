@@ -462,3 +462,23 @@ def _apply_entry(den, tensors: dict, heads: dict, undo) -> None:
         undo.attrs(attn, ("heads", "inner_dim", "inner_kv_dim"))
         set_heads(attn, int(h))
 
+
+# ---------------------------------------------------------------- optimiser state in a checkpoint
+def optim_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:
+    """An optimiser's state as safetensors-ready tensors (``prefix.<param>.<name>``) and its JSON-ready groups."""
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"{prefix}.{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def optim_restore(opt: torch.optim.Optimizer, tensors: dict, groups: dict, prefix: str) -> None:
+    """Load what ``optim_tensors`` wrote back into ``opt``."""
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith(prefix + "."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": groups["param_groups"]})

@@ -43,7 +43,8 @@ from tqdm.auto import tqdm
 
 from .archs import iter_blocks, spec_for
 from .errors import UsageError
-from .shapes.train import BATCH_SEED_STRIDE, NOISE_SEED_STRIDE
+from .checkpoint import optim_restore, optim_tensors
+from .shapes.batches import BATCH_SEED_STRIDE, NOISE_SEED_STRIDE
 
 SCORE_EVERY = 4
 EMA = 0.7  # weight of the previous score average
@@ -157,7 +158,7 @@ class ImageFolder:
 
 
 def _shapes_world(batch: int, seed: int):
-    from .shapes.train import TrainBatches
+    from .shapes.batches import TrainBatches
 
     data = TrainBatches(seed + SHAPES_DATA_SEED_OFFSET, batch)
     return data.get
@@ -285,7 +286,6 @@ def _latest(ckdir: str | None):
 
 
 def _save(ckdir: str, it: int, params: dict, opt, ema, chosen, log, fp) -> None:
-    from .shapes.train import optim_tensors
 
     ot, groups = optim_tensors(opt, "opt")
     tensors = {**{f"param.{k}": v.detach().contiguous() for k, v in params.items()}, **ot, "ema": ema.contiguous()}
@@ -304,7 +304,6 @@ _FIELDS = {"iteration": lambda v: isinstance(v, int) and not isinstance(v, bool)
 
 def _restore(ckdir: str, name: str, params: dict, opt, fp, ema_like: torch.Tensor, sizes: list[int], n_iter: int):
     from .checkpoint import DELETE_HINT
-    from .shapes.train import optim_restore
 
     ck = _ckpt(ckdir, fp)
     state, meta = ck.read(name, _FIELDS)

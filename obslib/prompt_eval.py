@@ -27,7 +27,7 @@ import warnings
 import numpy as np
 import torch
 
-from .compare import paired_bootstrap
+from .bootstrap import paired_bootstrap
 from .errors import UsageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

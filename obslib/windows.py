@@ -5,7 +5,7 @@
 with the same arguments, and every other call runs ``denoiser`` itself. Steps are counted per call, modulo
 ``steps``: one call per step, as with the first-order samplers the study uses (classifier-free guidance
 doubles the batch, not the calls). With ``other`` a pruned copy this samples "pruned only in this window":
-the direct test of where a pruning error hurts (``obslib.timesteps``), and the probe of the ``sensitivity``
+the direct test of where a pruning error hurts (``obslib.study.timesteps``), and the probe of the ``sensitivity``
 weighting (``obslib.sensitivity``). A window covering every step gives ``other``'s images, an empty one
 ``denoiser``'s, bit for bit.
 """

@@ -169,8 +169,8 @@ def test_prune_forward_save_reload(arch, pattern, tmp_path):
 
 
 def test_real_size_benchmark_blocks_target_every_unit_layer(monkeypatch):
-    """obslib.bench_scale builds one block of each kind and reads its layers from the same tables."""
-    from obslib import bench_scale
+    """obslib.study.bench_scale builds one block of each kind and reads its layers from the same tables."""
+    from obslib.study import bench_scale
 
     monkeypatch.setattr(bench_scale, "BLOCKS", {
         "sd3-medium-joint": dict(kind="joint", dim=32, heads=2, head_dim=16, text_tokens=4),

@@ -1,9 +1,9 @@
-"""Paired comparisons (obslib.compare) pinned on hand-made outcomes."""
+"""Paired comparisons (obslib.study.compare) pinned on hand-made outcomes."""
 import numpy as np
 import pandas as pd
 import pytest
 
-from obslib import compare as cmp
+from obslib.study import compare as cmp
 
 
 def _rows(name, outcomes, psnr):

@@ -230,7 +230,7 @@ def test_kid_standard_error_is_reported(clf, heldout):
 def test_summary_interval_uses_prompts_and_seeds():
     import pandas as pd
 
-    from obslib.experiments import format_table, summarize
+    from obslib.study.experiments import format_table, summarize
 
     rows = []
     for seed, (fa, fb) in enumerate([(0.80, 0.70), (0.82, 0.72), (0.78, 0.71)]):

@@ -48,7 +48,9 @@ def _graph():
                     g[m].add(f"{target}.{n}")
                 elif n.startswith("_") and not n.endswith("__") and target != m:
                     private.append(f"{m} takes {target}.{n}")
-            if target in mods and target != m and not (m.startswith(target + ".") and target == "obslib"):
+            inside = m.startswith(target + ".")  # "from . import sibling" names a module, not the package's __init__
+            if target in mods and target != m and not (inside and (target == "obslib" or (
+                    names and all(f"{target}.{n}" in mods for n in names)))):
                 g[m].add(target)
     return g, private
 
@@ -102,3 +104,50 @@ def test_public_names_keep_working(name):
     assert hasattr(obslib, name)
     for n in ("PruneConfig", "prune", "prune_model", "collect_stats", "read_prompt_file", "save_pruned"):
         assert hasattr(obslib.api, n)
+
+
+# ------------------------------------------------------------------ the library stands without its study (issue 33)
+STUDY, TRAINER = "obslib.study", "obslib.shapes.train"
+ENTRY_POINTS = {"obslib", "obslib.__main__", "obslib.api", "obslib.cli", "obslib.shapes", "obslib.shapes.train",
+                "obslib.shapes.classifier"}  # run or imported from outside (python -m, console script, notebooks)
+
+
+def _in_study(m: str) -> bool:
+    return m == STUDY or m.startswith(STUDY + ".")
+
+
+def _library_violations(g) -> list[str]:
+    """Library modules (outside obslib.study) that import the study or the trainer."""
+    return sorted(f"{m} imports {t}" for m, ts in g.items() if not _in_study(m) and m != TRAINER
+                  for t in ts if _in_study(t) or t == TRAINER)
+
+
+def _study_only(g) -> list[str]:
+    """Modules outside obslib.study that no library module imports and that are no entry point: they serve only
+    the study and belong in it."""
+    used = {t for m, ts in g.items() if not _in_study(m) for t in ts if t != m}
+    return sorted(m for m in g if not _in_study(m) and m not in used and m not in ENTRY_POINTS)
+
+
+def test_the_library_never_imports_the_study_nor_the_trainer():
+    g, _ = _graph()
+    assert _library_violations(g) == []
+
+
+def test_what_only_the_study_uses_lives_in_the_study():
+    g, _ = _graph()
+    assert _study_only(g) == []
+
+
+def test_the_direction_checks_can_fail():
+    g = {"obslib.cli": {"obslib.study.compare", "obslib.gradflow"}, "obslib.gradflow": {"obslib.shapes.train",
+                                                                                   "obslib.bootstrap"},
+         "obslib.study.compare": {"obslib.bootstrap", "obslib.helper"}, "obslib.bootstrap": set(), "obslib.helper": set(),
+         "obslib.shapes.train": set()}
+    assert _library_violations(g) == ["obslib.cli imports obslib.study.compare", "obslib.gradflow imports obslib.shapes.train"]
+    assert _study_only(g) == ["obslib.helper"]
+
+
+def test_only_paths_looks_where_obslib_is_installed():
+    offenders = [m for m, path in _modules().items() if m != "obslib.paths" and "__file__" in open(path, encoding="utf-8").read()]
+    assert offenders == []

@@ -3,8 +3,8 @@ import pandas as pd
 import pytest
 
 from obslib import study
-from obslib.claims import claim_rows
-from obslib.experiments import summarize
+from obslib.study.claims import claim_rows
+from obslib.study.experiments import summarize
 
 
 def test_quick_mode_never_writes_to_results(monkeypatch):
@@ -26,7 +26,7 @@ def test_summarize_mean_and_std_over_seeds():
 
 
 def _comparisons(tmp_path, rows):
-    from obslib.compare import COLUMNS
+    from obslib.study.compare import COLUMNS
 
     df = pd.DataFrame(rows)
     for c in COLUMNS:
@@ -68,7 +68,7 @@ def test_claims_say_no_difference_detected_for_null_results(tmp_path):
 
 
 def test_methods_table_never_pools_rows_whose_settings_differ(tmp_path):
-    from obslib.experiments import methods_table
+    from obslib.study.experiments import methods_table
 
     base = dict(pattern="structured", sparsity=0.2, weighting="log-decrease", packages=4, num_calib=16, eval_steps=None,
                 eval_guidance=None, eval_sampler="euler", prune_s=1.0, psnr=20.0, fid=1.0, attribute_accuracy=0.5,
@@ -86,7 +86,7 @@ def test_methods_table_never_pools_rows_whose_settings_differ(tmp_path):
 
 
 def test_dense_row_has_no_psnr_and_no_sparsity():
-    from obslib.experiments import cell
+    from obslib.study.experiments import cell
 
     row = pd.Series({"psnr_mean": float("nan"), "psnr_std": float("nan")})
     assert cell(row, "psnr") == "— (reference)"

@@ -12,7 +12,7 @@ from obslib.evaluate import generate
 from obslib.hessian import LayerStats
 from obslib.sensitivity import alphas_from_harm, measure
 from obslib.shapes import prompts
-from obslib.timesteps import hessian_spread, mask_shift, strength_label, strength_settings, weightings
+from obslib.study.timesteps import hessian_spread, mask_shift, strength_label, strength_settings, weightings
 from obslib.weighting import alpha_range, timestep_weights
 from obslib.windows import StepSwitch, equal_windows, halves, window_steps
 
@@ -44,7 +44,7 @@ def test_sensitivity_has_no_formula():
 
 
 def test_strength_grid_and_labels():
-    grid = strength_settings(obslib.experiments.Setting(sparsity=0.6))
+    grid = strength_settings(obslib.study.experiments.Setting(sparsity=0.6))
     assert len(grid) == 2 * 4 + 2
     rows = [{"weighting": s.weighting, **{f"extra_{k}": v for k, v in s.extra.items()}} for s in grid]
     labels = [strength_label(pd.Series(r)) for r in rows]
@@ -274,7 +274,7 @@ def test_evaluate_full_window_scores_the_pruned_model(tiny_pipe_dir, tmp_path):
 
 
 def test_equal_probe_has_the_asked_relative_size_and_the_meter_keeps_the_dense_trajectory(tiny_pipe_dir):
-    from obslib.timesteps import ErrorMeter, OutputNoise
+    from obslib.study.timesteps import ErrorMeter, OutputNoise
 
     dense = obslib.load_pipeline(tiny_pipe_dir)
     twin = obslib.load_pipeline(tiny_pipe_dir).transformer
@@ -308,8 +308,8 @@ def test_equal_probe_has_the_asked_relative_size_and_the_meter_keeps_the_dense_t
 
 
 def test_premise_metrics_read_the_same_images_every_way():
-    from obslib.compare import encode
-    from obslib.timesteps import DENSE, pooled_psnr, premise_metrics
+    from obslib.study.compare import encode
+    from obslib.study.timesteps import DENSE, pooled_psnr, premise_metrics
 
     def row(window, seed, psnr, fid, att, first=1, last=2):
         return {"setting": "s", "window": window, "seed": seed, "first": first, "last": last, "fid": 10.0,

@@ -1,4 +1,4 @@
-"""obslib.timing: the plausibility checks of speed measurements and the retry loop, on hand-made rows with a fake
+"""obslib.study.timing: the plausibility checks of speed measurements and the retry loop, on hand-made rows with a fake
 clock, fake measurements and a fake idle check (no model, no sleeping)."""
 import itertools
 
@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from obslib import timing
+from obslib.study import timing
 
 STEPS = 20
 # the committed 07 dense row (loaded machine): pipeline 1.39 s < 20 x 71.9 ms, max 133.9 ms = 1.86 x median

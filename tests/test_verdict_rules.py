@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from obslib import compare as cmp
-from obslib import experiments as ex
-from obslib import verdicts as vd
+from obslib.study import compare as cmp
+from obslib.study import experiments as ex
+from obslib.study import verdicts as vd
 
 
 def _seed_effects(seed_means, n_prompts=64, noise=0.05, rng=0):
@@ -168,7 +168,7 @@ def _verdict_rows(effects, seeds):
 
 
 def test_families_are_judged_after_holm_and_replicated_on_held_out_seeds(tmp_path):
-    from obslib.claims import write_claims
+    from obslib.study.claims import write_claims
 
     seeds = list(vd.STUDY_SEEDS) + list(vd.HELDOUT_SEEDS)
     fams, df = _verdict_rows({"wanda": 3.0, "dsnot": 3.0, "magnitude": 5.0, "l1-norm": 4.0, "sparsegpt": 0.0}, seeds)

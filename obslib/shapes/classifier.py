@@ -20,7 +20,7 @@ and the layout are mirror-symmetric. ``features`` (128-d, for FID/KID) is the pe
 fixed ``feature_scale`` calibrated on renders.
 
 ``python -m obslib.shapes.classifier`` trains it on fresh renders of all scenes (both splits) and
-writes ``models/shapes-classifier/{model.safetensors,config.json}`` and
+writes ``obslib/shapes/data/shapes-classifier/{model.safetensors,config.json}`` (package data) and
 ``results/classifier_accuracy.json`` (accuracy on fresh renders of held-out scenes).
 """
 from __future__ import annotations
@@ -38,12 +38,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..paths import CLASSIFIER_DIR, classifier_dir, results_dir
 from .world import (BACKGROUNDS, COLOURS, IMAGE_SIZE, LABEL_HEADS, SHAPES, SIZES, Obj, Scene, all_scenes, layout,
                     parse_caption, render, splits)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DIR = REPO_ROOT / "models" / "shapes-classifier"
-RESULTS_PATH = REPO_ROOT / "results" / "classifier_accuracy.json"
+DEFAULT_DIR = CLASSIFIER_DIR  # package data: the evaluator travels with obslib (obslib.paths)
 SLOTS = ("left", "right", "top", "bottom")
 ATTRS = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES)}
 HEADS: dict[str, int] = {"count": 2, "background": len(BACKGROUNDS)}
@@ -183,13 +182,11 @@ def save_classifier(model: ShapesClassifier, path: str | os.PathLike = DEFAULT_D
     os.replace(tmp, path / "config.json")
 
 
-def load_classifier(path: str | os.PathLike = "models/shapes-classifier", device: str = "cpu") -> ShapesClassifier:
-    """Load the trained evaluator, in eval mode; a relative ``path`` is taken from the repository root."""
+def load_classifier(path: str | os.PathLike | None = None, device: str = "cpu") -> ShapesClassifier:
+    """Load the trained evaluator, in eval mode (``path``: default ``obslib.paths.classifier_dir()``, the package's own)."""
     from safetensors.torch import load_file
 
-    path = Path(path)
-    if not path.is_absolute():
-        path = REPO_ROOT / path
+    path = Path(path) if path is not None else classifier_dir()
     if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
         raise FileNotFoundError(f"no trained shapes classifier in {str(path)!r}; run `python -m obslib.shapes.classifier`")
     cfg = json.loads((path / "config.json").read_text())
@@ -315,7 +312,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-n", type=int, default=2000)
     ap.add_argument("--out", default=str(DEFAULT_DIR))
-    ap.add_argument("--results", default=str(RESULTS_PATH))
+    ap.add_argument("--results", default=os.path.join(results_dir(), "classifier_accuracy.json"))
     ap.add_argument("--report-only", action="store_true", help="only re-measure the saved classifier in --out")
     args = ap.parse_args(argv)
     if args.steps <= 0 or args.batch <= 0 or args.eval_n <= 0:

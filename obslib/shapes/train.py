@@ -11,43 +11,19 @@ import copy
 import json
 import math
 import os
-import random
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..checkpoint import CheckpointDir
+from ..checkpoint import CheckpointDir, optim_restore, optim_tensors
 from ..io import quiet_diffusers
 from .model import DEFAULT_SAMPLING, build_pipeline
-from .world import render_batch, splits
+from .batches import NOISE_SEED_STRIDE, TrainBatches
+
 
 CFG_DROPOUT = 0.1
-
-
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-BATCH_SEED_STRIDE = 1_000_003  # batch i of seed s draws from random.Random(s * stride + i)
-NOISE_SEED_STRIDE = 7919  # step i of seed s draws its noise from torch's generator seeded s * stride + i
-
-class TrainBatches:
-    """Endless seeded stream of (captions, images) from the training split."""
-
-    def __init__(self, seed: int, batch: int, p_single: float = 0.4, scenes=None, free: bool = False):
-        scenes = splits()["train"] if scenes is None else scenes
-        self.by_count = {1: [s for s in scenes if len(s.objects) == 1], 2: [s for s in scenes if len(s.objects) == 2]}
-        self.batch, self.p_single, self.seed, self.free = batch, p_single, seed, free
-
-    def get(self, step: int):
-        rng = random.Random(self.seed * BATCH_SEED_STRIDE + step)
-        scenes = [self.by_count[1 if rng.random() < self.p_single else 2] for _ in range(self.batch)]
-        scenes = [pool[rng.randrange(len(pool))] for pool in scenes]
-        seeds = [rng.randrange(2**31) for _ in scenes]
-        return [s.caption() for s in scenes], _to_tensor(render_batch(scenes, seeds, free=self.free))
 
 
 def _save_ckpt(path: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -65,24 +41,6 @@ def _load_ckpt(path: str):
     if not entries:
         return None, None
     return ck.read(entries[-1], {"step": lambda v: isinstance(v, int) and v >= 1})
-
-
-def optim_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:
-    sd = opt.state_dict()
-    tensors = {}
-    for idx, st in sd["state"].items():
-        for k, v in st.items():
-            tensors[f"{prefix}.{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    return tensors, {"param_groups": sd["param_groups"]}
-
-
-def optim_restore(opt: torch.optim.Optimizer, tensors: dict, groups: dict, prefix: str) -> None:
-    state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        if key.startswith(prefix + "."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
 
 
 def _log(path: str, row: dict) -> None:

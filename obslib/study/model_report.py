@@ -1,5 +1,5 @@
 """Model card numbers of the embedded default model: quality, a captioned sample grid, and how much 50%
-magnitude pruning hurts it (``python -m obslib.shapes.report``; the first step of ``make study``).
+magnitude pruning hurts it (``python -m obslib.study.model_report``; the first step of ``make study``).
 
 Writes results/default_model.json and figures/default_model_samples.png.
 """
@@ -11,11 +11,11 @@ import os
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ..paths import DEFAULT_MODEL, repo_root
 
 
 def _subgroup(prompt: str) -> str:
-    from .world import novelty, parse_caption
+    from ..shapes.world import novelty, parse_caption
 
     sc = parse_caption(prompt)
     return f"{'single' if len(sc.objects) == 1 else 'pair'}, {novelty(sc) or 'unseen prompt'}"
@@ -34,10 +34,10 @@ def model_report(model_dir: str, num_prompts: int = 256, seeds=(0, 1, 2), out_js
     from .. import PruneConfig, load_pipeline, prune
     from ..evaluate import evaluate_pipeline, fidelity, generate
     from ..io import read_defaults, write_json
-    from ..plots import image_grid, save
-    from .classifier import load_classifier
-    from .train import training_history
-    from .world import prompts
+    from .plots import image_grid, save
+    from ..shapes.classifier import load_classifier
+    from ..shapes.train import training_history
+    from ..shapes.world import prompts
 
     clf = load_classifier()
     dense = load_pipeline(model_dir)
@@ -73,7 +73,7 @@ def model_report(model_dir: str, num_prompts: int = 256, seeds=(0, 1, 2), out_js
     train_ps = prompts("train", num_prompts)
     train_fid = fidelity(generate(dense, train_ps, seeds[0], progress=progress), train_ps, clf)["prompt_fidelity"]
     report = {
-        "model_dir": os.path.relpath(model_dir, ROOT),
+        "model_dir": os.path.relpath(model_dir, repo_root()),
         "sampling": defaults,
         "training": training_history(model_dir),
         "num_prompts": num_prompts,
@@ -100,11 +100,11 @@ def model_report(model_dir: str, num_prompts: int = 256, seeds=(0, 1, 2), out_js
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m obslib.shapes.report", description=__doc__)
-    p.add_argument("--model", default=os.path.join(ROOT, "models", "shapes-sd3"))
+    p = argparse.ArgumentParser(prog="python -m obslib.study.model_report", description=__doc__)
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--num-prompts", type=int, default=256)
-    p.add_argument("--out", default=os.path.join(ROOT, "results", "default_model.json"))
-    p.add_argument("--figure", default=os.path.join(ROOT, "figures", "default_model_samples.png"))
+    p.add_argument("--out", default=os.path.join(str(repo_root()), "results", "default_model.json"))
+    p.add_argument("--figure", default=os.path.join(str(repo_root()), "figures", "default_model_samples.png"))
     a = p.parse_args(argv)
     r = model_report(a.model, a.num_prompts, out_json=a.out, figure=a.figure)
     print(json.dumps({"dense": r["heldout"]["dense"]["prompt_fidelity"], "magnitude-50%": r["heldout"]["magnitude-50%"]["prompt_fidelity"],

@@ -1,6 +1,6 @@
 """Evaluation time on the embedded model (a benchmark, not a test).
 
-    python -m obslib.bench_eval [--repeats 3] [--prompts 64]
+    python -m obslib.study.bench_eval [--repeats 3] [--prompts 64]
 
 Times ``obslib evaluate`` as whole commands (fresh processes, run in turn A B C A B C ..., median wall time)
 on a pruned copy of the embedded model against the dense one:
@@ -29,7 +29,7 @@ import time
 def _clip_b32(path: str) -> None:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from .shapes.model import build_tokenizer
+    from ..shapes.model import build_tokenizer
 
     tok = build_tokenizer()
     cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), max_position_embeddings=tok.model_max_length))
@@ -42,9 +42,9 @@ def _split(model: str, dense: str, prompts: list[str], clip: str) -> dict:
     import numpy as np
     import torch
 
-    from .evaluate import generate
-    from .io import load_pipeline
-    from .prompt_eval import clip_features, clip_scores, fid_kid, load_clip, reconstruction_metrics
+    from ..evaluate import generate
+    from ..io import load_pipeline
+    from ..prompt_eval import clip_features, clip_scores, fid_kid, load_clip, reconstruction_metrics
 
     torch.set_grad_enabled(False)
     out = {}
@@ -70,7 +70,7 @@ def _split(model: str, dense: str, prompts: list[str], clip: str) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m obslib.bench_eval", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m obslib.study.bench_eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prompts", type=int, default=64)
@@ -88,8 +88,8 @@ def _run(a, work: str) -> int:
     import torch
 
     from .experiments import DEFAULT_MODEL
-    from .io import write_json
-    from .shapes import prompts as world_prompts
+    from ..io import write_json
+    from ..shapes import prompts as world_prompts
 
     pruned, clip = os.path.join(work, "obs50"), os.path.join(work, "clip-b32")
     exe = [sys.executable, "-m", "obslib"]
@@ -119,7 +119,7 @@ def _run(a, work: str) -> int:
     write_json(a.out, res)
     med = res["median_s"]
     lines = ["# Evaluation time on the embedded model", "",
-             f"`python -m obslib.bench_eval`: `obslib evaluate` of a 50% OBS-Diff copy of models/shapes-sd3 against the "
+             f"`python -m obslib.study.bench_eval`: `obslib evaluate` of a 50% OBS-Diff copy of models/shapes-sd3 against the "
              f"dense model on {a.prompts} held-out prompts, 20 steps, CPU ({res['threads']} threads), whole commands "
              f"run in turn, {a.repeats} times each (model loading, sampling both pipelines, metrics, grid, JSON).", "",
              "| command | median wall (s) | min – max (s) |", "|---|---|---|"]

@@ -12,15 +12,15 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .allocation import shares_for_params
-from .archs import iter_blocks, spec_for
+from ..allocation import shares_for_params
+from ..archs import iter_blocks, spec_for
 from .compare import NONE, compare_in
-from .config import PruneConfig
+from ..config import PruneConfig
 from .experiments import Setting
-from .io import load_pipeline
-from .packages import structured_units
-from .shapes import prompts as world_prompts
-from .slimdiff import removed_by_unit
+from ..io import load_pipeline
+from ..packages import structured_units
+from ..shapes import prompts as world_prompts
+from ..slimdiff import removed_by_unit
 
 OBS_UNIFORM, OBS_GLOBAL, OBS_SLIM = "OBS-Diff · uniform", "OBS-Diff · global", "OBS-Diff · SlimDiff's allocation"
 SLIM_OWN, SLIM_UNIFORM, L1 = "SlimDiff · its allocation", "SlimDiff · uniform", "L1-norm · uniform"
@@ -30,7 +30,7 @@ VARIANTS = (OBS_UNIFORM, OBS_GLOBAL, OBS_SLIM, SLIM_OWN, SLIM_UNIFORM, L1)
 def slimdiff_shares(model_dir: str, budget: float, num_calib: int, seed: int = 0) -> dict[str, float]:
     """SlimDiff's per-unit budget at ``budget`` (its own allocation, calibration seed ``seed``) as shares of whole heads
     and neurons per unit: the unit sparsity map with which OBS-Diff solves SlimDiff's allocation."""
-    from .driver import prune
+    from ..driver import prune
 
     pipe = load_pipeline(model_dir)
     den = pipe.transformer
@@ -140,8 +140,8 @@ def params_share(df: pd.DataFrame, dense_params: float) -> np.ndarray:
 def spending(model_dir: str, budget: float, num_calib: int, seed: int = 0) -> pd.DataFrame:
     """Where each allocation takes its parameters at ``budget``: per variant and part of the model (attention, image
     FFN, text FFN), the parameters removed and their share of the removed total (one prune each, seed ``seed``)."""
-    from .driver import prune
-    from .surgery import targeted_layers, targeted_size, unit_name
+    from ..driver import prune
+    from ..surgery import targeted_layers, targeted_size, unit_name
 
     den0 = load_pipeline(model_dir).transformer
     spec = spec_for(den0)

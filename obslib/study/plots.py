@@ -107,7 +107,7 @@ def paired_panels(comparisons, path: str, metrics=("prompt_fidelity", "psnr"), t
 
 
 def replication_panels(verdicts, path: str, metrics=("prompt_fidelity", "psnr"), title: str | None = None) -> None:
-    """Each comparison of ``obslib.verdicts.judge`` twice: on the study seeds (filled where detected after Holm) and
+    """Each comparison of ``obslib.study.verdicts.judge`` twice: on the study seeds (filled where detected after Holm) and
     on the held-out seeds (squares, filled where detected), 95% two-level intervals, one panel per metric."""
     import pandas as pd
 

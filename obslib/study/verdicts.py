@@ -3,7 +3,7 @@
 A *family* is one claim: its comparisons (settings × metrics), each "a ahead of b" in the claimed direction. Every
 family is scored twice under one numerical regime (``experiments.regime``, part of every row's cache key):
 
-* on the study seeds (``STUDY_SEEDS``), with the two-level paired bootstrap of ``obslib.compare`` (seeds, then
+* on the study seeds (``STUDY_SEEDS``), with the two-level paired bootstrap of ``obslib.study.compare`` (seeds, then
   prompts) and Holm's correction within the family; the verdict after Holm decides, the unadjusted one is beside it;
 * on held-out seeds (``HELDOUT_SEEDS``) that nothing in the study was chosen on, the same way.
 
@@ -132,7 +132,7 @@ def _chapter_families(st, budget, num_calib: int, structured, grid: dict, keys) 
     """The families of chapters 03–06 and 08 (``CHAPTER_FAMILIES``; only those in ``keys`` when given: some need the
     model loaded), each on the settings its chapter runs (``grid``: ``obslib.study.settings``)."""
     from .timesteps import strength_settings
-    from .weighting import PAPER_SCHEMES
+    from ..weighting import PAPER_SCHEMES
 
     want = set(CHAPTER_FAMILIES if keys is None else keys)
     out = []
@@ -214,7 +214,7 @@ def _chapter_families(st, budget, num_calib: int, structured, grid: dict, keys) 
                       [Pair("At 50% unstructured", f"{sizes[-1]} prompts", f"{n} prompts",
                             Setting(method="obs-diff", sparsity=0.5, num_calib=sizes[-1]),
                             Setting(method="obs-diff", sparsity=0.5, num_calib=n)) for n in sizes[:-1]]))
-    from .shapes.model import DEFAULT_SAMPLING
+    from ..shapes.model import DEFAULT_SAMPLING
 
     changes = [("At the default sampling", {})]
     changes += [(f"At CFG {g:g}", {"eval_guidance": g}) for g in grid["cfg_values"]
@@ -233,9 +233,9 @@ def _chapter_families(st, budget, num_calib: int, structured, grid: dict, keys) 
 
 def units_of(model_dir: str) -> int:
     """The number of basic units (one package each at the finest split) of the model at ``model_dir``."""
-    from .archs import iter_blocks, spec_for
-    from .io import load_pipeline
-    from .packages import layer_units
+    from ..archs import iter_blocks, spec_for
+    from ..io import load_pipeline
+    from ..packages import layer_units
 
     den = load_pipeline(model_dir).transformer
     spec = spec_for(den)

@@ -24,7 +24,7 @@ import torch
 MAX_SPREAD = 1.5  # a maximum above this many times its median rejects a measurement
 MAX_BUSY = 0.10   # share of all CPUs that other processes may use while the machine counts as idle
 
-DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "shapes-sd3")
+from ..paths import DEFAULT_MODEL
 
 # (median, maximum) column pairs that timing_problems checks when a row has them
 SPREAD_COLUMNS = (("transformer_ms", "transformer_ms_max"), ("pipeline_s", "pipeline_s_max"),
@@ -209,7 +209,7 @@ def compare_to_flops(lo: float, hi: float, predicted: float) -> str:
 def pipeline_calls(pipe, prompts) -> dict:
     """Run the pipeline once (``generate`` with its defaults; also a warm-up) and record its transformer calls:
     ``steps`` (how many), ``batch`` and ``context`` (text tokens) of the first, and whether all had that shape."""
-    from .evaluate import generate
+    from ..evaluate import generate
 
     shapes = []
 
@@ -255,12 +255,12 @@ def speed_table(model_dir: str | None = None, sparsities=(0.1, 0.2, 0.3), repeat
     ``compare_to_flops`` of that spread against ``flops_ratio_inv`` (dense FLOPs / variant FLOPs)."""
     from tqdm.auto import tqdm
 
-    from .config import PruneConfig
-    from .driver import prune
-    from .evaluate import generate
-    from .flops import call_flops
-    from .io import load_pipeline
-    from .shapes import prompts as world_prompts
+    from ..config import PruneConfig
+    from ..driver import prune
+    from ..evaluate import generate
+    from ..flops import call_flops
+    from ..io import load_pipeline
+    from ..shapes import prompts as world_prompts
 
     model_dir = model_dir or DEFAULT_MODEL
     idle = idle or (lambda: idle_check(idle_window_s))
@@ -361,7 +361,7 @@ def semi_structured_benchmark(shapes=((1536, 1536), (1536, 6144), (6144, 1536), 
                 "rows": []}
     from torch.sparse import to_sparse_semi_structured
 
-    from .baselines import nm_mask
+    from ..baselines import nm_mask
 
     def host_load():  # GPU kernels: the host's load is recorded, not held against the measurement
         return idle_check(window_s=0.0, max_load=float("inf"), max_busy=None)
@@ -405,12 +405,12 @@ def propagate_floor(model_dir: str, packages: int, num_calib: int, sparsity: flo
     Any propagate schedule samples once and then runs the (pruned) blocks over the recorded trajectory at least once
     more, so K = 1's prune time plus ``blocks_s`` is its floor on this machine: ``floor_ratio`` = 1 + blocks_s /
     k1_s, beside the measured ``ratio`` = kK_s / k1_s. ``warmup`` untimed rounds come first."""
-    from .archs import iter_blocks, spec_for
-    from .config import PruneConfig
-    from .driver import prune
-    from .io import load_pipeline
-    from .sampling import collect_stats
-    from .shapes import prompts as world_prompts
+    from ..archs import iter_blocks, spec_for
+    from ..config import PruneConfig
+    from ..driver import prune
+    from ..io import load_pipeline
+    from ..sampling import collect_stats
+    from ..shapes import prompts as world_prompts
 
     calib_prompts = world_prompts("train", num_calib)
 

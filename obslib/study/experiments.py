@@ -19,20 +19,20 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .config import PruneConfig
-from .seeds import SEEDING_VERSION
-from .driver import prune
-from .evaluate import (REAL_SEED_OFFSET, distribution_metrics, fidelity, generate, reconstruction_metrics,
+from ..config import PruneConfig
+from ..seeds import SEEDING_VERSION
+from ..driver import prune
+from ..evaluate import (REAL_SEED_OFFSET, distribution_metrics, fidelity, generate, reconstruction_metrics,
                        render_prompts, wilson_interval)
-from .io import load_pipeline, read_defaults
-from .methods import METHODS
-from .shapes import prompts as world_prompts
+from ..io import load_pipeline, read_defaults
+from ..methods import METHODS
+from ..paths import DEFAULT_MODEL
+from ..shapes import prompts as world_prompts
 
-DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "shapes-sd3")
 EVAL_SEED_OFFSET = 1000
 # version of the evaluation in the run cache's key: pp2 = per-prompt outcomes kept, PSNR/SSIM averaged per image
 EVAL_VERSION = "pp2"
-PP_COLUMNS = ("pp_fidelity", "pp_attributes", "pp_psnr", "pp_ssim")  # per-prompt outcomes (obslib.compare.encode)
+PP_COLUMNS = ("pp_fidelity", "pp_attributes", "pp_psnr", "pp_ssim")  # per-prompt outcomes (obslib.study.compare.encode)
 SAMPLERS = {"euler": "FlowMatchEulerDiscreteScheduler", "heun": "FlowMatchHeunDiscreteScheduler"}
 
 
@@ -71,7 +71,7 @@ class Evaluator:
     """Caches the classifier, ground-truth renders and dense reference images between grid rows."""
 
     def __init__(self, model_dir: str = DEFAULT_MODEL, num_prompts: int = 64, batch_size: int = 64, progress: bool = False):
-        from .shapes.classifier import load_classifier
+        from ..shapes.classifier import load_classifier
 
         self.model_dir, self.num_prompts, self.batch_size, self.progress = model_dir, num_prompts, batch_size, progress
         self.prompts = world_prompts("heldout", num_prompts)
@@ -97,7 +97,7 @@ class Evaluator:
         return self._real[seed]
 
     def score(self, images: np.ndarray, s: Setting, seed: int, dense: bool = False) -> dict:
-        """Every metric of one row, and its per-prompt outcomes as ``pp_*`` strings (see obslib.compare)."""
+        """Every metric of one row, and its per-prompt outcomes as ``pp_*`` strings (see obslib.study.compare)."""
         from .compare import encode
 
         fid = fidelity(images, self.prompts, self.classifier, per_prompt=True)
@@ -265,7 +265,7 @@ def run_grid(settings: list[Setting], seeds, out_csv: str, evaluator: Evaluator 
 
 
 def write_csv(df: pd.DataFrame, path: str) -> None:
-    from .owned import write_text
+    from ..owned import write_text
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_text(path, df.to_csv(index=False))

@@ -12,7 +12,7 @@ measurements test that premise and how much a weighting can act on it:
   the uniform Hessian's, every scheme's Hessian formed from one per-step calibration.
 
 ``strength_settings`` builds the grid of weightings (scheme x ratio alpha_max / alpha_min) that
-``obslib.experiments.run_grid`` prunes and evaluates end to end.
+``obslib.study.experiments.run_grid`` prunes and evaluates end to end.
 """
 from __future__ import annotations
 
@@ -25,13 +25,13 @@ from tqdm.auto import tqdm
 
 from .compare import AHEAD, BEHIND, NONE, PAIRED, outcomes, paired_bootstrap
 from .experiments import Evaluator, Setting, cache_tag, pruned_pipeline, read_cache, write_csv
-from .hessian import weight_matrix
-from .io import load_pipeline
-from .obs import obs_prune, reconstruction_error
-from .sampling import collect_stats
-from .shapes.model import DEFAULT_SAMPLING
-from .weighting import alpha_range, timestep_weights
-from .windows import StepSwitch, equal_windows, halves
+from ..hessian import weight_matrix
+from ..io import load_pipeline
+from ..obs import obs_prune, reconstruction_error
+from ..sampling import collect_stats
+from ..shapes.model import DEFAULT_SAMPLING
+from ..weighting import alpha_range, timestep_weights
+from ..windows import StepSwitch, equal_windows, halves
 
 ONLY = 1e6  # the ratio that makes first-half / second-half weigh "only that half"
 
@@ -274,7 +274,7 @@ def premise_metrics(frame: pd.DataFrame, threshold_db: float = 30.0) -> pd.DataF
 
 def window_means(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Per setting and window: the mean of a metric over seeds x prompts and its 95% interval (the two-level
-    bootstrap of ``obslib.compare``: seeds, then prompts)."""
+    bootstrap of ``obslib.study.compare``: seeds, then prompts)."""
     rows = []
     for (setting, window), g in df.groupby(["setting", "window"], sort=False):
         if g[PAIRED[metric][0]].isna().any():  # the dense model has no PSNR against itself

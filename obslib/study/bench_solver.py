@@ -1,6 +1,6 @@
 """Solver benchmark at real layer shapes: the float32 OBS solver against its own float64 path.
 
-    python -m obslib.bench_solver [--repeats 3] [--out results/solver_bench.csv]
+    python -m obslib.study.bench_solver [--repeats 3] [--out results/solver_bench.csv]
 
 Shapes (out x in) are linear layers of SD3-Medium (1536x1536 attention, 6144x1536 FFN up, 1536x6144 FFN
 down), SD3.5-Large (2432x2432, 9728x2432) and Flux (3072x3072, 12288x3072); patterns unstructured 50% and
@@ -39,7 +39,7 @@ def one(rows: int, cols: int, pattern: str, dtype: str, repeats: int, seed: int 
 
     import torch
 
-    from .obs import obs_prune
+    from ..obs import obs_prune
 
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(rows, cols, generator=g)
@@ -66,7 +66,7 @@ def one(rows: int, cols: int, pattern: str, dtype: str, repeats: int, seed: int 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m obslib.bench_solver", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m obslib.study.bench_solver", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="results/solver_bench.csv")
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     for model, r, c, pat, dt in tqdm(jobs, desc="solver benchmark"):
         # a fixed mmap threshold: freed tensors go back to the OS, so the peak resident size tracks live memory
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        res = subprocess.run([sys.executable, "-m", "obslib.bench_solver", "--repeats", str(a.repeats), "--one",
+        res = subprocess.run([sys.executable, "-m", "obslib.study.bench_solver", "--repeats", str(a.repeats), "--one",
                               str(r), str(c), pat, dt], capture_output=True, text=True, check=True, env=env)
         rows.append({"model": model, **json.loads(res.stdout.strip().splitlines()[-1])})
     df = pd.DataFrame(rows)

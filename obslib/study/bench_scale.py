@@ -1,6 +1,6 @@
 """Real-size benchmark and projection (a benchmark, not a test).
 
-    python -m obslib.bench_scale [--steps 2] [--image-tokens 4096]
+    python -m obslib.study.bench_scale [--steps 2] [--image-tokens 4096]
 
 One SD3-Medium ``JointTransformerBlock`` (dim 1536, 24 heads x 64, FFN 6144) and one Flux
 ``FluxSingleTransformerBlock`` (dim 3072, 24 heads x 128, MLP 12288), random-initialised from their real
@@ -47,7 +47,7 @@ def _block(name: str, image_tokens: int):
     """(block, its targeted layers by name, a function drawing one call's inputs) of a real-size block."""
     import torch
 
-    from .archs import FLUX, SD3, block_units
+    from ..archs import FLUX, SD3, block_units
 
     torch.manual_seed(0)
     c = BLOCKS[name]
@@ -82,8 +82,8 @@ def run_block(name: str, steps: int, image_tokens: int) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .hessian import Calibration, weight_matrix
-    from .obs import obs_prune
+    from ..hessian import Calibration, weight_matrix
+    from ..obs import obs_prune
 
     block, layers, inputs = _block(name, image_tokens)
     c = BLOCKS[name]
@@ -145,8 +145,8 @@ def token_study(name: str, steps: int, image_tokens: int, grid: list[int], solve
     layer error both give on the all-token Hessian (the real objective)."""
     import torch
 
-    from .hessian import Calibration, unique_mb, weight_matrix
-    from .obs import obs_prune, reconstruction_error
+    from ..hessian import Calibration, unique_mb, weight_matrix
+    from ..obs import obs_prune, reconstruction_error
 
     block, layers, inputs = _block(name, image_tokens)
     xs = [inputs() for _ in range(steps)]
@@ -298,7 +298,7 @@ def write_md(meas: dict, rows: list[dict], path: str, study: dict | None = None)
     """results/scale.md: the measured blocks, the token study (when run) and the projections, in words from the
     numbers."""
     lines = ["# Scale: real-size blocks measured on this machine, projected to whole models", "",
-             "Measured by `python -m obslib.bench_scale` (one process per block, "
+             "Measured by `python -m obslib.study.bench_scale` (one process per block, "
              f"{next(iter(meas.values()))['threads']} CPU threads, float32, "
              f"{next(iter(meas.values()))['image_tokens']} image tokens = a 1024x1024 image, CFG batch 2).", "",
              "| block | layers | Hessians printed (MiB) | measured peak during calibration (MiB) | forward (s) | calibration per call (s) | solve, all layers (s) | forward GFLOP | Hessian GFLOP / call | solve GFLOP |",
@@ -316,7 +316,7 @@ def write_md(meas: dict, rows: list[dict], path: str, study: dict | None = None)
         rec = recommend(trows)
         any_st = next(iter(study.values()))
         lines += ["## Fewer tokens in the Hessians (`--calib-tokens N`) and one accumulator per input", "",
-                  f"`python -m obslib.bench_scale --tokens ...`: the same {any_st['steps']} calls of each block "
+                  f"`python -m obslib.study.bench_scale --tokens ...`: the same {any_st['steps']} calls of each block "
                   f"(random inputs, {any_st['image_tokens']} image tokens per image, CFG batch 2) accumulated with all "
                   "tokens and with a seeded random subset of N tokens per image and call (text streams have fewer "
                   "tokens than most N and stay whole); each layer then solved by OBS at 50% on each Hessian. "
@@ -396,7 +396,7 @@ def _projections(meas: dict, study: dict | None) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m obslib.bench_scale", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m obslib.study.bench_scale", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--image-tokens", type=int, default=4096)
@@ -410,7 +410,7 @@ def main(argv=None) -> int:
     p.add_argument("--reproject", action="store_true", help="rewrite the projection from the measurements in --out")
     a = p.parse_args(argv)
     grid = [int(x) for x in a.tokens.split(",") if x.strip()]
-    from .io import write_json
+    from ..io import write_json
 
     if a.one:
         print(json.dumps(run_block(a.one, a.steps, a.image_tokens)))
@@ -428,7 +428,7 @@ def main(argv=None) -> int:
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
         def sub(flag, name):
-            r = subprocess.run([sys.executable, "-m", "obslib.bench_scale", flag, name, "--steps", str(a.steps),
+            r = subprocess.run([sys.executable, "-m", "obslib.study.bench_scale", flag, name, "--steps", str(a.steps),
                                 "--image-tokens", str(a.image_tokens), "--tokens", a.tokens], capture_output=True,
                                text=True, env=env, check=True)
             return json.loads(r.stdout.strip().splitlines()[-1])

@@ -12,7 +12,8 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from ..paths import embedded_model, repo_root
+
 NOTEBOOKS = (
     "00_walkthrough.ipynb",
     "01_unstructured.ipynb",
@@ -51,9 +52,13 @@ _QUICK = dict(seeds=[0], num_eval_prompts=8, num_calib=4, sparsities=[0.5], stru
               noise_floor=[["unstructured", 0.5]], noise_threads=[1, 2])
 
 
+def _root() -> str:
+    return str(repo_root())
+
+
 def rel(path: str) -> str:
     """A path as the notebooks print it: relative to the repository (never the running machine's absolute path)."""
-    return os.path.relpath(os.path.abspath(path), ROOT)
+    return os.path.relpath(os.path.abspath(path), _root())
 
 
 def resolve_mode(mode: str) -> str:
@@ -67,9 +72,9 @@ def settings(mode: str) -> dict:
     """Grid sizes and output folders for a mode (after the OBSLIB_MODE override)."""
     mode = resolve_mode(mode)
     s = dict(_FULL if mode == "full" else _QUICK)
-    base = ROOT if mode == "full" else os.path.join(ROOT, ".tmp", "quick")
+    base = _root() if mode == "full" else os.path.join(_root(), ".tmp", "quick")
     s.update(mode=mode, results=os.path.join(base, "results"), figures=os.path.join(base, "figures"),
-             runs_csv=os.path.join(base, "results", "runs.csv"), model_dir=os.environ.get("OBSLIB_MODEL_DIR", os.path.join(ROOT, "models", "shapes-sd3")))
+             runs_csv=os.path.join(base, "results", "runs.csv"), model_dir=os.environ.get("OBSLIB_MODEL_DIR", embedded_model()))
     os.makedirs(s["results"], exist_ok=True)
     os.makedirs(s["figures"], exist_ok=True)
     return s
@@ -79,13 +84,13 @@ def run_study(names=NOTEBOOKS, mode: str = "full", out_dir: str | None = None) -
     import papermill as pm
 
     # executed notebooks: results/notebooks for the study; quick runs never replace those
-    out_dir = out_dir or os.path.join(ROOT, "results", "notebooks") if resolve_mode(mode) == "full" else \
-        out_dir or os.path.join(ROOT, ".tmp", "quick", "notebooks")
+    out_dir = out_dir or os.path.join(_root(), "results", "notebooks") if resolve_mode(mode) == "full" else \
+        out_dir or os.path.join(_root(), ".tmp", "quick", "notebooks")
     os.makedirs(out_dir, exist_ok=True)
     timing = {}
     t_all = time.perf_counter()
     if mode == "full" and tuple(names) == NOTEBOOKS:
-        from .shapes.report import main as model_report
+        from ..shapes.report import main as model_report
 
         print("[0] default model report (results/default_model.json)", flush=True)
         t = time.perf_counter()
@@ -94,19 +99,19 @@ def run_study(names=NOTEBOOKS, mode: str = "full", out_dir: str | None = None) -
     for i, name in enumerate(names):
         print(f"[{i + 1}/{len(names)}] {name}", flush=True)
         t = time.perf_counter()
-        pm.execute_notebook(os.path.join(ROOT, "notebooks", name), os.path.join(out_dir, name),
-                            parameters={"mode": mode}, cwd=os.path.join(ROOT, "notebooks"), progress_bar=True,
+        pm.execute_notebook(os.path.join(_root(), "notebooks", name), os.path.join(out_dir, name),
+                            parameters={"mode": mode}, cwd=os.path.join(_root(), "notebooks"), progress_bar=True,
                             kernel_name="python3")
         _relative_paths(os.path.join(out_dir, name))
         timing[name] = time.perf_counter() - t
         print(f"    {timing[name]:.0f} s", flush=True)
     if mode == "full" and tuple(names) == NOTEBOOKS:
         from .claims import write_claims
-        from .io import write_json
+        from ..io import write_json
 
         write_claims()
         timing["total"] = time.perf_counter() - t_all
-        write_json(os.path.join(ROOT, "results", "study_timing.json"),
+        write_json(os.path.join(_root(), "results", "study_timing.json"),
                    {"seconds": timing, "cpu_threads": _threads(), "note": "wall time of `make study` per notebook"})
     timing["total"] = time.perf_counter() - t_all
     return timing
@@ -117,7 +122,7 @@ def _relative_paths(path: str) -> None:
     repository, so an executed notebook carries no path of the machine that ran it."""
     import nbformat
 
-    from .owned import write_text
+    from ..owned import write_text
 
     nb = nbformat.read(path, as_version=4)
     meta = nb.metadata.get("papermill", {})
