@@ -44,13 +44,6 @@ KINDS = {  # kind -> (entry prefix, digits, the files of one entry)
 DELETE_HINT = "delete that directory, or run without --resume"
 
 
-def kind_for(method) -> str | None:
-    """Which checkpoints a method writes: package checkpoints (the package driver), gradient flow's, or none."""
-    if method.needs_training:
-        return "gradient-flow"
-    return "packages" if method.driver is None else None
-
-
 class CheckpointDir:
     """One checkpoint directory: checked before any work, written entry by entry, removed file by file."""
 

@@ -17,7 +17,7 @@ import torch
 
 from .archs import find_denoiser
 from . import owned
-from .checkpoint import CheckpointDir, PackageCheckpoint, config_fingerprint, kind_for
+from .checkpoint import CheckpointDir, PackageCheckpoint, config_fingerprint
 from .config import CALIBRATIONS, PATTERNS, PruneConfig
 from .errors import SolverError, Terminated, UsageError
 from .io import (check_device, check_output_dir, check_pipeline_dir, ignored_pickles, load_pipeline, save_pruned,
@@ -166,17 +166,6 @@ def add_prune_cli(sub) -> None:
     p.set_defaults(func=_cli_prune)
 
 
-def weighting_ignored(meth) -> str | None:
-    """Why a method's result does not depend on the timestep weighting, or None when it does."""
-    if "weighting" in meth.ignores:
-        return "it trains on its own loss and reads no Hessian"
-    if meth.forced_weighting:
-        return f"it always weighs the steps {meth.forced_weighting}"
-    if not meth.needs_calibration:
-        return "it reads no calibration statistics"
-    return None
-
-
 REFIT_DEFAULT = 20  # CG iterations of --refit without a number
 DEFAULT_NUM_PROMPTS = 100  # the embedded model's calibration set without --num-prompts
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -226,12 +215,12 @@ def _cli_prune(a) -> None:
     rank0 = world <= 1 or int(os.environ.get("RANK", "0") or 0) == 0
     # the paths' relations first (no lock file is ever put inside the model or --out), then the locks, then the rest
     check_output_dir(a.out, [a.model_dir], a.overwrite, clean=False, verify_existing=False, note=None)
-    if ckdir and kind_for(meth) is not None:
-        CheckpointDir(ckdir, kind_for(meth)).check_place(protect=[a.model_dir], out=a.out)
+    if ckdir and meth.checkpoint_kind is not None:
+        CheckpointDir(ckdir, meth.checkpoint_kind).check_place(protect=[a.model_dir], out=a.out)
     with contextlib.ExitStack() as locks:
         if rank0:  # one run per --out and checkpoint directory (rank 0 writes them under torchrun)
             locks.enter_context(owned.RunLock(a.out, "--out"))
-            if ckdir and kind_for(meth) is not None:
+            if ckdir and meth.checkpoint_kind is not None:
                 locks.enter_context(owned.RunLock(ckdir, "--checkpoint-dir"))
         _prune_locked(a, cfg, meth, ckdir, world, rank0, quiet_notes=a.quiet or not rank0)
 
@@ -243,7 +232,7 @@ def _prune_locked(a, cfg, meth, ckdir, world: int, rank0: bool, quiet_notes: boo
     # everything about --out and the checkpoints is settled before the (long) work starts
     check_output_dir(a.out, [a.model_dir], a.overwrite, need_bytes=tree_bytes(a.model_dir),
                      note=None if quiet_notes else say_note, clean=rank0, verify_existing=rank0)
-    training = meth.needs_training
+    training = meth.trains
     if training:
         if a.train_data is not None:
             from .gradflow import ImageFolder
@@ -256,7 +245,7 @@ def _prune_locked(a, cfg, meth, ckdir, world: int, rank0: bool, quiet_notes: boo
         raise UsageError(f"torchrun started {world} processes but there are only {len(cfg.prompts)} calibration prompts; "
                          f"every process samples at least one (allowed: 1 to {len(cfg.prompts)} processes, or more "
                          "prompts)")
-    kind = kind_for(meth)
+    kind = meth.checkpoint_kind
     command = "obslib " + shlex.join(getattr(a, "argv", None) or sys.argv[1:])
     resume_cmd = command if a.resume else f"{command} --resume"
     ck = None
@@ -271,19 +260,20 @@ def _prune_locked(a, cfg, meth, ckdir, world: int, rank0: bool, quiet_notes: boo
     if not quiet_notes:  # the command is valid: now say what it ignores
         notes = []
         for flag, field_ in (("--packages", "packages"), ("--calibration", "calibration")):
-            if getattr(a, field_) is not None and field_ in meth.ignores:
+            if getattr(a, field_) is not None and meth.ignored(field_):
                 notes.append(f"{flag} is ignored by {a.method} (one calibration pass, one global allocation)")
         if a.weighting is not None or a.alpha_ratio is not None:
             flags = " / ".join(f for f, v in (("--weighting", a.weighting), ("--alpha-ratio", a.alpha_ratio))
                                if v is not None)
-            why = weighting_ignored(meth)
+            why = meth.why_weighting_ignored()
             if why:
                 notes.append(f"{flags} is ignored by {a.method} ({why})")
             elif a.alpha_ratio is not None and cfg.weighting in ("uniform", "sensitivity"):
                 notes.append(f"--alpha-ratio is ignored with --weighting {cfg.weighting} ("
                              + ("every step weighs the same)" if cfg.weighting == "uniform"
                                 else "the probe measures the weights)"))
-        if a.calib_tokens is not None and not (meth.needs_calibration or a.report_error and meth.driver is None):
+        calibrates = meth.calibrates(a.report_error)
+        if a.calib_tokens is not None and not calibrates:
             notes.append(f"--calib-tokens is ignored: {a.method} needs no calibration (add --report-error to calibrate "
                          "for the layer errors)")
         if a.refit_iterations is not None and not a.refit:
@@ -292,12 +282,11 @@ def _prune_locked(a, cfg, meth, ckdir, world: int, rank0: bool, quiet_notes: boo
                  if v is not None]
         if given and not training:
             notes.append(f"{', '.join(given)} only apply to methods that train (gradient-flow); ignored")
-        calibrates = meth.needs_calibration or (a.report_error and meth.driver is None)
-        if a.calibration == "propagate" and not calibrates and "calibration" not in meth.ignores:
+        if a.calibration == "propagate" and not calibrates and not meth.ignored("calibration"):
             notes.append(f"--calibration propagate is ignored: {a.method} needs no calibration (add --report-error "
                          "to calibrate for the layer errors)")
         if a.record_ram_mb is not None and (cfg.calibration != "propagate" or not calibrates
-                                            or "calibration" in meth.ignores):
+                                            or meth.ignored("calibration")):
             notes.append("--record-ram-mb only applies to --calibration propagate; ignored")
         if kind is None and (a.checkpoint_dir is not None or a.resume):
             notes.append(f"{a.method} runs in one step and writes no checkpoints; --checkpoint-dir / --resume ignored")

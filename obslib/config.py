@@ -16,7 +16,6 @@ from .weighting import SCHEMES
 
 PATTERNS = ("unstructured", "2:4", "4:8", "structured")
 CALIBRATIONS = ("resample", "propagate")
-ALLOCATIONS = ("uniform", "global")
 MAX_SEED = 2**63 - 2**32  # seeds are hashed with each prompt's number (obslib.seeds.prompt_seed)
 MAX_RECORD_MIB = 2**40
 
@@ -273,24 +272,22 @@ class PruneConfig:
         if self.block_sparsity is not None and any(not 0 <= s < 1 for s in self.block_sparsity):
             raise UsageError(f"block sparsity list {self.block_sparsity} has values outside [0, 1)")
         meth = METHODS[self.method]
-        fn = meth.unstructured if self.pattern != "structured" else meth.heads or meth.neurons
-        if meth.patterns is not None:
-            fn = meth.driver if self.pattern in meth.patterns else None
-        if fn is None:
+        if not meth.supports(self.pattern):
             raise UsageError(f"method {self.method!r} does not support pattern {self.pattern!r}")
         self._check_allocation(meth)
         if self.refit_iterations:
             if self.pattern == "structured":
                 raise UsageError("--refit applies to unstructured and N:M patterns (structured OBS already compensates "
                                  "its removed groups in closed form); drop it or choose --pattern unstructured, 2:4 or 4:8")
-            if not meth.needs_calibration or meth.unstructured is None:
-                allowed = ", ".join(m.name for m in METHODS.values() if m.needs_calibration and m.unstructured)
+            if not meth.refits:
+                allowed = ", ".join(m.name for m in METHODS.values() if m.refits)
                 raise UsageError(f"--refit needs a method that calibrates a Hessian; {self.method!r} has none; "
                                  f"allowed: {allowed}")
 
 
     def _check_allocation(self, meth) -> None:
         from .methods import METHODS
+        from .methods.base import ALLOCATIONS
 
         if self.allocation is not None and self.allocation not in ALLOCATIONS:
             raise UsageError(f"allocation {self.allocation!r} is unknown; allowed: {', '.join(ALLOCATIONS)}")
@@ -311,16 +308,16 @@ class PruneConfig:
                    if not isinstance(k, str) or not is_kind("real", v) or not 0 <= v < 1]
             if bad:
                 raise UsageError(f"unit sparsity {bad[0]}: expected a unit name and a share in [0, 1)")
-            if meth.driver is not None:
+            if meth.whole_model:
                 raise UsageError(f"a unit sparsity map is taken by the package driver's methods; {self.method!r} "
                                  "allocates itself")
-        if self.allocation_used == "global" and meth.driver is None:
+        if self.allocation_used == "global" and not meth.whole_model:
             if self.pattern in ("2:4", "4:8"):
                 raise UsageError(f"--allocation global does not apply to {self.pattern}: every layer must keep exactly "
                                  f"{self.pattern} for the sparse kernels, so there is nothing to move between layers; "
                                  "use --allocation uniform")
-            if not meth.needs_calibration:
-                allowed = ", ".join(m.name for m in METHODS.values() if m.needs_calibration and m.driver is None)
+            if not meth.solves_hessian:
+                allowed = ", ".join(m.name for m in METHODS.values() if m.solves_hessian)
                 raise UsageError(f"--allocation global needs a method that calibrates a Hessian; {self.method!r} has "
                                  f"none; allowed: {allowed}, slimdiff")
             if self.block_sparsity is not None or self.unit_sparsity is not None:
@@ -329,6 +326,6 @@ class PruneConfig:
             if self.head_sparsity is not None or self.neuron_sparsity is not None:
                 raise UsageError("--allocation global decides how many heads and neurons go; drop --head-sparsity / "
                                  "--neuron-sparsity (set the size with --param-budget)")
-        if self.allocation_used == "global" and meth.needs_training:
+        if self.allocation_used == "global" and meth.trains:
             raise UsageError(f"--allocation global needs a method that calibrates a Hessian; {self.method!r} trains "
                              "gates instead; use --allocation uniform")

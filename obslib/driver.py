@@ -24,6 +24,7 @@ from .errors import SolverError, UsageError
 from .hessian import Calibration, calib_options, check_stats, unique_mb, weight_matrix
 from .manifest import with_manifest
 from .methods import METHODS
+from .methods.base import WholeModelRun
 from .owned import RunLock
 from .obs import check_finite, output_energy, reconstruction_error
 from .packages import layer_units, package_layers, split_packages, structured_units
@@ -46,12 +47,12 @@ def prune(pipe, config: PruneConfig) -> dict:
         raise UsageError(f"config must be an obslib.PruneConfig, got {type(config).__name__}")
     cfg = _checked(config)
     method = METHODS[cfg.method]
-    calibrates = method.needs_calibration or (cfg.measure_error and method.driver is None)
+    calibrates = method.calibrates(cfg.measure_error)
     if cfg.prompts is None and calibrates:
         raise UsageError("no calibration prompts given (PruneConfig.prompts: a list of strings)")
-    from .checkpoint import CheckpointDir, config_fingerprint, kind_for
+    from .checkpoint import CheckpointDir, config_fingerprint
 
-    kind = kind_for(method) if cfg.checkpoint_dir is not None else None
+    kind = method.checkpoint_kind if cfg.checkpoint_dir is not None else None
     with contextlib.ExitStack() as held:
         if kind is not None:  # one run per checkpoint directory; a path that could lose a user's files is refused
             from . import distributed
@@ -73,7 +74,7 @@ def _prune(pipe, cfg: PruneConfig, method, calibrates: bool) -> dict:
     from . import distributed
 
     if distributed.active():  # torchrun / an initialised process group: see obslib/distributed.py
-        if method.driver is not None:
+        if method.whole_model:
             raise UsageError(f"method {cfg.method!r} runs in one process; start it without torchrun")
         dctx = distributed.Context()
         dctx.check_agreement({k: v for k, v in asdict(cfg).items() if k not in ("progress", "checkpoint_dir")}, den)
@@ -92,10 +93,10 @@ def _prune(pipe, cfg: PruneConfig, method, calibrates: bool) -> dict:
                 runner.keep(dctx.shard(len(cfg.prompts)))  # prompt i to rank i mod N, with prompt i's own seed
             calibrate = runner.run
         alphas, probe = None, None
-        if _weighting(method, cfg) == MEASURED and method.needs_calibration:
+        if method.weighting(cfg.weighting) == MEASURED and method.needs_calibration:
             alphas, probe = _sensitivity(pipe, den, cfg, steps, guidance, defaults, dctx)
         train_batches = None
-        if method.needs_training:
+        if method.trains:
             from .gradflow import training_batches
 
             train_batches = training_batches(pipe, cfg, defaults)
@@ -145,11 +146,6 @@ def _count_flops(pipe, steps, guidance, cfg, msl, before: dict | None = None) ->
             "counts": "denoiser FLOPs per image over all steps (CFG batch included), torch.utils.flop_counter"}
 
 
-def _weighting(method, cfg) -> str | None:
-    """The weighting a method really uses: None if it ignores weighting, its forced one, else the config's."""
-    return None if "weighting" in method.ignores else method.forced_weighting or cfg.weighting
-
-
 def _sensitivity(pipe, den, cfg, steps, guidance, defaults, dctx) -> tuple[list[float], dict]:
     """The ``sensitivity`` weighting's probe (obslib.sensitivity) on the first calibration prompts; under
     torch.distributed every rank runs it and rank 0's weights are used by all."""
@@ -197,13 +193,13 @@ def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "
         raise UsageError(f"no prunable layers in block range {cfg.block_range}")
     if method.needs_calibration and calibrate is None:
         raise UsageError(f"method {cfg.method!r} needs calibration data")
-    if cfg.packages > len(units) and "packages" not in method.ignores:
+    if cfg.packages > len(units) and not method.ignored("packages"):
         raise UsageError(f"packages K={cfg.packages} exceeds the {len(units)} basic units of this model for pattern "
                          f"{cfg.pattern!r}; allowed: 1 to {len(units)}")
     for bi in ids:
         _block_sparsity(cfg, bi, n_blocks)  # a block sparsity list of the wrong length fails before any work
     undo = undo or NoUndo()
-    weighting = _weighting(method, cfg)
+    weighting = method.weighting(cfg.weighting)
     if alphas is not None and len(alphas) != steps:
         raise UsageError(f"{len(alphas)} timestep weights given for {steps} sampling steps")
     if weighting is not None and alphas is None:
@@ -218,14 +214,14 @@ def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "
         except SolverError as e:
             raise SolverError(f"layer {name}: {e}") from None
     shares = _structured_shares(den, spec, units, cfg, method) if structured else None
-    if structured and (method.heads is not None or method.needs_training):  # methods that remove whole heads
+    if structured and method.removes_heads:
         _check_head_rows(den, units, cfg, n_blocks, shares)
     params_before = sum(p.numel() for p in den.parameters())
     t0 = time.perf_counter()
-    if method.driver is not None:  # a whole-model method: it reports its own layers, timings and extras
+    if method.whole_model:  # it reports its own layers, timings and extras (obslib.methods.base: one signature)
         targeted_before = targeted_size(den, sorted(set(targeted)), "parameters") if structured else None
-        part = method.driver(den, cfg, steps, component, undo, ids, calibrate=calibrate, train_batches=train_batches,
-                             alphas=alphas, shares=shares)
+        part = method.driver(WholeModelRun(den, cfg, steps, component, undo, ids, calibrate=calibrate,
+                                           train_batches=train_batches, alphas=alphas, shares=shares))
         report = _report_frame(cfg, weighting, steps, ids, params_before, den, component)
         report["timestep_weights"] = alphas
         report["params_removed"] = params_before - report["params_after"]
@@ -303,7 +299,7 @@ def _structured_shares(den, spec, units, cfg, method) -> dict | None:
                              f"{', '.join(sorted(names)[:4])}{', ...' if len(names) > 4 else ''}")
     shares = None
     if (cfg.param_budget is not None and cfg.allocation_used == "uniform"
-            and (method.heads is not None or method.needs_training)):
+            and method.removes_heads):
         from .allocation import uniform_shares
 
         total = targeted_size(den, sorted(set(targeted_layers(den, spec, units, True))), "parameters")

@@ -359,7 +359,7 @@ def _set_gates(masks: SoftMasks, chosen, value: float) -> None:
 
 
 def gradient_flow_prune(den, cfg, steps: int, component: str, undo, block_ids: list[int], train_batches=None,
-                        shares=None, **_) -> dict:
+                        shares=None) -> dict:
     """Train with soft gates, score by GraSP on the gates, hard-prune; returns the method's report fields."""
     from .surgery import n_remove, remove_heads, remove_neurons, targeted_layers, targeted_size, unit_name
     from .packages import structured_units

@@ -445,8 +445,8 @@ def apply_group(den, g: Group, undo) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ driver
-def slimdiff_prune(den, cfg, steps: int, component: str, undo, block_ids: list[int], calibrate=None, alphas=None,
-                   **_) -> dict:
+def slimdiff_prune(den, cfg, steps: int, component: str, undo, block_ids: list[int], calibrate=None,
+                   alphas=None) -> dict:
     """Calibrate once, score every group's levels, allocate the budget, slim in place; returns the report
     fields particular to SlimDiff (the driver in ``obslib.driver`` adds the common ones)."""
     from .packages import structured_units
