@@ -14,6 +14,8 @@ from .errors import UsageError
 from .seeds import SEEDING_VERSION
 from .weighting import SCHEMES
 
+MAX_STEPS = 10_000  # sampling steps of a run: 1..MAX_STEPS (config, the model defaults, obslib evaluate)
+
 PATTERNS = ("unstructured", "2:4", "4:8", "structured")
 CALIBRATIONS = ("resample", "propagate")
 MAX_SEED = 2**63 - 2**32  # seeds are hashed with each prompt's number (obslib.seeds.prompt_seed)
@@ -236,8 +238,8 @@ class PruneConfig:
             raise UsageError(f"calibration {self.calibration!r} is unknown; allowed: {', '.join(CALIBRATIONS)}")
         if self.record_ram_mb is not None and not 0 <= self.record_ram_mb <= MAX_RECORD_MIB:
             raise UsageError(f"record RAM {self.record_ram_mb:g} MiB is outside the allowed 0 to {MAX_RECORD_MIB} MiB")
-        if self.steps is not None and not 1 <= self.steps <= 10_000:
-            raise UsageError(f"steps {self.steps} must be an integer in [1, 10000]")
+        if self.steps is not None and not 1 <= self.steps <= MAX_STEPS:
+            raise UsageError(f"steps {self.steps} must be an integer in [1, {MAX_STEPS}]")
         if self.guidance is not None and not 0 <= self.guidance <= 1000:
             raise UsageError(f"guidance {self.guidance} must be a number in [0, 1000]")
         if not 0 <= self.seed < MAX_SEED:
