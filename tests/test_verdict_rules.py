@@ -203,3 +203,7 @@ def test_family_words_for_the_paper_and_for_our_hypotheses():
     assert vd.family_verdict(["ahead", cmp.NONE], "paper") == "partly reproduced"
     assert vd.family_verdict(["ahead", "behind"], "ours") == "not supported"
     assert vd.family_verdict([cmp.NONE], "ours") == "not supported (no difference detected)"
+    # a claim of no difference (the paper's "more packages, same quality") holds while nothing is told apart
+    assert vd.family_verdict([cmp.NONE, cmp.NONE], "paper", expect=cmp.NONE).startswith("reproduced as far as")
+    assert vd.family_verdict([cmp.NONE, "behind"], "paper", expect=cmp.NONE) == "not reproduced: a difference is detected"
+    assert vd.family_verdict(["ahead"], "ours", expect=cmp.NONE) == "not supported: a difference is detected"

@@ -338,7 +338,7 @@ def replaced(claim: str, families: set[str]) -> bool:
 def verdict_rows(results: str) -> list[dict]:
     """The claims of results/verdicts.csv (``obslib.study.verdicts.judge``): ≥ 5 study seeds, two-level intervals, Holm
     within the claim, and the held-out replication."""
-    from .verdicts import family_verdict
+    from .verdicts import claim_expect, family_verdict
 
     f = os.path.join(results, "verdicts.csv")
     if not os.path.exists(f):
@@ -356,12 +356,12 @@ def verdict_rows(results: str) -> list[dict]:
                 rep.append(f"{r.context}, {r.b} on {NAMES[r.metric]}: {r.replicates}")
         n_yes = int((g.replicates == "yes").sum())
         out.append({"claim": claim, "paper": g.paper.iloc[0] if "paper" in g else "", "ours": "; ".join(parts),
-                    "verdict": family_verdict(g.verdict_holm, src) + (
-                        "" if family_verdict(g.verdict, src) == family_verdict(g.verdict_holm, src)
-                        else f" (unadjusted: {family_verdict(g.verdict, src)})"),
+                    "verdict": family_verdict(g.verdict_holm, src, claim_expect(g)) + (
+                        "" if family_verdict(g.verdict, src, claim_expect(g)) == family_verdict(g.verdict_holm, src, claim_expect(g))
+                        else f" (unadjusted: {family_verdict(g.verdict, src, claim_expect(g))})"),
                     "basis": f"{int(g.n_seeds.iloc[0])} seeds, seeds and prompts resampled, Holm over {len(g)}",
                     "replicates": f"{n_yes} of {len(g)}" + (" (" + "; ".join(rep) + ")" if rep else "")
-                                  + f"; held-out verdict: {family_verdict(g.heldout_verdict_holm, src)}"})
+                                  + f"; held-out verdict: {family_verdict(g.heldout_verdict_holm, src, claim_expect(g))}"})
     return out
 
 

@@ -50,6 +50,7 @@ class Family:
     paper: str  # what the paper reports
     pairs: list[Pair] = field(default_factory=list)
     metrics: tuple[str, ...] = METRICS
+    expect: str = AHEAD  # the claimed outcome of every comparison: a ahead of b, or NONE (a claim of no difference)
 
 
 def families(num_calib: int = 16, structured=(0.1, 0.2, 0.3), keys=None, grid: dict | None = None) -> list[Family]:
@@ -199,14 +200,14 @@ def _chapter_families(st, budget, num_calib: int, structured, grid: dict, keys) 
     if "packages" in want:
         k_hi = units_of(grid["model_dir"])
         p50 = Setting(method="obs-diff", sparsity=0.5, num_calib=num_calib)
-        out.append(Family("packages", f"More packages: one per unit (K = {k_hi}) against one (K = 1), quality at 50% "
+        out.append(Family("packages", f"More packages: one per unit (K = {k_hi}) keeps the quality of one (K = 1), 50% "
                           "unstructured", "paper",
                           "K=1 30.7 GB 572 s IR .857; K=4 24.1 GB 897 s .844; K=20 22.1 GB 2595 s .856 (resample): "
                           "no quality trend", [
                               Pair(f"{cal.capitalize()} calibration", f"K = {k_hi}", "K = 1",
                                    Setting(**{**p50.__dict__, "packages": k_hi, "extra": {"calibration": cal}}),
                                    Setting(**{**p50.__dict__, "packages": 1, "extra": {"calibration": cal}}))
-                              for cal in ("resample", "propagate")]))
+                              for cal in ("resample", "propagate")], expect=NONE))
     sizes = sorted(grid["verdict_calib_sizes"])
     out.append(Family("calibration size", f"More calibration prompts ahead of fewer ({sizes[-1]} against each smaller "
                       "set; the paper: quality rises, then flattens)", "paper",
@@ -311,7 +312,7 @@ def judge(df: pd.DataFrame, fams: list[Family], seeds=STUDY_SEEDS, heldout=HELDO
         mine = list(seeds) + [sd for sd in (more_seeds or {}).get(f.key, []) if sd not in set(seeds)]
         st, ho = _score(df, f, mine), (_score(df, f, heldout) if heldout else None)
         for i, r in enumerate(st):
-            row = {"family": f.key, "claim": f.claim, "source": f.source, "paper": f.paper, **r}
+            row = {"family": f.key, "claim": f.claim, "source": f.source, "paper": f.paper, "expect": f.expect, **r}
             if ho is not None:
                 h = ho[i]
                 row.update({f"heldout_{k}": h[k] for k in ("diff", "lo", "hi", "p", "p_holm", "verdict", "verdict_holm", "n_seeds")})
@@ -320,10 +321,16 @@ def judge(df: pd.DataFrame, fams: list[Family], seeds=STUDY_SEEDS, heldout=HELDO
     return pd.DataFrame(rows)
 
 
-def family_verdict(verdicts, source: str) -> str:
-    """A claim's word from its comparisons' verdicts after Holm, each a ahead of b in the claimed direction."""
+def family_verdict(verdicts, source: str, expect: str = AHEAD) -> str:
+    """A claim's word from its comparisons' verdicts after Holm, each a ahead of b in the claimed direction; for a
+    claim of no difference (``expect`` NONE) the claim holds while no comparison is told apart — which is not an
+    equivalence test, and says so."""
     yes, no = ("reproduced", "not reproduced") if source == "paper" else ("supported", "not supported")
     v = list(verdicts)
+    if expect == NONE:
+        if v and all(x == NONE for x in v):
+            return f"{yes} as far as this study resolves (no difference detected; not an equivalence test)"
+        return f"{no}: a difference is detected"
     if v and all(x == AHEAD for x in v):
         return yes
     if any(x == BEHIND for x in v):
@@ -333,6 +340,11 @@ def family_verdict(verdicts, source: str) -> str:
     return f"partly {yes}"
 
 
+def claim_expect(g: pd.DataFrame) -> str:
+    """A family's claimed outcome from its rows of results/verdicts.csv (files written before the column: ahead)."""
+    return str(g["expect"].iloc[0]) if "expect" in g and isinstance(g["expect"].iloc[0], str) and g["expect"].iloc[0] else AHEAD
+
+
 def claim_table(j: pd.DataFrame) -> pd.DataFrame:
     """One row per claim: its verdict after Holm on the study seeds, the same on the held-out seeds, and how many of
     its comparisons replicate."""
@@ -340,10 +352,10 @@ def claim_table(j: pd.DataFrame) -> pd.DataFrame:
     for claim, g in j.groupby("claim", sort=False):
         src = g.source.iloc[0]
         row = {"claim": claim, "source": src, "comparisons": len(g),
-               "verdict (study seeds, Holm)": family_verdict(g.verdict_holm, src),
-               "verdict (study seeds, unadjusted)": family_verdict(g.verdict, src)}
+               "verdict (study seeds, Holm)": family_verdict(g.verdict_holm, src, claim_expect(g)),
+               "verdict (study seeds, unadjusted)": family_verdict(g.verdict, src, claim_expect(g))}
         if "replicates" in g:
-            row["verdict (held-out seeds, Holm)"] = family_verdict(g.heldout_verdict_holm, src)
+            row["verdict (held-out seeds, Holm)"] = family_verdict(g.heldout_verdict_holm, src, claim_expect(g))
             row["replicate"] = f"{int((g.replicates == 'yes').sum())} of {len(g)}"
             row["weaker"] = int((g.replicates == "weaker").sum())
         rows.append(row)
