@@ -63,8 +63,8 @@ S = study.settings(mode)          # grid sizes of this mode and output folders
 torch.set_num_threads(int(os.environ.get("OBSLIB_THREADS", os.cpu_count())))
 sns.set_theme(style="whitegrid", font_scale=0.9)
 pd.set_option("display.max_colwidth", None)
-print(S["mode"], "mode: tables ->", os.path.relpath(S["results"], study.ROOT), "| figures ->",
-      os.path.relpath(S["figures"], study.ROOT))
+print(S["mode"], "mode: tables ->", study.rel(S["results"]), "| figures ->",
+      study.rel(S["figures"]))
 
 # %%
 pipe = obslib.load_pipeline(model_dir or S["model_dir"])

@@ -46,7 +46,7 @@ if S["mode"] == "quick":          # a smoke test: one pruned variant, two prompt
     sparsities, attempts, pause_s, batch_prompts = sparsities[1:2], 1, 0.0, 2
 torch.set_num_threads(int(os.environ.get("OBSLIB_THREADS", os.cpu_count())))
 sns.set_theme(style="whitegrid", font_scale=0.9)
-rel = lambda p: os.path.relpath(p, study.ROOT)
+rel = study.rel
 start = timing.idle_check()
 print(S["mode"], "->", rel(S["results"]))
 print(f"before timing: 1-minute load average {start['load_1m']:.2f} on {start['cpus']} usable cores, other processes "

@@ -264,7 +264,7 @@ def _timestep_rows(c: pd.DataFrame) -> list[dict]:
     """Chapter 08: the error-accumulation premise, stronger weightings and the measured weighting."""
     out = []
 
-    def add(claim, paper, t):
+    def add(claim, paper, t, extra=""):
         if len(t):
             t = correct(t)
             source = "ours" if paper.startswith("not ") else "paper"
@@ -274,14 +274,18 @@ def _timestep_rows(c: pd.DataFrame) -> list[dict]:
                 words = {AHEAD: yes, BEHIND: no, NONE: "no difference detected"}
                 v = "mixed: " + "; ".join(f"{r.context}, {PAIRED[r.metric][2].split(',')[0]}: {words[_final(r)]}"
                                           for r in t.itertuples())
-            out.append({"claim": claim, "paper": paper, "ours": "; ".join(f"{r.context}: {quote(r)}" for _, r in t.iterrows()),
-                        "verdict": v, "basis": basis(t)})
+            out.append({"claim": claim, "paper": paper, "ours": "; ".join(f"{r.context}: {quote(r)}" for _, r in t.iterrows())
+                        + extra, "verdict": v, "basis": basis(t)})
 
     t = _pick(c, "08 timesteps")
     halves = t[t.context.str.startswith("Halves")]
     add("Premise: an error at the early (noisy) steps harms the final image more than one at the late steps "
         "(pruned only in the second half − only in the first half)",
-        "argued from error accumulation (the motivation of log-decrease weights), not measured", _flip(halves))
+        "argued from error accumulation (the motivation of log-decrease weights), not measured", _flip(halves),
+        " (PSNR here is the mean of per-image dB, the typical image; the pooled MSE, SSIM and the share of images below "
+        "30 dB read the same images the other way, the first steps hurting more: results/08_premise_metrics.csv, "
+        "results/08_equal_probe_metrics.csv, chapter 09 section 5; 'equal-size noise' is chapter 08's probe of one "
+        "relative size in every window)")
     add("Stronger decreasing weightings ahead of uniform (60% unstructured)", "not in the paper (only α in [0.8, 1.2])",
         t[(t.context == "Strength at 60%") & t.a.str.startswith("log-decrease") & (t.b == "uniform")])
     add("One-sided weightings: only the first / only the second half of the steps, against uniform (60%)",
