@@ -462,7 +462,7 @@ print(f"For the paper's claim: the mechanism {mechanism}, and the timestep weigh
 #   such as `"transformer_blocks.2.ff_context.net.2"`: does the mask difference grow where inputs are more correlated?
 # - `sparsity = 0.7`: how fast does each method's rel_error grow, and does the OBS/magnitude factor hold?
 # - `percdamp = 0.1` or `0.001`: the condition number after damping, the mask and the error move with it.
-# - Another weighting than `uniform` in section 6 (`obslib.SCHEMES`; chapter 08 for stronger ones), or more calibration prompts (`S["num_calib"]`).
+# - Another weighting than `uniform` in section 6 (`obslib.SCHEMES`; chapter 08 for stronger ones), or more calibration prompts (`S["num_calib"]`, 16 in the full study, 4 in quick mode).
 # - A real model: `model_dir`, `calib_prompts_file` and a layer name of that model (see the README).
 
 # %% [markdown]

@@ -288,7 +288,7 @@ print("What this study cannot conclude: the paper's head-level results on SD3.5-
 # %% [markdown]
 # ## Try next
 #
-# Give gradient flow more iterations or another learning rate (`S['gf_iterations']`, `S['gf_lr']`), or rerun it and FLAP at the parameter budgets (`--param-budget` works for both). Cross OBS-Diff's global allocation with SlimDiff's solver (its `unit_sparsity` map from `obslib.allocation.shares_for_params`) for the last cell of the decomposition. On a model with many heads per block (SD3.5-Large: 38), the allocation's head/neuron trade-off is no longer a 25% step. `head_saliency='diag'` gives the public code's approximation.
+# Give gradient flow more iterations or another learning rate (`S['gf_iterations']`, now 400; `S['gf_lr']`, now 2e-4), or rerun it and FLAP at the parameter budgets (`--param-budget` works for both). Cross OBS-Diff's global allocation with SlimDiff's solver (its `unit_sparsity` map from `obslib.allocation.shares_for_params`) for the last cell of the decomposition. On a model with many heads per block (SD3.5-Large: 38), the allocation's head/neuron trade-off is no longer a 25% step. `head_saliency='diag'` gives the public code's approximation.
 
 # %%
 assert (df[df.method != "dense"].params < df[df.method == "dense"].params.iloc[0]).all()

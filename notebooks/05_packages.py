@@ -145,7 +145,7 @@ print("For the paper's claim (more packages: less memory, much more time, no cle
 # %% [markdown]
 # ## Try next
 #
-# `S['packages']` takes any K (and `block`, `unit`). On a real model, watch the memory line each package prints (and the record's size in propagate mode: it goes to disk above `--record-ram-mb`); `--resume` makes many packages safe to interrupt. Notebook 07 has the solver's speed, `results/scale.md` the projection to real model sizes.
+# `S['packages']` (now K = 1, 2, 4, 8, one per block, one per unit) takes any K (and `block`, `unit`). On a real model, watch the memory line each package prints (and the record's size in propagate mode: it goes to disk above `--record-ram-mb`); `--resume` makes many packages safe to interrupt. Notebook 07 has the solver's speed, `results/scale.md` the projection to real model sizes.
 
 # %%
 for c, part in summary.groupby("calibration"):

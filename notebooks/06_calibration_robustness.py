@@ -133,7 +133,7 @@ if len(cf) > 1:
 # %% [markdown]
 # ## Try next
 #
-# Add sizes to `S['calib_sizes']`, or evaluate with other samplers (`eval_sampler`). The calibration prompts are the training split's; a held-out set would test calibration drift.
+# Add sizes to `S['calib_sizes']` (now 2, 4, 8, 16, 32, 64 and 128 prompts), or evaluate with other samplers (`eval_sampler`). The calibration prompts are the training split's; a held-out set would test calibration drift.
 
 # %%
 assert len(summary) == len(S["calib_sizes"])

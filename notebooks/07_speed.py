@@ -214,7 +214,7 @@ print(f"This CPU study of a {int(d.params) / 1e6:.1f}M-parameter transformer at 
 # %% [markdown]
 # ## Try next
 #
-# Run on a GPU (the 2:4 cell then times the sparse kernels), or raise `S['timing_repeats']`. Batch size and image
+# Run on a GPU (the 2:4 cell then times the sparse kernels), or raise `S['timing_repeats']` (now 7 forwards per pair). Batch size and image
 # size change the balance between the linear layers (which shrink) and everything else.
 
 # %%

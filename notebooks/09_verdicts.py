@@ -219,17 +219,9 @@ readings = (("mean_db", "the mean of per-image dB", True), ("pooled_db", "the po
             ("composition_changed", "changed compositions", False))
 
 
-def hurts_more(g, col, higher):
-    h = g[g.window.isin(["steps 1-10", "steps 11-20"])].set_index("window")
-    if len(h) < 2 or col not in h or h[col].isna().any():
-        return None
-    e, l = h.loc["steps 1-10", col], h.loc["steps 11-20", col]
-    return "neither" if e == l else "the first half" if (e < l) == higher else "the second half"
-
-
 for name, frame in (("pruned weights", premise), ("equal-size noise", eprobe)):
     for setting, g in (frame.groupby("setting", sort=False) if len(frame) else []):
-        said = {lab: hurts_more(g, col, hi) for col, lab, hi in readings}
+        said = {lab: ts.which_half_hurts_more(g, col, hi) for col, lab, hi in readings}
         said = {k: v for k, v in said.items() if v is not None}
         if said:
             groups = {}
@@ -244,7 +236,7 @@ if not len(eprobe):
 #
 # ## Try next
 #
-# Add a family to `obslib.study.verdicts.families` (any pair of settings), or more study seeds where a verdict is close: the held-out seeds check it. `S['noise_threads']` takes any two thread counts; to compare kernel sets, run the chapter under another `ATEN_CPU_CAPABILITY` — its rows get another key.
+# Add a family to `obslib.study.verdicts.families` (any pair of settings), or more study seeds where a verdict is close: the held-out seeds check it. `S['noise_threads']` (now 1 and 2) takes any two thread counts; to compare kernel sets, run the chapter under another `ATEN_CPU_CAPABILITY` — its rows get another key.
 
 # %%
 assert set(J.n_seeds) <= {len(seeds)} | {len(seeds) + len(v) for v in more.values()} and set(J.heldout_n_seeds) == {len(heldout)}

@@ -329,3 +329,12 @@ def test_premise_metrics_read_the_same_images_every_way():
     assert m.loc["A", "fidelity_flips"] == 0.25 and m.loc["B", "fidelity_flips"] == 0.0
     assert m.loc["A", "composition_changed"] == 0.25 and m.loc["B", "composition_changed"] == 0.0
     assert m.loc["A", "images"] == 4
+
+
+def test_which_half_hurts_more_reads_each_metric_its_own_way():
+    from obslib.study.timesteps import which_half_hurts_more
+
+    g = pd.DataFrame({"window": ["steps 1-10", "steps 11-20"], "mean_db": [40.0, 35.0], "below_30db": [0.3, 0.0]})
+    assert which_half_hurts_more(g, "mean_db") == "the second half"  # lower dB late: the late error hurts more
+    assert which_half_hurts_more(g, "below_30db", higher=False) == "the first half"
+    assert which_half_hurts_more(g, "ssim") is None and which_half_hurts_more(g.iloc[:1], "mean_db") is None

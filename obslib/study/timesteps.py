@@ -272,6 +272,17 @@ def premise_metrics(frame: pd.DataFrame, threshold_db: float = 30.0) -> pd.DataF
     return pd.DataFrame(rows)
 
 
+def which_half_hurts_more(premise: pd.DataFrame, col: str, higher: bool = True) -> str | None:
+    """From one setting's ``premise_metrics`` rows: 'the first half', 'the second half' or 'neither' hurts more on
+    ``col`` (``higher``: a higher value means less harm), comparing the windows of steps 1-10 and 11-20; None when
+    either half or the column is missing."""
+    h = premise[premise.window.isin(["steps 1-10", "steps 11-20"])].set_index("window")
+    if len(h) < 2 or col not in h or h[col].isna().any():
+        return None
+    e, late = h.loc["steps 1-10", col], h.loc["steps 11-20", col]
+    return "neither" if e == late else "the first half" if (e < late) == higher else "the second half"
+
+
 def window_means(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Per setting and window: the mean of a metric over seeds x prompts and its 95% interval (the two-level
     bootstrap of ``obslib.study.compare``: seeds, then prompts)."""
