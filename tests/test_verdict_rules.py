@@ -201,9 +201,56 @@ def test_a_flipped_held_out_effect_does_not_replicate():
 def test_family_words_for_the_paper_and_for_our_hypotheses():
     assert vd.family_verdict(["ahead", "ahead"], "paper") == "reproduced"
     assert vd.family_verdict(["ahead", cmp.NONE], "paper") == "partly reproduced"
-    assert vd.family_verdict(["ahead", "behind"], "ours") == "not supported"
+    assert vd.family_verdict(["behind", cmp.NONE], "ours") == "not supported"
+    # detected both ways (the premise's PSNR readings): neither word alone
+    assert vd.family_verdict(["ahead", "behind"], "ours") == "mixed: supported on some comparisons, not supported on others"
     assert vd.family_verdict([cmp.NONE], "ours") == "not supported (no difference detected)"
     # a claim of no difference (the paper's "more packages, same quality") holds while nothing is told apart
     assert vd.family_verdict([cmp.NONE, cmp.NONE], "paper", expect=cmp.NONE).startswith("reproduced as far as")
     assert vd.family_verdict([cmp.NONE, "behind"], "paper", expect=cmp.NONE) == "not reproduced: a difference is detected"
     assert vd.family_verdict(["ahead"], "ours", expect=cmp.NONE) == "not supported: a difference is detected"
+
+
+def test_pixel_mse_is_the_pooled_reading_of_the_same_per_image_psnr():
+    # two images: one barely changed (60 dB), one changed a lot (20 dB), against two changed a little (30 dB each):
+    # the mean of dB prefers the first setting, the pooled MSE the second
+    a = pd.DataFrame({"seed": [0], "pp_psnr": [cmp.encode([60.0, 20.0], 3)]})
+    b = pd.DataFrame({"seed": [0], "pp_psnr": [cmp.encode([30.0, 30.0], 3)]})
+    xa, _ = cmp.outcomes(a, "pixel_mse")
+    xb, _ = cmp.outcomes(b, "pixel_mse")
+    np.testing.assert_allclose(xa, [[1e-3, 10.0]], rtol=1e-9)  # ×10⁻³: 1e-6 and 1e-2
+    assert cmp.outcomes(a, "psnr")[0].mean() > cmp.outcomes(b, "psnr")[0].mean()
+    assert xa.mean() > xb.mean() and cmp.PAIRED["pixel_mse"][1] is False  # lower MSE is better: b is ahead
+    from obslib.study.timesteps import pooled_psnr
+
+    assert -10 * np.log10(xa.mean() / 1e3) == pytest.approx(pooled_psnr([60.0, 20.0]))
+
+
+def test_the_premise_family_pairs_window_rows_of_one_prune():
+    from obslib.study.timesteps import EQUAL_PROBE, window_tail
+
+    fam = vd.premise_family(16, 0.2)
+    assert fam.key == "premise" and fam.metrics == vd.PREMISE_METRICS and fam.source == "paper"
+    assert [p.context for p in fam.pairs] == ["Halves, 50% unstructured", "Halves, 20% structured",
+                                              "Halves, equal-size noise"]
+    for p in fam.pairs:
+        assert p.setting_a == p.setting_b and (p.a, p.b) == ("steps 11-20", "steps 1-10")
+    assert fam.pairs[0].tail_a == window_tail((11, 20)) == "|window=11-20"
+    assert fam.pairs[2].tail_b == window_tail((1, 10), EQUAL_PROBE) == f"|window=1-10|probe={EQUAL_PROBE}"
+    assert vd.settings_of([fam]) == [ex.Setting(method="dense", num_calib=16)]  # no study rows of their own
+    # rows: the study row and both windows of one setting; only the window rows are picked, each by its tail
+    s = fam.pairs[0].setting_a
+    rows = []
+    for sd in (0, 1):
+        for tail, v in (("", 10.0), ("|window=1-10", 20.0), ("|window=11-20", 40.0),
+                        (f"|window=11-20|probe={EQUAL_PROBE}", 30.0), (f"|window=1-10|probe={EQUAL_PROBE}", 35.0)):
+            rows.append({"seed": sd, "key": f"tag|{s.key(sd)}{tail}", "pp_psnr": cmp.encode([v + sd] * 4, 3),
+                         "pp_fidelity": cmp.encode([1, 1, 0, 1]), "pp_ssim": cmp.encode([0.9] * 4, 3)})
+    df = pd.DataFrame(rows)
+    got = vd._score(df, vd.Family("premise", "c", "paper", "", [fam.pairs[0], fam.pairs[2]],
+                                  metrics=("psnr", "pixel_mse")), (0, 1))
+    by = {(r["context"], r["metric"]): r for r in got}
+    assert by["Halves, 50% unstructured", "psnr"]["diff"] == pytest.approx(20.0)
+    assert by["Halves, equal-size noise", "psnr"]["diff"] == pytest.approx(-5.0)
+    mse = by["Halves, 50% unstructured", "pixel_mse"]
+    assert mse["diff"] < 0 and mse["verdict"] == "ahead"  # less pixel damage when pruned only late

@@ -320,7 +320,8 @@ REPLACED = {"50% unstructured: OBS-Diff ahead of Wanda": "baselines 50%",
             "Solver part: SlimDiff's closed forms": "solver part",
             "More packages: less memory, more time, no quality trend": "packages",
             "Quality rises with the calibration prompts": "calibration size",
-            "The pruned model tracks the dense one": "robustness"}
+            "The pruned model tracks the dense one": "robustness",
+            "Premise: an error at the early": "premise"}
 FIRST_FAMILIES = ("baselines 50%", "baselines 60%", "weighting 50%", "weighting 60% 2:4", "baselines 2:4", "structured l1",
                   "refit", "allocation unstructured", "structured slimdiff", "structured allocation")
 

@@ -43,8 +43,14 @@ PAIRED = {
     "attribute_accuracy": ("pp_attributes", True, "share of attributes found", 3),
     "psnr": ("pp_psnr", True, "PSNR vs dense, dB", 2),
     "ssim": ("pp_ssim", True, "SSIM vs dense", 3),
+    # the per-image MSE behind PSNR (data range 1), in units of 1e-3: its mean is the pooled MSE, so this reading weighs
+    # an image by its error (total pixel damage) where the mean of per-image dB weighs every image alike
+    "pixel_mse": ("pp_psnr", False, "pixel MSE vs dense, ×10⁻³ (pooled: total pixel damage)", 3),
 }
-NAMES = {"prompt_fidelity": "prompt fidelity", "attribute_accuracy": "attribute accuracy", "psnr": "PSNR", "ssim": "SSIM"}
+# metric -> how its per-prompt values follow from the stored column (metrics read off another metric's column)
+DERIVED = {"pixel_mse": lambda db: 1e3 * 10 ** (-db / 10)}
+NAMES = {"prompt_fidelity": "prompt fidelity", "attribute_accuracy": "attribute accuracy", "psnr": "PSNR", "ssim": "SSIM",
+         "pixel_mse": "pixel MSE"}
 COLUMNS = ["chapter", "context", "a", "b", "metric", "n_prompts", "n_seeds", "mean_a", "mean_b", "diff", "lo", "hi",
            "p", "verdict", "mcnemar_p", "seeds"]
 AHEAD, BEHIND, NONE = "ahead", "behind", "no difference detected"
@@ -103,7 +109,8 @@ def outcomes(rows: pd.DataFrame, metric: str) -> tuple[np.ndarray, list]:
     rows = rows.sort_values("seed")
     if rows.seed.duplicated().any():
         raise ValueError(f"more than one row per seed for one setting: {sorted(rows.seed)}")
-    return np.stack([decode(v) for v in rows[col]]), list(rows.seed)
+    x = np.stack([decode(v) for v in rows[col]])
+    return (DERIVED[metric](x) if metric in DERIVED else x), list(rows.seed)
 
 
 def compare(rows_a: pd.DataFrame, rows_b: pd.DataFrame, metrics=("prompt_fidelity", "psnr"), a: str = "a",

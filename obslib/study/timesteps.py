@@ -45,6 +45,15 @@ def window_label(w: tuple[int, int]) -> str:
     return f"steps {w[0]}-{w[1]}"
 
 
+EQUAL_PROBE = "equal-output-noise"
+
+
+def window_tail(w: tuple[int, int], probe: str = "") -> str:
+    """The end of a window row's cache key after its setting's key: the window, and the probe when the error in it
+    is not the pruned weights' (``run_equal_probe``: ``EQUAL_PROBE``)."""
+    return f"|window={w[0]}-{w[1]}" + (f"|probe={probe}" if probe else "")
+
+
 def run_injection(settings: list[Setting], seeds, windows: list[tuple[int, int]], out_csv: str,
                   evaluator: Evaluator | None = None, progress: bool = True, **ev_kwargs) -> pd.DataFrame:
     """For each setting and seed, prune once, then sample the dense pipeline with the pruned denoiser active only
@@ -58,7 +67,7 @@ def run_injection(settings: list[Setting], seeds, windows: list[tuple[int, int]]
     rows = done.to_dict("records")
 
     def key(s, sd, w):
-        return f"{tag}|{s.key(sd)}|window={w[0]}-{w[1]}"
+        return f"{tag}|{s.key(sd)}{window_tail(w)}"
 
     todo = [(s, sd) for sd in seeds for s in settings if any(key(s, sd, w) not in keys for w in windows)]
     for s, sd in tqdm(todo, desc=os.path.basename(out_csv), disable=not progress):
@@ -150,7 +159,7 @@ def run_equal_probe(settings: list[Setting], seeds, windows: list[tuple[int, int
     rows = done.to_dict("records")
 
     def key(s, sd, w):
-        return f"{tag}|{s.key(sd)}|window={w[0]}-{w[1]}|probe=equal-output-noise"
+        return f"{tag}|{s.key(sd)}{window_tail(w, EQUAL_PROBE)}"
 
     todo = [(s, sd) for sd in seeds for s in settings if any(key(s, sd, w) not in keys for w in windows)]
     for s, sd in tqdm(todo, desc=os.path.basename(out_csv), disable=not progress):

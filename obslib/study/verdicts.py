@@ -19,6 +19,7 @@ like every chapter's); ``judge`` turns them into one row per comparison; ``claim
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +41,10 @@ class Pair:
     b: str
     setting_a: Setting
     setting_b: Setting
+    # a row's key after its setting's: "" for a study row (``run_grid``), a window of steps for a row of chapter 08's
+    # error injection (``timesteps.window_tail``: the setting's error active in that window only)
+    tail_a: str = ""
+    tail_b: str = ""
 
 
 @dataclass
@@ -126,7 +131,7 @@ def families(num_calib: int = 16, structured=(0.1, 0.2, 0.3), keys=None, grid: d
 CHAPTER_FAMILIES = ("weighting schemes 60%", "weighting strength 60%", "one-sided weighting 60%",
                     "sensitivity vs uniform", "sensitivity vs log-decrease", "structured slimdiff nominal",
                     "structured gradient flow", "allocation part obs", "allocation part slimdiff", "solver part",
-                    "packages", "calibration size", "robustness")
+                    "packages", "calibration size", "robustness", "premise")
 
 
 def _chapter_families(st, budget, num_calib: int, structured, grid: dict, keys) -> list[Family]:
@@ -229,7 +234,35 @@ def _chapter_families(st, budget, num_calib: int, structured, grid: dict, keys) 
                       [Pair(c, "dense", "obs-diff", Setting(method="dense", sparsity=0.5, num_calib=num_calib, **kw),
                             Setting(method="obs-diff", sparsity=0.5, num_calib=num_calib, **kw)) for c, kw in changes],
                       metrics=("prompt_fidelity",)))
+    out.append(premise_family(num_calib, grid["inject_structured"]))
     return [f for f in out if f.key in want]
+
+
+PREMISE_METRICS = ("prompt_fidelity", "psnr", "pixel_mse", "ssim")
+
+
+def premise_family(num_calib: int, structured: float) -> Family:
+    """The premise behind decreasing weights, read on every paired metric: an error in the first half of the steps
+    hurts the final image more than the same model's error in the second half — "pruned only in steps 11-20" ahead
+    of "pruned only in steps 1-10" (chapter 08's error injection), for OBS-Diff at 50% unstructured and at
+    ``structured``, and for noise of one relative size in both halves (chapter 08's equal-size probe). PSNR is the
+    mean of per-image dB (a typical image), pixel MSE its pooled reading (total pixel damage): the two can disagree,
+    so both are in the family."""
+    from .timesteps import EQUAL_PROBE, window_label, window_tail
+    from ..shapes.model import DEFAULT_SAMPLING
+    from ..windows import halves
+
+    early, late = halves(DEFAULT_SAMPLING["num_inference_steps"])
+    u50 = Setting(method="obs-diff", sparsity=0.5, num_calib=num_calib)
+    s_st = Setting(method="obs-diff", pattern="structured", sparsity=structured, num_calib=num_calib)
+    pairs = [Pair(f"Halves, {ctx}", window_label(late), window_label(early), s, s, window_tail(late, probe),
+                  window_tail(early, probe))
+             for ctx, s, probe in (("50% unstructured", u50, ""), (f"{structured:.0%} structured", s_st, ""),
+                                   ("equal-size noise", u50, EQUAL_PROBE))]
+    return Family("premise", "Premise: an error at the early (noisy) steps harms the final image more than one at the "
+                  "late steps (pruned only in the second half ahead of pruned only in the first half)", "paper",
+                  "argued from error accumulation (the motivation of log-decrease weights), not measured", pairs,
+                  metrics=PREMISE_METRICS)
 
 
 def units_of(model_dir: str) -> int:
@@ -244,39 +277,66 @@ def units_of(model_dir: str) -> int:
 
 
 def settings_of(fams: list[Family]) -> list[Setting]:
-    """Every setting the families need, once, dense first (its images are every PSNR's reference)."""
+    """Every setting whose study rows the families need, once, dense first (its images are every PSNR's reference)."""
     seen, out = set(), [Setting(method="dense", num_calib=fams[0].pairs[0].setting_a.num_calib)] if fams else []
     for f in fams:
         for p in f.pairs:
-            for s in (p.setting_a, p.setting_b):
-                if s.key(0) not in seen:
+            for s, tail in ((p.setting_a, p.tail_a), (p.setting_b, p.tail_b)):
+                if not tail and s.key(0) not in seen:
                     seen.add(s.key(0))
                     out.append(s)
+    return out
+
+
+INJECTION_CSV, PROBE_CSV = "08_injection_runs.csv", "08_equal_probe_runs.csv"  # chapter 08's window rows
+
+
+def _window_rows(fams: list[Family], seeds, folder: str, **ev_kwargs) -> list[pd.DataFrame]:
+    """The window rows the families' pairs name (chapter 08's error injection and equal-size probe, cached in its
+    CSVs in ``folder``), on ``seeds``."""
+    from .timesteps import EQUAL_PROBE, run_equal_probe, run_injection
+
+    want: dict[str, tuple[dict, set]] = {}
+    for f in fams:
+        for p in f.pairs:
+            for s, tail in ((p.setting_a, p.tail_a), (p.setting_b, p.tail_b)):
+                if tail:
+                    parts = dict(x.split("=", 1) for x in tail.strip("|").split("|"))
+                    settings, windows = want.setdefault(parts.get("probe", ""), ({}, set()))
+                    settings[s.key(0)] = s
+                    windows.add(tuple(int(x) for x in parts["window"].split("-")))
+    out = []
+    for probe, (settings, windows) in want.items():
+        fn, name = {"": (run_injection, INJECTION_CSV), EQUAL_PROBE: (run_equal_probe, PROBE_CSV)}[probe]
+        out.append(fn(list(settings.values()), list(seeds), sorted(windows), os.path.join(folder, name), **ev_kwargs))
     return out
 
 
 def run(fams: list[Family], seeds, runs_csv: str, more_seeds: dict | None = None, **ev_kwargs) -> pd.DataFrame:
     """The rows of every setting of ``fams`` on ``seeds``, and of the families named in ``more_seeds`` (family key ->
     further study seeds, for verdicts that came out close) on those too (cached in ``runs_csv``; see
-    ``experiments.run_grid``)."""
+    ``experiments.run_grid``); window rows (pairs with a ``tail``) come from chapter 08's caches beside ``runs_csv``."""
+    folder = os.path.dirname(runs_csv)
     parts = [run_grid(settings_of(fams), list(seeds), runs_csv, **ev_kwargs)]
+    parts += _window_rows(fams, seeds, folder, **ev_kwargs)
     for f in fams:
         extra = [sd for sd in (more_seeds or {}).get(f.key, []) if sd not in set(seeds)]
         if extra:
             parts.append(run_grid(settings_of([f]), extra, runs_csv, **ev_kwargs))
+            parts += _window_rows([f], extra, folder, **ev_kwargs)
     return pd.concat(parts, ignore_index=True).drop_duplicates("key").reset_index(drop=True)
 
 
-def _rows(df: pd.DataFrame, s: Setting) -> pd.DataFrame:
+def _rows(df: pd.DataFrame, s: Setting, tail: str = "") -> pd.DataFrame:
     keys = df.key.astype(str).str.split("|", n=1).str[1]
-    return df[keys.isin({s.key(int(sd)) for sd in df.seed.unique()})]
+    return df[keys.isin({s.key(int(sd)) + tail for sd in df.seed.unique()})]
 
 
 def _score(df: pd.DataFrame, fam: Family, seeds) -> list[dict]:
     out = []
     sub = df[df.seed.isin(list(seeds))]
     for p in fam.pairs:
-        ra, rb = _rows(sub, p.setting_a), _rows(sub, p.setting_b)
+        ra, rb = _rows(sub, p.setting_a, p.tail_a), _rows(sub, p.setting_b, p.tail_b)
         for m in fam.metrics:
             xa, sa = outcomes(ra, m)
             xb, sb = outcomes(rb, m)
@@ -333,6 +393,8 @@ def family_verdict(verdicts, source: str, expect: str = AHEAD) -> str:
         return f"{no}: a difference is detected"
     if v and all(x == AHEAD for x in v):
         return yes
+    if AHEAD in v and BEHIND in v:
+        return f"mixed: {yes} on some comparisons, {no} on others"
     if any(x == BEHIND for x in v):
         return no
     if all(x == NONE for x in v):
@@ -414,8 +476,8 @@ def seed_table(df: pd.DataFrame, fams: list[Family], metric: str, heldout=HELDOU
     rows = []
     for f in fams:
         for p in f.pairs:
-            xa, sa = outcomes(_rows(df, p.setting_a), metric)
-            xb, sb = outcomes(_rows(df, p.setting_b), metric)
+            xa, sa = outcomes(_rows(df, p.setting_a, p.tail_a), metric)
+            xb, sb = outcomes(_rows(df, p.setting_b, p.tail_b), metric)
             common = sorted(set(sa) & set(sb))
             for sd in common:
                 rows.append({"comparison": f"{p.context}: {p.a} − {p.b}", "seed": sd, "heldout": sd in set(heldout),
