@@ -18,7 +18,7 @@ import torch
 from .archs import find_denoiser
 from . import owned
 from .checkpoint import CheckpointDir, PackageCheckpoint, config_fingerprint
-from .config import CALIBRATIONS, PATTERNS, PruneConfig
+from .config import ALPHA, PruneConfig
 from .errors import SolverError, Terminated, UsageError
 from .io import (check_device, check_output_dir, check_pipeline_dir, ignored_pickles, load_pipeline, save_pruned,
                  say_note, tree_bytes)
@@ -67,102 +67,85 @@ PRUNE_EPILOG = """examples:
 an interrupted run continues with the same command plus --resume."""
 
 
+GROUPS = {"model": "model", "method": "method", "structured": "structured (heads and FFN neurons)",
+          "weighting": "timestep weighting", "calibration": "calibration", "solver": "solver", "output": "output"}
+_TYPES = {"int": int, "real": float, "str": str, "int-list": int}
+
+
+def add_config_flags(p, groups: dict) -> None:
+    """One flag per ``PruneConfig`` field that has one (``config.option_flag``), generated from the field's metadata:
+    its kind (type), help, choices and default (stated in the help; the flag's own default is None, so a flag left
+    out takes the library's default and the notes can tell a given flag from an omitted one). Bounds and choices
+    are checked once, by ``PruneConfig.validate``. A setting only some methods read goes under their names."""
+    from dataclasses import MISSING, fields
+
+    from .config import option_choices, option_flag
+    from .methods import private_owners
+
+    for f in fields(PruneConfig):
+        flag = option_flag(f)
+        if flag is None:
+            continue
+        md = f.metadata
+        owners = private_owners(f.name)
+        title = f"{', '.join(owners)} only" if owners else GROUPS[md["group"]]
+        if title not in groups:
+            groups[title] = p.add_argument_group(title)
+        kw = {"dest": f.name, "default": None}
+        help_ = md["help"]
+        choices = option_choices(f)
+        if choices:
+            help_ += f"; one of: {', '.join(choices)}"
+        if md["kind"] == "bool":
+            kw["action"] = "store_true"
+        else:
+            kw["type"] = _TYPES[md["kind"]]
+            if isinstance(md["metavar"], tuple):
+                kw["nargs"] = len(md["metavar"])
+            if md["metavar"]:
+                kw["metavar"] = md["metavar"]
+            default = md["default_help"] or (f.default if f.default is not MISSING else None)
+            help_ += f" (default: {default:g})" if isinstance(default, float) else f" (default: {default})"
+        groups[title].add_argument(flag, help=help_, **kw)
+
+
 def add_prune_cli(sub) -> None:
     d = PruneConfig()  # the defaults the help states are the library's
     p = sub.add_parser("prune", help="prune a diffusers pipeline directory", epilog=PRUNE_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Prune the denoiser of a local diffusers pipeline and write a complete pipeline "
                                    "directory with pruning_report.json. Bad input is one line on stderr, exit code 2.")
-    m = p.add_argument_group("model")
+    groups = {GROUPS[k]: p.add_argument_group(GROUPS[k]) for k in GROUPS}
+    m, g, c, o = (groups[GROUPS[k]] for k in ("model", "method", "calibration", "output"))
+    # the flags that are not one setting each (a file of prompts, a ratio of two weights, a switch, where it runs)
     m.add_argument("model_dir", help="a local diffusers pipeline directory (safetensors weights)")
     m.add_argument("--device", default="cpu", help="where the pipeline runs: cpu, cuda, cuda:N (default: cpu)")
     m.add_argument("--dtype", default="float32",
                    help="weights' dtype: float32, float16 or bfloat16; Hessians stay float32 (default: float32)")
-    m.add_argument("--block-range", type=int, nargs=2, metavar=("START", "END"),
-                   help="prune blocks START..END-1 only (default: every block)")
-    g = p.add_argument_group("method")
-    g.add_argument("--method", default=d.method, help=f"one of: {', '.join(METHODS)} (default: {d.method})")
-    g.add_argument("--pattern", default=d.pattern,
-                   help=f"one of: {', '.join(PATTERNS)}; slimdiff and gradient-flow need structured (default: {d.pattern})")
-    g.add_argument("--sparsity", type=float, default=d.sparsity,
-                   help="share removed from the targeted layers, in [0, 1); N:M needs N/M; structured: share of heads "
-                        f"and FFN neurons per block (slimdiff: of their parameters) (default: {d.sparsity})")
-    g.add_argument("--head-sparsity", type=float, default=None, metavar="S",
-                   help="structured: the share of each block's attention heads to remove (default: --sparsity)")
-    g.add_argument("--neuron-sparsity", type=float, default=None, metavar="S",
-                   help="structured: the share of each block's FFN neurons to remove (default: --sparsity)")
-    g.add_argument("--param-budget", type=float, default=None, metavar="B",
-                   help="structured: remove this share of the targeted layers' parameters (weights and biases), in [0, 1), "
-                        "whatever the method, so methods can be asked for the same size (uniform: heads at "
-                        "--head-sparsity or B per block, FFN neurons make up the rest; global: see --allocation)")
-    g.add_argument("--head-saliency", default=d.head_saliency,
-                   help=f"structured OBS head cost: exact or diag (default: {d.head_saliency})")
-    g.add_argument("--allocation", default=d.allocation,
-                   help="uniform: every layer (structured: every block) gives the same share; global: the budget goes "
-                        "where removing costs least by OBS relative to each layer's output — unstructured: per-layer "
-                        "sparsities; structured: every head and neuron ranked by cost per parameter saved, each package "
-                        "meeting --param-budget (else --sparsity) of its parameters (default: the method's own; "
-                        "slimdiff: global, the others: uniform)")
     g.add_argument("--refit", action="store_true",
                    help="after the solve, refit the kept weights to the least-squares optimum on the fixed mask "
                         "(masked conjugate gradients, --refit-iterations of them); unstructured and N:M, methods with a "
                         "Hessian")
     g.add_argument("--refit-iterations", type=int, default=None, metavar="N",
                    help=f"conjugate-gradient iterations of --refit (default: {REFIT_DEFAULT})")
-    g.add_argument("--solver-dtype", default=d.solver_dtype, choices=("float32", "float64"),
-                   help=f"OBS solver precision; float64 is used per layer where float32 fails (default: {d.solver_dtype})")
-    c = p.add_argument_group("calibration")
     x = c.add_mutually_exclusive_group()
     x.add_argument("--num-prompts", type=int,
                    help=f"the first N of the embedded model's training prompts (default: {DEFAULT_NUM_PROMPTS}; other "
                         "models need --prompts)")
     x.add_argument("--prompts", metavar="FILE", help="calibration prompts, one per line (UTF-8)")
-    c.add_argument("--steps", type=int, help="sampling steps per calibration run (default: the model's own, else 25)")
-    c.add_argument("--guidance", type=float, help="CFG scale of calibration runs (default: the model's own, else 7.0)")
-    c.add_argument("--weighting", default=None,
-                   help=f"timestep weights, one of: {', '.join(SCHEMES)}; sensitivity measures them with a short probe "
-                        f"before the first package (default: {d.weighting})")
-    c.add_argument("--alpha-ratio", type=float, default=None, metavar="R",
-                   help="strength of the weighting: alpha at the scheme's strong end / alpha at its weak end, in 1e-06 "
-                        f"to 1e+06; below 1 reverses it (default: {d.alpha_max / d.alpha_min:g}, the paper's 1.2 / 0.8)")
-    c.add_argument("--packages", type=int, default=None,
-                   help=f"K module packages, each calibrated through the already-pruned model (default: {d.packages})")
-    c.add_argument("--calibration", default=None, choices=CALIBRATIONS,
-                   help="resample: full sampling through the partly pruned model for every package (the paper's); "
-                        "propagate: dense sampling once, then each package replays the recorded inputs through its "
-                        f"own blocks only, so the cost barely grows with --packages (default: {d.calibration})")
-    c.add_argument("--record-ram-mb", type=float, default=None, metavar="MIB",
-                   help="propagate: RAM the recorded block inputs may take before they go to disk beside --out "
-                        "(default: half of the free memory)")
-    c.add_argument("--calib-tokens", type=int, default=None, metavar="N",
-                   help="a seeded random subset of N tokens per image and step goes into the Hessians (the rest are "
-                        "skipped: the accumulation, which dominates at 1024x1024, costs N / tokens of the full one; see "
-                        "results/scale.md for the error it adds) (default: all)")
-    c.add_argument("--seed", type=int, default=d.seed,
-                   help=f"calibration seed; prompt i's noise comes from it and i (default: {d.seed})")
-    c.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help=f"prompts per calibration (or training) batch (default: {d.batch_size})")
+    groups[GROUPS["weighting"]].add_argument(
+        "--alpha-ratio", type=float, default=None, metavar="R",
+        help=f"strength of the weighting: alpha at the scheme's strong end / alpha at its weak end, in {ALPHA}; below 1 "
+             f"reverses it (default: {d.alpha_max / d.alpha_min:g}, the paper's 1.2 / 0.8)")
     c.add_argument("--report-error", action="store_true",
                    help="calibration-free methods (magnitude, l1-norm) calibrate anyway to report each layer's error")
-    t = p.add_argument_group("training (gradient-flow)")
-    t.add_argument("--iterations", type=int, default=None, help=f"training iterations (default: {d.iterations})")
-    t.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default: {d.lr:g})")
-    t.add_argument("--train-data", metavar="DIR", default=None,
-                   help="images + metadata.jsonl (file_name, text) (default: the embedded model's shapes world)")
-    t.add_argument("--gradient-criterion", choices=("raise", "lower"), default=d.gradient_criterion,
-                   help="prune the groups whose removal raises (the paper's rule) or lowers the gradient norm "
-                        f"(default: {d.gradient_criterion})")
-    o = p.add_argument_group("output")
     o.add_argument("--out", required=True, metavar="DIR",
                    help="the new pipeline directory (never the model's, never inside or above it)")
     o.add_argument("--overwrite", action="store_true",
                    help="replace --out if it holds an earlier obslib output (never anything else)")
-    o.add_argument("--checkpoint-dir", metavar="DIR", default=None,
-                   help="checkpoints after each package / 25 training iterations (default: .obslib-ckpt-OUT beside "
-                        "--out; removed after success)")
-    o.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     o.add_argument("--quiet", action="store_true", help="no progress bars, notes or closing line")
     o.add_argument("--verbose", action="store_true", help="show the libraries' own loading bars and warnings")
+    add_config_flags(p, groups)
     p.set_defaults(func=_cli_prune)
 
 
@@ -174,12 +157,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def _cli_prune(a) -> None:
     """``obslib prune``: every flag and path is checked before the model is loaded, then prune and save.
     Notes for flags the method ignores come only once the command is known to be valid."""
-    d = PruneConfig()  # the library's defaults for the flags left out
     if a.dtype not in DTYPES:
         raise UsageError(f"--dtype {a.dtype!r} is unknown; allowed: {', '.join(DTYPES)}")
-    if a.calib_tokens is not None and a.calib_tokens < 1:
-        raise UsageError(f"--calib-tokens {a.calib_tokens}: must be a positive number of tokens per image and step "
-                         "(allowed: 1 or more; leave it out for all tokens)")
     if a.num_prompts is not None and a.num_prompts < 1:
         raise UsageError(f"--num-prompts {a.num_prompts} must be >= 1")
     for flag, v in (("--checkpoint-dir", a.checkpoint_dir), ("--prompts", a.prompts), ("--train-data", a.train_data),
@@ -188,27 +167,10 @@ def _cli_prune(a) -> None:
             raise UsageError(f"{flag} {v!r}: expected a path (an empty one names no file)")
     if a.refit_iterations is not None and a.refit_iterations < 1:
         raise UsageError(f"--refit-iterations {a.refit_iterations}: must be at least 1 (allowed: 1 to 100000)")
-    refit = (a.refit_iterations or REFIT_DEFAULT) if a.refit else 0
     real = os.path.realpath(a.out) if isinstance(a.out, str) and a.out.strip() else None
     ckdir = a.checkpoint_dir or (real and os.path.join(os.path.dirname(real), f".obslib-ckpt-{os.path.basename(real)}"))
-    extra_cfg = {}
-    if a.iterations is not None:
-        extra_cfg["iterations"] = a.iterations
-    if a.lr is not None:
-        extra_cfg["lr"] = a.lr
-    if a.alpha_ratio is not None:
-        extra_cfg["alpha_min"], extra_cfg["alpha_max"] = alpha_range(a.alpha_ratio)
-    cfg = PruneConfig(method=a.method, pattern=a.pattern, sparsity=a.sparsity, weighting=a.weighting or d.weighting,
-                      train_data=a.train_data, checkpoint_dir=ckdir, resume=a.resume, **extra_cfg,
-                      gradient_criterion=a.gradient_criterion,
-                      packages=d.packages if a.packages is None else a.packages, steps=a.steps, guidance=a.guidance, seed=a.seed, batch_size=a.batch_size,
-                      block_range=tuple(a.block_range) if a.block_range else None, head_saliency=a.head_saliency,
-                      solver_dtype=a.solver_dtype, calibration=a.calibration or d.calibration,
-                      record_ram_mb=a.record_ram_mb, progress=not a.quiet, restore_on_failure=False,
-                      measure_error=a.report_error, refit_iterations=refit, allocation=a.allocation, head_sparsity=a.head_sparsity,
-                      neuron_sparsity=a.neuron_sparsity, param_budget=a.param_budget,
-                      calib_tokens=a.calib_tokens).validate()  # every flag, before any path is looked at
-    meth = METHODS[a.method]
+    cfg = config_from_args(a, ckdir).validate()  # every flag, before any path is looked at
+    meth = METHODS[cfg.method]
     check_pipeline_dir(a.model_dir)
     check_device(a.device)
     world = _world()
@@ -223,6 +185,25 @@ def _cli_prune(a) -> None:
             if ckdir and meth.checkpoint_kind is not None:
                 locks.enter_context(owned.RunLock(ckdir, "--checkpoint-dir"))
         _prune_locked(a, cfg, meth, ckdir, world, rank0, quiet_notes=a.quiet or not rank0)
+
+
+def config_from_args(a, checkpoint_dir: str | None) -> PruneConfig:
+    """The ``PruneConfig`` of an ``obslib prune`` command line: every generated flag that was given, then the flags
+    that set a setting another way (--alpha-ratio, --refit, --report-error, --quiet); prompts come later, once the
+    paths are checked."""
+    from dataclasses import fields
+
+    from .config import option_flag
+
+    given = {f.name: getattr(a, f.name) for f in fields(PruneConfig)
+             if option_flag(f) is not None and getattr(a, f.name) is not None}
+    given["checkpoint_dir"] = checkpoint_dir
+    if "block_range" in given:
+        given["block_range"] = tuple(given["block_range"])
+    if a.alpha_ratio is not None:
+        given["alpha_min"], given["alpha_max"] = alpha_range(a.alpha_ratio)
+    return PruneConfig(**given, refit_iterations=(a.refit_iterations or REFIT_DEFAULT)
+                       if a.refit else 0, measure_error=a.report_error, progress=not a.quiet, restore_on_failure=False)
 
 
 def _prune_locked(a, cfg, meth, ckdir, world: int, rank0: bool, quiet_notes: bool) -> None:
@@ -261,35 +242,32 @@ def _prune_locked(a, cfg, meth, ckdir, world: int, rank0: bool, quiet_notes: boo
         notes = []
         for flag, field_ in (("--packages", "packages"), ("--calibration", "calibration")):
             if getattr(a, field_) is not None and meth.ignored(field_):
-                notes.append(f"{flag} is ignored by {a.method} (one calibration pass, one global allocation)")
+                notes.append(f"{flag} is ignored by {cfg.method} (one calibration pass, one global allocation)")
         if a.weighting is not None or a.alpha_ratio is not None:
             flags = " / ".join(f for f, v in (("--weighting", a.weighting), ("--alpha-ratio", a.alpha_ratio))
                                if v is not None)
             why = meth.why_weighting_ignored()
             if why:
-                notes.append(f"{flags} is ignored by {a.method} ({why})")
+                notes.append(f"{flags} is ignored by {cfg.method} ({why})")
             elif a.alpha_ratio is not None and cfg.weighting in ("uniform", "sensitivity"):
                 notes.append(f"--alpha-ratio is ignored with --weighting {cfg.weighting} ("
                              + ("every step weighs the same)" if cfg.weighting == "uniform"
                                 else "the probe measures the weights)"))
         calibrates = meth.calibrates(a.report_error)
         if a.calib_tokens is not None and not calibrates:
-            notes.append(f"--calib-tokens is ignored: {a.method} needs no calibration (add --report-error to calibrate "
+            notes.append(f"--calib-tokens is ignored: {cfg.method} needs no calibration (add --report-error to calibrate "
                          "for the layer errors)")
         if a.refit_iterations is not None and not a.refit:
             notes.append("--refit-iterations is ignored without --refit")
-        given = [f for f, v in (("--iterations", a.iterations), ("--lr", a.lr), ("--train-data", a.train_data))
-                 if v is not None]
-        if given and not training:
-            notes.append(f"{', '.join(given)} only apply to methods that train (gradient-flow); ignored")
+        notes += private_notes(a, meth)
         if a.calibration == "propagate" and not calibrates and not meth.ignored("calibration"):
-            notes.append(f"--calibration propagate is ignored: {a.method} needs no calibration (add --report-error "
+            notes.append(f"--calibration propagate is ignored: {cfg.method} needs no calibration (add --report-error "
                          "to calibrate for the layer errors)")
         if a.record_ram_mb is not None and (cfg.calibration != "propagate" or not calibrates
                                             or meth.ignored("calibration")):
             notes.append("--record-ram-mb only applies to --calibration propagate; ignored")
         if kind is None and (a.checkpoint_dir is not None or a.resume):
-            notes.append(f"{a.method} runs in one step and writes no checkpoints; --checkpoint-dir / --resume ignored")
+            notes.append(f"{cfg.method} runs in one step and writes no checkpoints; --checkpoint-dir / --resume ignored")
         notes += [f"{f} is a pickle file; obslib loads the safetensors beside it and never opens it"
                   for f in ignored_pickles(a.model_dir)[:3]]
         for n in notes:
@@ -315,6 +293,22 @@ def _prune_locked(a, cfg, meth, ckdir, world: int, rank0: bool, quiet_notes: boo
             ck.remove()  # the run is complete: its checkpoints (obslib's files only) are no longer needed
         if not a.quiet:
             print(closing_line(a.out, report, pipe, t_load, t_save, time.perf_counter() - t0))
+
+
+def private_notes(a, meth) -> list[str]:
+    """Notes for the given flags of settings private to other methods (``Method.options``)."""
+    from dataclasses import fields
+
+    from .config import option_flag
+    from .methods import private_owners
+
+    by_owner: dict[str, list[str]] = {}
+    for f in fields(PruneConfig):
+        flag = option_flag(f)
+        if flag is not None and getattr(a, f.name) is not None and meth.ignored(f.name) and private_owners(f.name):
+            by_owner.setdefault(", ".join(private_owners(f.name)), []).append(flag)
+    return [f"{', '.join(flags)} only appl{'ies' if len(flags) == 1 else 'y'} to {owners}; ignored by {meth.name}"
+            for owners, flags in by_owner.items()]
 
 
 @contextlib.contextmanager

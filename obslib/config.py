@@ -22,15 +22,86 @@ MAX_SEED = 2**63 - 2**32  # seeds are hashed with each prompt's number (obslib.s
 MAX_RECORD_MIB = 2**40
 
 
-def _kind(kind: str, nullable: bool = False, fingerprint: bool = True) -> dict:
-    """Field metadata: its kind (see KIND_WORDS), whether None is allowed, whether it changes the result (and so
-    belongs to a checkpoint's fingerprint)."""
-    return {"kind": kind, "nullable": nullable, "fingerprint": fingerprint}
+@dataclass(frozen=True)
+class Interval:
+    """The allowed values of a number, written once and used by every check and help text that needs it:
+    ``lo``..``hi`` (None: unbounded), each end closed unless ``lo_open`` / ``hi_open``; ``shown`` prints it where the
+    numbers are unwieldy."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    shown: str | None = None
+
+    def __contains__(self, v) -> bool:
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+
+    def __str__(self) -> str:
+        if self.shown:
+            return self.shown
+        lo = "(-∞" if self.lo is None else f"{'(' if self.lo_open else '['}{shown(self.lo)}"
+        hi = "∞)" if self.hi is None else f"{shown(self.hi)}{')' if self.hi_open else ']'}"
+        return f"{lo}, {hi}"
+
+    def check(self, name: str, v) -> None:
+        """Raise ``UsageError`` naming ``name``, the value and this interval when ``v`` lies outside it."""
+        if v not in self:
+            raise UsageError(f"{name} {shown(v)} is outside {self}")
+
+
+def shown(v) -> str:
+    """A number as a message states it: integers whole, floats as typed unless very large or small."""
+    if isinstance(v, float) and v != 0 and not 1e-4 <= abs(v) < 1e6:
+        return f"{v:.6g}"
+    return str(v)
+
+
+SHARE = Interval(0, 1, hi_open=True)  # a share removed: sparsities, budgets
+STEPS = Interval(1, MAX_STEPS)  # sampling steps of a run (config, the model defaults, obslib evaluate)
+GUIDANCE = Interval(0, 1000)  # a CFG scale
+SEEDS = Interval(0, MAX_SEED, hi_open=True, shown="[0, 2**63 - 2**32)")
+ALPHA = Interval(1e-6, 1e6)  # a timestep weight, and the ratio of the largest to the smallest
+POSITIVE = Interval(1)  # counts: at least one
+# typed keys of PruneConfig.extra (method-private settings kept there so that reports and fingerprints stay as they
+# were): key -> (kind, bounds)
+EXTRA = {"dsnot_cycles": ("int", Interval(1, 10_000))}
+
+
+def _kind(kind: str, nullable: bool = False, fingerprint: bool = True, *, help: str = "", bounds: Interval | None = None,
+          choices=None, flag: str | None = "", metavar: str | None = None, default_help: str | None = None,
+          group: str = "method") -> dict:
+    """Field metadata, the one description of a setting that the type and range checks, the checkpoint fingerprint,
+    the report and the command line (``obslib.cli``) all read:
+
+    * ``kind`` (see KIND_WORDS), whether None is allowed, whether it changes the result (and so belongs to a
+      checkpoint's fingerprint; the others are run control);
+    * ``bounds`` (an ``Interval``) and ``choices`` (a tuple, or a function returning one, for registries filled
+      later), checked by ``PruneConfig.validate``;
+    * for the command line: ``help``, ``flag`` ("" = ``--`` + the name with dashes; None = no flag of its own: set
+      through another flag or from Python only), ``metavar``, ``default_help`` (how the help states a default that
+      is not a plain value), ``group`` (where the help lists it). Settings only one method reads are grouped by that
+      method instead (``Method.options``)."""
+    return {"kind": kind, "nullable": nullable, "fingerprint": fingerprint, "help": help, "bounds": bounds,
+            "choices": choices, "flag": flag, "metavar": metavar, "default_help": default_help, "group": group}
+
+
+def option_flag(f) -> str | None:
+    """The command-line flag of a PruneConfig field (None: it has none of its own)."""
+    flag = f.metadata["flag"]
+    return None if flag is None else flag or "--" + f.name.replace("_", "-")
+
+
+def option_choices(f) -> tuple | None:
+    c = f.metadata["choices"]
+    return tuple(c()) if callable(c) else c
 
 
 KIND_WORDS = {"real": "a finite number", "int": "an integer", "str": "a string", "bool": "True or False",
-               "dict": "a dict", "str-list": "a list of strings", "int-list": "a list of integers",
-               "real-list": "a list of finite numbers"}
+              "dict": "a dict", "str-list": "a list of strings", "int-list": "a list of integers",
+              "real-list": "a list of finite numbers"}
 
 
 def is_kind(kind: str, v) -> bool:
@@ -80,76 +151,147 @@ def fingerprint_fields() -> tuple[str, ...]:
     return tuple(f.name for f in fields(PruneConfig) if f.metadata["fingerprint"])
 
 
+def _methods():
+    from .methods import METHODS
+
+    return METHODS
+
+
+def _allocations():
+    from .methods.base import ALLOCATIONS
+
+    return ALLOCATIONS
+
+
+def _opt(default, kind: str, nullable: bool = False, fingerprint: bool = True, **meta):
+    """A field with its metadata (``_kind``); mutable defaults through a factory."""
+    md = _kind(kind, nullable, fingerprint, **meta)
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=md)
+    return field(default=default, metadata=md)
+
+
 @dataclass
 class PruneConfig:
-    method: str = field(default="obs-diff", metadata=_kind("str"))
-    pattern: str = field(default="unstructured", metadata=_kind("str"))
-    sparsity: float = field(default=0.5, metadata=_kind("real"))
+    """Every setting of a prune. Each field's metadata (``_kind``) is its one description: kind, bounds, choices,
+    whether it changes the result, and its command-line flag and help (``obslib prune`` is generated from it)."""
+
+    method: str = _opt("obs-diff", "str", choices=_methods, help="the pruning method")
+    pattern: str = _opt("unstructured", "str", choices=PATTERNS,
+                        help="sparsity pattern; slimdiff and gradient-flow need structured")
+    sparsity: float = _opt(0.5, "real", bounds=SHARE,
+                           help="share removed from the targeted layers; N:M needs N/M; structured: share of heads and "
+                                "FFN neurons per block (slimdiff: of their parameters)")
     # structured: the share of heads / of FFN neurons removed per block (None: ``sparsity``)
-    head_sparsity: float | None = field(default=None, metadata=_kind("real", nullable=True))
-    neuron_sparsity: float | None = field(default=None, metadata=_kind("real", nullable=True))
-    weighting: str = field(default="log-decrease", metadata=_kind("str"))
-    alpha_min: float = field(default=0.8, metadata=_kind("real"))
-    alpha_max: float = field(default=1.2, metadata=_kind("real"))
+    head_sparsity: float | None = _opt(None, "real", True, bounds=SHARE, metavar="S", group="structured",
+                                       default_help="--sparsity",
+                                       help="structured: the share of each block's attention heads to remove")
+    neuron_sparsity: float | None = _opt(None, "real", True, bounds=SHARE, metavar="S", group="structured",
+                                         default_help="--sparsity",
+                                         help="structured: the share of each block's FFN neurons to remove")
+    weighting: str = _opt("log-decrease", "str", choices=SCHEMES, group="weighting",
+                          help="timestep weights; sensitivity measures them with a short probe before the first package")
+    alpha_min: float = _opt(0.8, "real", bounds=ALPHA, flag=None, group="weighting")  # set by --alpha-ratio
+    alpha_max: float = _opt(1.2, "real", bounds=ALPHA, flag=None, group="weighting")
     # weighting "sensitivity": its probe samples the first N calibration prompts with an error injected in each of
     # W windows of steps (obslib.sensitivity)
-    sensitivity_prompts: int = field(default=4, metadata=_kind("int"))
-    sensitivity_windows: int = field(default=10, metadata=_kind("int"))
-    packages: int = field(default=4, metadata=_kind("int"))
+    sensitivity_prompts: int = _opt(4, "int", bounds=Interval(1, 10_000), metavar="N", group="weighting",
+                                    help="--weighting sensitivity: the probe samples the first N calibration prompts")
+    sensitivity_windows: int = _opt(10, "int", bounds=Interval(1, 10_000), metavar="W", group="weighting",
+                                    help="--weighting sensitivity: an error is injected in each of W windows of steps")
+    packages: int = _opt(4, "int", bounds=POSITIVE, metavar="K", group="calibration",
+                         help="K module packages, each calibrated through the already-pruned model")
     # resample: full sampling per package (the paper's); propagate: sample once
-    calibration: str = field(default="resample", metadata=_kind("str"))
+    calibration: str = _opt("resample", "str", choices=CALIBRATIONS, group="calibration",
+                            help="resample: full sampling through the partly pruned model for every package (the "
+                                 "paper's); propagate: dense sampling once, then each package replays the recorded inputs "
+                                 "through its own blocks only, so the cost barely grows with --packages")
     # propagate: RAM for the recorded block inputs (None: half of what is free)
-    record_ram_mb: float | None = field(default=None, metadata=_kind("real", nullable=True, fingerprint=False))
-    prompts: list[str] | None = field(default=None, metadata=_kind("str-list", nullable=True, fingerprint=False))
+    record_ram_mb: float | None = _opt(None, "real", True, False, bounds=Interval(0, MAX_RECORD_MIB, shown="[0, 2**40]"),
+                                       metavar="MIB", group="calibration", default_help="half of the free memory",
+                                       help="propagate: RAM the recorded block inputs may take before they go to disk "
+                                            "beside --out")
+    prompts: list[str] | None = _opt(None, "str-list", True, False, flag=None)  # --prompts FILE / --num-prompts N
     # default: the model's sampling default
-    steps: int | None = field(default=None, metadata=_kind("int", nullable=True))
-    guidance: float | None = field(default=None, metadata=_kind("real", nullable=True))
-    seed: int = field(default=0, metadata=_kind("int"))
-    batch_size: int = field(default=16, metadata=_kind("int"))
-    blocksize: int = field(default=128, metadata=_kind("int"))
-    percdamp: float = field(default=0.01, metadata=_kind("real"))
+    steps: int | None = _opt(None, "int", True, bounds=STEPS, group="calibration", default_help="the model's own, else 25",
+                             help="sampling steps per calibration run")
+    guidance: float | None = _opt(None, "real", True, bounds=GUIDANCE, group="calibration",
+                                  default_help="the model's own, else 7.0", help="CFG scale of calibration runs")
+    seed: int = _opt(0, "int", bounds=SEEDS, group="calibration",
+                     help="calibration seed; prompt i's noise comes from it and i")
+    batch_size: int = _opt(16, "int", bounds=POSITIVE, group="calibration",
+                           help="prompts per calibration (or training) batch")
+    blocksize: int = _opt(128, "int", bounds=POSITIVE, group="solver",
+                          help="OBS: columns solved per block (N:M needs a multiple of M)")
+    percdamp: float = _opt(0.01, "real", bounds=Interval(0, 10), group="solver",
+                           help="OBS: damping added to the Hessian's diagonal, as a share of the mean of its live entries")
     # after the solve, refit the kept weights on the fixed mask with this many masked CG iterations (0: off;
     # unstructured and N:M, methods with a Hessian: obslib.refit)
-    refit_iterations: int = field(default=0, metadata=_kind("int"))
-    calib_tokens: int | None = field(default=None, metadata=_kind("int", nullable=True))
+    refit_iterations: int = _opt(0, "int", bounds=Interval(0, 100_000), flag=None, group="solver")  # --refit [--refit-iterations]
+    calib_tokens: int | None = _opt(None, "int", True, bounds=POSITIVE, metavar="N", group="calibration",
+                                    default_help="all",
+                                    help="a seeded random subset of N tokens per image and step goes into the Hessians "
+                                         "(the rest are skipped: the accumulation, which dominates at 1024x1024, costs "
+                                         "N / tokens of the full one; see results/scale.md for the error it adds)")
     # structured: the share of the targeted layers' parameters (weights and biases) to remove; every structured
     # method meets it (None: heads and neurons at ``sparsity``; slimdiff: ``sparsity`` is its parameter budget)
-    param_budget: float | None = field(default=None, metadata=_kind("real", nullable=True))
+    param_budget: float | None = _opt(None, "real", True, bounds=SHARE, metavar="B", group="structured",
+                                      default_help="heads and neurons at --sparsity",
+                                      help="structured: remove this share of the targeted layers' parameters (weights "
+                                           "and biases) whatever the method, so methods can be asked for the same size "
+                                           "(uniform: heads at --head-sparsity or B per block, FFN neurons make up the "
+                                           "rest; global: see --allocation)")
     # uniform: every layer (structured: every block) gives the same share; global: the budget goes where OBS says
     # removing costs least (obslib.allocation); None: the method's own (slimdiff: global, the others: uniform)
-    allocation: str | None = field(default=None, metadata=_kind("str", nullable=True))
+    allocation: str | None = _opt(None, "str", True, choices=_allocations,
+                                  default_help="the method's own; slimdiff: global, the others: uniform",
+                                  help="uniform: every layer (structured: every block) gives the same share; global: the "
+                                       "budget goes where removing costs least by OBS relative to each layer's output — "
+                                       "unstructured: per-layer sparsities; structured: every head and neuron ranked by "
+                                       "cost per parameter saved, each package meeting --param-budget (else --sparsity) "
+                                       "of its parameters")
     # structured: a share removed per unit (heads: "block.attn", neurons: the down projection's name), overriding
     # every other setting for the units it names (e.g. another method's allocation: obslib.allocation)
-    unit_sparsity: dict | None = field(default=None, metadata=_kind("dict", nullable=True))
+    unit_sparsity: dict | None = _opt(None, "dict", True, flag=None)
     # OBS solver precision; float64 is used per layer where float32 fails
-    solver_dtype: str = field(default="float32", metadata=_kind("str"))
+    solver_dtype: str = _opt("float32", "str", choices=("float32", "float64"), group="solver",
+                             help="OBS solver precision; float64 is used per layer where float32 fails")
     # [start, end) block indices; default all
-    block_range: tuple[int, int] | None = field(default=None, metadata=_kind("int-list", nullable=True))
+    block_range: tuple[int, int] | None = _opt(None, "int-list", True, metavar=("START", "END"), group="model",
+                                               default_help="every block", help="prune blocks START..END-1 only")
     # one ratio per block (overrides sparsity)
-    block_sparsity: list[float] | None = field(default=None, metadata=_kind("real-list", nullable=True))
+    block_sparsity: list[float] | None = _opt(None, "real-list", True, flag=None)
     # structured only (the paper skips the first and last block)
-    exclude_first_last: bool = field(default=True, metadata=_kind("bool"))
+    exclude_first_last: bool = _opt(True, "bool", flag=None)
     # or "diag" (the public code's approximation)
-    head_saliency: str = field(default="exact", metadata=_kind("str"))
-    neuron_batch: int = field(default=16, metadata=_kind("int"))
+    head_saliency: str = _opt("exact", "str", choices=("exact", "diag"),
+                              help="structured OBS head cost: exact, or diag (the public code's approximation)")
+    neuron_batch: int = _opt(16, "int", bounds=POSITIVE, help="structured OBS: FFN neurons removed per solve")
     # count the denoiser's FLOPs per image before and after (obslib.flops; one extra denoiser call each)
-    count_flops: bool = field(default=True, metadata=_kind("bool", fingerprint=False))
+    count_flops: bool = _opt(True, "bool", fingerprint=False, flag=None)
     # calibrate even for calibration-free methods, to report rel_error
-    measure_error: bool = field(default=True, metadata=_kind("bool", fingerprint=False))
-    progress: bool = field(default=True, metadata=_kind("bool", fingerprint=False))
+    measure_error: bool = _opt(True, "bool", fingerprint=False, flag=None)  # --report-error
+    progress: bool = _opt(True, "bool", fingerprint=False, flag=None)  # --quiet
     # keep the targeted layers' originals so a failed prune changes nothing
-    restore_on_failure: bool = field(default=True, metadata=_kind("bool", fingerprint=False))
+    restore_on_failure: bool = _opt(True, "bool", fingerprint=False, flag=None)
     # methods that train (gradient-flow): iterations, learning rate, data, resumable checkpoints
-    iterations: int = field(default=100, metadata=_kind("int"))
-    lr: float = field(default=1e-5, metadata=_kind("real"))
+    iterations: int = _opt(100, "int", bounds=Interval(1, 10_000_000), help="training iterations")
+    lr: float = _opt(1e-5, "real", bounds=Interval(0, 1, lo_open=True), help="AdamW learning rate")
     # a folder of images + metadata.jsonl (diffusers text-to-image convention)
-    train_data: str | None = field(default=None, metadata=_kind("str", nullable=True))
+    train_data: str | None = _opt(None, "str", True, metavar="DIR", default_help="the embedded model's shapes world",
+                                  help="images + metadata.jsonl (file_name, text)")
     # resumable runs: a checkpoint after each package / 25 training iterations
-    checkpoint_dir: str | None = field(default=None, metadata=_kind("str", nullable=True, fingerprint=False))
-    resume: bool = field(default=False, metadata=_kind("bool", fingerprint=False))
+    checkpoint_dir: str | None = _opt(None, "str", True, False, metavar="DIR", group="output",
+                                      default_help=".obslib-ckpt-OUT beside --out; removed after success",
+                                      help="checkpoints after each package / 25 training iterations")
+    resume: bool = _opt(False, "bool", fingerprint=False, group="output",
+                        help="continue an interrupted run from its last checkpoint")
     # gradient-flow: prune what raises ("raise", the paper's) or lowers the grad norm
-    gradient_criterion: str = field(default="raise", metadata=_kind("str"))
-    extra: dict = field(default_factory=dict, metadata=_kind("dict", fingerprint=True))
+    gradient_criterion: str = _opt("raise", "str", choices=("raise", "lower"),
+                                   help="prune the groups whose removal raises (the paper's rule) or lowers the "
+                                        "gradient norm")
+    # typed keys: EXTRA (dsnot_cycles); other keys travel untouched
+    extra: dict = _opt({}, "dict", flag=None)
 
     @property
     def nm(self) -> tuple[int, int]:
@@ -203,17 +345,26 @@ class PruneConfig:
     def _check_ranges(self) -> None:
         from .methods import METHODS
 
-        if self.method not in METHODS:
-            raise UsageError(f"method {self.method!r} is unknown; allowed: {', '.join(METHODS)}")
-        if self.pattern not in PATTERNS:
-            raise UsageError(f"pattern {self.pattern!r} is unknown; allowed: {', '.join(PATTERNS)}")
-        if not 0 <= self.sparsity < 1:
-            raise UsageError(f"sparsity {self.sparsity} is outside [0, 1)")
+        for f in fields(self):  # every bound and choice, from the fields' metadata
+            v = getattr(self, f.name)
+            if v is None:
+                continue
+            name = option_flag(f) or f.name
+            choices = option_choices(f)
+            if choices is not None and v not in choices:
+                raise UsageError(f"{name} {v!r} is unknown; allowed: {', '.join(choices)}")
+            if f.metadata["bounds"] is not None:
+                f.metadata["bounds"].check(name, v)
+        for key, (kind, bounds) in EXTRA.items():
+            if key in self.extra:
+                v = self.extra[key]
+                if not is_kind(kind, v):
+                    raise UsageError(f"extra[{key!r}]={v!r}: expected {KIND_WORDS[kind]}")
+                bounds.check(f"extra[{key!r}]", v)
+        ALPHA.check("alpha_max / alpha_min", self.alpha_max / self.alpha_min)
         for flag, v in (("--head-sparsity", self.head_sparsity), ("--neuron-sparsity", self.neuron_sparsity)):
             if v is None:
                 continue
-            if not 0 <= v < 1:
-                raise UsageError(f"{flag} {v} is outside [0, 1)")
             if self.pattern != "structured":
                 raise UsageError(f"{flag} applies to --pattern structured only (got {self.pattern!r})")
             if self.method == "slimdiff":
@@ -222,57 +373,14 @@ class PruneConfig:
         n, m = self.nm
         if m and abs(self.sparsity - n / m) > 1e-9:
             raise UsageError(f"sparsity {self.sparsity} does not match pattern {self.pattern} (needs {n / m})")
-        if self.weighting not in SCHEMES:
-            raise UsageError(f"weighting {self.weighting!r} is unknown; allowed: {', '.join(SCHEMES)}")
-        if not (1e-6 <= self.alpha_min <= 1e6 and 1e-6 <= self.alpha_max <= 1e6
-                and 1e-6 <= self.alpha_max / self.alpha_min <= 1e6):
-            raise UsageError(f"alpha_min={self.alpha_min}, alpha_max={self.alpha_max}: need 1e-6 <= alpha_min <= 1e6, "
-                             "1e-6 <= alpha_max <= 1e6 and a ratio alpha_max / alpha_min in [1e-6, 1e6]")
-        if not 1 <= self.sensitivity_prompts <= 10_000:
-            raise UsageError(f"sensitivity prompts {self.sensitivity_prompts} must be an integer in [1, 10000]")
-        if not 1 <= self.sensitivity_windows <= 10_000:
-            raise UsageError(f"sensitivity windows {self.sensitivity_windows} must be an integer in [1, 10000]")
-        if self.packages < 1:
-            raise UsageError(f"packages K={self.packages} must be an integer >= 1")
-        if self.calibration not in CALIBRATIONS:
-            raise UsageError(f"calibration {self.calibration!r} is unknown; allowed: {', '.join(CALIBRATIONS)}")
-        if self.record_ram_mb is not None and not 0 <= self.record_ram_mb <= MAX_RECORD_MIB:
-            raise UsageError(f"record RAM {self.record_ram_mb:g} MiB is outside the allowed 0 to {MAX_RECORD_MIB} MiB")
-        if self.steps is not None and not 1 <= self.steps <= MAX_STEPS:
-            raise UsageError(f"steps {self.steps} must be an integer in [1, {MAX_STEPS}]")
-        if self.guidance is not None and not 0 <= self.guidance <= 1000:
-            raise UsageError(f"guidance {self.guidance} must be a number in [0, 1000]")
-        if not 0 <= self.seed < MAX_SEED:
-            raise UsageError(f"seed {self.seed} must be an integer in [0, 2**63 - 2**32)")
-        if self.batch_size < 1:
-            raise UsageError(f"batch size {self.batch_size} must be >= 1")
-        if self.blocksize < 1 or (m and self.blocksize % m):
-            raise UsageError(f"blocksize {self.blocksize} must be a positive multiple of M={m or 1}")
-        if self.solver_dtype not in ("float32", "float64"):
-            raise UsageError(f"solver dtype {self.solver_dtype!r} is unknown; allowed: float32, float64")
-        if not 0 <= self.percdamp <= 10:
-            raise UsageError(f"percdamp {self.percdamp} must be in [0, 10]")
-        if not 1 <= self.iterations <= 10_000_000:
-            raise UsageError(f"iterations {self.iterations} must be an integer in [1, 10000000]")
-        if not 0 < self.lr <= 1:
-            raise UsageError(f"learning rate {self.lr} must be in (0, 1]")
-        if self.gradient_criterion not in ("raise", "lower"):
-            raise UsageError(f"gradient criterion {self.gradient_criterion!r} is unknown; allowed: raise, lower")
-        if self.calib_tokens is not None and self.calib_tokens <= 0:
-            raise UsageError(f"calib tokens {self.calib_tokens}: must be a positive number of tokens per image and step "
-                             "(or None: all)")
-        if not 0 <= self.refit_iterations <= 100_000:
-            raise UsageError(f"refit iterations {self.refit_iterations} must be an integer in [0, 100000]")
-        if self.neuron_batch < 1:
-            raise UsageError(f"neuron batch {self.neuron_batch} must be >= 1")
+        if m and self.blocksize % m:
+            raise UsageError(f"--blocksize {self.blocksize} must be a positive multiple of M={m}")
         self._check_prompts()
-        if self.head_saliency not in ("exact", "diag"):
-            raise UsageError(f"head saliency {self.head_saliency!r} is unknown; allowed: exact, diag")
         if self.block_range is not None and (len(self.block_range) != 2 or self.block_range[0] >= self.block_range[1]
                                              or self.block_range[0] < 0):
             raise UsageError(f"block range {self.block_range} must be (start, end) with 0 <= start < end")
-        if self.block_sparsity is not None and any(not 0 <= s < 1 for s in self.block_sparsity):
-            raise UsageError(f"block sparsity list {self.block_sparsity} has values outside [0, 1)")
+        if self.block_sparsity is not None and any(s not in SHARE for s in self.block_sparsity):
+            raise UsageError(f"block sparsity list {self.block_sparsity} has values outside {SHARE}")
         meth = METHODS[self.method]
         if not meth.supports(self.pattern):
             raise UsageError(f"method {self.method!r} does not support pattern {self.pattern!r}")
@@ -286,17 +394,11 @@ class PruneConfig:
                 raise UsageError(f"--refit needs a method that calibrates a Hessian; {self.method!r} has none; "
                                  f"allowed: {allowed}")
 
-
     def _check_allocation(self, meth) -> None:
         from .methods import METHODS
-        from .methods.base import ALLOCATIONS
 
-        if self.allocation is not None and self.allocation not in ALLOCATIONS:
-            raise UsageError(f"allocation {self.allocation!r} is unknown; allowed: {', '.join(ALLOCATIONS)}")
         structured = self.pattern == "structured"
         if self.param_budget is not None:
-            if not 0 <= self.param_budget < 1:
-                raise UsageError(f"--param-budget {self.param_budget} is outside [0, 1)")
             if not structured:
                 raise UsageError(f"--param-budget applies to --pattern structured only (got {self.pattern!r}); "
                                  "use --sparsity")
@@ -307,7 +409,7 @@ class PruneConfig:
             if not structured:
                 raise UsageError(f"a unit sparsity map applies to --pattern structured only (got {self.pattern!r})")
             bad = [f"{k}={v!r}" for k, v in self.unit_sparsity.items()
-                   if not isinstance(k, str) or not is_kind("real", v) or not 0 <= v < 1]
+                   if not isinstance(k, str) or not is_kind("real", v) or v not in SHARE]
             if bad:
                 raise UsageError(f"unit sparsity {bad[0]}: expected a unit name and a share in [0, 1)")
             if meth.whole_model:

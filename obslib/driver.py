@@ -12,7 +12,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -242,9 +242,11 @@ def prune_model(den, calibrate, cfg: PruneConfig, steps: int, component: str = "
                            calibration_runs or 1, None if cfg.record_ram_mb is None else int(cfg.record_ram_mb * 2**20),
                            spill, progress=cfg.progress, calib_options=calib_options(cfg),
                            block_names=[n for n, _ in named])
+    plan = PackagePlan(den=den, cfg=cfg, method=method, spec=spec, units=units, packages=packages, steps=steps,
+                       ids=ids, n_blocks=n_blocks, targeted=targeted, alphas=alphas, weighting=weighting,
+                       component=component, shares=shares)
     try:
-        return PackageRun(den, cfg, method, spec, units, packages, calibrate, prop, alphas, steps, ids, n_blocks,
-                          structured, targeted, params_before, weighting, component, undo, t0, dist_ctx, shares).run()
+        return run_packages(plan, PackageIO(calibrate=calibrate, prop=prop, undo=undo, dctx=dist_ctx), params_before, t0)
     finally:
         if prop is not None:
             prop.close()
@@ -340,8 +342,9 @@ def _check_head_rows(den, units, cfg, n_blocks, shares=None) -> None:
 
 
 @dataclass
-class PackageRun:
-    """What one ``prune_model`` call in the package driver carries from package to package."""
+class PackagePlan:
+    """What the package driver fixes before its first package: the model, the checked config and method, the
+    units split into packages, the blocks, the timestep weights and (structured) the share per unit."""
 
     den: torch.nn.Module
     cfg: PruneConfig
@@ -349,125 +352,180 @@ class PackageRun:
     spec: object
     units: list
     packages: list
-    calibrate: object  # None for calibration-free methods
-    prop: object  # a Propagation in propagate mode, else None
-    alphas: list
     steps: int
     ids: list
     n_blocks: int
-    structured: bool
     targeted: list
-    params_before: int
+    alphas: list | None
     weighting: str | None
     component: str
-    undo: Undo
-    t0: float
-    dctx: object = None  # an obslib.distributed.Context under torchrun
     shares: dict | None = None  # structured: a share per unit name (``_structured_shares``)
 
-    def run(self) -> dict:
-        """Calibrate (resample or propagate), solve and checkpoint package after package."""
-        return _package_loop(self)
+    @property
+    def structured(self) -> bool:
+        return self.cfg.pattern == "structured"
+
+    def targeted_in(self, package) -> list[str]:
+        return targeted_layers(self.den, self.spec, package, self.structured)
 
 
-def _package_loop(r: PackageRun) -> dict:
-    den, cfg, method, spec, units, packages = r.den, r.cfg, r.method, r.spec, r.units, r.packages
-    calibrate, prop, alphas, steps, ids, n_blocks = r.calibrate, r.prop, r.alphas, r.steps, r.ids, r.n_blocks
-    structured, targeted, params_before, weighting = r.structured, r.targeted, r.params_before, r.weighting
-    component, undo, t0, dctx = r.component, r.undo, r.t0, r.dctx
-    counts = "weights" if structured else "nonzero weights"
-    target_before = targeted_size(den, targeted, "weights")
-    params_targeted_before = targeted_size(den, sorted(set(targeted)), "parameters")
-    t_cal = t_solve = 0.0
-    layers_report = []
-    package_mb = []
-    ck, start = None, 0
-    if cfg.checkpoint_dir:  # resumable: each finished package is saved; a resumed run re-applies them
-        from .checkpoint import PackageCheckpoint, fingerprint
+@dataclass
+class PackageProgress:
+    """What the package driver carries from package to package (and a checkpoint saves): the next package, the
+    layers' report entries, each package's Hessian memory, the time spent calibrating and solving."""
 
-        ck = PackageCheckpoint(cfg.checkpoint_dir, fingerprint(cfg, units, steps))
-        expected = [(targeted_layers(den, spec, p, structured),
-                     [f"{u.block}.{u.group.attn}" for u in p if u.kind == "heads"]) for p in packages]
-        loaded = ck.load(den, expected, cfg.resume)  # every entry checked before any work
-        if prop is not None and loaded:  # the dense record, before pruned packages return
-            t = time.perf_counter()
-            prop.first(den, min(u.block_index for u in packages[0]), {})
-            t_cal += time.perf_counter() - t
-        state = ck.restore(den, undo, loaded)
-        if state is not None:
-            start, layers_report, package_mb = state["next"], state["layers"], state["package_mb"]
-            t_cal, t_solve = state["calibration_s"], state["solve_s"]
-    bar = tqdm(packages, desc=f"{cfg.method} packages", disable=not cfg.progress, initial=start)
-    sent_per_package = []
+    next: int = 0
+    layers: list = field(default_factory=list)
+    package_mb: list = field(default_factory=list)
+    calibration_s: float = 0.0
+    solve_s: float = 0.0
+    sent_per_package: list = field(default_factory=list)  # bytes each package's all-reduce sent (torch.distributed)
+
+    def saved(self) -> dict:
+        return {"next": self.next, "layers": self.layers, "package_mb": self.package_mb,
+                "calibration_s": self.calibration_s, "solve_s": self.solve_s}
+
+
+@dataclass
+class PackageIO:
+    """Where the package driver's calibration comes from and what it may change: the calibration runner (None for
+    calibration-free methods), the propagate record (or None), the rollback record, the distributed context (or
+    None)."""
+
+    calibrate: object
+    prop: object
+    undo: Undo
+    dctx: object = None
+
+
+def run_packages(plan: PackagePlan, io: PackageIO, params_before: int, t0: float) -> dict:
+    """The package driver in its four stages, package after package: calibrate (resample, or the propagate replay),
+    solve (the method on each unit), checkpoint; then report."""
+    before = (targeted_size(plan.den, plan.targeted, "weights"),
+              targeted_size(plan.den, sorted(set(plan.targeted)), "parameters"))
+    ck, progress = _resume(plan, io)
+    bar = tqdm(plan.packages, desc=f"{plan.cfg.method} packages", disable=not plan.cfg.progress, initial=progress.next)
     for pi, package in enumerate(bar):
-        if pi < start:
+        if pi < progress.next:
             continue
-        sent0 = dctx.sent if dctx is not None else 0
-        stats = {}
-        if calibrate is not None:
-            t = time.perf_counter()
-            layers = package_layers(den, package)
-            mb = sum(weight_matrix(m).shape[1] ** 2 * 4 for m in layers.values()) / 2**20
-            package_mb.append(mb)
-            if cfg.progress:
-                bar.write(f"package {pi + 1}/{len(packages)}: {len(layers)} layers, Hessians need {mb:.1f} MiB (float32)")
-            desc = f"calibrate package {pi + 1}/{len(packages)}"
-            b0, b1 = min(u.block_index for u in package), max(u.block_index for u in package)
-            if prop is None:
-                calib = Calibration(den, layers, alphas, **calib_options(cfg))
-                with calib:
-                    calibrate(calib, desc)
-                stats = calib.stats
-            elif prop.record is None:
-                stats = prop.first(den, b0, layers)
-            else:
-                stats = prop.package(b0, b1, layers, desc, *_replay_plan(den, spec, packages, pi, structured))
-            if dctx is not None:
-                dctx.allreduce_stats(stats)
-            check_stats(stats)
-            package_mb[-1] = unique_mb(stats)  # layers reading one input share one accumulator
-            t_cal += time.perf_counter() - t
+        sent0 = io.dctx.sent if io.dctx is not None else 0
         t = time.perf_counter()
-        # --allocation global: this package's per-layer / per-unit shares (obslib.allocation)
-        per = _global_shares(den, spec, package, stats, cfg) if cfg.allocation_used == "global" and stats else None
-        if dctx is not None and not structured:
-            layers_report += _solve_spread(den, package, stats, cfg, method, undo, n_blocks, dctx, per)
-        elif structured:
-            for unit in package:
-                s = per[unit_name(unit)] if per is not None else _unit_sparsity(cfg, unit, n_blocks, r.shares)
-                layers_report += _solve_structured(den, unit, stats, s, cfg, method, undo)
-        else:
-            for unit in package:
-                s = per if per is not None else _unit_sparsity(cfg, unit, n_blocks)
-                layers_report += _solve_layers(den, unit, stats, s, cfg, method, undo)
-        t_solve += time.perf_counter() - t
+        stats = _calibrate_package(plan, io, pi, progress, bar) if io.calibrate is not None else {}
+        progress.calibration_s += time.perf_counter() - t
+        t = time.perf_counter()
+        progress.layers += _solve_package(plan, io, package, stats)
+        progress.solve_s += time.perf_counter() - t
         del stats
-        if dctx is not None:
-            sent_per_package.append(dctx.sent - sent0)
-        if ck is not None and (dctx is None or dctx.rank == 0):
-            heads = {f"{u.block}.{u.group.attn}": den.get_submodule(f"{u.block}.{u.group.attn}").heads
-                     for u in package if u.kind == "heads"}
-            ck.save(pi, den, targeted_layers(den, spec, package, structured), heads,
-                    {"next": pi + 1, "layers": layers_report, "package_mb": package_mb, "calibration_s": t_cal,
-                     "solve_s": t_solve})
+        if io.dctx is not None:
+            progress.sent_per_package.append(io.dctx.sent - sent0)
+        progress.next = pi + 1
+        if ck is not None and (io.dctx is None or io.dctx.rank == 0):
+            _checkpoint_package(plan, ck, pi, package, progress)
+    return _package_report(plan, io, progress, before, params_before, t0)
 
-    target_after = targeted_size(den, targeted, counts)
-    report = _report_frame(cfg, weighting, steps, ids, params_before, den, component)
-    report.update(sparsity_actual=1 - target_after / target_before, sparsity_counts=counts, packages=len(packages),
-                  calibration=None if calibrate is None else cfg.calibration,
+
+def _resume(plan: PackagePlan, io: PackageIO) -> tuple[object, PackageProgress]:
+    """The checkpoint of a resumable run (``cfg.checkpoint_dir``) and the progress it restores (each finished
+    package re-applied; every entry checked before any work), or (None, a fresh start)."""
+    cfg, den = plan.cfg, plan.den
+    progress = PackageProgress()
+    if not cfg.checkpoint_dir:
+        return None, progress
+    from .checkpoint import PackageCheckpoint, fingerprint
+
+    ck = PackageCheckpoint(cfg.checkpoint_dir, fingerprint(cfg, plan.units, plan.steps))
+    expected = [(plan.targeted_in(p), [f"{u.block}.{u.group.attn}" for u in p if u.kind == "heads"])
+                for p in plan.packages]
+    loaded = ck.load(den, expected, cfg.resume)
+    if io.prop is not None and loaded:  # the dense record, before pruned packages return
+        t = time.perf_counter()
+        io.prop.first(den, min(u.block_index for u in plan.packages[0]), {})
+        progress.calibration_s += time.perf_counter() - t
+    state = ck.restore(den, io.undo, loaded)
+    if state is not None:
+        progress = PackageProgress(state["next"], state["layers"], state["package_mb"], state["calibration_s"],
+                                   state["solve_s"], progress.sent_per_package)
+    return ck, progress
+
+
+def _calibrate_package(plan: PackagePlan, io: PackageIO, pi: int, progress: PackageProgress, bar) -> dict:
+    """Package ``pi``'s statistics through the already-pruned model: a full calibration run (resample), or the
+    propagate record's first pass / replay; all-reduced under torch.distributed and checked."""
+    den, package, n = plan.den, plan.packages[pi], len(plan.packages)
+    layers = package_layers(den, package)
+    mb = sum(weight_matrix(m).shape[1] ** 2 * 4 for m in layers.values()) / 2**20
+    if plan.cfg.progress:
+        bar.write(f"package {pi + 1}/{n}: {len(layers)} layers, Hessians need {mb:.1f} MiB (float32)")
+    desc = f"calibrate package {pi + 1}/{n}"
+    b0, b1 = min(u.block_index for u in package), max(u.block_index for u in package)
+    if io.prop is None:
+        calib = Calibration(den, layers, plan.alphas, **calib_options(plan.cfg))
+        with calib:
+            io.calibrate(calib, desc)
+        stats = calib.stats
+    elif io.prop.record is None:
+        stats = io.prop.first(den, b0, layers)
+    else:
+        stats = io.prop.package(b0, b1, layers, desc,
+                                *_replay_plan(den, plan.spec, plan.packages, pi, plan.structured))
+    if io.dctx is not None:
+        io.dctx.allreduce_stats(stats)
+    check_stats(stats)
+    progress.package_mb.append(unique_mb(stats))  # layers reading one input share one accumulator
+    return stats
+
+
+def _solve_package(plan: PackagePlan, io: PackageIO, package, stats: dict) -> list[dict]:
+    """Solve and write every unit of one package; the layers' report entries. ``--allocation global`` first decides
+    this package's per-layer / per-unit shares from its Hessians (``obslib.allocation``)."""
+    den, cfg, method = plan.den, plan.cfg, plan.method
+    per = _global_shares(den, plan.spec, package, stats, cfg) if cfg.allocation_used == "global" and stats else None
+    if io.dctx is not None and not plan.structured:
+        return _solve_spread(den, package, stats, cfg, method, io.undo, plan.n_blocks, io.dctx, per)
+    out = []
+    for unit in package:
+        if plan.structured:
+            s = per[unit_name(unit)] if per is not None else _unit_sparsity(cfg, unit, plan.n_blocks, plan.shares)
+            out += _solve_structured(den, unit, stats, s, cfg, method, io.undo)
+        else:
+            s = per if per is not None else _unit_sparsity(cfg, unit, plan.n_blocks)
+            out += _solve_layers(den, unit, stats, s, cfg, method, io.undo)
+    return out
+
+
+def _checkpoint_package(plan: PackagePlan, ck, pi: int, package, progress: PackageProgress) -> None:
+    """Save package ``pi``'s layers (and its attentions' head counts) with the progress so far."""
+    heads = {f"{u.block}.{u.group.attn}": plan.den.get_submodule(f"{u.block}.{u.group.attn}").heads
+             for u in package if u.kind == "heads"}
+    ck.save(pi, plan.den, plan.targeted_in(package), heads, progress.saved())
+
+
+def _package_report(plan: PackagePlan, io: PackageIO, progress: PackageProgress, before: tuple[int, int],
+                    params_before: int, t0: float) -> dict:
+    """The package driver's report: achieved sparsity, packages, calibration mode and its replay counters, the
+    distributed traffic, per-layer entries, removed heads / neurons and parameters, timings; with its manifest."""
+    den, cfg, structured, prop, dctx, layers = plan.den, plan.cfg, plan.structured, io.prop, io.dctx, progress.layers
+    counts = "weights" if structured else "nonzero weights"
+    target_before, params_targeted_before = before
+    target_after = targeted_size(den, plan.targeted, counts)
+    report = _report_frame(cfg, plan.weighting, plan.steps, plan.ids, params_before, den, plan.component)
+    report.update(sparsity_actual=1 - target_after / target_before, sparsity_counts=counts, packages=len(plan.packages),
+                  calibration=None if io.calibrate is None else cfg.calibration,
                   replay_block_calls=None if prop is None else prop.block_runs,
                   replay_memo=None if prop is None or prop.memo is None else
                   {"hits": prop.memo.hits, "peak_mb": prop.memo.peak / 2**20, "not_kept": prop.memo.skipped},
                   distributed=None if dctx is None else {"world_size": dctx.size, "backend": dctx.backend,
-                                                         "bytes_sent_per_package": sent_per_package},
-                  hessian_mb_per_package=package_mb, layers=layers_report, timestep_weights=alphas,
-                  heads_removed=sum(e.get("heads_removed", 0) for e in layers_report) if structured else None,
-                  neurons_removed=sum(len(e.get("removed_neurons", ())) for e in layers_report) if structured else None,
+                                                         "bytes_sent_per_package": progress.sent_per_package},
+                  hessian_mb_per_package=progress.package_mb, layers=layers, timestep_weights=plan.alphas,
+                  heads_removed=sum(e.get("heads_removed", 0) for e in layers) if structured else None,
+                  neurons_removed=sum(len(e.get("removed_neurons", ())) for e in layers) if structured else None,
                   params_removed=params_before - sum(p.numel() for p in den.parameters()),
                   targeted_params_before=params_targeted_before if structured else None,
-                  targeted_params_after=targeted_size(den, sorted(set(targeted)), "parameters") if structured else None,
-                  timings={"calibration_s": t_cal, "solve_s": t_solve, "total_s": time.perf_counter() - t0})
-    return with_manifest(report, den, component)
+                  targeted_params_after=targeted_size(den, sorted(set(plan.targeted)), "parameters") if structured
+                  else None,
+                  timings={"calibration_s": progress.calibration_s, "solve_s": progress.solve_s,
+                           "total_s": time.perf_counter() - t0})
+    return with_manifest(report, den, component=plan.component)
 
 
 def _report_frame(cfg, weighting, steps, ids, params_before, den, component) -> dict:

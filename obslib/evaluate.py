@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from .config import MAX_SEED, MAX_STEPS
+from .config import GUIDANCE, SEEDS, STEPS
 from .errors import UsageError
 from .prompt_eval import reconstruction_metrics
 from .sampling import CALL_KEYS
@@ -204,12 +204,10 @@ def _load(path: str, device: str = "cpu"):
 def _run_cli(args) -> None:
     """``obslib evaluate``: the shapes-world metrics (--num-prompts on the embedded model), or any pipeline on a
     prompt file (--prompts). Every flag and path is checked before a model is loaded; nothing is written on error."""
-    if args.seed is not None and not 0 <= args.seed < MAX_SEED:
-        raise UsageError(f"--seed {args.seed}: must be an integer in [0, 2**63 - 2**32)")
-    if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
-        raise UsageError(f"--steps {args.steps}: must be an integer in [1, {MAX_STEPS}]")
-    if args.guidance is not None and not 0 <= args.guidance <= 1000:
-        raise UsageError(f"--guidance {args.guidance}: must be a number in [0, 1000]")
+    for flag, v, allowed in (("--seed", args.seed, SEEDS), ("--steps", args.steps, STEPS),
+                             ("--guidance", args.guidance, GUIDANCE)):
+        if v is not None:
+            allowed.check(flag, v)
     if not 1 <= args.batch_size <= 4096:
         raise UsageError(f"--batch-size {args.batch_size}: must be an integer in [1, 4096]")
     if args.prompts is None and args.num_prompts is not None:  # every number before any path

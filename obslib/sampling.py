@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from .archs import find_denoiser
 from .errors import UsageError
 from .hessian import Calibration
-from .config import MAX_STEPS, is_kind
+from .config import GUIDANCE, STEPS, is_kind
 from .seeds import prompt_generators
 from .io import DEFAULTS_FILE, quiet_diffusers, read_defaults
 from .weighting import timestep_weights
@@ -31,11 +31,11 @@ def sampling_defaults(pipe) -> dict:
     d = {**GENERIC_SAMPLING, **d}
     msl = d.get("max_sequence_length", MAX_SEQUENCE_LENGTH)
     if not is_kind("int", d["num_inference_steps"]) or not is_kind("real", d["guidance_scale"]) \
-            or not 1 <= d["num_inference_steps"] <= MAX_STEPS or not 0 <= d["guidance_scale"] <= 1000 \
+            or d["num_inference_steps"] not in STEPS or d["guidance_scale"] not in GUIDANCE \
             or not is_kind("int", msl) or not 1 <= msl <= 4096 \
             or any(not is_kind("int", d[k]) or not 8 <= d[k] <= 16384 for k in ("height", "width") if k in d):
-        raise UsageError(f"{os.path.join(path, DEFAULTS_FILE)!r} must hold num_inference_steps (integer in [1, {MAX_STEPS}]), "
-                         "guidance_scale (number in [0, 1000]) and optionally max_sequence_length (integer in [1, 4096]) "
+        raise UsageError(f"{os.path.join(path, DEFAULTS_FILE)!r} must hold num_inference_steps (integer in {STEPS}), "
+                         f"guidance_scale (number in {GUIDANCE}) and optionally max_sequence_length (integer in [1, 4096]) "
                          "and height / width (integers in [8, 16384])")
     return d
 

@@ -116,7 +116,7 @@ def test_more_processes_than_prompts_is_one_line(tiny_pipe_dir, monkeypatch):
     (["--pattern", "2:4", "--sparsity", "0.3"], "does not match pattern 2:4"),
     (["--pattern", "3:7"], "pattern '3:7' is unknown"),
     (["--weighting", "log"], "weighting 'log' is unknown"),
-    (["--packages", "0"], "packages K=0"),
+    (["--packages", "0"], "--packages 0 is outside [1, ∞)"),
     (["--method", "nope"], "method 'nope' is unknown"),
     (["--num-prompts", "0"], "--num-prompts 0"),
     (["--prompts", "EMPTY"], "is empty"),

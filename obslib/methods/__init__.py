@@ -7,7 +7,7 @@ line in ``_REGISTRY``; the driver (``obslib.driver``) is the same for every meth
 from __future__ import annotations
 
 from . import dsnot, flap, gradient_flow, l1_norm, magnitude, obs_diff, slimdiff, sparsegpt, wanda
-from .base import Method  # noqa: F401
+from .base import PRIVATE, Method  # noqa: F401
 
 _REGISTRY = (
     obs_diff,
@@ -21,3 +21,12 @@ _REGISTRY = (
     gradient_flow,
 )
 METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in _REGISTRY}
+
+for _m in METHODS.values():
+    for _f in _m.options:
+        PRIVATE.setdefault(_f, []).append(_m.name)
+
+
+def private_owners(field: str) -> list[str]:
+    """The methods that name ``field`` among their private settings (``Method.options``); empty for shared ones."""
+    return list(PRIVATE.get(field, []))

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 ALLOCATIONS = ("uniform", "global")  # how a budget is spread over layers / units (PruneConfig.allocation)
+# field -> the methods that name it among their private settings (``Method.options``); filled once by the registry
+# (``obslib.methods``) as it is imported
+PRIVATE: dict[str, list[str]] = {}
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,9 @@ class Method:
     forced_weighting: str | None = None  # e.g. SparseGPT: uniform
     patterns: tuple[str, ...] | None = None  # the patterns it supports (None: decided by the functions above)
     ignores: tuple[str, ...] = ()  # PruneConfig fields it does not use (the CLI says so when they are set)
+    # PruneConfig fields only it (and the methods naming them too) reads: its private settings; every other method
+    # ignores them, and ``obslib prune --help`` lists them under its name
+    options: tuple[str, ...] = ()
     allocation: str = "uniform"  # its allocation when PruneConfig.allocation is None
 
     # ------------------------------------------------------------------ the questions, each answered once
@@ -102,7 +108,8 @@ class Method:
         return None if "weighting" in self.ignores else self.forced_weighting or configured
 
     def ignored(self, field: str) -> bool:
-        return field in self.ignores
+        """It does not read ``field``: it says so, or the field is another method's private setting."""
+        return field in self.ignores or (field not in self.options and bool(PRIVATE.get(field)))
 
     def why_weighting_ignored(self) -> str | None:
         """Why its result does not depend on the timestep weighting, or None when it does."""

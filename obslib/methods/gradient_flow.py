@@ -11,4 +11,5 @@ def driver(run: WholeModelRun) -> dict:
 
 METHOD = Method("gradient-flow", "gradient-flow reconstruction: soft gates on heads / neurons, GraSP criterion, "
                 "training", driver=driver, needs_calibration=False, needs_training=True, patterns=("structured",),
-                ignores=("packages", "weighting", "calibration"))
+                ignores=("packages", "weighting", "calibration"),
+                options=("iterations", "lr", "train_data", "gradient_criterion"))

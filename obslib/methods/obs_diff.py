@@ -25,4 +25,5 @@ def obs_neurons(W, stats, n_remove, cfg):
 
 
 METHOD = Method("obs-diff", "OBS with the timestep-aware Hessian (the paper's method)",
-                unstructured=obs_unstructured, heads=obs_heads, neurons=obs_neurons)
+                unstructured=obs_unstructured, heads=obs_heads, neurons=obs_neurons,
+                options=("head_saliency", "neuron_batch"))

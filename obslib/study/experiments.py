@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import PruneConfig
+from ..flops import flops_per_image
 from ..seeds import SEEDING_VERSION
 from ..driver import prune
 from ..evaluate import (REAL_SEED_OFFSET, distribution_metrics, fidelity, generate, reconstruction_metrics,
@@ -139,7 +140,8 @@ def run_setting(ev: Evaluator, s: Setting, seed: int, progress: bool = False) ->
         pipe = load_pipeline(ev.model_dir)
         row.update(sparsity=0.0, pattern="none", prune_s=0.0, sparsity_actual=0.0,
                    params=sum(p.numel() for p in pipe.transformer.parameters()))
-        row["gflops"] = transformer_flops(pipe) / 1e9
+        fl, _ = flops_per_image(pipe, *_sampling(pipe, s))  # the counter every pruning report uses
+        row.update(gflops_image=fl / 1e9, gflops_image_dense=fl / 1e9)
         t = time.perf_counter()
         images = ev.dense_images(s, seed)
         row["generate_s"] = time.perf_counter() - t
@@ -153,7 +155,6 @@ def run_setting(ev: Evaluator, s: Setting, seed: int, progress: bool = False) ->
                    solve_s=rep["timings"]["solve_s"], sparsity_actual=rep["sparsity_actual"],
                    params=rep["params_after"], hessian_mb=max(rep["hessian_mb_per_package"] or [0.0]),
                    mean_rel_error=float(np.mean([e["rel_error"] for e in rep["layers"] if e["rel_error"] is not None] or [np.nan])))
-    row["gflops"] = transformer_flops(pipe) / 1e9
     fl = rep.get("flops_per_image") or {}
     if fl.get("pruned"):  # the denoiser's FLOPs per image on real inputs (obslib.flops), and the dense model's
         row.update(gflops_image=fl["pruned"] / 1e9, gflops_image_dense=fl["dense"] / 1e9)
@@ -342,20 +343,14 @@ def slimdiff_allocation(report: dict) -> pd.DataFrame:
     return df
 
 
-def transformer_flops(pipe, batch: int = 2) -> float:
-    """FLOPs of one transformer forward (CFG batch) at the model's default size, by torch's counter."""
-    from torch.utils.flop_counter import FlopCounterMode
+def _sampling(pipe, s: Setting) -> tuple:
+    """(steps, guidance, first calibration prompt, call arguments) of a setting's calibration runs: the inputs on
+    which a prune's report counts the denoiser's FLOPs (``obslib.driver``), so a dense row counts the same call."""
+    from ..sampling import call_kwargs, sampling_defaults
 
-    den = pipe.transformer
-    c = den.config
-    size = c.sample_size
-    x = torch.zeros(batch, c.in_channels, size, size)
-    ctx = torch.zeros(batch, 32, c.joint_attention_dim)
-    pooled = torch.zeros(batch, c.pooled_projection_dim)
-    t = torch.ones(batch)
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        den(hidden_states=x, timestep=t, encoder_hidden_states=ctx, pooled_projections=pooled)
-    return float(fc.get_total_flops())
+    d = sampling_defaults(pipe)
+    return (s.calib_steps or d["num_inference_steps"], d["guidance_scale"], world_prompts("train", s.num_calib)[0],
+            call_kwargs(d))
 
 
 def methods_table(runs_csv: str, num_calib: int, method_extras=("iterations", "lr")) -> pd.DataFrame:
