@@ -62,12 +62,40 @@ def _yaml_str(s: str) -> str:
 
 def card_text(report: dict, source: str | None, out_name: str, evaluation: dict | None = None) -> str:
     """The model card of a pruned pipeline written from ``report`` (``pruning_report.json``'s content)."""
-    method = report.get("method", "?")
-    pattern = report.get("pattern", "?")
+    method, pattern = report.get("method", "?"), report.get("pattern", "?")
     name = METHOD_NAMES.get(method, method)
     structured = report.get("params_after", 0) < report.get("params_before", 0)
     base = base_model(source)
     src = os.path.basename(os.path.normpath(source)) if source else "a diffusers pipeline"
+    lines = [f"# {out_name}", "",
+             f"{base or src} with its denoiser ({report.get('component', 'transformer')}) pruned one-shot by "
+             f"**{name}** ({pattern}), without training, by obslib from a local copy of "
+             f"`{src}`. Written by obslib {report.get('obslib_version', '')}; `pruning_report.json` beside this card "
+             "holds every number below and each layer's error.", ""]
+    lines += _pruning_section(report, name, structured) + _calibration_section(report, name)
+    t = report.get("timings") or {}
+    if t.get("total_s") is not None:
+        lines += ["", f"Pruning took {t['total_s']:.1f} s (calibration {t.get('calibration_s') or 0:.1f} s, "
+                      f"solve {t.get('solve_s') or 0:.1f} s)."]
+    lines += ["", "## Command", "", "```bash", report.get("command") or
+              "# made with the Python API: obslib.prune(pipe, obslib.PruneConfig(...)); the settings are in "
+              "pruning_report.json's config", "```", "", "## How to load it", ""]
+    if structured:
+        lines += ["Heads and neurons were removed, so the denoiser's shapes differ from its config; obslib rebuilds "
+                  "it from `obslib_manifest.json`:", "", "```python", "import obslib", "",
+                  f'pipe = obslib.load_pipeline("{out_name}")  # add device="cuda" on a GPU',
+                  'image = pipe("a red circle").images[0]', "```"]
+    else:
+        lines += ["The weights keep their shapes (pruned ones are zero), so stock diffusers loads it:", "",
+                  "```python", "from diffusers import DiffusionPipeline", "",
+                  f'pipe = DiffusionPipeline.from_pretrained("{out_name}")',
+                  'image = pipe("a red circle").images[0]', "```"]
+    lines += ["", EVAL_START, *evaluation_section(evaluation), EVAL_END, ""]
+    return "\n".join(_front_matter(method, pattern, base) + [""] + lines)
+
+
+def _front_matter(method: str, pattern: str, base: str | None) -> list[str]:
+    """The card's YAML header (the Hub's fields: library, base model, task, tags)."""
     tags = ["pruning", "obs-diff" if method == "obs-diff" else method, "obslib", "text-to-image",
             "structured-sparsity" if pattern == "structured" else ("n:m-sparsity" if ":" in pattern else "unstructured-sparsity")]
     head = ["---", "library_name: diffusers"]
@@ -77,17 +105,14 @@ def card_text(report: dict, source: str | None, out_name: str, evaluation: dict 
     head.append("tags:")
     head += [f"- {_yaml_str(t)}" for t in dict.fromkeys(tags)]
     head.append("---")
+    return head
 
-    cfg = report.get("config") or {}
+
+def _pruning_section(report: dict, name: str, structured: bool) -> list[str]:
+    """The card's "Pruning" table: method, pattern, allocation and budget, sparsity, parameters, FLOPs, blocks."""
+    method, pattern = report.get("method", "?"), report.get("pattern", "?")
     before, after = report.get("params_before"), report.get("params_after")
-    lines = [f"# {out_name}", "",
-             f"{base or src} with its denoiser ({report.get('component', 'transformer')}) pruned one-shot by "
-             f"**{name}** ({pattern}), without training, by obslib from a local copy of "
-             f"`{src}`. Written by obslib {report.get('obslib_version', '')}; `pruning_report.json` beside this card "
-             "holds every number below and each layer's error.", "", "## Pruning", "",
-             "| | |", "|---|---|",
-             f"| method | {name} (`{method}`) |",
-             f"| pattern | {pattern} |"]
+    lines = ["## Pruning", "", "| | |", "|---|---|", f"| method | {name} (`{method}`) |", f"| pattern | {pattern} |"]
     if report.get("allocation"):
         lines.append(f"| allocation | {report['allocation']} |")
     if report.get("param_budget") is not None:
@@ -110,42 +135,30 @@ def card_text(report: dict, source: str | None, out_name: str, evaluation: dict 
     blocks = report.get("blocks")
     if blocks:
         lines.append(f"| blocks pruned | {len(blocks)} ({blocks[0]}–{blocks[-1]}) |")
-    lines += ["", "## Calibration", ""]
-    if report.get("num_calibration_prompts"):
-        tokens = report.get("calib_tokens")
-        lines += ["| | |", "|---|---|",
-                  f"| prompts | {report['num_calibration_prompts']} |",
-                  f"| sampling steps / guidance | {report.get('steps')} / {report.get('guidance')} |",
-                  f"| timestep weighting | {report.get('weighting')} (α from {cfg.get('alpha_min')} to "
-                  f"{cfg.get('alpha_max')}) |",
-                  f"| module packages | {report.get('packages')} ({report.get('calibration')}) |",
-                  f"| seed | {report.get('seed')} (one noise seed per prompt, `{report.get('seeding', '?')}`) |",
-                  f"| tokens per image and step in the Hessians | {tokens if tokens else 'all'} |"]
-        d = report.get("distributed")
-        if d:
-            lines.append(f"| processes | {d.get('world_size')} ({d.get('backend')}) |")
-    else:
-        lines.append(f"{name} reads no calibration samples"
-                     + (" (it trains its gates on images)." if method == "gradient-flow" else "."))
-    t = report.get("timings") or {}
-    if t.get("total_s") is not None:
-        lines += ["", f"Pruning took {t['total_s']:.1f} s (calibration {t.get('calibration_s') or 0:.1f} s, "
-                      f"solve {t.get('solve_s') or 0:.1f} s)."]
-    lines += ["", "## Command", "", "```bash", report.get("command") or
-              "# made with the Python API: obslib.prune(pipe, obslib.PruneConfig(...)); the settings are in "
-              "pruning_report.json's config", "```", "", "## How to load it", ""]
-    if structured:
-        lines += ["Heads and neurons were removed, so the denoiser's shapes differ from its config; obslib rebuilds "
-                  "it from `obslib_manifest.json`:", "", "```python", "import obslib", "",
-                  f'pipe = obslib.load_pipeline("{out_name}")  # add device="cuda" on a GPU',
-                  'image = pipe("a red circle").images[0]', "```"]
-    else:
-        lines += ["The weights keep their shapes (pruned ones are zero), so stock diffusers loads it:", "",
-                  "```python", "from diffusers import DiffusionPipeline", "",
-                  f'pipe = DiffusionPipeline.from_pretrained("{out_name}")',
-                  'image = pipe("a red circle").images[0]', "```"]
-    lines += ["", EVAL_START, *evaluation_section(evaluation), EVAL_END, ""]
-    return "\n".join(head + [""] + lines)
+    return lines
+
+
+def _calibration_section(report: dict, name: str) -> list[str]:
+    """The card's "Calibration" table (prompts, sampling, weighting, packages, seed, tokens, processes), or the
+    sentence that the method reads no calibration samples."""
+    lines = ["", "## Calibration", ""]
+    if not report.get("num_calibration_prompts"):
+        return lines + [f"{name} reads no calibration samples"
+                        + (" (it trains its gates on images)." if report.get("method") == "gradient-flow" else ".")]
+    cfg = report.get("config") or {}
+    tokens = report.get("calib_tokens")
+    lines += ["| | |", "|---|---|",
+              f"| prompts | {report['num_calibration_prompts']} |",
+              f"| sampling steps / guidance | {report.get('steps')} / {report.get('guidance')} |",
+              f"| timestep weighting | {report.get('weighting')} (α from {cfg.get('alpha_min')} to "
+              f"{cfg.get('alpha_max')}) |",
+              f"| module packages | {report.get('packages')} ({report.get('calibration')}) |",
+              f"| seed | {report.get('seed')} (one noise seed per prompt, `{report.get('seeding', '?')}`) |",
+              f"| tokens per image and step in the Hessians | {tokens if tokens else 'all'} |"]
+    d = report.get("distributed")
+    if d:
+        lines.append(f"| processes | {d.get('world_size')} ({d.get('backend')}) |")
+    return lines
 
 
 def evaluation_section(ev: dict | None) -> list[str]:

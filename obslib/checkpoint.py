@@ -224,14 +224,7 @@ class CheckpointDir:
         from safetensors.torch import load_file
 
         mf = os.path.join(self.path, name, "meta.json")
-        try:
-            with open(mf, encoding="utf-8") as f:
-                meta = json.load(f)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"checkpoint file {mf!r} is unreadable ({' '.join(str(e).split())[:80]}); "
-                             f"{DELETE_HINT}") from None
-        if not isinstance(meta, dict):
-            raise UsageError(f"checkpoint file {mf!r} does not hold a JSON object; {DELETE_HINT}")
+        meta = owned.read_json(mf, f"checkpoint file {mf!r}", DELETE_HINT)
         for key, check in expect_fields.items():
             if key not in meta or not check(meta[key]):
                 raise UsageError(f"checkpoint file {mf!r}: field {key!r} is missing or malformed; {DELETE_HINT}")

@@ -239,38 +239,7 @@ def _prune_locked(a, cfg, meth, ckdir, world: int, rank0: bool, quiet_notes: boo
             raise UsageError(f"{ckdir!r} holds the checkpoint of an interrupted run; continue it: {resume_cmd}; "
                              "or delete that directory to start over")
     if not quiet_notes:  # the command is valid: now say what it ignores
-        notes = []
-        for flag, field_ in (("--packages", "packages"), ("--calibration", "calibration")):
-            if getattr(a, field_) is not None and meth.ignored(field_):
-                notes.append(f"{flag} is ignored by {cfg.method} (one calibration pass, one global allocation)")
-        if a.weighting is not None or a.alpha_ratio is not None:
-            flags = " / ".join(f for f, v in (("--weighting", a.weighting), ("--alpha-ratio", a.alpha_ratio))
-                               if v is not None)
-            why = meth.why_weighting_ignored()
-            if why:
-                notes.append(f"{flags} is ignored by {cfg.method} ({why})")
-            elif a.alpha_ratio is not None and cfg.weighting in ("uniform", "sensitivity"):
-                notes.append(f"--alpha-ratio is ignored with --weighting {cfg.weighting} ("
-                             + ("every step weighs the same)" if cfg.weighting == "uniform"
-                                else "the probe measures the weights)"))
-        calibrates = meth.calibrates(a.report_error)
-        if a.calib_tokens is not None and not calibrates:
-            notes.append(f"--calib-tokens is ignored: {cfg.method} needs no calibration (add --report-error to calibrate "
-                         "for the layer errors)")
-        if a.refit_iterations is not None and not a.refit:
-            notes.append("--refit-iterations is ignored without --refit")
-        notes += private_notes(a, meth)
-        if a.calibration == "propagate" and not calibrates and not meth.ignored("calibration"):
-            notes.append(f"--calibration propagate is ignored: {cfg.method} needs no calibration (add --report-error "
-                         "to calibrate for the layer errors)")
-        if a.record_ram_mb is not None and (cfg.calibration != "propagate" or not calibrates
-                                            or meth.ignored("calibration")):
-            notes.append("--record-ram-mb only applies to --calibration propagate; ignored")
-        if kind is None and (a.checkpoint_dir is not None or a.resume):
-            notes.append(f"{cfg.method} runs in one step and writes no checkpoints; --checkpoint-dir / --resume ignored")
-        notes += [f"{f} is a pickle file; obslib loads the safetensors beside it and never opens it"
-                  for f in ignored_pickles(a.model_dir)[:3]]
-        for n in notes:
+        for n in ignored_notes(a, cfg, meth):
             print(f"obslib: note: {n}", file=sys.stderr)
 
     distributed.init_from_env(a.device)  # under torchrun: one process group, rank 0 writes (obslib/distributed.py)
@@ -293,6 +262,44 @@ def _prune_locked(a, cfg, meth, ckdir, world: int, rank0: bool, quiet_notes: boo
             ck.remove()  # the run is complete: its checkpoints (obslib's files only) are no longer needed
         if not a.quiet:
             print(closing_line(a.out, report, pipe, t_load, t_save, time.perf_counter() - t0))
+
+
+def ignored_notes(a, cfg, meth) -> list[str]:
+    """What a valid ``obslib prune`` command line sets that its method ignores, one note each (and pickle files the
+    model directory holds, which obslib never opens)."""
+    kind = meth.checkpoint_kind
+    notes = []
+    for flag, field_ in (("--packages", "packages"), ("--calibration", "calibration")):
+        if getattr(a, field_) is not None and meth.ignored(field_):
+            notes.append(f"{flag} is ignored by {cfg.method} (one calibration pass, one global allocation)")
+    if a.weighting is not None or a.alpha_ratio is not None:
+        flags = " / ".join(f for f, v in (("--weighting", a.weighting), ("--alpha-ratio", a.alpha_ratio))
+                           if v is not None)
+        why = meth.why_weighting_ignored()
+        if why:
+            notes.append(f"{flags} is ignored by {cfg.method} ({why})")
+        elif a.alpha_ratio is not None and cfg.weighting in ("uniform", "sensitivity"):
+            notes.append(f"--alpha-ratio is ignored with --weighting {cfg.weighting} ("
+                         + ("every step weighs the same)" if cfg.weighting == "uniform"
+                            else "the probe measures the weights)"))
+    calibrates = meth.calibrates(a.report_error)
+    if a.calib_tokens is not None and not calibrates:
+        notes.append(f"--calib-tokens is ignored: {cfg.method} needs no calibration (add --report-error to calibrate "
+                     "for the layer errors)")
+    if a.refit_iterations is not None and not a.refit:
+        notes.append("--refit-iterations is ignored without --refit")
+    notes += private_notes(a, meth)
+    if a.calibration == "propagate" and not calibrates and not meth.ignored("calibration"):
+        notes.append(f"--calibration propagate is ignored: {cfg.method} needs no calibration (add --report-error "
+                     "to calibrate for the layer errors)")
+    if a.record_ram_mb is not None and (cfg.calibration != "propagate" or not calibrates
+                                        or meth.ignored("calibration")):
+        notes.append("--record-ram-mb only applies to --calibration propagate; ignored")
+    if kind is None and (a.checkpoint_dir is not None or a.resume):
+        notes.append(f"{cfg.method} runs in one step and writes no checkpoints; --checkpoint-dir / --resume ignored")
+    notes += [f"{f} is a pickle file; obslib loads the safetensors beside it and never opens it"
+              for f in ignored_pickles(a.model_dir)[:3]]
+    return notes
 
 
 def private_notes(a, meth) -> list[str]:

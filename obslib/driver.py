@@ -409,9 +409,11 @@ def run_packages(plan: PackagePlan, io: PackageIO, params_before: int, t0: float
         if pi < progress.next:
             continue
         sent0 = io.dctx.sent if io.dctx is not None else 0
-        t = time.perf_counter()
-        stats = _calibrate_package(plan, io, pi, progress, bar) if io.calibrate is not None else {}
-        progress.calibration_s += time.perf_counter() - t
+        stats = {}
+        if io.calibrate is not None:
+            t = time.perf_counter()
+            stats = _calibrate_package(plan, io, pi, progress, bar)
+            progress.calibration_s += time.perf_counter() - t
         t = time.perf_counter()
         progress.layers += _solve_package(plan, io, package, stats)
         progress.solve_s += time.perf_counter() - t

@@ -36,6 +36,7 @@ import json
 import os
 import random
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -358,27 +359,51 @@ def _set_gates(masks: SoftMasks, chosen, value: float) -> None:
         masks.m[idx] = value
 
 
-def gradient_flow_prune(den, cfg, steps: int, component: str, undo, block_ids: list[int], train_batches=None,
-                        shares=None) -> dict:
-    """Train with soft gates, score by GraSP on the gates, hard-prune; returns the method's report fields."""
-    from .surgery import n_remove, remove_heads, remove_neurons, targeted_layers, targeted_size, unit_name
+def gradient_flow_prune(run) -> dict:
+    """Train with soft gates, score by GraSP on the gates, hard-prune; returns the method's report fields. ``run``:
+    an ``obslib.methods.base.WholeModelRun`` (the denoiser, the checked config, the rollback record, the targeted
+    blocks, the training batches, and per-unit removal shares of a parameter budget or unit map, or None)."""
+    from .surgery import n_remove, targeted_layers, targeted_size, unit_name
     from .packages import structured_units
 
-    if train_batches is None:
+    den, cfg = run.den, run.cfg
+    if run.train_batches is None:
         raise UsageError("method 'gradient-flow' needs training batches (obslib.prune builds them from the pipeline)")
     spec = spec_for(den)
-    units = [u for u in structured_units(den, spec, block_ids)]
+    units = list(structured_units(den, spec, run.block_ids))
     masks = SoftMasks(den, units)
-    shares = shares or {}  # per unit (a parameter budget's uniform split, a unit sparsity map); else the config's
+    shares = run.shares or {}  # per unit (a parameter budget's uniform split, a unit sparsity map); else the config's
     counts = [n_remove(masks.size(ui), shares.get(unit_name(units[ui]), cfg.group_sparsity(units[ui].kind, cfg.sparsity)))
               for ui in range(len(units))]
     targeted = targeted_layers(den, spec, units, True)
     target_before = targeted_size(den, targeted, "weights")
+    t0 = time.perf_counter()
+    chosen, log = _train_gates(den, cfg, units, masks, counts, _trainable(den, spec, units, run.undo), run.train_batches)
+    t_train = time.perf_counter() - t0
+    t = time.perf_counter()
+    layers = _hard_prune(den, units, masks, chosen, run.undo)
+    return {
+        "sparsity_actual": 1 - targeted_size(den, targeted, "weights") / target_before, "sparsity_counts": "weights",
+        "layers": layers,
+        "groups_removed": {f"{u.block}:{u.kind}:{','.join(u.hessian_layers)}": r for u, r in zip(units, chosen)},
+        "iterations": cfg.iterations, "loss": log, "hessian_mb_per_package": [],
+        "timings": {"calibration_s": 0.0, "training_s": t_train, "solve_s": time.perf_counter() - t},
+    }
+
+
+def _trainable(den, spec, units, undo) -> dict:
+    """The parameters of the blocks that hold the units (kept for a rollback), by name: what training updates."""
     blocks = dict(iter_blocks(den, spec))
     names = [name for bi, (name, _) in enumerate(iter_blocks(den, spec)) if bi in set(u.block_index for u in units)]
-    params = {f"{b}.{k}": p for b in names for k, p in blocks[b].named_parameters()}
     for b in names:
         undo.parameters(b)
+    return {f"{b}.{k}": p for b in names for k, p in blocks[b].named_parameters()}
+
+
+def _train_gates(den, cfg, units, masks, counts, params: dict, train_batches) -> tuple[list, list]:
+    """Train ``params`` with the gates closing over the ramp, scoring the gates by GraSP every SCORE_EVERY
+    iterations (resumable from ``cfg.checkpoint_dir``); (the groups chosen per unit, the loss log). Only ``params``
+    take gradients meanwhile; every parameter's flag is put back after."""
     flags = {n: p.requires_grad for n, p in den.named_parameters()}
     den.requires_grad_(False)
     for p in params.values():
@@ -395,69 +420,87 @@ def gradient_flow_prune(den, cfg, steps: int, component: str, undo, block_ids: l
                                            [masks.size(ui) for ui in range(len(units))], cfg.iterations)
     n = cfg.iterations
     ramp_end = max(1, round(RAMP * n))
-    t0 = time.perf_counter()
+    step = _Trainer(den, cfg, masks, counts, params, opt, ramp_end)
     bar = tqdm(range(start, n), initial=start, total=n, desc="gradient-flow", disable=not cfg.progress)
     try:
         with masks:
             for it in bar:
-                kwargs, target = train_batches(it)
-                scoring = it < ramp_end and it % SCORE_EVERY == 0
-                if it >= ramp_end:
-                    _set_gates(masks, chosen, 0.0)
-                else:
-                    _set_gates(masks, chosen, 1.0 - (it + 1) / ramp_end)
-                if scoring:
-                    masks.m.requires_grad_(True)
-                loss = F.mse_loss(den(**kwargs, return_dict=False)[0].float(), target.float())
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if scoring:
-                    base = masks.m.detach().clone()
-
-                    def loss_at(m):
-                        masks.m = m
-                        return F.mse_loss(den(**kwargs, return_dict=False)[0].float(), target.float())
-
-                    hg = hessian_gradient(loss_at, base, masks.m.grad.detach().clone())
-                    # GraSP on the gates: closing gate g (delta = -1) changes |grad|^2 by about -2 (Hg)_g;
-                    # S_g = -(Hg)_g > 0 means the removal raises the gradient norm: those are pruned first
-                    ema = EMA * ema + (1 - EMA) * (-hg if cfg.gradient_criterion == "raise" else hg)
-                    masks.m = base
-                    chosen = _select(masks, ema, counts)
-                    _set_gates(masks, chosen, 1.0 - (it + 1) / ramp_end)
-                torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
-                opt.step()
-                if not bool(torch.isfinite(loss.detach())) or not all(bool(torch.isfinite(p).all())
-                                                                       for p in params.values()):
-                    raise UsageError(f"gradient-flow training diverged at iteration {it + 1} of {n} (loss "
-                                     f"{float(loss.detach()):.4g}, or NaN/inf weights) with --lr {cfg.lr:g}; lower "
-                                     "--lr (no output was written)")
+                loss, ema, chosen = _train_step(step, train_batches(it), it, ema, chosen)
                 if it % 10 == 0 or it == n - 1:
-                    log.append([it, float(loss.detach())])
-                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+                    log.append([it, loss])
+                bar.set_postfix(loss=f"{loss:.4f}")
                 if cfg.checkpoint_dir and ((it + 1) % CKPT_EVERY == 0 or it + 1 == n):
                     _save(cfg.checkpoint_dir, it + 1, params, opt, ema, chosen, log, fp)
     finally:
         for name, p in den.named_parameters():
             p.requires_grad_(flags.get(name, True))
-    t_train = time.perf_counter() - t0
-    t = time.perf_counter()
+    return chosen, log
+
+
+@dataclass(frozen=True)
+class _Trainer:
+    """What every training iteration of gradient flow uses: the model, config, gates, groups to remove per unit,
+    trained parameters, optimiser and the iteration where the gates' ramp ends."""
+
+    den: torch.nn.Module
+    cfg: object
+    masks: object
+    counts: list
+    params: dict
+    opt: object
+    ramp_end: int
+
+
+def _train_step(tr: _Trainer, batch, it: int, ema, chosen):
+    """One training iteration at gate value 1 − (it + 1) / ramp_end (0 after the ramp), re-choosing the groups from
+    the GraSP score's running mean on scoring iterations; (the loss, the score's mean, the chosen groups)."""
+    den, cfg, masks, counts, params, opt, ramp_end = (tr.den, tr.cfg, tr.masks, tr.counts, tr.params, tr.opt,
+                                                      tr.ramp_end)
+    kwargs, target = batch
+    scoring = it < ramp_end and it % SCORE_EVERY == 0
+    _set_gates(masks, chosen, 0.0 if it >= ramp_end else 1.0 - (it + 1) / ramp_end)
+    if scoring:
+        masks.m.requires_grad_(True)
+    loss = F.mse_loss(den(**kwargs, return_dict=False)[0].float(), target.float())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if scoring:
+        base = masks.m.detach().clone()
+
+        def loss_at(m):
+            masks.m = m
+            return F.mse_loss(den(**kwargs, return_dict=False)[0].float(), target.float())
+
+        hg = hessian_gradient(loss_at, base, masks.m.grad.detach().clone())
+        # GraSP on the gates: closing gate g (delta = -1) changes |grad|^2 by about -2 (Hg)_g;
+        # S_g = -(Hg)_g > 0 means the removal raises the gradient norm: those are pruned first
+        ema = EMA * ema + (1 - EMA) * (-hg if cfg.gradient_criterion == "raise" else hg)
+        masks.m = base
+        chosen = _select(masks, ema, counts)
+        _set_gates(masks, chosen, 1.0 - (it + 1) / ramp_end)
+    torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+    opt.step()
+    if not bool(torch.isfinite(loss.detach())) or not all(bool(torch.isfinite(p).all()) for p in params.values()):
+        raise UsageError(f"gradient-flow training diverged at iteration {it + 1} of {cfg.iterations} (loss "
+                         f"{float(loss.detach()):.4g}, or NaN/inf weights) with --lr {cfg.lr:g}; lower "
+                         "--lr (no output was written)")
+    return float(loss.detach()), ema, chosen
+
+
+def _hard_prune(den, units, masks, chosen, undo) -> list[dict]:
+    """Remove the chosen heads and neurons for good; the layers' report entries."""
+    from .surgery import remove_heads, remove_neurons
+
     layers = []
-    for u, removed in zip(units, chosen):
+    for ui, (u, removed) in enumerate(zip(units, chosen)):
         if not removed:
             continue
         if u.kind == "heads":
             remove_heads(den, u, removed, undo)
-            layers += [{"name": nm, "sparsity": len(removed) / masks.size(units.index(u)), "rel_error": None,
+            layers += [{"name": nm, "sparsity": len(removed) / masks.size(ui), "rel_error": None,
                         "removed_heads": removed} for nm in u.hessian_layers]
         else:
             remove_neurons(den, u, removed, undo)
-            layers.append({"name": u.hessian_layers[0], "sparsity": len(removed) / masks.size(units.index(u)),
+            layers.append({"name": u.hessian_layers[0], "sparsity": len(removed) / masks.size(ui),
                            "rel_error": None, "removed_neurons": sorted(removed)})
-    target_after = targeted_size(den, targeted, "weights")
-    return {
-        "sparsity_actual": 1 - target_after / target_before, "sparsity_counts": "weights", "layers": layers,
-        "groups_removed": {f"{u.block}:{u.kind}:{','.join(u.hessian_layers)}": r for u, r in zip(units, chosen)},
-        "iterations": n, "loss": log, "hessian_mb_per_package": [],
-        "timings": {"calibration_s": 0.0, "training_s": t_train, "solve_s": time.perf_counter() - t},
-    }
+    return layers

@@ -33,14 +33,7 @@ def read_defaults(model_dir) -> dict | None:
     f = os.path.join(os.fspath(model_dir), DEFAULTS_FILE)
     if not os.path.exists(f):
         return None
-    try:
-        with open(f, encoding="utf-8") as fh:
-            d = json.load(fh)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{f!r} is not valid JSON ({' '.join(str(e).split())[:120]})") from None
-    if not isinstance(d, dict):
-        raise UsageError(f"{f!r} must hold a JSON object")
-    return d
+    return owned.read_json(f, repr(f))
 
 
 @contextlib.contextmanager
@@ -490,11 +483,7 @@ def check_pipeline_dir(path) -> dict:
     f = os.path.join(path, "model_index.json")
     if not os.path.isfile(f):
         raise UsageError(f"{path!r} is not a diffusers pipeline directory (no model_index.json)")
-    try:
-        with open(f, encoding="utf-8") as fh:
-            index = json.load(fh)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{path!r}: unreadable model_index.json ({' '.join(str(e).split())[:200]})") from None
+    index = owned.read_json(f, f"{path!r}: model_index.json", dict_only=False)
     if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
         raise UsageError(f"{path!r}: model_index.json does not name a pipeline class")
     parts = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2

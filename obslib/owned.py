@@ -219,6 +219,23 @@ def _finite(obj):
     return obj
 
 
+def read_json(path: str, what: str, hint: str = "", dict_only: bool = True):
+    """The JSON in ``path`` — one place for "read a JSON file or say, in one line, why not": an unreadable file or
+    invalid JSON (and, with ``dict_only``, anything but an object) is a ``UsageError`` naming ``what`` (e.g.
+    "checkpoint file 'ck/p0/meta.json'"), the reason, and ``hint`` (what to do)."""
+    from .errors import UsageError
+
+    tail = f"; {hint}" if hint else ""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            obj = json.load(fh)
+    except JSON_ERRORS as e:
+        raise UsageError(f"{what} is unreadable ({' '.join(str(e).split())[:120]}){tail}") from None
+    if dict_only and not isinstance(obj, dict):
+        raise UsageError(f"{what} does not hold a JSON object{tail}")
+    return obj
+
+
 def write_json(path: str, obj) -> None:
     """Write strict JSON atomically (non-finite floats as null)."""
     write_text(path, json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n")

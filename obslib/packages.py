@@ -1,9 +1,8 @@
-"""Module packages and the group-wise sequential driver.
+"""Module packages: the basic units a prune solves together, and their split into K packages.
 
-Basic units (per block, from the architecture table) are listed block by block and split into K
-contiguous packages of near-equal size. Package k is calibrated by full sampling runs through the model
-in which packages 1..k-1 are already pruned; only its own Hessians are in memory. Text embeddings are
-computed once and reused (text encoders are never pruned), and calibration samples to latents only.
+Basic units (per block, from the architecture table) are listed block by block and split into K contiguous
+packages of near-equal size. The driver (``obslib.driver``: calibrate, solve, checkpoint, report) calibrates
+package k through the model in which packages 1..k-1 are already pruned, so only its own Hessians are in memory.
 """
 from __future__ import annotations
 

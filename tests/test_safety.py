@@ -311,7 +311,7 @@ def corrupt(model, how):
     ("truncated_weights", "could not load a pipeline"),
     ("garbage_weights", "could not load a pipeline"),
     ("missing_weights", "no file named diffusion_pytorch_model.safetensors"),
-    ("bad_index", "unreadable model_index.json"),
+    ("bad_index", "model_index.json is unreadable"),
     ("bad_config", "could not load a pipeline"),
     ("missing_component", "missing component folder(s) vae"),
     ("pickle_weights", "pickle-format weights"),

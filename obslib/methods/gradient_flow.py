@@ -5,8 +5,7 @@ from .base import Method, WholeModelRun
 def driver(run: WholeModelRun) -> dict:
     from ..gradflow import gradient_flow_prune
 
-    return gradient_flow_prune(run.den, run.cfg, run.steps, run.component, run.undo, run.block_ids,
-                               train_batches=run.train_batches, shares=run.shares)
+    return gradient_flow_prune(run)
 
 
 METHOD = Method("gradient-flow", "gradient-flow reconstruction: soft gates on heads / neurons, GraSP criterion, "
