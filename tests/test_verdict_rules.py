@@ -1,5 +1,6 @@
 """The verdicts' rules (issue: verdicts that survive a rerun): the two-level interval, its p, Holm's correction, the
 numerical regime in the run cache's key, and the claims built from them — pinned on hand-made outcomes."""
+import os
 import types
 import zlib
 
@@ -254,3 +255,27 @@ def test_the_premise_family_pairs_window_rows_of_one_prune():
     assert by["Halves, equal-size noise", "psnr"]["diff"] == pytest.approx(-5.0)
     mse = by["Halves, 50% unstructured", "pixel_mse"]
     assert mse["diff"] < 0 and mse["verdict"] == "ahead"  # less pixel damage when pruned only late
+
+
+def test_window_rows_come_from_chapter_08s_caches_beside_the_run_cache(tmp_path, monkeypatch):
+    """``run`` asks chapter 08's injection and equal-size probe for exactly the halves the premise family pairs, on
+    the seeds asked, in the CSVs beside runs.csv; no study row is asked for the window pairs."""
+    from obslib.study import timesteps as ts
+
+    asked = []
+
+    def fake(kind):
+        def f(settings, seeds, windows, out_csv, **kw):
+            asked.append((kind, [s.pattern for s in settings], list(seeds), windows, os.path.basename(out_csv)))
+            return pd.DataFrame({"key": [f"{kind}|{s.key(0)}" for s in settings], "seed": 0})
+        return f
+
+    monkeypatch.setattr(ts, "run_injection", fake("inj"))
+    monkeypatch.setattr(ts, "run_equal_probe", fake("probe"))
+    monkeypatch.setattr(vd, "run_grid", lambda settings, seeds, csv, **kw: pd.DataFrame(
+        {"key": [f"grid|{s.key(0)}" for s in settings], "seed": 0}))
+    fam = vd.premise_family(16, 0.2)
+    vd.run([fam], [0, 1], str(tmp_path / "runs.csv"), more_seeds={"premise": [5]})
+    assert asked[:2] == [("inj", ["unstructured", "structured"], [0, 1], [(1, 10), (11, 20)], vd.INJECTION_CSV),
+                         ("probe", ["unstructured"], [0, 1], [(1, 10), (11, 20)], vd.PROBE_CSV)]
+    assert [a[2] for a in asked[2:]] == [[5], [5]]  # the family's further seeds, the same way
