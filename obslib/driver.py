@@ -483,7 +483,7 @@ def _solve_package(plan: PackagePlan, io: PackageIO, package, stats: dict) -> li
     den, cfg, method = plan.den, plan.cfg, plan.method
     per = _global_shares(den, plan.spec, package, stats, cfg) if cfg.allocation_used == "global" and stats else None
     if io.dctx is not None and not plan.structured:
-        return _solve_spread(den, package, stats, cfg, method, io.undo, plan.n_blocks, io.dctx, per)
+        return _solve_spread(plan, io, package, stats, per)
     out = []
     for unit in package:
         if plan.structured:
@@ -557,9 +557,10 @@ def _write_solution(den, name, W_hat, err, undo) -> dict:
     return {"name": name, "sparsity": float((mod.weight == 0).float().mean()), "rel_error": err}
 
 
-def _solve_spread(den, package, stats, cfg, method, undo, n_blocks, dctx, per=None) -> list[dict]:
+def _solve_spread(plan: PackagePlan, io: PackageIO, package, stats, per=None) -> list[dict]:
     """Unstructured / N:M over torch.distributed: each rank solves the layers it owns, then every solution is
     broadcast from its owner, in package order (layers are independent given their H)."""
+    den, cfg, method, undo, n_blocks, dctx = plan.den, plan.cfg, plan.method, io.undo, plan.n_blocks, io.dctx
     jobs = [(unit, name) for unit in package for name in unit.hessian_layers]
     mats = [weight_matrix(den.get_submodule(name)) for _, name in jobs]
     owners = dctx.assign([float(w.shape[0]) * w.shape[1] ** 2 for w in mats])
