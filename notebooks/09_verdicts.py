@@ -110,8 +110,8 @@ claims
 floors, floor_cmp = [], []  # not checked by nbval: two threads may sum in another order from run to run
 for pattern, sp in S["noise_floor"]:
     s = ex.Setting(method="obs-diff", pattern=pattern, sparsity=sp, num_calib=S["num_calib"])
-    per_seed, c = vd.noise_floor(s, seeds, S["noise_threads"], S["runs_csv"], model_dir=S["model_dir"],
-                                 num_prompts=S["num_eval_prompts"])
+    per_seed, c = vd.noise_floor(s, seeds, S["noise_threads"], S["runs_csv"], f"{S['results']}/09_noise_floor.csv",
+                                 model_dir=S["model_dir"], num_prompts=S["num_eval_prompts"])
     floors.append(per_seed.assign(setting=f"{sp:.0%} {pattern}" if pattern != "2:4" else "2:4"))
     floor_cmp += c
 floors = pd.concat(floors, ignore_index=True)

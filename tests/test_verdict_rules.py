@@ -279,3 +279,37 @@ def test_window_rows_come_from_chapter_08s_caches_beside_the_run_cache(tmp_path,
     assert asked[:2] == [("inj", ["unstructured", "structured"], [0, 1], [(1, 10), (11, 20)], vd.INJECTION_CSV),
                          ("probe", ["unstructured"], [0, 1], [(1, 10), (11, 20)], vd.PROBE_CSV)]
     assert [a[2] for a in asked[2:]] == [[5], [5]]  # the family's further seeds, the same way
+
+
+def test_noise_floor_reuses_its_own_lines_for_the_same_two_regimes(tmp_path, monkeypatch):
+    import torch
+
+    calls = {"prune": 0}
+
+    class Ev:
+        model_dir = "m"
+
+        def __init__(self, **kw):
+            pass
+
+    def grid(settings, seeds, csv, **kw):
+        return pd.DataFrame([{"seed": sd, "key": f"t{torch.get_num_threads()}|{settings[0].key(sd)}",
+                              "prompt_fidelity": 0.5, "psnr": 30.0, "pp_psnr": cmp.encode([30.0, 31.0], 3),
+                              "pp_fidelity": cmp.encode([1, 0])} for sd in seeds])
+
+    def pruned(model_dir, s, sd):
+        calls["prune"] += 1
+        return types.SimpleNamespace(transformer=torch.nn.Linear(4, 4, bias=False)), {}
+
+    monkeypatch.setattr(ex, "Evaluator", Ev)
+    monkeypatch.setattr(vd, "run_grid", grid)
+    monkeypatch.setattr(ex, "pruned_pipeline", pruned)
+    s = ex.Setting(method="obs-diff", sparsity=0.5)
+    floor = tmp_path / "09_noise_floor.csv"
+    first, _ = vd.noise_floor(s, [0, 1], (1, 2), str(tmp_path / "runs.csv"), str(floor))
+    assert calls["prune"] == 4 and list(first.seed) == [0, 1]
+    first.assign(setting="50% unstructured").to_csv(floor, index=False)
+    again, c = vd.noise_floor(s, [0, 1, 2], (1, 2), str(tmp_path / "runs.csv"), str(floor))
+    assert calls["prune"] == 6  # only seed 2, under each regime
+    assert list(again.seed) == [0, 1, 2] and len(c) == 2
+    assert again.iloc[:2].mask_positions_flipped.tolist() == first.mask_positions_flipped.tolist()

@@ -424,11 +424,15 @@ def claim_table(j: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def noise_floor(setting: Setting, seeds, threads, runs_csv: str, **ev_kwargs) -> tuple[pd.DataFrame, list[dict]]:
+def noise_floor(setting: Setting, seeds, threads, runs_csv: str, floor_csv: str | None = None,
+                **ev_kwargs) -> tuple[pd.DataFrame, list[dict]]:
     """The same setting under two numerical regimes (torch thread counts ``threads``, e.g. (1, 2)): per seed, how many
     mask positions of the pruned layers flip between the two prunes and how far the metrics move; and the paired
     comparison of the two regimes' rows as if they were two methods (``compare.compare``) — the size of difference
-    that float rounding alone makes. The rows are cached in ``runs_csv`` under their own regime's key."""
+    that float rounding alone makes. The rows are cached in ``runs_csv`` under their own regime's key; a seed whose
+    line ``floor_csv`` (this function's earlier output) already holds for these two regimes is not pruned again."""
+    import os
+
     import torch
 
     from . import experiments as ex
@@ -436,15 +440,25 @@ def noise_floor(setting: Setting, seeds, threads, runs_csv: str, **ev_kwargs) ->
 
     if len(threads) != 2:
         raise ValueError(f"threads must name two thread counts; got {threads}")
+    label = f"{setting.sparsity:.0%} {setting.pattern}" if setting.pattern != "2:4" else "2:4"
     n0 = torch.get_num_threads()
-    rows, masks = {}, {}
+    rows, masks, regimes = {}, {}, {}
     try:
+        for t in threads:
+            torch.set_num_threads(int(t))
+            regimes[t] = ex.regime()
+        done = pd.read_csv(floor_csv) if floor_csv and os.path.exists(floor_csv) else pd.DataFrame()
+        if len(done) and "setting" in done:
+            done = done[(done.setting == label) & (done.regime_a == regimes[threads[0]])
+                        & (done.regime_b == regimes[threads[1]])]
+        cached = {int(r.seed): r._asdict() for r in done.itertuples(index=False)} if len(done) else {}
+        todo = [sd for sd in seeds if sd not in cached]
         for t in threads:
             torch.set_num_threads(int(t))
             ex.forget_pruned()
             ev = ex.Evaluator(**ev_kwargs)  # dense reference images of this regime
             rows[t] = run_grid([setting], list(seeds), runs_csv, evaluator=ev, progress=False).assign(regime=ex.regime())
-            for sd in seeds:
+            for sd in todo:
                 ex.forget_pruned()
                 pipe, _ = ex.pruned_pipeline(ev.model_dir, setting, sd)
                 masks[t, sd] = {n: (p == 0) for n, p in pipe.transformer.named_parameters() if p.dim() == 2}
@@ -454,6 +468,9 @@ def noise_floor(setting: Setting, seeds, threads, runs_csv: str, **ev_kwargs) ->
     ta, tb = threads
     per_seed = []
     for sd in seeds:
+        if sd in cached:
+            per_seed.append({k: v for k, v in cached[sd].items() if k != "setting"})
+            continue
         ma, mb = masks[ta, sd], masks[tb, sd]
         flipped = sum(int((ma[n] != mb[n]).sum()) for n in ma)
         pruned = sum(int(ma[n].sum()) for n in ma)
@@ -464,7 +481,6 @@ def noise_floor(setting: Setting, seeds, threads, runs_csv: str, **ev_kwargs) ->
                          "prompt_fidelity_a": ra.prompt_fidelity, "prompt_fidelity_b": rb.prompt_fidelity,
                          "psnr_a": ra.psnr, "psnr_b": rb.psnr, "mean_abs_image_psnr_change": float(np.mean(np.abs(pa - pb))),
                          "images_changed": float(np.mean(pa != pb))})
-    label = f"{setting.sparsity:.0%} {setting.pattern}" if setting.pattern != "2:4" else "2:4"
     cmp_rows = compare(rows[tb], rows[ta], a=f"{tb} threads", b=f"{ta} threads", chapter="09 noise floor",
                        context=f"{setting.method} at {label}")
     return pd.DataFrame(per_seed), cmp_rows
