@@ -227,7 +227,8 @@ for name, frame in (("pruned weights", premise), ("equal-size noise", eprobe)):
             groups = {}
             for lab, v in said.items():
                 groups.setdefault(v, []).append(lab)
-            print(f"{name} ({setting}), which half hurts more: " + "; ".join(f"{v}: {', '.join(labs)}" for v, labs in groups.items()) + ".")
+            who = name if name == setting else f"{name} ({setting})"
+            print(f"{who}, which half hurts more: " + "; ".join(f"{v}: {', '.join(labs)}" for v, labs in groups.items()) + ".")
 if not len(eprobe):
     print("no equal-size probe rows yet: run 08_timesteps first")
 
