@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test study tour model notebooks notebook-outputs clean-results
+.PHONY: install test study tour model model-flux notebooks notebook-outputs clean-results
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,3 +63,9 @@ study: install
 model: install
 	$(PY) -m obslib.shapes.train --layout free --steps 5000 --checkpoint-dir checkpoints/stage1 --out checkpoints/stage1/model
 	$(PY) -m obslib.shapes.train --init-from checkpoints/stage1/model --steps 9000 --checkpoint-dir checkpoints/lattice --out models/shapes-sd3
+
+# the second embedded model (obslib/shapes/flux.py): FluxPipeline, trained around the SD3 model's VAE; resumable
+# (rerun the same command after an interruption); run it in the background: it takes hours on 2 cores
+model-flux: install
+	$(PY) -m obslib.shapes.train --arch flux --steps 12000 --batch 96 --checkpoint-dir checkpoints/shapes-flux \
+	  --log results/train_loss_flux.csv --out models/shapes-flux

@@ -96,6 +96,8 @@ def add_config_flags(p, groups: dict) -> None:
         choices = option_choices(f)
         if choices:
             help_ += f"; one of: {', '.join(choices)}"
+        if not md["fingerprint"]:
+            help_ += "; run control: the result does not depend on it"
         if md["kind"] == "bool":
             kw["action"] = "store_true"
         else:

@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -29,7 +30,11 @@ CFG_DROPOUT = 0.1
 def _save_ckpt(path: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """The stage's newest checkpoint (the same checkpoint directories as pruning: obslib/checkpoint.py)."""
     ck = CheckpointDir(path, "training", "training checkpoint")
-    final = ck.write(meta["step"], {k: v.contiguous() for k, v in tensors.items()}, meta)
+    seen, out = set(), {}
+    for k, v in tensors.items():  # tied weights (T5's shared embedding) are saved as copies: safetensors refuses aliases
+        out[k] = v.contiguous() if v.data_ptr() not in seen else v.clone()
+        seen.add(v.data_ptr())
+    final = ck.write(meta["step"], out, meta)
     ck.keep_only(os.path.basename(final))
 
 
@@ -90,9 +95,23 @@ def _sigmas(n: int, gen: torch.Generator) -> torch.Tensor:
     return torch.sigmoid(torch.randn(n, generator=gen))  # logit-normal, as in SD3
 
 
+def sd3_prediction(pipe, captions: list[str], x0_shape: tuple, xt: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The SD3 model's velocity for noisy latents ``xt`` at noise levels ``sigma``, the captions encoded by the
+    pipeline's own ``encode_prompt`` (so the saved pipeline generates exactly what it learned)."""
+    with quiet_diffusers():  # the placeholder T5's "truncated" warning, on every step otherwise
+        pe, _, pooled, _ = pipe.encode_prompt(captions, None, None, device=torch.device("cpu"),
+                                              do_classifier_free_guidance=False,
+                                              max_sequence_length=DEFAULT_SAMPLING["max_sequence_length"])
+    return pipe.transformer(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=pe,
+                            pooled_projections=pooled, return_dict=False)[0]
+
+
 def train_denoiser(pipe, steps: int, batch: int, ckpt: str, log: str, seed: int = 0, ckpt_every: int = 200,
                    lr: float = 4e-4, ema_decay: float = 0.999, warmup: int = 200, stage: str = "denoiser",
-                   free: bool = False):
+                   free: bool = False, predict=sd3_prediction):
+    """Train the transformer and the text encoders on the flow-matching loss (``predict``: the architecture's
+    velocity for a batch, ``sd3_prediction`` or ``obslib.shapes.flux.flux_prediction``), with an EMA of the weights
+    that the saved model keeps."""
     modules = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
     params = [p for m in modules.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -110,7 +129,6 @@ def train_denoiser(pipe, steps: int, batch: int, ckpt: str, log: str, seed: int 
     data = TrainBatches(seed + 1, batch, free=free)
     for m in modules.values():
         m.train()
-    msl = DEFAULT_SAMPLING["max_sequence_length"]
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="denoiser")
     running = None
     for step in bar:
@@ -121,15 +139,11 @@ def train_denoiser(pipe, steps: int, batch: int, ckpt: str, log: str, seed: int 
         captions = ["" if torch.rand(1, generator=gen).item() < CFG_DROPOUT else c for c in captions]
         with torch.no_grad():
             x0 = (vae.encode(x).latent_dist.sample(generator=gen) - shift) * scale
-        with quiet_diffusers():  # the placeholder T5's "truncated" warning, on every step otherwise
-            pe, _, pooled, _ = pipe.encode_prompt(captions, None, None, device=torch.device("cpu"),
-                                                  do_classifier_free_guidance=False, max_sequence_length=msl)
         sigma = _sigmas(len(captions), gen)
         noise = torch.randn(x0.shape, generator=gen)
         s = sigma.view(-1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
-        pred = pipe.transformer(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=pe,
-                                pooled_projections=pooled, return_dict=False)[0]
+        pred = predict(pipe, captions, tuple(x0.shape), xt, sigma)
         loss = F.mse_loss(pred, noise - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -239,6 +253,29 @@ def train_default_model(out: str, checkpoint_dir: str, vae_steps: int, steps: in
         json.dump(stage, f)
 
 
+def train_flux_model(out: str, checkpoint_dir: str, steps: int, batch: int, log: str, seed: int = 0,
+                     vae_from: str = "models/shapes-sd3") -> None:
+    """Train the Flux model (``obslib.shapes.flux``): the transformer and both text encoders from scratch, around the
+    VAE of ``vae_from`` (frozen: the two models share one latent space). Resumable from ``checkpoint_dir``."""
+    from ..io import check_output_dir, load_pipeline, save_pipeline
+    from .flux import DEFAULT_SAMPLING as FLUX_SAMPLING, build_flux_pipeline, flux_prediction
+
+    check_output_dir(out, [vae_from], overwrite=True)
+    torch.set_num_threads(int(os.environ.get("OBSLIB_THREADS", os.cpu_count() or 1)))
+    t0 = time.time()
+    vae = load_pipeline(vae_from).vae.requires_grad_(False).eval()
+    pipe = build_flux_pipeline(vae, seed)
+    train_denoiser(pipe, steps, batch, os.path.join(checkpoint_dir, "denoiser"), log, seed, stage="flux",
+                   predict=flux_prediction)
+    defaults = {**FLUX_SAMPLING, "calibration_prompts": "shapes-train", "image_size": vae.config.sample_size}
+    stage = {"arch": "flux", "vae_from": vae_from, "steps": steps, "batch": batch, "seed": seed,
+             "seconds": round(time.time() - t0, 1)}
+    save_pipeline(pipe, out, extra_json={"obslib_defaults.json": defaults, "obslib_training.json": [stage]},
+                  protect=[vae_from], overwrite=True)
+    with open(os.path.join(checkpoint_dir, "done.json"), "w") as f:
+        json.dump(stage, f)
+
+
 def training_history(model_dir: str) -> list[dict]:
     """The training stages recorded in a saved model (``obslib_training.json``; empty when absent)."""
     path = os.path.join(model_dir, "obslib_training.json")
@@ -264,9 +301,22 @@ def main(argv=None) -> None:
     p.add_argument("--init-from", help="continue training the denoiser of this saved pipeline (e.g. models/shapes-sd3)")
     p.add_argument("--layout", choices=("lattice", "free"), default="lattice",
                    help="object placement of the training renders (the world's lattice, or free placement)")
+    p.add_argument("--arch", choices=("sd3", "flux"), default="sd3",
+                   help="sd3: the embedded SD3 model; flux: the second model (obslib.shapes.flux), around the SD3 "
+                        "model's VAE (--vae-from)")
+    p.add_argument("--vae-from", default="models/shapes-sd3", help="--arch flux: the pipeline whose VAE it reuses")
     a = p.parse_args(argv)
-    train_default_model(a.out, a.checkpoint_dir, a.vae_steps, a.steps, a.batch, a.vae_batch, a.log, a.seed,
-                        a.decoder_steps, a.init_from, a.layout)
+    from ..errors import UsageError
+
+    try:
+        if a.arch == "flux":
+            train_flux_model(a.out, a.checkpoint_dir, a.steps, a.batch, a.log, a.seed, a.vae_from)
+        else:
+            train_default_model(a.out, a.checkpoint_dir, a.vae_steps, a.steps, a.batch, a.vae_batch, a.log, a.seed,
+                                a.decoder_steps, a.init_from, a.layout)
+    except UsageError as e:  # bad input: one line, exit 2, nothing written
+        print(f"obslib train: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
