@@ -22,9 +22,9 @@ import numpy as np
 from .config import GUIDANCE, SEEDS, STEPS
 from .errors import UsageError
 from .prompt_eval import reconstruction_metrics
-from .sampling import CALL_KEYS
+from .sampling import CALL_KEYS, guidance_kwargs, sampling_defaults
 from .seeds import prompt_generators
-from .io import check_output_file, check_pipeline_dir, quiet_diffusers, write_json
+from .io import check_output_file, check_pipeline_dir, quiet_diffusers, read_defaults, write_json
 from .shapes.classifier import fidelity  # noqa: F401  (obslib.evaluate.fidelity, as before)
 from .shapes.model import DEFAULT_SAMPLING
 from .shapes.world import SPLITS, parse_caption, prompts, render
@@ -45,7 +45,11 @@ def generate(pipe, prompts, seed: int, steps: int | None = None, guidance: float
     from tqdm.auto import tqdm
 
     prompts = list(prompts)
-    d = DEFAULT_SAMPLING if defaults is None else defaults
+    if defaults is None:  # the model's own obslib_defaults.json (the embedded models'), else the shapes world's
+        path = getattr(pipe, "name_or_path", None) or getattr(pipe, "config", {}).get("_name_or_path")
+        own = read_defaults(path) if path else None
+        defaults = sampling_defaults(pipe) if own else DEFAULT_SAMPLING
+    d = defaults
     steps = d["num_inference_steps"] if steps is None else int(steps)
     guidance = d["guidance_scale"] if guidance is None else float(guidance)
     params = inspect.signature(type(pipe).__call__).parameters
@@ -56,8 +60,9 @@ def generate(pipe, prompts, seed: int, steps: int | None = None, guidance: float
         for i in tqdm(starts, desc="generate", disable=not progress or len(starts) <= 1):
             gen = prompt_generators(int(seed), range(i, min(i + batch_size, len(prompts))))
             with torch.no_grad():
-                res = pipe(prompt=prompts[i : i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
-                           generator=gen, output_type="np", **extra)
+                batch = prompts[i : i + batch_size]
+                res = pipe(prompt=batch, num_inference_steps=steps, generator=gen, output_type="np",
+                           **guidance_kwargs(pipe, guidance, len(batch)), **extra)
             out.append(np.clip(np.rint(np.asarray(res.images, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8))
     if not out:
         return np.zeros((0, 0, 0, 3), dtype=np.uint8)
@@ -270,7 +275,9 @@ def _sample(args, pipe, ref, ps, window, steps, guidance, defaults):
     from .archs import find_denoiser
     from .windows import StepSwitch
 
-    with StepSwitch(find_denoiser(ref)[1], find_denoiser(pipe)[1], window, steps):
+    from .sampling import calls_per_step
+
+    with StepSwitch(find_denoiser(ref)[1], find_denoiser(pipe)[1], window, steps, calls_per_step(ref, guidance)):
         images = gen(ref)
     return images, gen(ref)
 

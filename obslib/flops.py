@@ -2,7 +2,8 @@
 
 The denoiser's first call of a one-prompt sampling run is captured (its exact arguments: the CFG batch, the text
 tokens, the latent size) and replayed under ``torch.utils.flop_counter.FlopCounterMode``; FLOPs per image =
-steps x that call's FLOPs (with CFG the call holds the image twice, as every real sampling step does). On CPU,
+steps x that call's FLOPs (with CFG the call holds the image twice, as every real sampling step does; under
+FluxPipeline's true CFG a step makes two calls of one image each, so it counts twice). On CPU,
 attention is counted through its math form (torch's counter has no formula for the CPU flash kernel). Text encoders
 and the VAE are not counted: pruning changes neither.
 """
@@ -62,6 +63,8 @@ def flops_per_image(pipe, steps: int, guidance: float, prompt: str = "an image",
                     call: tuple | None = None) -> tuple[int, tuple]:
     """(denoiser FLOPs per image over ``steps`` steps, the captured call) — pass ``call`` back to count the same
     inputs again after pruning."""
+    from .sampling import calls_per_step
+
     _, den = find_denoiser(pipe)
     call = call or denoiser_call(pipe, prompt, guidance, call_kwargs)
-    return steps * call_flops(den, call), call
+    return steps * calls_per_step(pipe, guidance) * call_flops(den, call), call

@@ -1,7 +1,9 @@
 """Timestep-aware Hessians collected by forward hooks during real sampling runs.
 
-``Calibration`` owns everything stateful: the hooks, the step counter (advanced by a forward pre-hook
-on the denoiser, reset by ``begin_run`` before each sampling run) and the float32 accumulators
+``Calibration`` owns everything stateful: the hooks, the call counter (advanced by a forward pre-hook
+on the denoiser, reset by ``begin_run`` before each sampling run; a pipeline whose guidance calls the denoiser more
+than once per step — FluxPipeline's ``true_cfg_scale``: once on the prompt, once on the negative one — declares
+``calls_per_step``, and call c belongs to step c // calls_per_step) and the float32 accumulators
 
     H_l   = 2 * sum_t alpha_t X_{l,t} X_{l,t}^T / sum_t alpha_t n_t        (in x in)
     mean_l = sum_t alpha_t 1^T X_{l,t} / sum_t alpha_t n_t                  (in)
@@ -141,9 +143,10 @@ class Calibration:
 
     def __init__(self, denoiser: nn.Module, layers: dict[str, nn.Module], alphas: list[float], per_step: bool = False,
                  tokens: int | None = None, token_seed: int = 0, share_inputs: bool = True,
-                 run_prompts: list[list[int]] | None = None):
+                 run_prompts: list[list[int]] | None = None, calls_per_step: int = 1):
         self.denoiser, self.layers, self.alphas = denoiser, layers, list(alphas)
         self.step = 0  # number of denoiser calls in the current sampling run
+        self.calls_per_step = int(calls_per_step)  # denoiser calls per sampling step (2 with FluxPipeline's true CFG)
         self.run = -1  # index of the current sampling run (begin_run counts them)
         self.stats = {}
         for name, m in layers.items():
@@ -157,10 +160,13 @@ class Calibration:
         self._subsets: dict[tuple, torch.Tensor] = {}
         self._handles = []
 
-    def begin_run(self, prompts: list[int] | None = None) -> None:
+    def begin_run(self, prompts: list[int] | None = None, calls_per_step: int | None = None) -> None:
         """A new sampling run; ``prompts``: the numbers of its prompts (token subsets are drawn per prompt), else
-        those recorded for this run number (a replay), else the run's own numbering."""
+        those recorded for this run number (a replay), else the run's own numbering; ``calls_per_step``: the
+        denoiser calls each step of this run makes (the sampler says: ``CalibrationRunner.calls_per_step``)."""
         self.step = 0
+        if calls_per_step is not None:
+            self.calls_per_step = int(calls_per_step)
         self.run += 1
         if prompts is not None:
             self.run_prompts[self.run:self.run + 1] = [list(prompts)]
@@ -168,17 +174,24 @@ class Calibration:
 
     def end_run(self) -> None:
         self._prev = None
-        if self.step != len(self.alphas):
+        if self.step != len(self.alphas) * self.calls_per_step:
             raise RuntimeError(
-                f"calibration run made {self.step} denoiser calls but {len(self.alphas)} weights were given; "
-                "use a first-order sampler with num_inference_steps equal to the weighting length")
+                f"calibration run made {self.step} denoiser calls but {len(self.alphas)} weights were given "
+                f"({self.calls_per_step} call(s) per step); use a first-order sampler with num_inference_steps equal "
+                "to the weighting length")
 
     def _pre_hook(self, module, args, kwargs=None):
         self.step += 1
         self._prev = None
         self._subsets.clear()
-        if self.step > len(self.alphas):
-            raise RuntimeError(f"denoiser called {self.step} times in one run; expected {len(self.alphas)}")
+        if self.step > len(self.alphas) * self.calls_per_step:
+            raise RuntimeError(f"denoiser called {self.step} times in one run; expected "
+                               f"{len(self.alphas) * self.calls_per_step}")
+
+    @property
+    def current_step(self) -> int:
+        """The 1-based sampling step of the current denoiser call."""
+        return (self.step - 1) // self.calls_per_step + 1
 
     def _subset(self, batch: int, length: int) -> torch.Tensor:
         """(batch, tokens) positions kept of each image in this call: image b is prompt b mod P of the run, in CFG
@@ -221,7 +234,8 @@ class Calibration:
                 raise RuntimeError(f"layer {name} read the same input as {self.shared[name]} before but not in this "
                                    "call; calibrate with share_inputs=False")
             self._prev = (x, name)
-            self.stats[name].add(self.rows(module, x.detach()), self.alphas[self.step - 1], self.step)
+            t = self.current_step
+            self.stats[name].add(self.rows(module, x.detach()), self.alphas[t - 1], t)
 
         return hook
 

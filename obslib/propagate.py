@@ -347,11 +347,12 @@ class Propagation:
         self.record: BlockRecord | None = None
         self.block_runs = 0  # block calls made by replays (the cost beyond the one sampling pass)
         self.block_names = block_names
+        self.calls_per_step = 1  # denoiser calls per sampling step, learnt from the first (recording) calibration
         self.memo = ModuleMemo(self.ram_limit, self.say) if memo and block_names is not None else None
 
     def _new_record(self, b: int) -> BlockRecord:
-        return BlockRecord(b, self.n_runs * len(self.alphas), self.ram_limit, os.path.join(self.spill_dir, f"b{b:04d}"),
-                           self.say)
+        return BlockRecord(b, self.n_runs * len(self.alphas) * self.calls_per_step, self.ram_limit,
+                           os.path.join(self.spill_dir, f"b{b:04d}"), self.say)
 
     def _capture(self, b: int, rec: BlockRecord, where):
         """A pre-hook on block b appending its inputs to ``rec``; ``where()`` gives (run, step)."""
@@ -366,7 +367,14 @@ class Propagation:
         """Package 1: dense sampling with its hooks and the capture of block b0's inputs."""
         calib = Calibration(den, layers, self.alphas, **self.calib_options)
         rec = self._new_record(b0)
-        h = self._capture(b0, rec, lambda: (calib.run, calib.step - 1))
+
+        def where():
+            if rec.on_disk is None:  # the first entry: the sampler has told the calibration its calls per step
+                self.calls_per_step = calib.calls_per_step
+                rec.expected = self.n_runs * len(self.alphas) * self.calls_per_step
+            return calib.run, calib.step - 1
+
+        h = self._capture(b0, rec, where)
         try:
             with calib:
                 self.calibrate(calib, "calibrate package 1 (dense sampling, recording)")
@@ -388,7 +396,8 @@ class Propagation:
         rec, r = self.record, self.record.block
         if b0 < r:
             raise RuntimeError(f"package starts at block {b0}, before the recorded block {r}")
-        calib = Calibration(self.blocks[r], layers, self.alphas, run_prompts=self.run_prompts, **self.calib_options)
+        calib = Calibration(self.blocks[r], layers, self.alphas, run_prompts=self.run_prompts,
+                            calls_per_step=self.calls_per_step, **self.calib_options)
         new = self._new_record(b0) if b0 > r else None
         counter = [0, 0]
         handles = [self._capture(b0, new, lambda: tuple(counter))] if new is not None else []

@@ -100,7 +100,41 @@ def _sd3_embeds(pipe, prompts, guidance, max_sequence_length):
     return out
 
 
-PROMPT_ENCODERS = {"StableDiffusion3Pipeline": _sd3_embeds}
+def true_cfg(pipe) -> bool:
+    """Whether the pipeline guides by ``true_cfg_scale`` with a negative prompt: a ``FluxPipeline`` whose transformer
+    has no guidance embedding (the embedded Flux model; FLUX.1-dev's embedding takes ``guidance_scale`` instead).
+    Its denoiser then runs twice per step, on the prompt and on the negative prompt."""
+    t = getattr(pipe, "transformer", None)
+    return type(pipe).__name__ == "FluxPipeline" and t is not None and not getattr(t.config, "guidance_embeds", True)
+
+
+def calls_per_step(pipe, guidance: float) -> int:
+    """Denoiser calls per sampling step at this guidance: 2 under true CFG (``true_cfg``), else 1 (the other
+    pipelines batch the guidance's two halves into one call)."""
+    return 2 if true_cfg(pipe) and guidance > 1 else 1
+
+
+def guidance_kwargs(pipe, guidance: float, n_prompts: int) -> dict:
+    """The pipeline-call arguments that apply ``guidance``: ``guidance_scale``, and under true CFG also
+    ``true_cfg_scale`` with the empty negative prompt (what the embedded Flux model was trained to take)."""
+    out = {"guidance_scale": guidance}
+    if calls_per_step(pipe, guidance) == 2:
+        out.update(true_cfg_scale=guidance, negative_prompt=[""] * n_prompts)
+    return out
+
+
+def _flux_embeds(pipe, prompts, guidance, max_sequence_length):
+    device = pipe._execution_device
+    pe, pooled, _ = pipe.encode_prompt(prompts, None, device=device, max_sequence_length=max_sequence_length)
+    out = {"prompt_embeds": pe, "pooled_prompt_embeds": pooled}
+    if calls_per_step(pipe, guidance) == 2:
+        npe, npooled, _ = pipe.encode_prompt([""] * len(prompts), None, device=device,
+                                             max_sequence_length=max_sequence_length)
+        out.update(negative_prompt_embeds=npe, negative_pooled_prompt_embeds=npooled, true_cfg_scale=guidance)
+    return out
+
+
+PROMPT_ENCODERS = {"StableDiffusion3Pipeline": _sd3_embeds, "FluxPipeline": _flux_embeds}
 
 
 class CalibrationRunner:
@@ -125,6 +159,11 @@ class CalibrationRunner:
         self._inputs = None
 
     @property
+    def calls_per_step(self) -> int:
+        """Denoiser calls per sampling step (``calls_per_step``): what every calibration run tells its hooks."""
+        return calls_per_step(self.pipe, self.guidance)
+
+    @property
     def index_batches(self) -> list[list[int]]:
         """The kept prompts' numbers, in sampling batches of ``batch_size``."""
         return [self.indices[i:i + self.batch_size] for i in range(0, len(self.indices), self.batch_size)]
@@ -139,9 +178,13 @@ class CalibrationRunner:
         if self._inputs is None:
             enc = PROMPT_ENCODERS.get(type(self.pipe).__name__)
             if enc is not None:
-                with torch.no_grad(), quiet_diffusers():
-                    self._inputs = [enc(self.pipe, b, self.guidance, self.msl) for b in tqdm(
-                        self.batches, desc=f"encode {len(self.indices)} prompts", leave=False, disable=not self.progress)]
+                try:
+                    with torch.no_grad(), quiet_diffusers():
+                        self._inputs = [enc(self.pipe, b, self.guidance, self.msl) for b in tqdm(
+                            self.batches, desc=f"encode {len(self.indices)} prompts", leave=False,
+                            disable=not self.progress)]
+                except (AttributeError, TypeError, IndexError, KeyError) as e:
+                    raise _misfit(self.pipe, e) from None
             else:
                 self._inputs = [{"prompt": b} for b in self.batches]
                 if "max_sequence_length" in _call_params(self.pipe):
@@ -158,7 +201,7 @@ class CalibrationRunner:
         for ids, inp in zip(self.index_batches, tqdm(inputs, desc=desc, leave=False, disable=not self.progress)):
             gens = prompt_generators(self.seed, ids, device)
             if calib is not None:
-                calib.begin_run(ids)
+                calib.begin_run(ids, calls_per_step=self.calls_per_step)
             try:
                 with torch.no_grad(), quiet_diffusers():
                     out = self.pipe(**inp, num_inference_steps=self.steps, guidance_scale=self.guidance, generator=gens,
@@ -166,12 +209,17 @@ class CalibrationRunner:
                 if latents:
                     kept.append(out.images)
             except (AttributeError, TypeError, IndexError, KeyError) as e:  # a pipeline whose parts do not fit
-                msg = " ".join(str(e).split())[:200]
-                raise UsageError(f"{type(self.pipe).__name__} could not sample for calibration ({type(e).__name__}: "
-                                 f"{msg}); is model_index.json's pipeline class right for its components?") from None
+                raise _misfit(self.pipe, e) from None
             if calib is not None:
                 calib.end_run()
         return kept
+
+
+def _misfit(pipe, e: Exception) -> UsageError:
+    """A pipeline whose parts do not fit its class (e.g. a wrong ``_class_name`` in model_index.json), in one line."""
+    msg = " ".join(str(e).split())[:200]
+    return UsageError(f"{type(pipe).__name__} could not sample for calibration ({type(e).__name__}: {msg}); is "
+                      "model_index.json's pipeline class right for its components?")
 
 
 def _call_params(pipe) -> set[str]:

@@ -73,7 +73,7 @@ def measure(runner, den: torch.nn.Module, steps: int, block_ids: list[int], cfg)
         ref = runner.run(None, "sensitivity probe: reference", latents=True)
         harm_w = []
         for w in windows:
-            with StepSwitch(den, other, w, steps):
+            with StepSwitch(den, other, w, steps, runner.calls_per_step):
                 z = runner.run(None, f"sensitivity probe: error in steps {w[0]}-{w[1]}", latents=True)
             harm_w.append(_relative_change(z, ref))
     finally:

@@ -2,9 +2,10 @@
 
 ``StepSwitch(denoiser, other, window, steps)`` is a context manager: while it is open, every call of
 ``denoiser`` at a step inside ``window`` (1-based; step 1 is the first, pure-noise step) runs ``other`` instead,
-with the same arguments, and every other call runs ``denoiser`` itself. Steps are counted per call, modulo
-``steps``: one call per step, as with the first-order samplers the study uses (classifier-free guidance
-doubles the batch, not the calls). With ``other`` a pruned copy this samples "pruned only in this window":
+with the same arguments, and every other call runs ``denoiser`` itself. Steps are counted from the calls, modulo
+``steps``: ``calls_per_step`` calls per step — one with the first-order samplers the study uses when
+classifier-free guidance doubles the batch, two under FluxPipeline's true CFG (the prompt's call, then the negative
+prompt's; ``obslib.sampling.calls_per_step``). With ``other`` a pruned copy this samples "pruned only in this window":
 the direct test of where a pruning error hurts (``obslib.study.timesteps``), and the probe of the ``sensitivity``
 weighting (``obslib.sensitivity``). A window covering every step gives ``other``'s images, an empty one
 ``denoiser``'s, bit for bit.
@@ -59,10 +60,12 @@ def window_steps(window, steps: int) -> frozenset[int]:
 class StepSwitch:
     """Run ``other`` in place of ``denoiser`` at the steps of ``window`` (see the module docstring)."""
 
-    def __init__(self, denoiser: nn.Module, other: nn.Module, window: Iterable[int] | tuple[int, int], steps: int):
+    def __init__(self, denoiser: nn.Module, other: nn.Module, window: Iterable[int] | tuple[int, int], steps: int,
+                 calls_per_step: int = 1):
         if not isinstance(steps, int) or steps < 1:
             raise UsageError(f"steps {steps!r} must be an integer >= 1")
         self.denoiser, self.other, self.steps = denoiser, other, steps
+        self.calls_per_step = int(calls_per_step)  # 2 under FluxPipeline's true CFG (obslib.sampling.calls_per_step)
         self.window = window_steps(window, steps)
         self.calls = 0
         self._own = None
@@ -70,7 +73,7 @@ class StepSwitch:
     @property
     def step(self) -> int:
         """The 1-based step of the next call."""
-        return self.calls % self.steps + 1
+        return (self.calls // self.calls_per_step) % self.steps + 1
 
     def _forward(self, *args, **kwargs):
         step = self.step
@@ -89,7 +92,9 @@ class StepSwitch:
 
     def __exit__(self, exc_type, exc, tb):
         del self.denoiser.forward  # back to the class's forward
-        if exc_type is None and self.calls % self.steps:
-            raise RuntimeError(f"the denoiser was called {self.calls} times, not a multiple of {self.steps} steps: a "
-                               "sampler with more than one call per step (e.g. Heun) cannot be switched by step")
+        per_run = self.steps * self.calls_per_step
+        if exc_type is None and self.calls % per_run:
+            raise RuntimeError(f"the denoiser was called {self.calls} times, not a multiple of {self.steps} steps x "
+                               f"{self.calls_per_step} call(s): a sampler with more than one call per step (e.g. "
+                               "Heun) cannot be switched by step")
         return False

@@ -47,3 +47,66 @@ def test_a_trained_flux_model_loads_with_the_stock_pipeline_and_samples_with_tru
     img = pipe(["a red circle"], negative_prompt=[""], true_cfg_scale=d["guidance_scale"], num_inference_steps=3,
                height=48, width=48, max_sequence_length=d["max_sequence_length"], output_type="np").images
     assert img.shape == (1, 48, 48, 3) and len(calls) == 3 * flux.DENOISER_CALLS_PER_STEP
+
+
+def _tiny_flux():
+    return flux.build_flux_pipeline(load_pipeline(DEFAULT_MODEL).vae, **TINY)
+
+
+def test_true_cfg_is_counted_as_two_denoiser_calls_per_step():
+    from obslib.sampling import CalibrationRunner, calls_per_step, collect_stats, guidance_kwargs
+
+    pipe = _tiny_flux()
+    assert calls_per_step(pipe, 4.0) == 2 and calls_per_step(pipe, 1.0) == 1
+    assert guidance_kwargs(pipe, 4.0, 2) == {"guidance_scale": 4.0, "true_cfg_scale": 4.0, "negative_prompt": ["", ""]}
+    assert calls_per_step(load_pipeline(DEFAULT_MODEL), 4.0) == 1  # SD3 batches the two halves into one call
+    names = ["transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_mlp"]
+    stats = {}
+    for g in (1.0, 4.0):  # the calibration's own check: exactly steps x calls-per-step calls per run, or it raises
+        stats[g] = collect_stats(pipe, names, ["a red circle", "a blue square"], steps=3, guidance=g, batch_size=2,
+                                 per_step=True)
+        assert sorted(stats[g][names[0]].step_energy) == [1, 2, 3]
+    # under true CFG each step also sees the negative prompt's call: twice the tokens per step
+    n1 = stats[1.0][names[0]].step_energy[2][1]
+    assert stats[4.0][names[0]].step_energy[2][1] == 2 * n1
+    r = CalibrationRunner(pipe, ["a red circle"], 3, 4.0, 0, 1)
+    assert r.calls_per_step == 2 and {"negative_prompt_embeds", "true_cfg_scale"} <= set(r.inputs[0])
+
+
+def test_step_switch_counts_steps_not_calls_under_true_cfg():
+    from obslib.windows import StepSwitch
+
+    class Tag(torch.nn.Module):
+        def __init__(self, v):
+            super().__init__()
+            self.v = v
+
+        def forward(self, x):
+            return x * 0 + self.v
+
+    base, other = Tag(0.0), Tag(1.0)
+    seen = []
+    with StepSwitch(base, other, (2, 2), 3, calls_per_step=2):
+        for _ in range(6):  # 3 steps x (prompt, negative prompt)
+            seen.append(float(base(torch.zeros(1))))
+    assert seen == [0, 0, 1, 1, 0, 0]
+
+
+def test_the_flux_model_prunes_with_resample_and_propagate_under_true_cfg():
+    import obslib
+
+    for calibration in ("resample", "propagate"):
+        pipe = _tiny_flux()
+        rep = obslib.prune(pipe, obslib.PruneConfig(sparsity=0.5, packages=2, calibration=calibration, steps=3,
+                                                    guidance=4.0, prompts=["a red circle", "a blue square"],
+                                                    batch_size=2, progress=False))
+        assert abs(rep["sparsity_actual"] - 0.5) < 0.02 and rep["calibration"] == calibration
+        if calibration == "propagate":
+            assert rep["replay_block_calls"] > 0
+        fl = rep["flops_per_image"]
+        assert fl["dense"] > 0 and fl["pruned"] == fl["dense"]  # zeros keep the count
+    from obslib.flops import call_flops, denoiser_call
+
+    dense = _tiny_flux()
+    one = call_flops(dense.transformer, denoiser_call(dense, "a red circle", 4.0, {"max_sequence_length": 256}))
+    assert fl["dense"] == 3 * 2 * one  # 3 steps x (prompt, negative prompt) calls of one image each

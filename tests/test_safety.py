@@ -410,12 +410,12 @@ def test_evaluate_refuses_an_unsupported_pipeline_and_a_foreign_out_file(tiny_pi
     ("sparsity", float("nan"), "sparsity=nan"),
     ("packages", 2.0, "packages=2.0 (float): expected an integer"),
     ("steps", True, "steps=True (bool): expected an integer"),
-    ("seed", -5, "seed -5 must be an integer"),
-    ("guidance", -1.0, "guidance -1.0 must be"),
+    ("seed", -5, "--seed -5 is outside [0, 2**63 - 2**32)"),
+    ("guidance", -1.0, "--guidance -1.0 is outside [0, 1000]"),
     ("block_range", (2, 1), "block range"),
     ("blocksize", 6, "blocksize 6 must be a positive multiple of M=4"),
     ("prompts", ["ok", "  "], "empty prompt"),
-    ("alpha_max", 1e308, "alpha_max <= 1e6"),
+    ("alpha_max", 1e308, "alpha_max 1e+308 is outside [1e-06, 1e+06]"),
 ])
 def test_library_config_types_are_checked(tiny_pipe, field, value, needle):
     kw = {**QUICK, field: value}

@@ -77,7 +77,7 @@ def run_injection(settings: list[Setting], seeds, windows: list[tuple[int, int]]
         for w in windows:
             if key(s, sd, w) in keys:
                 continue
-            with StepSwitch(dense.transformer, pruned.transformer, w, steps):
+            with StepSwitch(dense.transformer, pruned.transformer, w, steps, _calls(dense, s)):
                 images = ev.images(dense, s, sd)
             row = {k: v for k, v in s.__dict__.items() if k != "extra"}
             row.update(seed=sd, window=window_label(w), first=w[0], last=w[1], steps=steps,
@@ -127,17 +127,19 @@ class OutputNoise(torch.nn.Module):
 class ErrorMeter(torch.nn.Module):
     """Runs ``dense`` and ``other`` on the same inputs and returns ``dense``'s output (the trajectory stays the dense
     one); records ``other``'s relative error ‖v_other − v_dense‖ / ‖v_dense‖ (mean over the batch) per step
-    (calls counted modulo ``steps``)."""
+    (``calls_per_step`` calls a step, steps counted modulo ``steps``)."""
 
-    def __init__(self, dense: torch.nn.Module, other: torch.nn.Module, steps: int):
+    def __init__(self, dense: torch.nn.Module, other: torch.nn.Module, steps: int, calls_per_step: int = 1):
         super().__init__()
         self.dense, self.other, self.steps, self.calls = dense, other, int(steps), 0
+        self.calls_per_step = int(calls_per_step)
         self.errors: list[list[float]] = [[] for _ in range(self.steps)]
 
     def forward(self, *args, **kwargs):
         d = self.dense(*args, **kwargs)
         o = self.other(*args, **kwargs)
-        self.errors[self.calls % self.steps].append(float(_rel(_prediction(o), _prediction(d)).mean()))
+        self.errors[(self.calls // self.calls_per_step) % self.steps].append(
+            float(_rel(_prediction(o), _prediction(d)).mean()))
         self.calls += 1
         return d
 
@@ -166,15 +168,15 @@ def run_equal_probe(settings: list[Setting], seeds, windows: list[tuple[int, int
         steps = s.eval_steps or DEFAULT_SAMPLING["num_inference_steps"]
         pruned, _ = pruned_pipeline(ev.model_dir, s, sd)
         dense, twin = load_pipeline(ev.model_dir), load_pipeline(ev.model_dir).transformer
-        meter = ErrorMeter(twin, pruned.transformer, steps)
-        with StepSwitch(dense.transformer, meter, (1, steps), steps):
+        meter = ErrorMeter(twin, pruned.transformer, steps, _calls(dense, s))
+        with StepSwitch(dense.transformer, meter, (1, steps), steps, _calls(dense, s)):
             ev.images(dense, s, sd)
         per_step = meter.per_step()
         rel = float(np.mean(per_step))
         for w in windows:
             if key(s, sd, w) in keys:
                 continue
-            with StepSwitch(dense.transformer, OutputNoise(twin, rel, sd), w, steps):
+            with StepSwitch(dense.transformer, OutputNoise(twin, rel, sd), w, steps, _calls(dense, s)):
                 images = ev.images(dense, s, sd)
             row = {k: v for k, v in s.__dict__.items() if k != "extra"}
             row.update(seed=sd, window=window_label(w), first=w[0], last=w[1], steps=steps, rel=rel,
@@ -197,12 +199,20 @@ def window_images(setting: Setting, seed: int, windows: list[tuple[int, int]], p
     dense = load_pipeline(ev.model_dir)
     rows, labels = [ev.images(dense, setting, seed)[:prompts]], [DENSE]
     for w in windows:
-        with StepSwitch(dense.transformer, pruned.transformer, w, steps):
+        with StepSwitch(dense.transformer, pruned.transformer, w, steps, _calls(dense, setting)):
             rows.append(ev.images(dense, setting, seed)[:prompts])
         labels.append(window_label(w))
     rows.append(ev.images(pruned, setting, seed)[:prompts])
     labels.append(WHOLE)
     return np.concatenate(rows), labels
+
+
+def _calls(pipe, s: Setting) -> int:
+    """Denoiser calls per step when ``pipe`` samples a setting's evaluation (2 under the Flux model's true CFG)."""
+    from ..sampling import calls_per_step, sampling_defaults
+
+    g = s.eval_guidance if s.eval_guidance is not None else sampling_defaults(pipe)["guidance_scale"]
+    return calls_per_step(pipe, g)
 
 
 def setting_label(row) -> str:
