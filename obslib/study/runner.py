@@ -91,7 +91,7 @@ def run_study(names=NOTEBOOKS, mode: str = "full", out_dir: str | None = None) -
     timing = {}
     t_all = time.perf_counter()
     if mode == "full" and tuple(names) == NOTEBOOKS:
-        from ..shapes.report import main as model_report
+        from .model_report import main as model_report
 
         print("[0] default model report (results/default_model.json)", flush=True)
         t = time.perf_counter()
