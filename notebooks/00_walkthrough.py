@@ -38,6 +38,7 @@
 
 # %% tags=["parameters"]
 mode = "full"  # "quick" = the tiny grid run by `make test` (also set by OBSLIB_MODE)
+model_dir = None  # another embedded model, e.g. "models/shapes-flux": its tables and figures go to results/<name>/ and figures/<name>/ (default: models/shapes-sd3)
 layer = "transformer_blocks.2.ff.net.2"   # any targeted linear layer
 sparsity = 0.5
 percdamp = 0.01  # the solver's damping, as a share of the mean diagonal of H (PruneConfig.percdamp)
@@ -59,7 +60,7 @@ from obslib.io import quiet_diffusers
 from obslib.methods import METHODS
 from obslib.obs import damping, obs_prune, reconstruction_error, saliency
 from obslib.shapes import prompts
-S = study.settings(mode)          # grid sizes of this mode and output folders
+S = study.settings(mode, model_dir)  # grid sizes of this mode, the model and output folders
 torch.set_num_threads(int(os.environ.get("OBSLIB_THREADS", os.cpu_count())))
 sns.set_theme(style="whitegrid", font_scale=0.9)
 pd.set_option("display.max_colwidth", None)

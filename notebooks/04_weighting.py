@@ -22,6 +22,7 @@
 
 # %% tags=["parameters"]
 mode = "full"  # "quick" = the tiny grid run by `make test` (also set by OBSLIB_MODE)
+model_dir = None  # another embedded model, e.g. "models/shapes-flux": its tables and figures go to results/<name>/ and figures/<name>/ (default: models/shapes-sd3)
 sparsity = 0.6
 
 # %%
@@ -32,7 +33,7 @@ import obslib
 from obslib import study
 from obslib.study import experiments as ex, plots, compare as cmp
 from obslib.weighting import ABLATION_SCHEMES
-S = study.settings(mode)          # grid sizes of this mode and output folders
+S = study.settings(mode, model_dir)  # grid sizes of this mode, the model and output folders
 torch.set_num_threads(int(os.environ.get("OBSLIB_THREADS", os.cpu_count())))
 sns.set_theme(style="whitegrid", font_scale=0.9)
 print(S["mode"], "mode: tables ->", study.rel(S["results"]), "| figures ->", study.rel(S["figures"]))

@@ -28,6 +28,7 @@
 
 # %% tags=["parameters"]
 mode = "full"  # "quick" = the tiny grid run by `make test` (also set by OBSLIB_MODE)
+model_dir = None  # another embedded model, e.g. "models/shapes-flux": its tables and figures go to results/<name>/ and figures/<name>/ (default: models/shapes-sd3)
 sparsities = [0.1, 0.2, 0.3]
 attempts = 3         # measurements of a variant before its numbers are kept as rejected
 pause_s = 10.0       # seconds between attempts
@@ -41,7 +42,7 @@ from IPython.display import display
 from obslib import study
 from obslib.study import timing, plots
 from obslib.shapes.world import IMAGE_SIZE
-S = study.settings(mode)          # grid sizes of this mode and output folders
+S = study.settings(mode, model_dir)  # grid sizes of this mode, the model and output folders
 if S["mode"] == "quick":          # a smoke test: one pruned variant, two prompts, one attempt (problems recorded)
     sparsities, attempts, pause_s, batch_prompts = sparsities[1:2], 1, 0.0, 2
 torch.set_num_threads(int(os.environ.get("OBSLIB_THREADS", os.cpu_count())))

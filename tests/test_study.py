@@ -135,3 +135,19 @@ def test_a_chapter_row_whose_mcnemar_p_disagrees_with_its_interval_is_marked_bor
     _comparisons(tmp_path, rows)
     (row,) = [r for r in claim_rows(str(tmp_path)) if "OBS-Diff ahead of Wanda" in r["claim"]]
     assert row["ours"].count("borderline") == 1 and "borderline: McNemar p = 0.064 disagrees" in row["ours"]
+
+
+def test_another_model_gets_its_own_results_figures_and_run_cache(monkeypatch, tmp_path):
+    import os
+
+    from obslib.study.runner import main, model_name, settings
+
+    monkeypatch.delenv("OBSLIB_MODEL_DIR", raising=False)
+    monkeypatch.setenv("OBSLIB_MODE", "quick")
+    sd3 = settings("quick")
+    assert sd3["results"].endswith(os.path.join(".tmp", "quick", "results")) and model_name(sd3["model_dir"]) == ""
+    flux = settings("quick", str(tmp_path / "shapes-flux"))
+    assert flux["results"] == os.path.join(os.path.dirname(sd3["results"]), "results", "shapes-flux")
+    assert flux["figures"].endswith(os.path.join("figures", "shapes-flux")) and flux["model_name"] == "shapes-flux"
+    assert flux["runs_csv"] == os.path.join(flux["results"], "runs.csv") != sd3["runs_csv"]
+    assert main(["00_walkthrough.ipynb", "--mode", "quick", "--model-dir", str(tmp_path / "missing")]) == 2

@@ -69,28 +69,46 @@ def resolve_mode(mode: str) -> str:
     return mode
 
 
-def settings(mode: str) -> dict:
-    """Grid sizes and output folders for a mode (after the OBSLIB_MODE override)."""
+def model_name(model_dir: str) -> str:
+    """The subfolder of results/ and figures/ for a model's tables and figures: "" for the embedded SD3 model (the
+    study's own folders), else the model directory's name (``models/shapes-flux`` -> "shapes-flux")."""
+    if os.path.realpath(model_dir) == os.path.realpath(embedded_model()):
+        return ""
+    return os.path.basename(os.path.normpath(model_dir))
+
+
+def settings(mode: str, model_dir: str | None = None) -> dict:
+    """Grid sizes and output folders for a mode (after the OBSLIB_MODE override) and a model (``model_dir``, else
+    OBSLIB_MODEL_DIR, else the embedded SD3 model). Another model's tables, figures and run cache go to its own
+    subfolders (``model_name``), so its rows never sit beside the first model's; every row's key names its model
+    anyway (``experiments.cache_tag``)."""
     mode = resolve_mode(mode)
     s = dict(_FULL if mode == "full" else _QUICK)
+    model_dir = model_dir or os.environ.get("OBSLIB_MODEL_DIR") or embedded_model()
     base = _root() if mode == "full" else os.path.join(_root(), ".tmp", "quick")
-    s.update(mode=mode, results=os.path.join(base, "results"), figures=os.path.join(base, "figures"),
-             runs_csv=os.path.join(base, "results", "runs.csv"), model_dir=os.environ.get("OBSLIB_MODEL_DIR", embedded_model()))
+    name = model_name(model_dir)
+    results, figures = (os.path.join(base, "results", *[name] if name else []),
+                        os.path.join(base, "figures", *[name] if name else []))
+    s.update(mode=mode, results=results, figures=figures, runs_csv=os.path.join(results, "runs.csv"),
+             model_dir=model_dir, model_name=name or os.path.basename(os.path.normpath(model_dir)))
     os.makedirs(s["results"], exist_ok=True)
     os.makedirs(s["figures"], exist_ok=True)
     return s
 
 
-def run_study(names=NOTEBOOKS, mode: str = "full", out_dir: str | None = None) -> dict:
+def run_study(names=NOTEBOOKS, mode: str = "full", out_dir: str | None = None, model_dir: str | None = None) -> dict:
     import papermill as pm
 
-    # executed notebooks: results/notebooks for the study; quick runs never replace those
-    out_dir = out_dir or os.path.join(_root(), "results", "notebooks") if resolve_mode(mode) == "full" else \
-        out_dir or os.path.join(_root(), ".tmp", "quick", "notebooks")
+    # executed notebooks: results/notebooks for the study (results/<model>/notebooks for another model); quick runs
+    # never replace those
+    model_dir = None if model_dir is None else os.path.abspath(model_dir)  # the notebooks run in notebooks/
+    S = settings(mode, model_dir)
+    out_dir = out_dir or os.path.join(S["results"], "notebooks")
+    params = {"mode": mode} if model_dir is None else {"mode": mode, "model_dir": model_dir}
     os.makedirs(out_dir, exist_ok=True)
     timing = {}
     t_all = time.perf_counter()
-    if mode == "full" and tuple(names) == NOTEBOOKS:
+    if mode == "full" and tuple(names) == NOTEBOOKS and model_dir is None:
         from .model_report import main as model_report
 
         print("[0] default model report (results/default_model.json)", flush=True)
@@ -101,12 +119,12 @@ def run_study(names=NOTEBOOKS, mode: str = "full", out_dir: str | None = None) -
         print(f"[{i + 1}/{len(names)}] {name}", flush=True)
         t = time.perf_counter()
         pm.execute_notebook(os.path.join(_root(), "notebooks", name), os.path.join(out_dir, name),
-                            parameters={"mode": mode}, cwd=os.path.join(_root(), "notebooks"), progress_bar=True,
+                            parameters=params, cwd=os.path.join(_root(), "notebooks"), progress_bar=True,
                             kernel_name="python3")
         _relative_paths(os.path.join(out_dir, name))
         timing[name] = time.perf_counter() - t
         print(f"    {timing[name]:.0f} s", flush=True)
-    if mode == "full" and tuple(names) == NOTEBOOKS:
+    if mode == "full" and tuple(names) == NOTEBOOKS and model_dir is None:
         from .claims import write_claims
         from ..io import write_json
 
@@ -143,13 +161,20 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m obslib.study", description=__doc__)
     p.add_argument("notebooks", nargs="*", help="notebook names (default: all)")
     p.add_argument("--mode", default="full", choices=("full", "quick"))
+    p.add_argument("--model-dir", help="another embedded model (e.g. models/shapes-flux): every notebook runs on it, "
+                                       "its tables, figures and executed notebooks under results/<name>/ and "
+                                       "figures/<name>/ (default: models/shapes-sd3)")
     a = p.parse_args(argv)
+    if a.model_dir is not None and not os.path.isdir(a.model_dir):
+        print(f"obslib.study: error: --model-dir {a.model_dir!r} is not a directory; allowed: a pipeline directory "
+              "such as models/shapes-flux", file=sys.stderr)
+        return 2
     names = a.notebooks or NOTEBOOKS
     unknown = [n for n in names if n not in NOTEBOOKS]
     if unknown:
         print(f"obslib.study: error: unknown notebook {unknown[0]!r}; allowed: {', '.join(NOTEBOOKS)}", file=sys.stderr)
         return 2
-    t = run_study(names, a.mode)
+    t = run_study(names, a.mode, model_dir=a.model_dir)
     print(json.dumps({k: round(v, 1) for k, v in t.items()}))
     return 0
 
