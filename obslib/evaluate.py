@@ -188,7 +188,8 @@ def evaluate_pipeline(pipe, num_prompts: int, steps: int, seed: int, reference=N
 
 
 # ----------------------------------------------------------------------------------------------- CLI
-SUPPORTED_PIPELINES = ("StableDiffusion3Pipeline",)  # generate() passes SD3's max_sequence_length
+# the embedded models' pipelines: generate() samples each with its own obslib_defaults.json (text length, guidance)
+SUPPORTED_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
 
 
 def _check_index(path: str) -> None:
@@ -277,7 +278,8 @@ def _sample(args, pipe, ref, ps, window, steps, guidance, defaults):
 
     from .sampling import calls_per_step
 
-    with StepSwitch(find_denoiser(ref)[1], find_denoiser(pipe)[1], window, steps, calls_per_step(ref, guidance)):
+    g = guidance if guidance is not None else (defaults or sampling_defaults(ref))["guidance_scale"]
+    with StepSwitch(find_denoiser(ref)[1], find_denoiser(pipe)[1], window, steps, calls_per_step(ref, g)):
         images = gen(ref)
     return images, gen(ref)
 

@@ -110,3 +110,24 @@ def test_the_flux_model_prunes_with_resample_and_propagate_under_true_cfg():
     dense = _tiny_flux()
     one = call_flops(dense.transformer, denoiser_call(dense, "a red circle", 4.0, {"max_sequence_length": 256}))
     assert fl["dense"] == 3 * 2 * one  # 3 steps x (prompt, negative prompt) calls of one image each
+
+
+def test_the_shapes_world_evaluator_scores_the_flux_model(tmp_path, monkeypatch):
+    """obslib evaluate on a (tiny, barely trained) Flux model: sampled with its own defaults (true CFG, its text
+    length), and the window probe switches the denoiser per step, not per call."""
+    from obslib.cli import main
+
+    monkeypatch.setattr(flux, "FLUX_CONFIG", {**flux.FLUX_CONFIG, **TINY})
+    out = tmp_path / "flux"
+    train_flux_model(str(out), str(tmp_path / "ck"), steps=1, batch=2, log=str(tmp_path / "log.csv"))
+    assert main(["evaluate", str(out), "--num-prompts", "4", "--steps", "2", "--out", str(tmp_path / "m.json")]) == 0
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert 0 <= m["prompt_fidelity"] <= 1 and m["guidance"] == 4.0
+    import shutil
+
+    ref = tmp_path / "ref"
+    shutil.copytree(out, ref)
+    assert main(["evaluate", str(out), "--reference", str(ref), "--pruned-steps", "1-1", "--num-prompts", "4",
+                 "--steps", "2", "--out", str(tmp_path / "w.json")]) == 0
+    w = json.loads((tmp_path / "w.json").read_text())
+    assert w["psnr"] > 60  # the same denoiser switched in: the reference's own images

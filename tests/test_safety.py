@@ -380,12 +380,12 @@ def test_bad_evaluate_arguments_are_one_line(tiny_pipe_dir, tmp_path, capsys, ar
 
 
 def test_evaluate_refuses_an_unsupported_pipeline_and_a_foreign_out_file(tiny_pipe_dir, tmp_path, capsys):
-    m = tmp_path / "flux"
+    m = tmp_path / "sdxl"
     shutil.copytree(tiny_pipe_dir, m)
     idx = json.load(open(m / "model_index.json"))
-    json.dump({**idx, "_class_name": "FluxPipeline"}, open(m / "model_index.json", "w"))
+    json.dump({**idx, "_class_name": "StableDiffusionXLPipeline"}, open(m / "model_index.json", "w"))
     one_line(*cli(["evaluate", m, "--num-prompts", "4", "--out", tmp_path / "m.json"], capsys),
-             "is a FluxPipeline; the shapes-world evaluator scores")
+             "is a StableDiffusionXLPipeline; the shapes-world evaluator scores")
     precious = tmp_path / "thesis.tex"
     precious.write_text("\\chapter{x}")
     one_line(*cli(["evaluate", tiny_pipe_dir, "--num-prompts", "4", "--out", precious], capsys),
