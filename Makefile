@@ -67,5 +67,5 @@ model: install
 # the second embedded model (obslib/shapes/flux.py): FluxPipeline, trained around the SD3 model's VAE; resumable
 # (rerun the same command after an interruption); run it in the background: it takes hours on 2 cores
 model-flux: install
-	$(PY) -m obslib.shapes.train --arch flux --steps 12000 --batch 96 --checkpoint-dir checkpoints/shapes-flux \
+	$(PY) -m obslib.shapes.train --arch flux --steps 12000 --batch 64 --checkpoint-dir checkpoints/shapes-flux \
 	  --log results/train_loss_flux.csv --out models/shapes-flux
