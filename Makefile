@@ -68,4 +68,5 @@ model: install
 # (rerun the same command after an interruption); run it in the background: it takes hours on 2 cores
 model-flux: install
 	$(PY) -m obslib.shapes.train --arch flux --steps 12000 --batch 64 --checkpoint-dir checkpoints/shapes-flux \
-	  --log results/train_loss_flux.csv --out models/shapes-flux
+	  --log checkpoints/shapes-flux/train_loss.csv --out models/shapes-flux
+	cp checkpoints/shapes-flux/train_loss.csv results/train_loss_flux.csv  # the loss log joins results/ once complete

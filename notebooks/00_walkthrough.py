@@ -38,11 +38,10 @@
 
 # %% tags=["parameters"]
 mode = "full"  # "quick" = the tiny grid run by `make test` (also set by OBSLIB_MODE)
-model_dir = None  # another embedded model, e.g. "models/shapes-flux": its tables and figures go to results/<name>/ and figures/<name>/ (default: models/shapes-sd3)
 layer = "transformer_blocks.2.ff.net.2"   # any targeted linear layer
 sparsity = 0.5
 percdamp = 0.01  # the solver's damping, as a share of the mean diagonal of H (PruneConfig.percdamp)
-model_dir = None  # default: the embedded model
+model_dir = None  # default: the embedded model; another model's tables and figures go to results/<name>/ and figures/<name>/
 calib_prompts_file = None
 
 # %%
@@ -68,7 +67,7 @@ print(S["mode"], "mode: tables ->", study.rel(S["results"]), "| figures ->",
       study.rel(S["figures"]))
 
 # %%
-pipe = obslib.load_pipeline(model_dir or S["model_dir"])
+pipe = obslib.load_pipeline(S["model_dir"])
 defaults = obslib.sampling_defaults(pipe)
 calib = obslib.sampling.read_prompt_file(calib_prompts_file) if calib_prompts_file else prompts("train", S["num_calib"])
 T = defaults["num_inference_steps"]
