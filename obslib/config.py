@@ -70,24 +70,6 @@ POSITIVE = Interval(1)  # counts: at least one
 EXTRA = {"dsnot_cycles": ("int", Interval(1, 10_000))}
 
 
-def _kind(kind: str, nullable: bool = False, fingerprint: bool = True, *, help: str = "", bounds: Interval | None = None,
-          choices=None, flag: str | None = "", metavar: str | None = None, default_help: str | None = None,
-          group: str = "method") -> dict:
-    """Field metadata, the one description of a setting that the type and range checks, the checkpoint fingerprint,
-    the report and the command line (``obslib.cli``) all read:
-
-    * ``kind`` (see KIND_WORDS), whether None is allowed, whether it changes the result (and so belongs to a
-      checkpoint's fingerprint; the others are run control);
-    * ``bounds`` (an ``Interval``) and ``choices`` (a tuple, or a function returning one, for registries filled
-      later), checked by ``PruneConfig.validate``;
-    * for the command line: ``help``, ``flag`` ("" = ``--`` + the name with dashes; None = no flag of its own: set
-      through another flag or from Python only), ``metavar``, ``default_help`` (how the help states a default that
-      is not a plain value), ``group`` (where the help lists it). Settings only one method reads are grouped by that
-      method instead (``Method.options``)."""
-    return {"kind": kind, "nullable": nullable, "fingerprint": fingerprint, "help": help, "bounds": bounds,
-            "choices": choices, "flag": flag, "metavar": metavar, "default_help": default_help, "group": group}
-
-
 def option_flag(f) -> str | None:
     """The command-line flag of a PruneConfig field (None: it has none of its own)."""
     flag = f.metadata["flag"]
@@ -163,9 +145,22 @@ def _allocations():
     return ALLOCATIONS
 
 
-def _opt(default, kind: str, nullable: bool = False, fingerprint: bool = True, **meta):
-    """A field with its metadata (``_kind``); mutable defaults through a factory."""
-    md = _kind(kind, nullable, fingerprint, **meta)
+def _opt(default, kind: str, nullable: bool = False, fingerprint: bool = True, *, help: str = "",
+         bounds: Interval | None = None, choices=None, flag: str | None = "", metavar=None,
+         default_help: str | None = None, group: str = "method"):
+    """A field whose metadata is the one description of its setting, read by the type and range checks, the
+    checkpoint fingerprint, the report and the command line (``obslib.cli``); mutable defaults through a factory.
+
+    * ``kind`` (see KIND_WORDS), whether None is allowed, whether it changes the result (and so belongs to a
+      checkpoint's fingerprint; the others are run control);
+    * ``bounds`` (an ``Interval``) and ``choices`` (a tuple, or a function returning one, for registries filled
+      later), checked by ``PruneConfig.validate``;
+    * for the command line: ``help``, ``flag`` ("" = ``--`` + the name with dashes; None = no flag of its own: set
+      through another flag or from Python only), ``metavar``, ``default_help`` (how the help states a default that
+      is not a plain value), ``group`` (where the help lists it). Settings only one method reads are grouped by that
+      method instead (``Method.options``)."""
+    md = {"kind": kind, "nullable": nullable, "fingerprint": fingerprint, "help": help, "bounds": bounds,
+          "choices": choices, "flag": flag, "metavar": metavar, "default_help": default_help, "group": group}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=md)
     return field(default=default, metadata=md)
@@ -173,7 +168,7 @@ def _opt(default, kind: str, nullable: bool = False, fingerprint: bool = True, *
 
 @dataclass
 class PruneConfig:
-    """Every setting of a prune. Each field's metadata (``_kind``) is its one description: kind, bounds, choices,
+    """Every setting of a prune. Each field's metadata (``_opt``) is its one description: kind, bounds, choices,
     whether it changes the result, and its command-line flag and help (``obslib prune`` is generated from it)."""
 
     method: str = _opt("obs-diff", "str", choices=_methods, help="the pruning method")

@@ -22,9 +22,9 @@ import numpy as np
 from .config import GUIDANCE, SEEDS, STEPS
 from .errors import UsageError
 from .prompt_eval import reconstruction_metrics
-from .sampling import CALL_KEYS, guidance_kwargs, sampling_defaults
+from .sampling import CALL_KEYS, guidance_kwargs, own_sampling_defaults
 from .seeds import prompt_generators
-from .io import check_output_file, check_pipeline_dir, quiet_diffusers, read_defaults, write_json
+from .io import check_output_file, check_pipeline_dir, quiet_diffusers, write_json
 from .shapes.classifier import fidelity  # noqa: F401  (obslib.evaluate.fidelity, as before)
 from .shapes.model import DEFAULT_SAMPLING
 from .shapes.world import SPLITS, parse_caption, prompts, render
@@ -45,11 +45,8 @@ def generate(pipe, prompts, seed: int, steps: int | None = None, guidance: float
     from tqdm.auto import tqdm
 
     prompts = list(prompts)
-    if defaults is None:  # the model's own obslib_defaults.json (the embedded models'), else the shapes world's
-        path = getattr(pipe, "name_or_path", None) or getattr(pipe, "config", {}).get("_name_or_path")
-        own = read_defaults(path) if path else None
-        defaults = sampling_defaults(pipe) if own else DEFAULT_SAMPLING
-    d = defaults
+    # the model's own obslib_defaults.json (the embedded models'), else the shapes world's
+    d = defaults if defaults is not None else own_sampling_defaults(pipe) or DEFAULT_SAMPLING
     steps = d["num_inference_steps"] if steps is None else int(steps)
     guidance = d["guidance_scale"] if guidance is None else float(guidance)
     params = inspect.signature(type(pipe).__call__).parameters
@@ -278,8 +275,7 @@ def _sample(args, pipe, ref, ps, window, steps, guidance, defaults):
 
     from .sampling import calls_per_step
 
-    g = guidance if guidance is not None else (defaults or sampling_defaults(ref))["guidance_scale"]
-    with StepSwitch(find_denoiser(ref)[1], find_denoiser(pipe)[1], window, steps, calls_per_step(ref, g)):
+    with StepSwitch(find_denoiser(ref)[1], find_denoiser(pipe)[1], window, steps, calls_per_step(ref, guidance)):
         images = gen(ref)
     return images, gen(ref)
 

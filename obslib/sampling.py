@@ -22,12 +22,17 @@ MAX_PROMPT_FILE = 64 * 2**20  # bytes
 
 def sampling_defaults(pipe) -> dict:
     """The model's own sampling defaults (obslib_defaults.json in its directory) or the paper's."""
+    return own_sampling_defaults(pipe) or dict(GENERIC_SAMPLING)
+
+
+def own_sampling_defaults(pipe) -> dict | None:
+    """The model's own sampling defaults (its obslib_defaults.json, checked), or None when it has none."""
     if not hasattr(pipe, "config") or not hasattr(pipe, "components"):
         raise UsageError(f"pipe must be a diffusers pipeline (obslib.load_pipeline(path)), got {type(pipe).__name__}")
     path = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
     d = read_defaults(path) if path else None
     if d is None:
-        return dict(GENERIC_SAMPLING)
+        return None
     d = {**GENERIC_SAMPLING, **d}
     msl = d.get("max_sequence_length", MAX_SEQUENCE_LENGTH)
     if not is_kind("int", d["num_inference_steps"]) or not is_kind("real", d["guidance_scale"]) \
@@ -108,10 +113,13 @@ def true_cfg(pipe) -> bool:
     return type(pipe).__name__ == "FluxPipeline" and t is not None and not getattr(t.config, "guidance_embeds", True)
 
 
-def calls_per_step(pipe, guidance: float) -> int:
-    """Denoiser calls per sampling step at this guidance: 2 under true CFG (``true_cfg``), else 1 (the other
-    pipelines batch the guidance's two halves into one call)."""
-    return 2 if true_cfg(pipe) and guidance > 1 else 1
+def calls_per_step(pipe, guidance: float | None = None) -> int:
+    """Denoiser calls per sampling step at this guidance (None: the model's default): 2 under true CFG
+    (``true_cfg``), else 1 (the other pipelines batch the guidance's two halves into one call)."""
+    if not true_cfg(pipe):
+        return 1
+    g = sampling_defaults(pipe)["guidance_scale"] if guidance is None else guidance
+    return 2 if g > 1 else 1
 
 
 def guidance_kwargs(pipe, guidance: float, n_prompts: int) -> dict:

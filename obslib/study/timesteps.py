@@ -209,10 +209,9 @@ def window_images(setting: Setting, seed: int, windows: list[tuple[int, int]], p
 
 def _calls(pipe, s: Setting) -> int:
     """Denoiser calls per step when ``pipe`` samples a setting's evaluation (2 under the Flux model's true CFG)."""
-    from ..sampling import calls_per_step, sampling_defaults
+    from ..sampling import calls_per_step
 
-    g = s.eval_guidance if s.eval_guidance is not None else sampling_defaults(pipe)["guidance_scale"]
-    return calls_per_step(pipe, g)
+    return calls_per_step(pipe, s.eval_guidance)
 
 
 def setting_label(row) -> str:
