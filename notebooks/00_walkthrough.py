@@ -52,7 +52,7 @@ import numpy as np, pandas as pd, matplotlib.pyplot as plt, seaborn as sns
 import torch
 import obslib
 from obslib import evaluate, study
-from obslib.study import plots
+from obslib.study import describe, plots
 from obslib.archs import block_units, iter_blocks, spec_for
 from obslib.hessian import LayerStats, weight_matrix
 from obslib.io import quiet_diffusers
@@ -84,31 +84,10 @@ print(f"{len(calib)} calibration prompts, e.g. {calib[0]!r}; {T} sampling steps,
 
 # %%
 # NBVAL_CHECK_OUTPUT
-tr, cfg = pipe.transformer, pipe.transformer.config
-msl = defaults.get("max_sequence_length", obslib.sampling.MAX_SEQUENCE_LENGTH)
-with torch.no_grad(), quiet_diffusers():  # quiet: the placeholder T5 "truncates" every caption to its slots
-    text_tokens = pipe.encode_prompt([calib[0]], None, None, do_classifier_free_guidance=False, max_sequence_length=msl)[0].shape[1]
+tr = pipe.transformer
 spec = spec_for(tr)
 targets = [n for b, blk in iter_blocks(tr, spec) for unit in block_units(b, blk, spec) for n in unit]
-target_weights = sum(weight_matrix(tr.get_submodule(n)).numel() for n in targets)
-n_params = sum(p.numel() for p in tr.parameters())
-latent = cfg.sample_size
-encoders = [(k.replace("_", " "), f"{type(m).__name__}, {sum(p.numel() for p in m.parameters()):,} parameters")
-            for k, m in pipe.components.items() if k.startswith("text_encoder") and m is not None]
-card = pd.DataFrame([
-    ("pipeline", type(pipe).__name__),
-    ("denoiser", f"{type(tr).__name__}, {n_params:,} parameters"),
-    ("MMDiT blocks", f"{len(tr.transformer_blocks)}"),
-    ("attention heads × head dim", f"{cfg.num_attention_heads} × {cfg.attention_head_dim}"),
-    ("hidden size", f"{cfg.num_attention_heads * cfg.attention_head_dim}"),
-    ("image resolution", f"{latent * pipe.vae_scale_factor} × {latent * pipe.vae_scale_factor} pixels"),
-    ("latent", f"{cfg.in_channels} channels × {latent} × {latent} (VAE downsampling {pipe.vae_scale_factor}×)"),
-    ("image tokens", f"{(latent // cfg.patch_size) ** 2} = ({latent} / patch size {cfg.patch_size})²"),
-    ("text tokens per prompt", f"{text_tokens} ({pipe.tokenizer_max_length} CLIP + {msl} T5 slots)"),
-    *encoders,
-    ("targeted linear layers", f"{len(targets)}, {target_weights:,} weights ({target_weights / n_params:.0%} of the denoiser)"),
-    ("default sampling", f"{T} steps, guidance {defaults['guidance_scale']}, {type(pipe.scheduler).__name__}"),
-], columns=["property", "value"]).set_index("property")
+card = describe.model_card(pipe, defaults, calib[0])  # read off the loaded pipeline, for SD3 and Flux alike
 card
 
 # %% [markdown]

@@ -196,6 +196,40 @@ def _sd3_batches(pipe, source, seed: int, msl: int):
     return batch
 
 
+def _flux_batches(pipe, source, seed: int, msl: int):
+    """Flux: SD3's flow matching on the latents packed into 2 x 2 patches as ``FluxPipeline`` packs them, with the
+    image and text position ids; the guidance embedding (FLUX.1-dev) gets the pipeline's default 3.5."""
+    from diffusers import FluxPipeline
+
+    vae = pipe.vae
+    shift, scale = vae.config.shift_factor or 0.0, vae.config.scaling_factor
+    device = pipe._execution_device
+    guided = bool(getattr(pipe.transformer.config, "guidance_embeds", False))
+
+    def batch(i: int):
+        from .io import quiet_diffusers
+
+        gen = torch.Generator().manual_seed(seed * NOISE_SEED_STRIDE + i)
+        captions, x = source(i)
+        captions = _captions_dropped(captions, gen)
+        with torch.no_grad(), quiet_diffusers():
+            x0 = (vae.encode(x.to(device, vae.dtype)).latent_dist.sample(generator=gen).cpu().float() - shift) * scale
+            pe, pooled, txt_ids = pipe.encode_prompt(captions, None, device=device, max_sequence_length=msl)
+        b, c, h, w = x0.shape
+        sigma = torch.sigmoid(torch.randn(b, generator=gen))
+        noise = torch.randn(x0.shape, generator=gen)
+        s = sigma.view(-1, 1, 1, 1)
+        dt = pipe.transformer.dtype
+        packed = FluxPipeline._pack_latents((1 - s) * x0 + s * noise, b, c, h, w)
+        kwargs = dict(hidden_states=packed.to(device, dt), timestep=sigma.to(device, dt), encoder_hidden_states=pe,
+                      pooled_projections=pooled, txt_ids=txt_ids,
+                      img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dt),
+                      guidance=torch.full((b,), 3.5, device=device, dtype=dt) if guided else None)
+        return kwargs, FluxPipeline._pack_latents(noise - x0, b, c, h, w).to(device, dt)
+
+    return batch
+
+
 def _ddpm_noised(sched, x0: torch.Tensor, gen: torch.Generator):
     """A DDPM-family training pair: (x_t, t, target) with target the noise or the velocity, as the scheduler says."""
     t = torch.randint(0, sched.config.num_train_timesteps, (len(x0),), generator=gen)
@@ -245,7 +279,8 @@ def _unet_batches(text):
 
 
 # pipeline class -> how its denoiser is trained (its own loss)
-TRAIN_BATCHES = {"StableDiffusion3Pipeline": _sd3_batches, "StableDiffusionPipeline": _unet_batches(_sd_text),
+TRAIN_BATCHES = {"StableDiffusion3Pipeline": _sd3_batches, "FluxPipeline": _flux_batches,
+                 "StableDiffusionPipeline": _unet_batches(_sd_text),
                  "StableDiffusionXLPipeline": _unet_batches(_sdxl_text)}
 
 
@@ -255,7 +290,9 @@ def training_batches(pipe, cfg, defaults: dict):
     if name not in TRAIN_BATCHES:
         raise UsageError(f"gradient-flow pruning trains {', '.join(TRAIN_BATCHES)} pipelines; this is a {name}")
     den = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
-    size = int(den.config.sample_size) * int(pipe.vae_scale_factor)
+    # the model's own image size (FluxPipeline's default, 1024 px, is the real Flux's), else its denoiser's
+    size = defaults.get("height") or int(getattr(den.config, "sample_size", None) or pipe.default_sample_size) \
+        * int(pipe.vae_scale_factor)
     if cfg.train_data is not None:
         source = ImageFolder(cfg.train_data, size, cfg.batch_size, cfg.seed)
     elif defaults.get("calibration_prompts") == "shapes-train":

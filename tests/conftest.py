@@ -22,6 +22,22 @@ def tiny_pipe_dir(tmp_path_factory):
     return str(d)
 
 
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory):
+    """A tiny random Flux pipeline (obslib.shapes.flux: 1 double- and 1 single-stream block, 8 heads) around the
+    embedded SD3 model's VAE, saved with save_pretrained and the embedded Flux model's defaults (3 steps)."""
+    from obslib.io import load_pipeline, write_json
+    from obslib.paths import DEFAULT_MODEL
+    from obslib.shapes import flux
+
+    d = tmp_path_factory.mktemp("tiny") / "tiny-flux"
+    pipe = flux.build_flux_pipeline(load_pipeline(DEFAULT_MODEL).vae, num_layers=1, num_single_layers=1)
+    pipe.save_pretrained(d)
+    write_json(str(d / "obslib_defaults.json"), {**flux.DEFAULT_SAMPLING, "num_inference_steps": 3, "height": 48,
+                                                 "width": 48, "calibration_prompts": "shapes-train"})
+    return str(d)
+
+
 @pytest.fixture
 def tiny_pipe(tiny_pipe_dir):
     from obslib import load_pipeline

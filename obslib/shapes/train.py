@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointDir, optim_restore, optim_tensors
 from ..io import quiet_diffusers
+from ..owned import write_text
 from .model import DEFAULT_SAMPLING, build_pipeline
 from .batches import NOISE_SEED_STRIDE, TrainBatches
 
@@ -48,6 +49,18 @@ def _load_ckpt(path: str):
     return ck.read(entries[-1], {"step": lambda v: isinstance(v, int) and v >= 1})
 
 
+def _truncate_log(path: str, stage: str, step: int) -> None:
+    """On resume: drop the log's rows of ``stage`` at or after ``step`` (written after the checkpoint resumed from),
+    so each step is logged once."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.read().splitlines()
+    keep = lines[:1] + [ln for ln in lines[1:] if not (ln.split(",")[0] == stage and int(ln.split(",")[1]) >= step)]
+    if len(keep) < len(lines):
+        write_text(path, "\n".join(keep) + "\n")
+
+
 def _log(path: str, row: dict) -> None:
     new = not os.path.exists(path)
     with open(path, "a") as f:
@@ -66,6 +79,7 @@ def train_vae(pipe, steps: int, batch: int, ckpt: str, log: str, seed: int = 0, 
         vae.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("vae.")})
         optim_restore(opt, state, meta["optim"], "opt")
         start = meta["step"]
+    _truncate_log(log, "vae", start)
     data = TrainBatches(seed, batch, free=free)
     vae.train()
     for step in tqdm(range(start, steps), initial=start, total=steps, desc="vae"):
@@ -124,6 +138,7 @@ def train_denoiser(pipe, steps: int, batch: int, ckpt: str, log: str, seed: int 
             ema[n].load_state_dict({k[len(n) + 5:]: v for k, v in state.items() if k.startswith(f"ema_{n}.")})
         optim_restore(opt, state, meta["optim"], "opt")
         start = meta["step"]
+    _truncate_log(log, stage, start)
     vae = pipe.vae
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
     data = TrainBatches(seed + 1, batch, free=free)
@@ -192,6 +207,7 @@ def train_decoder(pipe, steps: int, batch: int, ckpt: str, log: str, seed: int =
         vae.decoder.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("decoder.")})
         optim_restore(opt, state, meta["optim"], "opt")
         start = meta["step"]
+    _truncate_log(log, "decoder", start)
     data = TrainBatches(seed + 2, batch, scenes=all_scenes(), free=free)
     vae.decoder.train()
     for step in tqdm(range(start, steps), initial=start, total=steps, desc="decoder (whole world)"):
@@ -267,7 +283,9 @@ def train_flux_model(out: str, checkpoint_dir: str, steps: int, batch: int, log:
     pipe = build_flux_pipeline(vae, seed)
     train_denoiser(pipe, steps, batch, os.path.join(checkpoint_dir, "denoiser"), log, seed, stage="flux",
                    predict=flux_prediction)
-    defaults = {**FLUX_SAMPLING, "calibration_prompts": "shapes-train", "image_size": vae.config.sample_size}
+    size = vae.config.sample_size  # FluxPipeline's own default is 1024 px: the model's size is part of its defaults
+    defaults = {**FLUX_SAMPLING, "calibration_prompts": "shapes-train", "image_size": size, "height": size,
+                "width": size}
     stage = {"arch": "flux", "vae_from": vae_from, "steps": steps, "batch": batch, "seed": seed,
              "seconds": round(time.time() - t0, 1)}
     save_pipeline(pipe, out, extra_json={"obslib_defaults.json": defaults, "obslib_training.json": [stage]},
