@@ -35,6 +35,16 @@ EVAL_SEED_OFFSET = 1000
 EVAL_VERSION = "pp2"
 PP_COLUMNS = ("pp_fidelity", "pp_attributes", "pp_psnr", "pp_ssim")  # per-prompt outcomes (obslib.study.compare.encode)
 SAMPLERS = {"euler": "FlowMatchEulerDiscreteScheduler", "heun": "FlowMatchHeunDiscreteScheduler"}
+# FluxPipeline always hands its scheduler its own sigma schedule, which the Heun scheduler cannot take
+SAMPLERS_UNAVAILABLE = {"FluxPipeline": ("heun",)}
+
+
+def samplers(model_dir: str) -> list[str]:
+    """The evaluation samplers (``SAMPLERS``) the model's pipeline class can run."""
+    from ..owned import read_json
+
+    cls = read_json(os.path.join(model_dir, "model_index.json"), "model_index.json").get("_class_name")
+    return [s for s in SAMPLERS if s not in SAMPLERS_UNAVAILABLE.get(cls, ())]
 
 
 @dataclass

@@ -208,13 +208,17 @@ def compare_to_flops(lo: float, hi: float, predicted: float) -> str:
 # ------------------------------------------------------------------------------------------ the tables
 def pipeline_calls(pipe, prompts) -> dict:
     """Run the pipeline once (``generate`` with its defaults; also a warm-up) and record its transformer calls:
-    ``steps`` (how many), ``batch`` and ``context`` (text tokens) of the first, and whether all had that shape."""
+    ``steps`` (how many), ``batch`` and ``context`` (text tokens) of the first, whether all had that shape, and
+    ``inputs``: the first call's keyword arguments (tensors copied), what a timed transformer call replays — for any
+    architecture (SD3's latents and pooled text, Flux's packed tokens and position ids)."""
     from ..evaluate import generate
 
-    shapes = []
+    shapes, first = [], {}
 
     def hook(module, args, kwargs):
         shapes.append((tuple(kwargs["hidden_states"].shape), tuple(kwargs["encoder_hidden_states"].shape)))
+        if not first:
+            first.update({k: v.detach().clone() if torch.is_tensor(v) else v for k, v in kwargs.items()})
 
     h = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -224,7 +228,7 @@ def pipeline_calls(pipe, prompts) -> dict:
     if not shapes:
         raise RuntimeError("the pipeline made no transformer call")
     return {"steps": len(shapes), "batch": shapes[0][0][0], "context": shapes[0][1][1],
-            "same_shape": all(s == shapes[0] for s in shapes)}
+            "same_shape": all(s == shapes[0] for s in shapes), "inputs": first}
 
 
 def budget_variants(budgets) -> dict[str, dict]:
@@ -260,6 +264,7 @@ def speed_table(model_dir: str | None = None, sparsities=(0.1, 0.2, 0.3), repeat
     from ..evaluate import generate
     from ..flops import call_flops
     from ..io import load_pipeline
+    from ..sampling import calls_per_step
     from ..shapes import prompts as world_prompts
 
     model_dir = model_dir or DEFAULT_MODEL
@@ -275,17 +280,15 @@ def speed_table(model_dir: str | None = None, sparsities=(0.1, 0.2, 0.3), repeat
             prune(pipe, PruneConfig(**{"pattern": "structured", "prompts": world_prompts("train", num_calib),
                                        "progress": False, "count_flops": False, **kw}))
         calls = pipeline_calls(pipe, ps)
-        if calls["batch"] != 2 * batch_prompts or not calls["same_shape"]:
-            raise RuntimeError(f"the pipeline's transformer calls are not {2 * batch_prompts} wide (CFG batch of "
-                               f"{batch_prompts} prompts) with one shape: {calls}")
-        den, c = pipe.transformer, pipe.transformer.config
+        # one call per step on the CFG batch (SD3), or two on the prompts alone (true CFG: prompt, then negative)
+        width = batch_prompts * (2 if calls_per_step(pipe) == 1 else 1)
+        if calls["batch"] != width or not calls["same_shape"]:
+            raise RuntimeError(f"the pipeline's transformer calls are not {width} wide ({batch_prompts} prompts) "
+                               f"with one shape: { {k: v for k, v in calls.items() if k != 'inputs'} }")
+        den = pipe.transformer
         b, n_ctx = calls["batch"], calls["context"]
         if inputs is None:  # one set of transformer inputs for every variant (their calls have the same shapes)
-            g = torch.Generator().manual_seed(0)
-            inputs = {"hidden_states": torch.randn(b, c.in_channels, c.sample_size, c.sample_size, generator=g),
-                      "timestep": torch.full((b,), 500.0),
-                      "encoder_hidden_states": torch.randn(b, n_ctx, c.joint_attention_dim, generator=g),
-                      "pooled_projections": torch.randn(b, c.pooled_projection_dim, generator=g)}
+            inputs = calls["inputs"]
 
         def fwd(d=den):
             with torch.no_grad():
