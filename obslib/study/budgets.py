@@ -137,9 +137,21 @@ def params_share(df: pd.DataFrame, dense_params: float) -> np.ndarray:
     return 100 * (1 - df["params"].to_numpy(float) / dense_params)
 
 
-def spending(model_dir: str, budget: float, num_calib: int, seed: int = 0) -> pd.DataFrame:
-    """Where each allocation takes its parameters at ``budget``: per variant and part of the model (attention, image
-    FFN, text FFN), the parameters removed and their share of the removed total (one prune each, seed ``seed``)."""
+def _where(u) -> str:
+    """The part of the model a structured unit belongs to (Flux's single-stream blocks apart)."""
+    from ..surgery import unit_name
+
+    single = "single-stream " if u.block.startswith("single_transformer_blocks") else ""
+    if u.kind == "heads":
+        return f"{single}attention"
+    return f"{single}MLP" if single else ("text FFN" if "context" in unit_name(u) else "image FFN")
+
+
+def spending(model_dir: str, budget: float, num_calib: int, seed: int = 0, variants=None) -> pd.DataFrame:
+    """Where each allocation takes its parameters at ``budget``: per variant (``variants``: a subset of the four
+    below) and part of the model (attention, image FFN, text FFN; Flux's single-stream attention and MLP), the
+    parameters removed, their share of the removed total, and the whole heads removed (one prune each, seed
+    ``seed``)."""
     from ..driver import prune
     from ..surgery import targeted_layers, targeted_size, unit_name
 
@@ -151,6 +163,8 @@ def spending(model_dir: str, budget: float, num_calib: int, seed: int = 0) -> pd
             OBS_GLOBAL: dict(method="obs-diff", param_budget=budget, allocation="global"),
             SLIM_OWN: dict(method="slimdiff", sparsity=budget),
             SLIM_UNIFORM: dict(method="slimdiff", sparsity=budget, allocation="uniform")}
+    runs = {k: v for k, v in runs.items() if variants is None or k in variants}
+    heads = den0.config.num_attention_heads
     rows = []
     for name, kw in runs.items():
         pipe = load_pipeline(model_dir)
@@ -158,10 +172,12 @@ def spending(model_dir: str, budget: float, num_calib: int, seed: int = 0) -> pd
                                 progress=False, count_flops=False, **kw))
         den = pipe.transformer
         for u in units:
-            where = "attention" if u.kind == "heads" else ("text FFN" if "context" in unit_name(u) else "image FFN")
             gone = sizes0[unit_name(u)] - targeted_size(den, targeted_layers(den, spec, [u], True), "parameters")
-            rows.append({"allocation": name, "where": where, "params_removed": gone})
-    df = pd.DataFrame(rows).groupby(["allocation", "where"], as_index=False).params_removed.sum()
+            rows.append({"allocation": name, "where": _where(u), "params_removed": gone,
+                         # whole heads (OBS-Diff); SlimDiff lowers ranks instead: no whole heads to count
+                         "heads_removed": (round(gone * heads / sizes0[unit_name(u)]) if u.kind == "heads" else 0)
+                         if kw["method"] == "obs-diff" else np.nan})
+    df = pd.DataFrame(rows).groupby(["allocation", "where"], as_index=False)[["params_removed", "heads_removed"]].sum(min_count=1)
     df["share_of_removed"] = df.params_removed / df.groupby("allocation").params_removed.transform("sum")
     return df
 

@@ -155,3 +155,38 @@ def seed_differences(df, path: str, title: str | None = None) -> None:
     if title:
         ax.set_title(title, fontsize=10)
     save(fig, path)
+
+
+def carry_panels(judged: dict, path: str, metrics=("prompt_fidelity", "psnr"), title: str | None = None) -> None:
+    """Each comparison on two models (``judged``: model label -> ``verdicts.judge`` output on the same families): the
+    study seeds' difference a − b with its 95% two-level interval, one marker per model (filled where detected after
+    Holm), one panel per metric."""
+    import pandas as pd
+
+    names = list(judged)
+    key = ["context", "a", "b"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.8 * len(metrics), 1.6 + 0.42 * max(
+        int((pd.DataFrame(judged[names[0]]).metric == m).sum()) for m in metrics)), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        base = pd.DataFrame(judged[names[0]])
+        c = base[base.metric == metric][key].reset_index(drop=True)
+        y = np.arange(len(c))[::-1].astype(float)
+        for i, (name, marker) in enumerate(zip(names, ("o", "D"))):
+            v = pd.DataFrame(judged[name])
+            d = c.merge(v[v.metric == metric], on=key, how="left")
+            dy = 0.15 - 0.3 * i
+            ax.errorbar(d["diff"], y + dy, xerr=[d["diff"] - d.lo, d.hi - d["diff"]], fmt="none", ecolor=f"C{i}",
+                        capsize=2, lw=1)
+            det = (d.verdict_holm != "no difference detected").to_numpy()
+            ax.scatter(d["diff"][det], (y + dy)[det], color=f"C{i}", marker=marker, zorder=3, label=f"{name}, detected")
+            ax.scatter(d["diff"][~det], (y + dy)[~det], facecolor="white", edgecolor=f"C{i}", marker=marker, zorder=3,
+                       label=f"{name}, not detected")
+        ax.axvline(0, color="k", lw=1)
+        ax.set_yticks(y, [f"{ctx}: {a} − {b}" for ctx, a, b in zip(c.context, c.a, c.b)], fontsize=8)
+        ax.set_xlabel(PANEL_LABELS.get(metric, metric))
+    for ax in axes[0][1:]:
+        ax.set_yticklabels([])
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    save(fig, path)

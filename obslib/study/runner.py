@@ -25,6 +25,7 @@ NOTEBOOKS = (
     "07_speed.ipynb",
     "08_timesteps.ipynb",
     "09_verdicts.ipynb",
+    "10_carry_over.ipynb",
 )
 
 _FULL = dict(seeds=[0, 1, 2], num_eval_prompts=64, num_calib=16,
@@ -43,14 +44,24 @@ _FULL = dict(seeds=[0, 1, 2], num_eval_prompts=64, num_calib=16,
                                "structured slimdiff nominal", "allocation part obs", "allocation part slimdiff",
                                "solver part", "calibration size", "robustness", "structured gradient flow", "packages",
                                "premise"],
-             verdict_calib_sizes=[4, 16, 64], noise_floor=[["unstructured", 0.5], ["2:4", 0.5]], noise_threads=[1, 2])
+             verdict_calib_sizes=[4, 16, 64], noise_floor=[["unstructured", 0.5], ["2:4", 0.5]], noise_threads=[1, 2],
+             # chapter 10: the second model, and the comparisons rerun on it (family -> pairs kept, by context or
+             # label; None: all), chosen to fit 45 minutes on 2 cores with its run cache empty
+             carry_model="models/shapes-flux", carry_budgets=[0.1, 0.2, 0.3],
+             carry_families={"baselines 60%": ["wanda"], "weighting 50%": None, "weighting strength 60%": ["log-decrease ×100"],
+                             "refit": ["At 50% unstructured"], "allocation unstructured": ["At 50% unstructured"],
+                             "structured allocation": ["At 20% of the parameters"],
+                             "structured slimdiff": ["At 20% of the parameters"],
+                             "packages": ["Propagate calibration"],
+                             "premise": ["Halves, 50% unstructured", "Halves, equal-size noise"]})
 _QUICK = dict(seeds=[0], num_eval_prompts=8, num_calib=4, sparsities=[0.5], structured_sparsities=[0.2],
               calib_sizes=[2, 4], packages=[1, 4], cfg_values=[4.0], step_values=[10], timing_repeats=2, gf_iterations=3,
               gf_lr=2e-4, inject_windows=5, inject_structured=0.2, strength_ratios=[100],
               sensitivity=[["unstructured", 0.5]], refit_sparsities=[0.5], param_budgets=[0.2], head_seeds=[0], floor_repeats=1, floor_warmup=0,
               verdict_seeds=[0], heldout_seeds=[100], verdict_more_seeds={}, verdict_families=["baselines 50%", "weighting 50%"],
               verdict_calib_sizes=[2, 4],
-              noise_floor=[["unstructured", 0.5]], noise_threads=[1, 2])
+              noise_floor=[["unstructured", 0.5]], noise_threads=[1, 2],
+              carry_model=None, carry_budgets=[0.2], carry_families={"weighting 50%": None})  # None: a tiny random Flux
 
 
 def _root() -> str:

@@ -327,7 +327,8 @@ def run(fams: list[Family], seeds, runs_csv: str, more_seeds: dict | None = None
     return pd.concat(parts, ignore_index=True).drop_duplicates("key").reset_index(drop=True)
 
 
-def _rows(df: pd.DataFrame, s: Setting, tail: str = "") -> pd.DataFrame:
+def rows_of(df: pd.DataFrame, s: Setting, tail: str = "") -> pd.DataFrame:
+    """The rows of ``df`` computed for setting ``s`` (with ``tail``: its window rows), on any seed."""
     keys = df.key.astype(str).str.split("|", n=1).str[1]
     return df[keys.isin({s.key(int(sd)) + tail for sd in df.seed.unique()})]
 
@@ -336,7 +337,7 @@ def _score(df: pd.DataFrame, fam: Family, seeds) -> list[dict]:
     out = []
     sub = df[df.seed.isin(list(seeds))]
     for p in fam.pairs:
-        ra, rb = _rows(sub, p.setting_a, p.tail_a), _rows(sub, p.setting_b, p.tail_b)
+        ra, rb = rows_of(sub, p.setting_a, p.tail_a), rows_of(sub, p.setting_b, p.tail_b)
         for m in fam.metrics:
             xa, sa = outcomes(ra, m)
             xb, sb = outcomes(rb, m)
@@ -492,8 +493,8 @@ def seed_table(df: pd.DataFrame, fams: list[Family], metric: str, heldout=HELDOU
     rows = []
     for f in fams:
         for p in f.pairs:
-            xa, sa = outcomes(_rows(df, p.setting_a, p.tail_a), metric)
-            xb, sb = outcomes(_rows(df, p.setting_b, p.tail_b), metric)
+            xa, sa = outcomes(rows_of(df, p.setting_a, p.tail_a), metric)
+            xb, sb = outcomes(rows_of(df, p.setting_b, p.tail_b), metric)
             common = sorted(set(sa) & set(sb))
             for sd in common:
                 rows.append({"comparison": f"{p.context}: {p.a} − {p.b}", "seed": sd, "heldout": sd in set(heldout),
