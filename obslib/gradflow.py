@@ -12,8 +12,8 @@ fast. What follows fills the gaps with the closest published forms; each choice 
   removed per block are those of structured OBS-Diff (``sparsity`` x heads, x neurons; first and last block
   excluded by default), so the two are compared at identical shapes.
 * **Training.** The parameters of the targeted blocks train with AdamW on the model's own denoising loss
-  (flow matching for SD3-class models, noise / v prediction for SD 2.x and SDXL UNet pipelines; ``TRAIN_BATCHES``), while
-  the gates follow the schedule; the rest of the model is frozen **[gap: what trains]**.
+  (flow matching for SD3-class and Flux models, noise / v prediction for SD 2.x and SDXL UNet pipelines;
+  ``TRAIN_BATCHES``), while the gates follow the schedule; the rest of the model is frozen **[gap: what trains]**.
 * **Criterion.** GraSP (Wang et al., 2020) on the gates: removing gate g (delta = -1) changes the squared
   gradient norm by about -2 (H grad)_g, so its score is S_g = -(H grad)_g over the gates; the largest S_g
   (removal raises the gradient norm, the paper's stated criterion) are pruned **[gap: GraSP on gates, not
@@ -290,7 +290,7 @@ def training_batches(pipe, cfg, defaults: dict):
     if name not in TRAIN_BATCHES:
         raise UsageError(f"gradient-flow pruning trains {', '.join(TRAIN_BATCHES)} pipelines; this is a {name}")
     den = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
-    # the model's own image size (FluxPipeline's default, 1024 px, is the real Flux's), else its denoiser's
+    # the model's own image size (FluxPipeline's default of 128 latent px is the real Flux's), else its denoiser's
     size = defaults.get("height") or int(getattr(den.config, "sample_size", None) or pipe.default_sample_size) \
         * int(pipe.vae_scale_factor)
     if cfg.train_data is not None:

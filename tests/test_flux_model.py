@@ -42,7 +42,7 @@ def test_a_trained_flux_model_loads_with_the_stock_pipeline_and_samples_with_tru
     train_flux_model(str(out), str(tmp_path / "ck"), steps=2, batch=2, log=str(tmp_path / "log.csv"))
     d = json.loads((out / "obslib_defaults.json").read_text())
     assert d["cfg"] == "true_cfg" and d["guidance_scale"] > 1 and d["max_sequence_length"] == flux.T5_TOKENS
-    assert d["height"] == d["width"] == 48  # FluxPipeline would otherwise sample at its own default, 1024 px
+    assert d["height"] == d["width"] == 48  # FluxPipeline would otherwise sample at 512 px (128 x 4)
     assert (tmp_path / "log.csv").exists() and (tmp_path / "ck" / "done.json").exists()
     pipe = FluxPipeline.from_pretrained(str(out))  # no obslib needed to load it
     calls = []

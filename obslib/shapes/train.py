@@ -283,7 +283,7 @@ def train_flux_model(out: str, checkpoint_dir: str, steps: int, batch: int, log:
     pipe = build_flux_pipeline(vae, seed)
     train_denoiser(pipe, steps, batch, os.path.join(checkpoint_dir, "denoiser"), log, seed, stage="flux",
                    predict=flux_prediction)
-    size = vae.config.sample_size  # FluxPipeline's own default is 1024 px: the model's size is part of its defaults
+    size = vae.config.sample_size  # FluxPipeline's own default is 128 latent px x the VAE factor
     defaults = {**FLUX_SAMPLING, "calibration_prompts": "shapes-train", "image_size": size, "height": size,
                 "width": size}
     stage = {"arch": "flux", "vae_from": vae_from, "steps": steps, "batch": batch, "seed": seed,
