@@ -35,7 +35,7 @@ import numpy as np, pandas as pd, matplotlib.pyplot as plt, seaborn as sns
 import torch
 import obslib
 from obslib import study
-from obslib.study import plots, compare as cmp, verdicts as vd, carry, describe, budgets as bd
+from obslib.study import plots, compare as cmp, verdicts as vd, carry, describe, budgets as bd, experiments as ex
 S = study.settings(mode, model_dir)  # grid sizes of this mode, the first model and its output folders
 torch.set_num_threads(int(os.environ.get("OBSLIB_THREADS", os.cpu_count())))
 sns.set_theme(style="whitegrid", font_scale=0.9)
@@ -133,6 +133,16 @@ cost = pd.concat([carry.prune_cost(rows[m], fams[m], "packages").assign(model=m)
 cost.round(2) if len(cost) else "no packages comparison in this mode"
 
 # %% [markdown]
+# Propagate decides the masks on the pruned model's own inputs, resample on fresh samples from it. How many of the pruned positions the two decide differently, one package per unit, calibration seed 0 (two prunes per model):
+
+# %%
+pk = {m: [p for f in fams[m] if f.key == "packages" for p in f.pairs if "propagate" in p.context.lower()] for m in models}
+masks = pd.DataFrame([{"model": m, **carry.mask_agreement(s["model_dir"], pk[m][0].setting_a, ex.Setting(**{
+    **pk[m][0].setting_a.__dict__, "extra": {**pk[m][0].setting_a.extra, "calibration": "resample"}}))}
+    for m, s in models.items() if pk[m]])
+masks.round(4) if len(masks) else "no packages comparison in this mode"
+
+# %% [markdown]
 # ## Answer
 #
 # Generated from the numbers just computed.
@@ -151,6 +161,9 @@ for (m, b), g in spend.groupby(["model", "budget"], sort=False):
     h = g.groupby("allocation").heads_removed.sum()
     print(f"{m} at {b:.0%} of the parameters: uniform OBS-Diff removes {h.get(bd.OBS_UNIFORM, 0):.0f} heads, "
           f"global {h.get(bd.OBS_GLOBAL, 0):.0f}.")
+for r in masks.to_dict("records"):
+    print(f"{r['model']}: propagate and resample (one package per unit) decide {r['share']:.2%} of the pruned positions "
+          "differently.")
 for r in cost.to_dict("records"):
     print(f"{r['model']}: propagate with {r['a']} costs {r['a / b']:.2f}× the prune time of {r['b']} "
           f"(median over {r['seeds']} seeds).")

@@ -40,3 +40,46 @@ def test_carry_table_sets_two_models_verdicts_side_by_side():
     assert carry.carry_table({"SD3": a, "Flux": a}).iloc[0]["claim agrees"] == "yes"
     d = carry.disagreements({"SD3": a, "Flux": b})
     assert d.context.tolist() == ["at 30%"] and d["diff (Flux)"].tolist() == [0.1]
+
+
+def test_mask_agreement_counts_the_pruned_positions_two_settings_decide_differently(tiny_pipe_dir):
+    from obslib.study.experiments import Setting, forget_pruned
+
+    a = Setting(method="obs-diff", sparsity=0.5, num_calib=2, packages=1)
+    same = carry.mask_agreement(tiny_pipe_dir, a, a)
+    from obslib import load_pipeline
+    from obslib.archs import block_units, iter_blocks, spec_for
+
+    tr = load_pipeline(tiny_pipe_dir).transformer
+    spec = spec_for(tr)
+    targets = [n for b, blk in iter_blocks(tr, spec) for unit in block_units(b, blk, spec) for n in unit]
+    w = sum(tr.get_submodule(n).weight.numel() for n in targets)
+    assert same["positions decided otherwise"] == 0 and same["layers"] == len(targets)
+    assert abs(same["positions pruned"] - w // 2) <= len(targets)  # half of every targeted layer
+    half = carry.mask_agreement(tiny_pipe_dir, a, Setting(**{**a.__dict__, "sparsity": 0.25}))
+    assert half["share"] >= 0.5 - 1e-3  # |A xor B| >= |A| - |B|: at least half of A's positions differ
+    forget_pruned()
+
+
+def test_claims_md_gains_a_column_for_the_second_model_once_chapter_10_has_run(tmp_path):
+    from obslib.study.claims import second_model_column
+
+    assert second_model_column(str(tmp_path)) == {}  # before chapter 10: no column at all
+    pd.DataFrame([{"claim": "c", "source": "ours", "SD3: verdict": "supported", "SD3: replicate": "2 of 2",
+                   "Flux: verdict": "not supported (no difference detected)", "Flux: replicate": "1 of 2",
+                   "claim agrees": "no", "comparisons agreeing": "0 of 2"}]).to_csv(tmp_path / "10_carry_over.csv",
+                                                                                       index=False)
+    assert second_model_column(str(tmp_path)) == {"c": "not supported (no difference detected) (1 of 2 replicate; "
+                                                        "0 of 2 comparisons as on the first model; same verdict: no)"}
+
+
+def test_the_second_model_is_found_from_the_repository_root(monkeypatch):
+    import os
+
+    from obslib.paths import repo_root
+    from obslib.study import settings
+
+    monkeypatch.delenv("OBSLIB_MODE", raising=False)  # make test sets quick mode for the notebooks
+    full = settings("full")
+    assert full["carry_model"] == os.path.join(str(repo_root()), "models", "shapes-flux")  # notebooks run elsewhere
+    assert settings("quick")["carry_model"] is None  # quick mode: a tiny random Flux, built by the chapter

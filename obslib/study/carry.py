@@ -91,6 +91,24 @@ def prune_cost(df: pd.DataFrame, fams: list[Family], family: str) -> pd.DataFram
     return pd.DataFrame(rows)
 
 
+def mask_agreement(model_dir: str, a, b, seed: int = 0) -> dict:
+    """Prune the model at ``model_dir`` with settings ``a`` and ``b`` (``experiments.Setting``; calibration seed
+    ``seed``) and compare their masks over the layers either pruned: the positions pruned under ``a``, and the share
+    of them that ``b`` decides otherwise (e.g. propagate against resample, both with one package per unit)."""
+    from .experiments import pruned_pipeline
+
+    masks = []
+    for s in (a, b):
+        pipe, _ = pruned_pipeline(model_dir, s, seed, False)
+        masks.append({n: (p.detach() == 0) for n, p in pipe.transformer.named_parameters() if p.dim() == 2})
+    ma, mb = masks
+    names = [n for n in ma if bool(ma[n].any()) or bool(mb[n].any())]
+    pruned = sum(int(ma[n].sum()) for n in names)
+    differ = sum(int((ma[n] != mb[n]).sum()) for n in names)
+    return {"layers": len(names), "positions pruned": pruned, "positions decided otherwise": differ,
+            "share": differ / max(pruned, 1)}
+
+
 def tiny_flux_model(path: str, vae_from: str) -> str:
     """A tiny random Flux pipeline (2 double- and 2 single-stream blocks, 8 heads; ``obslib.shapes.flux``) around the
     VAE of ``vae_from``, with the trained Flux model's sampling defaults: what quick mode runs the chapter on, so

@@ -374,6 +374,19 @@ def verdict_rows(results: str) -> list[dict]:
     return out
 
 
+def second_model_column(results: str) -> dict[str, str]:
+    """Per claim rerun on the second model (chapter 10, results/10_carry_over.csv): its verdict there, its held-out
+    replication and how many comparisons agree with the first model; empty before chapter 10 has run."""
+    f = os.path.join(results, "10_carry_over.csv")
+    if not os.path.exists(f):
+        return {}
+    t = pd.read_csv(f, keep_default_na=False)
+    second = [c[: -len(": verdict")] for c in t.columns if c.endswith(": verdict")][1]
+    return {r["claim"]: f"{r[second + ': verdict']} ({r.get(second + ': replicate', '?')} replicate; "
+                        f"{r['comparisons agreeing']} comparisons as on the first model; same verdict: {r['claim agrees']})"
+            for r in t.to_dict("records")}
+
+
 def write_claims(results: str | None = None, out: str | None = None) -> str:
     results = results or results_dir()
     from ..owned import write_text
@@ -400,9 +413,15 @@ def write_claims(results: str | None = None, out: str | None = None) -> str:
              "`obslib.study.claims` from results/verdicts.csv and results/comparisons.csv.", "",
              "| claim | paper | ours (a − b, difference [95% interval], verdict) | verdict | rests on | replicates on held-out seeds |",
              "|---|---|---|---|---|---|"]
+    second = second_model_column(results)
+    if second:  # chapter 10 has run: on which models each claim holds
+        lines[-2] = lines[-2] + " on the Flux model (chapter 10; the comparisons it keeps) |"
+        lines[-1] = lines[-1] + "---|"
+        for r in rows:
+            r["second"] = second.get(r["claim"], "not rerun")
+    cols = ("claim", "paper", "ours", "verdict", "basis", "replicates") + (("second",) if second else ())
     for r in rows:
-        lines.append("| " + " | ".join(str(r.get(k, "")).replace("|", "/") for k in
-                                        ("claim", "paper", "ours", "verdict", "basis", "replicates")) + " |")
+        lines.append("| " + " | ".join(str(r.get(k, "")).replace("|", "/") for k in cols) + " |")
     text = "\n".join(lines) + "\n"
     write_text(out or os.path.join(results, "claims.md"), text)
     return text

@@ -100,6 +100,8 @@ def settings(mode: str, model_dir: str | None = None) -> dict:
     name = model_name(model_dir)
     results, figures = (os.path.join(base, "results", *[name] if name else []),
                         os.path.join(base, "figures", *[name] if name else []))
+    if s["carry_model"]:  # chapter 10's second model, from the repository root (the notebooks run in notebooks/)
+        s["carry_model"] = os.path.join(_root(), s["carry_model"])
     s.update(mode=mode, results=results, figures=figures, runs_csv=os.path.join(results, "runs.csv"),
              model_dir=model_dir, model_name=name or os.path.basename(os.path.normpath(model_dir)))
     os.makedirs(s["results"], exist_ok=True)
