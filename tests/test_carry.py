@@ -1,5 +1,7 @@
 """Chapter 10's side-by-side verdicts (obslib.study.carry): which comparisons a claim keeps, and how two models'
 verdicts on the same comparisons are set beside each other."""
+import os
+
 import pandas as pd
 import pytest
 
@@ -83,3 +85,13 @@ def test_the_second_model_is_found_from_the_repository_root(monkeypatch):
     full = settings("full")
     assert full["carry_model"] == os.path.join(str(repo_root()), "models", "shapes-flux")  # notebooks run elsewhere
     assert settings("quick")["carry_model"] is None  # quick mode: a tiny random Flux, built by the chapter
+
+
+def test_the_study_skips_chapter_10_while_the_second_model_is_not_there(monkeypatch, tmp_path, capsys):
+    from obslib.study import runner
+
+    monkeypatch.delenv("OBSLIB_MODE", raising=False)
+    monkeypatch.setitem(runner._FULL, "carry_model", "models/not-trained-yet")
+    t = runner.run_study((runner.CARRY_NOTEBOOK,), "full", out_dir=str(tmp_path / "nb"))
+    assert t[runner.CARRY_NOTEBOOK] == 0.0 and os.listdir(tmp_path / "nb") == []  # not run, nothing written
+    assert "skipped: its second model 'models/not-trained-yet' is not there" in capsys.readouterr().out
