@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test study tour model model-flux notebooks notebook-outputs clean-results
+.PHONY: install test study tour model model-flux bench-gpu notebooks notebook-outputs clean-results
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,10 @@ STUDY_ENV := MPLBACKEND=Agg OBSLIB_THREADS=2 OMP_NUM_THREADS=2 \
   ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
 study: install
 	$(STUDY_ENV) $(PY) -m obslib.study
+
+# the GPU benchmark (results/gpu.md): needs CUDA; `--tiny` runs it on the CPU
+bench-gpu: install
+	$(PY) -m obslib.study.bench_gpu
 
 # retrain the embedded default model the way the committed one was trained (both stages resumable;
 # ~38 + ~90 min on 2 idle CPU cores): 5,000 steps on free placement, then 9,000 on the world's lattice

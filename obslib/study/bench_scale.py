@@ -68,7 +68,9 @@ def _block(name: str, image_tokens: int):
         block = FluxSingleTransformerBlock(dim, c["heads"], c["head_dim"]).eval()
         spec = FLUX
         ids = torch.cat([torch.zeros(n_txt, 3), torch.randint(0, 64, (image_tokens, 3)).float()])
-        rope = FluxPosEmbed(theta=10000, axes_dim=[16, 56, 56])(ids)
+        hd = c["head_dim"]  # Flux.1's rotary axes (16, 56, 56); smaller heads (bench_gpu --tiny) split alike
+        axes = [16, 56, 56] if hd == 128 else [hd - 2 * (3 * hd // 8), 3 * hd // 8, 3 * hd // 8]
+        rope = FluxPosEmbed(theta=10000, axes_dim=axes)(ids)
 
         def inputs():
             return dict(hidden_states=torch.randn(b, image_tokens, dim), encoder_hidden_states=torch.randn(b, n_txt, dim),
