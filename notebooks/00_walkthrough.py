@@ -80,7 +80,9 @@ print(f"{len(calib)} calibration prompts, e.g. {calib[0]!r}; {T} sampling steps,
 # few tokens per image; the text reaches it through two small CLIP encoders and the T5 slots SD3 appends (this model
 # ships a placeholder T5 whose output is exactly zero, as SD3 run without T5). The *targeted* layers are the ones
 # OBS-Diff prunes: every linear layer of attention and FFN in every MMDiT block, as in the paper; never the adaLN
-# modulations, the embedders or the output head.
+# modulations, the embedders or the output head. Run with `model_dir="models/shapes-flux"`, the card describes the
+# second embedded model instead (chapter 10): double- and single-stream blocks, 8 heads, a T5 encoder for the tokens
+# and a CLIP model for the pooled vector, two denoiser calls per step (true CFG); the prose keeps describing SD3.
 
 # %%
 # NBVAL_CHECK_OUTPUT
