@@ -126,7 +126,7 @@ heads.pivot_table(index=["model", "allocation"], columns="budget", values="heads
 # %% [markdown]
 # ## 5 · Propagate through the Flux chain
 #
-# `--calibration propagate` with one package per unit replays each block on the pruned model's own inputs; on Flux the chain runs through both block kinds (the single-stream blocks take and return both streams). Its cost against one package (K = 1), from the rows above (median over seeds of the per-seed ratio of prune times, timed while nothing else ran):
+# `--calibration propagate` with one package per unit replays each block on the pruned model's own inputs; on Flux the chain runs through both block kinds (the single-stream blocks take and return both streams). Its cost against one package (K = 1), from the rows above (median over seeds of the per-seed ratio of prune times, as the study run timed them; trust the ratio only from a run the machine had to itself):
 
 # %%
 cost = pd.concat([carry.prune_cost(rows[m], fams[m], "packages").assign(model=m) for m in models], ignore_index=True)
