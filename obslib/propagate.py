@@ -41,6 +41,7 @@ import tempfile
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -147,6 +148,12 @@ class ModuleMemo:
     copied; a kept tensor changed in place since (its version counter moved) is a miss. ``set_entry`` is called per replayed record entry; ``drop_before(b)`` frees the blocks no
     replay reaches again.
 
+    The attention core is no sub-module: ``torch.nn.functional.scaled_dot_product_attention``, which every
+    diffusers attention processor calls, is wrapped the same way while installed, per (block, record entry, call)
+    (``set_block`` says which block runs). So the replay that prunes a block's output projections computes the
+    attention core once, and the next replay, which runs the whole (now settled) attention module, reuses it when
+    its queries, keys and values are bitwise those kept.
+
     Used when the blocks run on the CPU, where it was measured. On a GPU the kept outputs would hold device
     memory and nobody has timed it, so replays there recompute (the stubs still apply)."""
 
@@ -154,10 +161,16 @@ class ModuleMemo:
         self.limit, self.say = limit_bytes, say
         self.store: dict[int, dict[int, dict]] = {}  # block -> entry -> (name, call) -> _Kept
         self.bytes = self.peak = self.hits = self.skipped = 0
+        self.attention_hits = 0  # of hits, those of the attention function
         self.entry = 0
         self._calls: dict[str, int] = {}
         self._depth = 0  # > 0 while a wrapped module computes an output it will keep
         self._wrapped: list[tuple[nn.Module, object]] = []
+        self._sdpa = None  # the unwrapped attention function while installed
+        self.block: int | None = None
+
+    def set_block(self, block: int) -> None:
+        self.block = block
 
     def set_entry(self, entry: int) -> None:
         self.entry = entry
@@ -171,16 +184,35 @@ class ModuleMemo:
                         or any(p == full or p.startswith(full + ".") for p in changing)):
                     continue  # the block itself, nothing to save, dropout live, or changed by a package to come
                 _replace_forward(m, self._wrap(b, full, m.forward), self._wrapped)
+        if self._sdpa is None:
+            self._sdpa = F.scaled_dot_product_attention
+            F.scaled_dot_product_attention = self._wrap_attention(self._sdpa)
 
     def remove(self) -> None:
         _restore_forwards(self._wrapped)
+        if self._sdpa is not None:
+            F.scaled_dot_product_attention, self._sdpa = self._sdpa, None
+        self.block = None
 
-    def _wrap(self, b: int, name: str, forward):
+    def _wrap_attention(self, sdpa):
+        wrapped = self._wrap(None, "<attention>", sdpa)
+
         def call(*args, **kwargs):
-            k = self._calls[name] = self._calls.get(name, -1) + 1
-            kept = self.store.get(b, {}).get(self.entry, {}).get((name, k))
+            if self.block is None:  # not inside a replayed block
+                return sdpa(*args, **kwargs)
+            return wrapped(*args, **kwargs)
+        return call
+
+    def _wrap(self, block: int | None, name: str, forward):
+        """``block`` None: the attention function, kept under the block running at the time (``set_block``)."""
+        def call(*args, **kwargs):
+            b = self.block if block is None else block
+            key = name if block is not None else f"{name}{b}"
+            k = self._calls[key] = self._calls.get(key, -1) + 1
+            kept = self.store.get(b, {}).get(self.entry, {}).get((key, k))
             if kept is not None and kept.matches((args, kwargs)):
                 self.hits += 1
+                self.attention_hits += block is None
                 return kept.output()
             if self._depth:  # an ancestor keeps the whole result
                 return forward(*args, **kwargs)
@@ -189,7 +221,7 @@ class ModuleMemo:
                 out = forward(*args, **kwargs)
             finally:
                 self._depth -= 1
-            self._keep(b, name, k, (args, kwargs), out)
+            self._keep(b, key, k, (args, kwargs), out)
             return out
         return call
 
@@ -297,6 +329,22 @@ def _stub_forward(layer: nn.Linear):
     """A forward that reads its input (hooks still see it) but computes nothing: zeros of the output's shape."""
     def forward(input, *args, **kwargs):
         return input.new_zeros(*input.shape[:-1], layer.out_features)
+    return forward
+
+
+# diffusers' feed-forward input layers: an activation module whose ``proj`` takes the module's input; the output's
+# width is proj's divided by this (gated ones split proj's output in two)
+_ACTIVATION_WIDTH = {"GELU": 1, "ApproximateGELU": 1, "LinearActivation": 1, "GEGLU": 2, "SwiGLU": 2}
+
+
+def _stub_activation(module: nn.Module):
+    """For an activation module whose ``proj`` is stubbed: call proj (its hooks see the input), skip the activation
+    (nothing reads its output either) and return zeros of the output's shape."""
+    width = module.proj.out_features // _ACTIVATION_WIDTH[type(module).__name__]
+
+    def forward(hidden_states, *args, **kwargs):
+        module.proj(hidden_states)
+        return hidden_states.new_zeros(*hidden_states.shape[:-1], width)
     return forward
 
 
@@ -421,6 +469,9 @@ class Propagation:
             for q, m in self.blocks[b].named_modules():
                 if isinstance(m, nn.Linear) and f"{self.block_names[b]}.{q}" in not_needed:
                     _replace_forward(m, _stub_forward(m), stubbed)
+                elif (type(m).__name__ in _ACTIVATION_WIDTH and isinstance(getattr(m, "proj", None), nn.Linear)
+                      and f"{self.block_names[b]}.{q}.proj" in not_needed):
+                    _replace_forward(m, _stub_activation(m), stubbed)
         prev_run = None
         try:
             with calib:  # its hooks first: the stop hooks run after the statistics are taken
@@ -437,7 +488,7 @@ class Propagation:
                     counter[0], counter[1] = run, step
                     fired.clear()
                     with torch.no_grad():
-                        self._forward(r, b1, kw)
+                        self._forward(r, b1, kw, memo)
                 if prev_run is not None:
                     calib.end_run()
         finally:
@@ -453,12 +504,14 @@ class Propagation:
                 self.memo.drop_before(b0)  # no replay starts before b0 again
         return calib.stats
 
-    def _forward(self, r: int, b1: int, kw: dict):
+    def _forward(self, r: int, b1: int, kw: dict, memo: ModuleMemo | None = None):
         out = None
         for b in range(r, b1 + 1):
             if b > r:
                 kw = self._next_inputs(out, kw)
             self.block_runs += 1
+            if memo is not None:
+                memo.set_block(b)
             try:
                 out = self.blocks[b](**kw)
             except _Stop:

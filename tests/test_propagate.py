@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import obslib
 from obslib.config import PruneConfig
@@ -16,6 +17,8 @@ from obslib.packages import layer_units, package_layers, split_packages, structu
 from obslib.sampling import CalibrationRunner
 from obslib.propagate import Propagation
 from obslib.shapes import prompts
+
+_SDPA = F.scaled_dot_product_attention
 from obslib.weighting import timestep_weights
 
 BASE = dict(prompts=prompts("train", 4), steps=3, batch_size=2, progress=False)
@@ -297,6 +300,8 @@ def test_memo_and_stubs_change_no_bit(tiny_pipe_dir, monkeypatch, pattern, spars
     monkeypatch.setattr(driver, "_replay_plan", lambda *args: (None, set()))  # plain replays
     rb = obslib.prune(b, cfg)
     assert ra["replay_memo"]["hits"] > 0 and rb["replay_memo"]["hits"] == 0
+    assert ra["replay_memo"]["attention_hits"] > 0  # the attention core computed once per block and entry
+    assert F.scaled_dot_product_attention is _SDPA  # the attention function restored
     wa, wb = _weights(a), _weights(b)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[n], wb[n]) for n in wa)
     assert not any("forward" in m.__dict__ for m in a.transformer.modules())  # every wrapper removed
