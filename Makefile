@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test study tour model model-flux bench-gpu notebooks notebook-outputs clean-results
+.PHONY: install test study tour model model-flux bench-gpu bench-speed notebooks notebook-outputs clean-results
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,9 +26,9 @@ TEST_ENV := OBSLIB_MODE=quick MPLBACKEND=Agg OBSLIB_THREADS=1 OBSLIB_TEST_THREAD
   ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
 test: install
 	@mkdir -p .tmp
-	$(TEST_ENV) $(PY) -m pytest --nbval-lax notebooks --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider \
+	$(TEST_ENV) $(PY) -m pytest --nbval-lax notebooks --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider --durations=25 \
 	  > .tmp/nbval.log 2>&1 & nb=$$!; \
-	$(TEST_ENV) $(PY) -m pytest tests -p no:cacheprovider; t=$$?; \
+	$(TEST_ENV) $(PY) -m pytest tests -p no:cacheprovider --durations=25; t=$$?; \
 	wait $$nb; n=$$?; echo "--- notebooks (nbval) ---"; cat .tmp/nbval.log; \
 	echo "tests exit $$t, notebooks exit $$n"; test $$t -eq 0 && test $$n -eq 0
 
@@ -57,6 +57,10 @@ STUDY_ENV := MPLBACKEND=Agg OBSLIB_THREADS=2 OMP_NUM_THREADS=2 \
   ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
 study: install
 	$(STUDY_ENV) $(PY) -m obslib.study
+
+# real-shape CPU speed of structurally pruned blocks (results/speed_real.md; ~15 min on 2 idle cores)
+bench-speed: install
+	$(STUDY_ENV) $(PY) -m obslib.study.bench_speed
 
 # the GPU benchmark (results/gpu.md): needs CUDA; `--tiny` runs it on the CPU
 bench-gpu: install

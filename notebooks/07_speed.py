@@ -172,6 +172,41 @@ if cuda["rows"]:
     display(pd.DataFrame(cuda["rows"]).round(3))
 
 # %% [markdown]
+# ## At real layer shapes
+#
+# The transformer above is 3.5 M parameters at 48 px: a call does little arithmetic per launch, so what does not
+# shrink with width (normalisations, the attention's softmax, reshapes, Python) weighs as much as the linear layers.
+# What a user of structured pruning wants is the speed of a real block. `make bench-speed` (`python -m
+# obslib.study.bench_speed`, about 15 minutes on 2 cores: a benchmark this chapter reads, never reruns) cuts one
+# random-initialised SD3-Medium joint block and one Flux.1 single-stream block, at 1024² images' token counts, to
+# the shapes each method gives the embedded model at 10, 20 and 30% of its parameters (kept heads, ranks and
+# neurons per part of a block, scaled to the real one), and times each against the dense block call by call.
+# How to read it: `speedup` is the median of per-pair ratios (dense / pruned) with its range, `flops_speedup` what
+# the FLOPs predict, `efficiency` their ratio (1: time falls as fast as the FLOPs); `dense_gflops_per_s` is the
+# dense block's arithmetic rate, to compare with the embedded transformer's just above.
+
+# %%
+real = timing.real_shape_rows(S["speed_real"])
+if real is None:
+    print(f"{rel(S['speed_real'])} is not there yet: run `make bench-speed` (about 15 minutes on 2 idle cores).")
+else:
+    display(real[["block", "variant", "budget", "shapes_from", "params_ratio", "flops_speedup", "dense_ms", "pruned_ms",
+                  "speedup", "speedup_lo", "speedup_hi", "efficiency"]].round(3))
+    small = d.gflops / (d.transformer_ms / 1000)
+    big = real.groupby("block").dense_gflops_per_s.median()
+    print(f"Arithmetic rate of the dense call: the embedded transformer {small:.0f} GFLOP/s "
+          f"({d.gflops:.2f} GFLOP in {d.transformer_ms:.1f} ms); at real shapes "
+          + ", ".join(f"{b} {v:.0f} GFLOP/s" for b, v in big.items()) + f" ({real.attrs['image_tokens']} image tokens, "
+          f"{real.attrs['threads']} threads).")
+    for b, g in real.groupby("block"):
+        for v, h in g.groupby("variant"):
+            print(f"{b}, {v}: " + "; ".join(f"{r.budget:.0%} of the parameters → {r.speedup:.2f}× "
+                                            f"[{r.speedup_lo:.2f}, {r.speedup_hi:.2f}] (FLOPs predict {r.flops_speedup:.2f}×)"
+                                            for _, r in h.sort_values("budget").iterrows()))
+    for note in real.attrs["notes"]:
+        print("Note:", note)
+
+# %% [markdown]
 # ## Answer
 
 # %%

@@ -67,7 +67,7 @@ def _blocks(tiny: bool) -> dict:
     return TINY_BLOCKS if tiny else bench_scale.BLOCKS
 
 
-def _make(name: str, image_tokens: int, tiny: bool, device, dtype):
+def _make(name: str, image_tokens: int, tiny: bool, device, dtype, batch: int = 2):
     """(holder module whose one block is named as in a denoiser, block, layers, inputs()) of a real-size block."""
     import torch
 
@@ -76,7 +76,7 @@ def _make(name: str, image_tokens: int, tiny: bool, device, dtype):
     saved = bench_scale.BLOCKS
     bench_scale.BLOCKS = _blocks(tiny)
     try:
-        block, layers, inputs = bench_scale._block(name, image_tokens)
+        block, layers, inputs = bench_scale._block(name, image_tokens, batch)
     finally:
         bench_scale.BLOCKS = saved
     block = block.to(device, dtype)

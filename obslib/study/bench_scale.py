@@ -43,15 +43,16 @@ def _peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _block(name: str, image_tokens: int):
-    """(block, its targeted layers by name, a function drawing one call's inputs) of a real-size block."""
+def _block(name: str, image_tokens: int, batch: int = 2):
+    """(block, its targeted layers by name, a function drawing one call's inputs) of a real-size block; ``batch``:
+    the denoiser call's batch (2: a CFG-doubled prompt)."""
     import torch
 
     from ..archs import FLUX, SD3, block_units
 
     torch.manual_seed(0)
     c = BLOCKS[name]
-    dim, b = c["dim"], 2
+    dim, b = c["dim"], batch
     n_txt = c["text_tokens"]
     if c["kind"] == "joint":
         from diffusers.models.attention import JointTransformerBlock

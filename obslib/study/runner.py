@@ -105,6 +105,7 @@ def settings(mode: str, model_dir: str | None = None) -> dict:
     if s["carry_model"]:  # chapter 10's second model, from the repository root (the notebooks run in notebooks/)
         s["carry_model"] = os.path.join(_root(), s["carry_model"])
     s.update(mode=mode, results=results, figures=figures, runs_csv=os.path.join(results, "runs.csv"),
+             speed_real=os.path.join(_root(), "results", "speed_real.json"),  # a benchmark's, read in every mode
              model_dir=model_dir, model_name=name or os.path.basename(os.path.normpath(model_dir)))
     os.makedirs(s["results"], exist_ok=True)
     os.makedirs(s["figures"], exist_ok=True)

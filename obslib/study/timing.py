@@ -399,6 +399,22 @@ def semi_structured_benchmark(shapes=((1536, 1536), (1536, 6144), (6144, 1536), 
     return {"message": f"2:4 kernels timed on {torch.cuda.get_device_name()}", "rows": rows}
 
 
+def real_shape_rows(path: str) -> pd.DataFrame | None:
+    """The real-shape benchmark's rows (``bench_speed``, results/speed_real.json) with ``efficiency`` = measured
+    speed-up / FLOPs ratio and the dense block's achieved GFLOP/s; None when the benchmark has not been run."""
+    import json
+
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        res = json.load(f)
+    df = pd.DataFrame(res["rows"])
+    df["efficiency"] = df.speedup / df.flops_speedup
+    df["dense_gflops_per_s"] = df.dense_gflop / (df.dense_ms / 1000)
+    df.attrs.update({k: res[k] for k in ("image_tokens", "repeats", "threads", "notes", "tiny")})
+    return df
+
+
 def propagate_floor(model_dir: str, packages: int, num_calib: int, sparsity: float = 0.5, repeats: int = 3,
                     seed: int = 0, warmup: int = 1) -> pd.DataFrame:
     """What propagate calibration cannot avoid, timed in one process: per round (the three in turn), OBS-Diff's prune
