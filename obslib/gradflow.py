@@ -169,24 +169,34 @@ def _captions_dropped(captions, gen):
     return ["" if torch.rand(1, generator=gen).item() < CFG_DROPOUT else c for c in captions]
 
 
-def _sd3_batches(pipe, source, seed: int, msl: int):
-    """Flow matching (SD3 / SD3.5): x_t = (1 - s) x0 + s eps, target eps - x0, s logit-normal."""
+def _flow_draw(pipe, source, seed: int, i: int):
+    """Batch ``i`` of a flow-matching model (SD3 / SD3.5 / Flux): (its captions after the dropout, the clean latents
+    x0, sigma drawn logit-normal, the noise), all from the batch's own generator."""
+    from .io import quiet_diffusers
+
     vae = pipe.vae
     shift, scale = vae.config.shift_factor or 0.0, vae.config.scaling_factor
+    gen = torch.Generator().manual_seed(seed * NOISE_SEED_STRIDE + i)
+    captions, x = source(i)
+    captions = _captions_dropped(captions, gen)
+    with torch.no_grad(), quiet_diffusers():
+        x0 = (vae.encode(x.to(pipe._execution_device, vae.dtype)).latent_dist.sample(generator=gen).cpu().float()
+              - shift) * scale
+    sigma = torch.sigmoid(torch.randn(len(captions), generator=gen))
+    return captions, x0, sigma, torch.randn(x0.shape, generator=gen)
+
+
+def _sd3_batches(pipe, source, seed: int, msl: int):
+    """Flow matching (SD3 / SD3.5): x_t = (1 - s) x0 + s eps, target eps - x0, s logit-normal."""
     device = pipe._execution_device
 
     def batch(i: int):
         from .io import quiet_diffusers
 
-        gen = torch.Generator().manual_seed(seed * NOISE_SEED_STRIDE + i)
-        captions, x = source(i)
-        captions = _captions_dropped(captions, gen)
+        captions, x0, sigma, noise = _flow_draw(pipe, source, seed, i)
         with torch.no_grad(), quiet_diffusers():
-            x0 = (vae.encode(x.to(device, vae.dtype)).latent_dist.sample(generator=gen).cpu().float() - shift) * scale
             pe, _, pooled, _ = pipe.encode_prompt(captions, None, None, device=device, do_classifier_free_guidance=False,
                                                   max_sequence_length=msl)
-        sigma = torch.sigmoid(torch.randn(len(captions), generator=gen))
-        noise = torch.randn(x0.shape, generator=gen)
         s = sigma.view(-1, 1, 1, 1)
         dt = pipe.transformer.dtype
         kwargs = dict(hidden_states=((1 - s) * x0 + s * noise).to(device, dt), timestep=(sigma * 1000).to(device),
@@ -201,23 +211,16 @@ def _flux_batches(pipe, source, seed: int, msl: int):
     image and text position ids; the guidance embedding (FLUX.1-dev) gets the pipeline's default 3.5."""
     from diffusers import FluxPipeline
 
-    vae = pipe.vae
-    shift, scale = vae.config.shift_factor or 0.0, vae.config.scaling_factor
     device = pipe._execution_device
     guided = bool(getattr(pipe.transformer.config, "guidance_embeds", False))
 
     def batch(i: int):
         from .io import quiet_diffusers
 
-        gen = torch.Generator().manual_seed(seed * NOISE_SEED_STRIDE + i)
-        captions, x = source(i)
-        captions = _captions_dropped(captions, gen)
+        captions, x0, sigma, noise = _flow_draw(pipe, source, seed, i)
         with torch.no_grad(), quiet_diffusers():
-            x0 = (vae.encode(x.to(device, vae.dtype)).latent_dist.sample(generator=gen).cpu().float() - shift) * scale
             pe, pooled, txt_ids = pipe.encode_prompt(captions, None, device=device, max_sequence_length=msl)
         b, c, h, w = x0.shape
-        sigma = torch.sigmoid(torch.randn(b, generator=gen))
-        noise = torch.randn(x0.shape, generator=gen)
         s = sigma.view(-1, 1, 1, 1)
         dt = pipe.transformer.dtype
         packed = FluxPipeline._pack_latents((1 - s) * x0 + s * noise, b, c, h, w)

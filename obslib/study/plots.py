@@ -119,15 +119,28 @@ def replication_panels(verdicts, path: str, metrics=("prompt_fidelity", "psnr"),
         y = np.arange(len(c))[::-1].astype(float)
         for dy, pre, marker, colour, name, col in ((0.15, "", "o", "C0", "study seeds", "verdict_holm"),
                                                    (-0.15, "heldout_", "s", "C1", "held-out seeds", "heldout_verdict")):
-            d, lo, hi = c[pre + "diff"], c[pre + "lo"], c[pre + "hi"]
-            det = (c[col] != "no difference detected").to_numpy()
-            ax.errorbar(d, y + dy, xerr=[d - lo, hi - d], fmt="none", ecolor=colour, capsize=2, lw=1)
-            ax.scatter(d[det], (y + dy)[det], color=colour, marker=marker, zorder=3, label=f"{name}, detected")
-            ax.scatter(d[~det], (y + dy)[~det], facecolor="white", edgecolor=colour, marker=marker, zorder=3,
-                       label=f"{name}, not detected")
-        ax.axvline(0, color="k", lw=1)
-        ax.set_yticks(y, [f"{ctx}: {a} − {b}" for ctx, a, b in zip(c.context, c.a, c.b)], fontsize=8)
-        ax.set_xlabel(PANEL_LABELS.get(metric, metric))
+            _interval_series(ax, c[pre + "diff"], c[pre + "lo"], c[pre + "hi"], y + dy, c[col], colour, marker, name)
+        _comparison_axis(ax, c, y, metric)
+    _finish_panels(fig, axes, title, path)
+
+
+def _interval_series(ax, d, lo, hi, y, verdicts, colour: str, marker: str, name: str) -> None:
+    """One series of differences with their intervals: markers filled where detected, hollow where not."""
+    det = (verdicts != "no difference detected").to_numpy()
+    ax.errorbar(d, y, xerr=[d - lo, hi - d], fmt="none", ecolor=colour, capsize=2, lw=1)
+    ax.scatter(d[det], y[det], color=colour, marker=marker, zorder=3, label=f"{name}, detected")
+    ax.scatter(d[~det], y[~det], facecolor="white", edgecolor=colour, marker=marker, zorder=3,
+               label=f"{name}, not detected")
+
+
+def _comparison_axis(ax, c, y, metric: str) -> None:
+    ax.axvline(0, color="k", lw=1)
+    ax.set_yticks(y, [f"{ctx}: {a} − {b}" for ctx, a, b in zip(c.context, c.a, c.b)], fontsize=8)
+    ax.set_xlabel(PANEL_LABELS.get(metric, metric))
+
+
+def _finish_panels(fig, axes, title: str | None, path: str) -> None:
+    """Comparison panels side by side: labels on the first only, the legend right of the last, saved to ``path``."""
     for ax in axes[0][1:]:
         ax.set_yticklabels([])
     axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
@@ -174,19 +187,6 @@ def carry_panels(judged: dict, path: str, metrics=("prompt_fidelity", "psnr"), t
         for i, (name, marker) in enumerate(zip(names, ("o", "D"))):
             v = pd.DataFrame(judged[name])
             d = c.merge(v[v.metric == metric], on=key, how="left")
-            dy = 0.15 - 0.3 * i
-            ax.errorbar(d["diff"], y + dy, xerr=[d["diff"] - d.lo, d.hi - d["diff"]], fmt="none", ecolor=f"C{i}",
-                        capsize=2, lw=1)
-            det = (d.verdict_holm != "no difference detected").to_numpy()
-            ax.scatter(d["diff"][det], (y + dy)[det], color=f"C{i}", marker=marker, zorder=3, label=f"{name}, detected")
-            ax.scatter(d["diff"][~det], (y + dy)[~det], facecolor="white", edgecolor=f"C{i}", marker=marker, zorder=3,
-                       label=f"{name}, not detected")
-        ax.axvline(0, color="k", lw=1)
-        ax.set_yticks(y, [f"{ctx}: {a} − {b}" for ctx, a, b in zip(c.context, c.a, c.b)], fontsize=8)
-        ax.set_xlabel(PANEL_LABELS.get(metric, metric))
-    for ax in axes[0][1:]:
-        ax.set_yticklabels([])
-    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    save(fig, path)
+            _interval_series(ax, d["diff"], d.lo, d.hi, y + 0.15 - 0.3 * i, d.verdict_holm, f"C{i}", marker, name)
+        _comparison_axis(ax, c, y, metric)
+    _finish_panels(fig, axes, title, path)
