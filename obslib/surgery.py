@@ -123,10 +123,20 @@ def head_layout(den, unit) -> tuple[int, int, int]:
 
 
 def neuron_layout(den, unit) -> tuple[int, int]:
-    """(inner, lo) of a neurons unit: the down projection's columns lo.. are its ``inner`` neurons."""
+    """(inner, lo) of a neurons unit: the down projection's columns lo.. are its ``inner`` neurons. A fused down
+    projection (``down_cols``: Flux's single-stream ``proj_out`` reads attention and MLP outputs) has as many neuron
+    columns as its up projection has rows (fused blocks' MLPs are not gated), which stays true after neurons are
+    removed and after a pruned model is reloaded; the block attribute ``down_cols`` names keeps the width it was
+    built with, so it only checks the layout of an unpruned block."""
     block = den.get_submodule(unit.block)
     cols = weight_matrix(den.get_submodule(unit.hessian_layers[0])).shape[1]
-    inner = attr(block, unit.group.down_cols) if unit.group.down_cols else cols
+    if not unit.group.down_cols:
+        return cols, 0
+    inner = block.get_submodule(unit.group.ups[0]).out_features
+    built = attr(block, unit.group.down_cols)
+    if inner > built:
+        raise ValueError(f"{unit.block}.{unit.group.ups[0]} has {inner} rows, more than the block's "
+                         f"{unit.group.down_cols} = {built}: not the fused layout the architecture table describes")
     return inner, cols - inner
 
 

@@ -176,9 +176,22 @@ def test_every_method_family_prunes_a_flux_pipeline_that_saves_and_reloads(tiny_
     else:
         w = pipe.transformer.single_transformer_blocks[0].proj_mlp.weight
         assert (w.view(-1, 4) == 0).sum(1).eq(2).all()  # 2 of every 4 inputs
+    if method != "slimdiff":  # a pruned single-stream block's MLP layout reads its current width, not the built one
+        from obslib.archs import spec_for
+        from obslib.packages import structured_units
+        from obslib.surgery import neuron_layout
+
+        den = pipe.transformer
+        single = [u for u in structured_units(den, spec_for(den), [1]) if u.kind == "neurons"]
+        block = den.single_transformer_blocks[0]
+        inner, lo = neuron_layout(den, single[0])
+        assert inner == block.proj_mlp.out_features and lo + inner == block.proj_out.in_features
+        assert (inner < block.mlp_hidden_dim) == (pattern == "structured")  # neurons went; the attribute stays
     img = generate(pipe, ["a red circle"], 0, steps=2, progress=False)
     assert img.shape == (1, 48, 48, 3)
     obslib.save_pruned(pipe, rep, str(tmp_path / "p"))
     re = obslib.load_pipeline(str(tmp_path / "p"))
     assert type(re).__name__ == "FluxPipeline"
     assert np.array_equal(generate(re, ["a red circle"], 0, steps=2, progress=False), img)
+    if method != "slimdiff":
+        assert neuron_layout(re.transformer, single[0]) == (inner, lo)  # reloaded: the same layout
