@@ -22,7 +22,10 @@ install: $(STAMP)
 # one torch thread each (2 cores); the notebooks' report follows the tests', and either failing fails the target.
 # The checked outputs are float32 results, so they are pinned to AVX2 kernels (torch, MKL, oneDNN): an AVX-512 machine
 # would otherwise round differently and move printed PSNRs by ~0.1 dB (on an AVX2-only machine these are no-ops).
-TEST_ENV := OBSLIB_MODE=quick MPLBACKEND=Agg OBSLIB_THREADS=1 OBSLIB_TEST_THREADS=1 OMP_NUM_THREADS=1 \
+# OMP_WAIT_POLICY=PASSIVE: the two halves share 2 cores, and where a notebook asks for 2 threads (chapter 09's noise
+# floor) spinning OpenMP workers halve throughput (a 2-thread matmul loop beside a 2-thread job: 1070 calls/s spinning,
+# 1950 passive, 2370 on 1 thread); it changes scheduling only, not the order of any sum
+TEST_ENV := OBSLIB_MODE=quick MPLBACKEND=Agg OBSLIB_THREADS=1 OBSLIB_TEST_THREADS=1 OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE \
   ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
 test: install
 	@mkdir -p .tmp
