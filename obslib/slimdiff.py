@@ -444,6 +444,34 @@ def apply_group(den, g: Group, undo) -> dict:
     return {"name": g.name, "kind": g.kind, "rank": lv, "head_dim": d["hd"], "rel_error": g.errors[g.choice]}
 
 
+def project_attention(den, unit, qk_rank: int, vo_rank: int, undo, seed: int = 0) -> None:
+    """SlimDiff's shapes on one heads unit without its calibration: per head, the query and key rows projected to
+    ``qk_rank`` and the value rows and output columns to ``vo_rank`` by random orthonormal maps, with the reshaped
+    processor. For benchmarks that time the shapes (``obslib.study.bench_speed``); the weights mean nothing."""
+    from .surgery import head_layout
+
+    heads, hd, _ = head_layout(den, unit)
+    block = den.get_submodule(unit.block)
+    attn = block.get_submodule(unit.group.attn)
+    gen = torch.Generator().manual_seed(seed)
+
+    def maps(r):
+        return [torch.linalg.qr(torch.randn(hd, r, generator=gen, dtype=torch.float64))[0].T for _ in range(heads)]
+
+    pqk, pvo = maps(qk_rank), maps(vo_rank)
+    for q, k, v in _stream_triplets(block, unit.group):
+        for name, P in ((q, pqk), (k, pqk), (v, pvo)):
+            _project_rows(den, f"{unit.block}.{name}", P, hd, undo)
+    for o in unit.group.outs:
+        if has(block, o):
+            lin = block.get_submodule(o)
+            W = lin.weight.detach().double()
+            Wn = torch.cat([W[:, h * hd:(h + 1) * hd] @ pvo[h].T for h in range(heads)], 1)
+            _replace(den, f"{unit.block}.{o}", Wn, None if lin.bias is None else lin.bias.detach(), undo)
+    undo.attrs(attn, ("processor",))
+    attn.set_processor(reshaped_processor(attn)(attn.scale))
+
+
 # ------------------------------------------------------------------------------------------ driver
 def slimdiff_prune(den, cfg, steps: int, component: str, undo, block_ids: list[int], calibrate=None,
                    alphas=None) -> dict:

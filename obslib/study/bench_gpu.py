@@ -67,7 +67,7 @@ def _blocks(tiny: bool) -> dict:
     return TINY_BLOCKS if tiny else bench_scale.BLOCKS
 
 
-def _make(name: str, image_tokens: int, tiny: bool, device, dtype, batch: int = 2):
+def make_block(name: str, image_tokens: int, tiny: bool, device, dtype, batch: int = 2):
     """(holder module whose one block is named as in a denoiser, block, layers, inputs()) of a real-size block."""
     import torch
 
@@ -98,7 +98,7 @@ def prune_time(n_blocks: int, steps: int, image_tokens: int, tiny: bool, device,
     from ..hessian import Calibration, weight_matrix
     from ..obs import obs_prune
 
-    made = [_make("sd3-medium-joint", image_tokens, tiny, device, dtype) for _ in range(n_blocks)]
+    made = [make_block("sd3-medium-joint", image_tokens, tiny, device, dtype) for _ in range(n_blocks)]
     layers = {f"{i}.{n}": m for i, (_, _, ls, _) in enumerate(made) for n, m in ls.items()}
     inputs = made[0][3]
     holder = torch.nn.ModuleList([b for _, b, _, _ in made])
@@ -185,7 +185,7 @@ def structured(image_tokens: int, repeats: int, tiny: bool, device, dtype, share
 
     rows = []
     for name in ("sd3-medium-joint", "flux-single"):
-        holder, block, _, inputs = _make(name, image_tokens, tiny, device, dtype)
+        holder, block, _, inputs = make_block(name, image_tokens, tiny, device, dtype)
         x = inputs()
 
         def flops(b):

@@ -54,15 +54,15 @@ def _targeted_units(den):
 
 
 def kept_shares(den0, den) -> dict[str, dict[str, float]]:
-    """Per part of a block (``budgets._where``: attention, image / text FFN, Flux's single-stream attention and MLP),
+    """Per part of a block (``budgets.part_of``: attention, image / text FFN, Flux's single-stream attention and MLP),
     the share the pruned denoiser ``den`` keeps of the dense ``den0``'s targeted blocks: for attention its heads
     ("heads") and its query-key and value-output widths ("qk", "vo"); for an FFN its neurons ("neurons")."""
     from ..surgery import head_layout, neuron_layout
-    from .budgets import _where
+    from .budgets import part_of
 
     sums: dict[str, dict[str, list[float]]] = {}
     for u in _targeted_units(den0):
-        part = sums.setdefault(_where(u), {})
+        part = sums.setdefault(part_of(u), {})
         if u.kind == "heads":
             (h0, hd0, _), (h, hd_vo, _) = head_layout(den0, u), head_layout(den, u)
             q = f"{u.block}.{u.group.inputs[0]}"
@@ -101,55 +101,26 @@ def allocations(model_dir: str, budgets, num_calib: int, seed: int = 0, variants
     return rows
 
 
-def _slim_attention(holder, u, qk_rank: int, vo_rank: int) -> None:
-    """SlimDiff's shapes on one attention module: per head, the query and key rows projected to ``qk_rank``, the
-    value rows and the output columns to ``vo_rank`` (random orthonormal projections: only the shapes are timed)."""
-    import torch
-
-    from ..archs import has
-    from ..processors import reshaped_processor
-    from ..slimdiff import _project_rows, _replace, _stream_triplets
-    from ..surgery import NoUndo, head_layout
-
-    heads, hd, _ = head_layout(holder, u)
-    block = holder.get_submodule(u.block)
-    attn = block.get_submodule(u.group.attn)
-    gen = torch.Generator().manual_seed(0)
-
-    def projections(r):
-        return [torch.linalg.qr(torch.randn(hd, r, generator=gen, dtype=torch.float64))[0].T for _ in range(heads)]
-
-    pqk, pvo, undo = projections(qk_rank), projections(vo_rank), NoUndo()
-    for q, k, v in _stream_triplets(block, u.group):
-        for name, P in ((q, pqk), (k, pqk), (v, pvo)):
-            _project_rows(holder, f"{u.block}.{name}", P, hd, undo)
-    for o in u.group.outs:
-        if has(block, o):
-            lin = block.get_submodule(o)
-            W = lin.weight.detach().double()
-            Wn = torch.cat([W[:, h * hd:(h + 1) * hd] @ pvo[h].T for h in range(heads)], 1)
-            _replace(holder, f"{u.block}.{o}", Wn, None if lin.bias is None else lin.bias.detach(), undo)
-    attn.set_processor(reshaped_processor(attn)(attn.scale))
-
-
 def shaped_block(name: str, shares: dict[str, dict[str, float]], ranks: bool, image_tokens: int, tiny: bool):
     """(dense block, pruned copy, inputs) of the real block ``name`` cut to ``shares`` (``kept_shares``' form, by
     part): whole heads removed, or with ``ranks`` (SlimDiff) per-head query-key / value-output ranks lowered; FFN
     neurons removed. Which heads and neurons go does not matter for timing: the last ones."""
     import torch
 
+    from ..slimdiff import project_attention
     from ..surgery import NoUndo, head_layout, neuron_layout, remove_heads, remove_neurons
-    from .bench_gpu import _make
-    from .budgets import _where
+    from .bench_gpu import make_block
+    from .budgets import part_of
 
-    holder, block, _, inputs = _make(name, image_tokens, tiny, torch.device("cpu"), torch.float32, TEXT_BATCH[name])
+    holder, block, _, inputs = make_block(name, image_tokens, tiny, torch.device("cpu"), torch.float32, TEXT_BATCH[name])
     pruned_holder = copy.deepcopy(holder)
     for u in _targeted_units_of_one(pruned_holder):
-        kept = shares[_where(u)]
+        kept = shares[part_of(u)]
         if u.kind == "heads":
             heads, hd, _ = head_layout(pruned_holder, u)
             if ranks:
-                _slim_attention(pruned_holder, u, max(1, round(hd * kept["qk"])), max(1, round(hd * kept["vo"])))
+                project_attention(pruned_holder, u, max(1, round(hd * kept["qk"])), max(1, round(hd * kept["vo"])),
+                                  NoUndo())
             else:
                 k = heads - max(1, round(heads * kept["heads"]))
                 if k:

@@ -137,7 +137,7 @@ def params_share(df: pd.DataFrame, dense_params: float) -> np.ndarray:
     return 100 * (1 - df["params"].to_numpy(float) / dense_params)
 
 
-def _where(u) -> str:
+def part_of(u) -> str:
     """The part of the model a structured unit belongs to (Flux's single-stream blocks apart)."""
     from ..surgery import unit_name
 
@@ -173,7 +173,7 @@ def spending(model_dir: str, budget: float, num_calib: int, seed: int = 0, varia
         den = pipe.transformer
         for u in units:
             gone = sizes0[unit_name(u)] - targeted_size(den, targeted_layers(den, spec, [u], True), "parameters")
-            rows.append({"allocation": name, "where": _where(u), "params_removed": gone,
+            rows.append({"allocation": name, "where": part_of(u), "params_removed": gone,
                          # whole heads (OBS-Diff); SlimDiff lowers ranks instead: no whole heads to count
                          "heads_removed": (round(gone * heads / sizes0[unit_name(u)]) if u.kind == "heads" else 0)
                          if kw["method"] == "obs-diff" else np.nan})
